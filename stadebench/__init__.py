@@ -1,0 +1,22 @@
+"""stadebench: a fair, cheap benchmark for pruning LLMs without retraining."""
+
+from .base import Dataset, Evaluator, LayerInfo, LayerStats, Metric, Options, Pattern, Score
+from .errors import ConfigError, NumericalError, PluginError, StadebenchError, UnknownNameError
+from .hookspecs import hookimpl
+from .plugins import get_plugins
+
+__version__ = "0.1.0"
+
+
+def prune(*args, **kwargs):
+    """Prune a causal LM in place; see ``stadebench.engine.prune``."""
+    from .engine import prune as _prune
+
+    return _prune(*args, **kwargs)
+
+
+__all__ = [
+    "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerStats", "Metric", "NumericalError",
+    "Options", "Pattern", "PluginError", "Score", "StadebenchError", "UnknownNameError",
+    "__version__", "get_plugins", "hookimpl", "prune",
+]

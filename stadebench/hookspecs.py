@@ -1,0 +1,49 @@
+"""Every hook a stadebench plugin can implement.
+
+A plugin is a module (or object) with functions decorated by ``@stadebench.hookimpl``
+whose names match the specs below. Built-in metrics and patterns are plugins too
+(see ``stadebench.plugins.DEFAULT_PLUGINS``). Each ``register_*`` hook receives a
+``register`` callback; call it once per item. The host validates each item, rejects
+duplicate names and records which plugin registered it.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("stadebench")
+hookimpl = pluggy.HookimplMarker("stadebench")
+
+
+@hookspec
+def register_metrics(register):
+    """Register pruning metrics: call ``register(MetricSubclass)`` for each one.
+
+    A metric scores every weight of a linear layer (lower = pruned first); see
+    ``stadebench.Metric``.
+    """
+
+
+@hookspec
+def register_patterns(register):
+    """Register sparsity patterns: call ``register(PatternSubclass)`` for each one.
+
+    A pattern turns a score matrix into a boolean mask (True = pruned); see
+    ``stadebench.Pattern``.
+    """
+
+
+@hookspec
+def register_datasets(register):
+    """Register text datasets: call ``register(DatasetSubclass)`` for each one.
+
+    A dataset yields token windows for calibration and text for evaluation; see
+    ``stadebench.Dataset``.
+    """
+
+
+@hookspec
+def register_evaluators(register):
+    """Register evaluators: call ``register(EvaluatorSubclass)`` for each one.
+
+    An evaluator measures an in-memory model and returns scores; see
+    ``stadebench.Evaluator``.
+    """

@@ -1,0 +1,230 @@
+"""Plugin manager: built-ins and installed plugins, and the registries they fill.
+
+Built-in metrics and patterns are registered through the same hooks as third-party
+plugins. Installed plugins are found through the ``stadebench`` entry-point group and
+loaded one by one, so a broken plugin is reported (``stadebench plugins``) and skipped.
+
+Environment variables:
+
+- ``STADEBENCH_LOAD_PLUGINS``: comma-separated entry-point names to load; when set,
+  no other installed plugin loads (set it empty to load none).
+- ``STADEBENCH_BLOCK_PLUGINS``: comma-separated entry-point names never to load.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from .errors import PluginError, UnknownNameError
+
+ENTRY_POINT_GROUP = "stadebench"
+
+DEFAULT_PLUGINS = (
+    "stadebench.metrics.basic",
+    "stadebench.metrics.stade",
+    "stadebench.metrics.sparsegpt",
+    "stadebench.patterns.builtin",
+    "stadebench.datasets.builtin",
+    "stadebench.evaluation.perplexity",
+)
+
+KINDS = ("metric", "pattern", "dataset", "evaluator")
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered item: its class and who registered it."""
+
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+    version: str
+
+
+@dataclass
+class PluginInfo:
+    """What ``stadebench plugins`` shows for one plugin."""
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    registered: list[str] = field(default_factory=list)
+    error: str | None = None
+
+
+class Registry:
+    """Names of one kind (metric, pattern, …) mapped to the classes plugins registered."""
+
+    def __init__(self, kind: str, base: type):
+        self.kind, self.base = kind, base
+        self.items: dict[str, Registration] = {}
+        self.problems: list[tuple[str, str]] = []
+
+    def add(self, cls: Any, plugin: str) -> None:
+        name = getattr(cls, "name", None)
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            self.problems.append((plugin, f"registered {cls!r}, which is not a {self.base.__name__} subclass"))
+            return
+        if not isinstance(name, str) or not name:
+            self.problems.append((plugin, f"{self.kind} class {cls.__name__} has no name"))
+            return
+        if name in self.items:
+            first = self.items[name].plugin
+            self.problems.append(
+                (plugin, f"{self.kind} {name!r} is already registered by {first}; the duplicate was skipped")
+            )
+            return
+        self.items[name] = Registration(self.kind, name, cls, plugin, str(getattr(cls, "version", "0")))
+
+    def __contains__(self, name: str) -> bool:
+        return self._find(name) is not None
+
+    def __iter__(self):
+        return iter(self.items.values())
+
+    def names(self) -> list[str]:
+        return sorted(self.items)
+
+    def _find(self, name: str) -> Registration | None:
+        if name in self.items:
+            return self.items[name]
+        for reg in self.items.values():  # parametric names such as "2:4"
+            matches = getattr(reg.cls, "matches", None)
+            if matches is not None and matches(name):
+                return reg
+        return None
+
+    def get(self, name: str) -> Registration:
+        reg = self._find(name)
+        if reg is None:
+            hint = "Run `stadebench list " + self.kind + "s` to see them; a plugin may need `pip install`."
+            raise UnknownNameError(self.kind, name, self.items, hint)
+        return reg
+
+
+class Plugins:
+    """The plugin manager plus the registries its hooks filled."""
+
+    def __init__(self, load_entry_points: bool = True):
+        self.pm = pluggy.PluginManager("stadebench")
+        self.pm.add_hookspecs(hookspecs)
+        self.info: dict[str, PluginInfo] = {}
+        self._registries: dict[str, Registry] | None = None
+        for modname in DEFAULT_PLUGINS:
+            self.register(importlib.import_module(modname), name=modname)
+        if load_entry_points:
+            self._load_entry_points()
+
+    def register(self, plugin: Any, name: str | None = None, distribution: str | None = None,
+                 version: str | None = None) -> str:
+        """Register a plugin module or object (as an installed plugin would be)."""
+        name = self.pm.register(plugin, name=name)
+        if name is None:
+            raise PluginError(f"plugin {plugin!r} is already registered")
+        hooks = [h.name for h in self.pm.get_hookcallers(plugin) or []]
+        self.info[name] = PluginInfo(name, distribution, version, sorted(hooks))
+        self._registries = None
+        return name
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        self.info.pop(name, None)
+        self._registries = None
+
+    def _load_entry_points(self) -> None:
+        allow = os.environ.get("STADEBENCH_LOAD_PLUGINS")
+        allowed = None if allow is None else {s.strip() for s in allow.split(",") if s.strip()}
+        blocked = {s.strip() for s in os.environ.get("STADEBENCH_BLOCK_PLUGINS", "").split(",") if s.strip()}
+        seen: set[str] = set()
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if (allowed is not None and ep.name not in allowed) or ep.name in blocked:
+                continue
+            dist = ep.dist.name if ep.dist else None
+            version = ep.dist.version if ep.dist else None
+            if ep.name in seen or ep.name in self.info:
+                self.info[f"{ep.name} ({dist})"] = PluginInfo(
+                    ep.name, dist, version, error=f"entry point name {ep.name!r} is used twice; skipped")
+                continue
+            seen.add(ep.name)
+            try:
+                module = ep.load()
+                self.register(module, name=ep.name, distribution=dist, version=version)
+            except Exception as exc:  # a broken plugin is reported, never fatal
+                self.info[ep.name] = PluginInfo(ep.name, dist, version, error=f"{type(exc).__name__}: {exc}")
+
+    @property
+    def registries(self) -> dict[str, Registry]:
+        if self._registries is None:
+            self._registries = self._collect()
+        return self._registries
+
+    def _collect(self) -> dict[str, Registry]:
+        from .base import Dataset, Evaluator, Metric, Pattern
+
+        bases = {"metric": Metric, "pattern": Pattern, "dataset": Dataset, "evaluator": Evaluator}
+        regs = {kind: Registry(kind, bases[kind]) for kind in KINDS}
+        for info in self.info.values():
+            info.registered = []
+        for kind in KINDS:
+            hook = getattr(self.pm.hook, f"register_{kind}s")
+            # Call each implementation separately so items are attributed to their plugin.
+            for impl in reversed(hook.get_hookimpls()):
+                def register(cls, _plugin=impl.plugin_name, _kind=kind):
+                    regs[_kind].add(cls, _plugin)
+                    if _plugin in self.info and getattr(cls, "name", None):
+                        self.info[_plugin].registered.append(f"{_kind} {cls.name}")
+                try:
+                    impl.function(register=register)
+                except Exception as exc:
+                    regs[kind].problems.append((impl.plugin_name, f"register_{kind}s failed: {exc!r}"))
+        for reg in regs.values():
+            for plugin, message in reg.problems:
+                if plugin in self.info:
+                    self.info[plugin].error = "; ".join(filter(None, [self.info[plugin].error, message]))
+        return regs
+
+    def problems(self) -> list[tuple[str, str]]:
+        out = [(i.name, i.error) for i in self.info.values() if i.error]
+        return out
+
+    @property
+    def metrics(self) -> Registry:
+        return self.registries["metric"]
+
+    @property
+    def patterns(self) -> Registry:
+        return self.registries["pattern"]
+
+    @property
+    def datasets(self) -> Registry:
+        return self.registries["dataset"]
+
+    @property
+    def evaluators(self) -> Registry:
+        return self.registries["evaluator"]
+
+
+_plugins: Plugins | None = None
+
+
+def get_plugins() -> Plugins:
+    """The process-wide plugin manager, created on first use."""
+    global _plugins
+    if _plugins is None:
+        _plugins = Plugins()
+    return _plugins
+
+
+def reset_plugins() -> None:
+    """Forget the plugin manager (the next ``get_plugins()`` loads everything again)."""
+    global _plugins
+    _plugins = None
