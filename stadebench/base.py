@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 class Options(BaseModel):
     """Base of every options model: unknown keys are an error, values are frozen."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
 def _validate_options(cls: type, options: dict[str, Any] | BaseModel | None) -> BaseModel:
@@ -154,6 +154,9 @@ class Pattern(_Named):
     """
 
     kind: ClassVar[str] = "pattern"
+    default_sparsity: ClassVar[float | None] = 0.5
+    #: Columns decided independently of the rest of the row (M for N:M), else None.
+    group_size: int | None = None
 
     @classmethod
     def matches(cls, spec: str) -> bool:
@@ -173,8 +176,8 @@ class Pattern(_Named):
     def resolve_sparsity(self, sparsity: float | None) -> float:
         """The target sparsity, checked; None means this pattern's default."""
         if sparsity is None:
-            raise ConfigError(f"pattern {self.spec!r} needs a sparsity between 0 and 1")
-        if not 0.0 <= float(sparsity) < 1.0:
+            sparsity = self.default_sparsity
+        if sparsity is None or not 0.0 <= float(sparsity) < 1.0:
             raise ConfigError(f"sparsity must be in [0, 1), got {sparsity} (pattern {self.spec!r})")
         return float(sparsity)
 
@@ -197,15 +200,26 @@ class Dataset(_Named):
 
     Subclasses implement ``documents(split)``; the calibration and evaluation
     protocols live in ``stadebench.calibration`` / ``stadebench.evaluation`` and only
-    need documents. ``join`` is the separator used when the split is evaluated as
-    one stream (WikiText-2 joins rows with "\\n\\n").
+    need documents.
+
+    Evaluation attributes (the perplexity protocol reads them):
+
+    - ``join``: separator used when a split is evaluated as one stream (WikiText-2
+      joins rows with "\\n\\n", C4 documents with " ").
+    - ``eval_split``: the split evaluated when none is named (``test``; C4 has none
+      and uses ``validation``).
+    - ``eval_documents``: evaluate only the split's first k documents (C4: 1100).
+    - ``eval_windows``: evaluate at most k windows of seqlen tokens (C4: 256).
     """
 
     kind: ClassVar[str] = "dataset"
     join: ClassVar[str] = "\n\n"
+    eval_split: ClassVar[str] = "test"
+    eval_documents: ClassVar[int | None] = None
+    eval_windows: ClassVar[int | None] = None
 
     def documents(self, split: str) -> Iterable[str]:
-        """The split's documents in a fixed order."""
+        """The split's documents in a fixed order (a ``Sequence`` is indexed, not copied)."""
         raise NotImplementedError
 
     def fingerprint(self) -> str:

@@ -1,1 +1,112 @@
-"""Placeholder until implemented in this session."""
+"""Built-in sparsity patterns: per-row and per-layer unstructured, and N:M.
+
+Every pattern prunes exactly the number of weights its rule names, lowest scores
+first, ties broken by the lower (flattened) index: a stable sort, so results do not
+depend on the sort kernel.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import ClassVar
+
+import torch
+
+from ..base import NM_RE, Pattern
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+
+
+def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` lowest entries along the last dim; ties go to the lower index.
+
+    Same result as a stable sort, in linear time: everything below the k-th smallest
+    value, plus the first of the entries equal to it until ``k`` are taken.
+    """
+    if k <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+    below = scores < kth
+    tie = scores == kth
+    room = k - below.sum(-1, keepdim=True)
+    return below | (tie & (tie.cumsum(-1) <= room))
+
+
+class Unstructured(Pattern):
+    """Each output row prunes exactly ⌊in·s⌋ weights (the Wanda/STADE comparison group)."""
+
+    name = "unstructured"
+    version = "1"
+
+    def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        return _lowest(scores, math.floor(scores.shape[-1] * sparsity))
+
+
+class UnstructuredLayer(Pattern):
+    """One threshold for the whole matrix: prune the ⌊numel·s⌋ lowest scores."""
+
+    name = "unstructured-layer"
+    version = "1"
+
+    def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        return _lowest(scores.reshape(-1), math.floor(scores.numel() * sparsity)).view_as(scores)
+
+
+class NM(Pattern):
+    """In every group of M consecutive input columns of a row, prune the N lowest.
+
+    N counts *pruned* weights, as in every reference implementation; the sparsity is
+    N/M and cannot be set to anything else.
+    """
+
+    name = "N:M"
+    version = "1"
+    default_sparsity: ClassVar[None] = None
+
+    def __init__(self, options=None, n: int = 2, m: int = 4):
+        super().__init__(options)
+        if not 0 < n < m:
+            raise ConfigError(f"pattern '{n}:{m}': N:M needs 0 < N < M (N weights pruned in every M)")
+        self.n, self.m = n, m
+        self.group_size = m
+
+    @classmethod
+    def matches(cls, spec: str) -> bool:
+        return bool(NM_RE.match(spec))
+
+    @classmethod
+    def from_spec(cls, spec: str, options=None) -> NM:
+        match = NM_RE.match(spec)
+        if not match:
+            raise ConfigError(f"pattern {spec!r} is not of the form N:M (e.g. '2:4')")
+        return cls(options, int(match[1]), int(match[2]))
+
+    @property
+    def spec(self) -> str:
+        return f"{self.n}:{self.m}"
+
+    def resolve_sparsity(self, sparsity: float | None) -> float:
+        implied = self.n / self.m
+        if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):
+            raise ConfigError(
+                f"pattern {self.spec!r} prunes {self.n} of every {self.m} weights (sparsity {implied:g}); "
+                f"sparsity {sparsity} conflicts with it. Leave the sparsity unset or use {implied:g}."
+            )
+        return implied
+
+    def check_shape(self, shape: tuple[int, int]) -> None:
+        if shape[-1] % self.m:
+            raise ConfigError(
+                f"pattern {self.spec!r} needs the input width to be a multiple of {self.m}; got {shape[-1]}"
+            )
+
+    def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
+        rows, cols = scores.shape
+        return _lowest(scores.reshape(rows, cols // self.m, self.m), self.n).view(rows, cols)
+
+
+@hookimpl
+def register_patterns(register):
+    register(Unstructured)
+    register(UnstructuredLayer)
+    register(NM)

@@ -1,0 +1,341 @@
+"""Layer-wise pruning, block by block.
+
+For each decoder block: move it to the device, run the calibration batches through
+it while hooks gather the input statistics the metric needs (pass 1, dense weights),
+prune every linear of the block, then run the batches again with pruned weights
+(pass 2): the pruned outputs feed the next block (``sequential=True``, the
+Wanda/SparseGPT/STADE default) or the dense outputs do (``sequential=False``), and
+dense vs pruned outputs give the block's reconstruction error. Data-free metrics
+(magnitude, random) run no forward pass at all.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import LayerInfo, LayerStats, Metric, Pattern
+from .errors import ConfigError, NumericalError
+from .models import find_blocks, module_device, move_outside, prunable_layers, set_weight, weight_of
+from .plugins import get_plugins
+from .statistics import BlockCollector
+
+
+@dataclass
+class LayerReport:
+    """Realised sparsity of one layer."""
+
+    name: str
+    block: int
+    role: str | None
+    shape: tuple[int, int]
+    pruned: int
+    sparsity: float
+    bias_added: bool = False
+
+
+@dataclass
+class BlockReport:
+    """One block: reconstruction error of its outputs on the calibration inputs."""
+
+    index: int
+    mse: float | None
+    """Mean squared error between dense and pruned block outputs (None: no forward pass)."""
+    cosine: float | None
+    """Mean over tokens of the cosine similarity of dense and pruned outputs."""
+    seconds: float
+
+
+@dataclass
+class PruneReport:
+    """What ``prune`` did: realised sparsity, reconstruction error, time, memory."""
+
+    metric: str
+    metric_version: str
+    metric_options: dict[str, Any]
+    pattern: str
+    target_sparsity: float
+    sparsity: float
+    """Realised sparsity over all prunable layers (pruned / total weights)."""
+    sequential: bool
+    n_windows: int
+    seqlen: int
+    batch_size: int
+    device: str
+    seconds: float
+    """Wall time of the whole call."""
+    timings: dict[str, float]
+    """Seconds by phase: capture (block-0 inputs), stats (pass 1), prune, forward (pass 2)."""
+    block_passes: int
+    """Forward passes of blocks over the calibration batches (0 for data-free metrics)."""
+    peak_memory_bytes: int
+    """Peak CUDA memory allocated on a GPU; peak process RSS on a CPU."""
+    layers: list[LayerReport] = field(default_factory=list)
+    blocks: list[BlockReport] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict | None = None
+            ) -> tuple[Metric, Pattern]:
+    """Look up and instantiate a metric and a pattern by name."""
+    plugins = get_plugins()
+    if isinstance(metric, str):
+        metric = plugins.metrics.get(metric).cls(metric_options)
+    elif metric_options:
+        raise ConfigError("metric_options go with a metric name, not a Metric instance")
+    if isinstance(pattern, str):
+        pattern = plugins.patterns.get(pattern).cls.from_spec(pattern)
+    return metric, pattern
+
+
+def _device(device: str | torch.device | None, model: nn.Module) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda") if torch.cuda.is_available() else module_device(model)
+
+
+class _Stop(Exception):
+    pass
+
+
+def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                   device: torch.device) -> list[tuple[torch.Tensor, tuple, dict]]:
+    """Block 0's inputs and every argument it receives, one entry per batch."""
+    captured = []
+
+    def hook(module, args, kwargs):
+        captured.append((args[0], args[1:], kwargs))
+        raise _Stop
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, tuple | list) else out
+
+
+def _peak_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def _check_finite(t: torch.Tensor, what: str, layer: str, metric: str) -> None:
+    if not torch.isfinite(t).all():
+        raise NumericalError(f"{what} of layer {layer} contain NaN or Inf (metric {metric})")
+
+
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor | None = None,
+    metric: str | Metric = "wanda",
+    pattern: str | Pattern = "unstructured",
+    sparsity: float | None = None,
+    metric_options: dict[str, Any] | None = None,
+    sequential: bool = True,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    reconstruction: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> PruneReport:
+    """Prune every linear layer of ``model``'s decoder blocks in place.
+
+    Args:
+        model: a Hugging Face decoder-only causal LM (any family).
+        calibration: LongTensor ``[n, seqlen]`` of token windows; unused (may be None)
+            for data-free metrics.
+        metric: a registered metric name (or a ``Metric`` instance).
+        pattern: a registered pattern spec: ``unstructured``, ``unstructured-layer``,
+            ``2:4`` …
+        sparsity: fraction of weights to prune; None means the pattern's own (N/M for
+            N:M, 0.5 otherwise). N:M with any other sparsity is an error.
+        metric_options: options of the metric (validated by its ``Options`` model).
+        sequential: feed each block the pruned outputs of the previous one (True) or
+            the dense outputs (False, one-shot).
+        batch_size: calibration windows per forward pass.
+        device: where blocks are pruned, one at a time; default CUDA when available,
+            else the model's device. The model's weights stay where they are.
+        reconstruction: run pass 2 in one-shot mode too, to measure the blocks'
+            reconstruction error (sequential mode always runs it).
+        progress: called as ``progress(done_blocks, total_blocks)``.
+    """
+    t_start = time.perf_counter()
+    metric, pattern = resolve(metric, pattern, metric_options)
+    target = pattern.resolve_sparsity(sparsity)
+    dev = _device(device, model)
+    _, blocks = find_blocks(model)
+    layers_per_block = [prunable_layers(b) for b in blocks]
+    for block_layers in layers_per_block:
+        for name, layer in block_layers:
+            pattern.check_shape(tuple(weight_of(layer).shape))
+
+    data_free = not metric.statistics and not metric.solver
+    if not data_free:
+        if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
+            raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
+    n, seqlen = (tuple(calibration.shape) if calibration is not None else (0, 0))
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+
+    report = PruneReport(
+        metric=metric.name, metric_version=metric.version, metric_options=metric.options.model_dump(),
+        pattern=pattern.spec, target_sparsity=target, sparsity=0.0, sequential=sequential,
+        n_windows=n, seqlen=seqlen, batch_size=batch_size, device=str(dev), seconds=0.0,
+        timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
+        peak_memory_bytes=0,
+    )
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        with torch.no_grad():
+            if data_free:
+                _prune_data_free(model, blocks, layers_per_block, metric, pattern, target, dev, report, progress)
+            else:
+                _prune_calibrated(model, blocks, layers_per_block, metric, pattern, target, dev, report,
+                                  calibration, batch_size, sequential, reconstruction, progress)
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    total = sum(l.shape[0] * l.shape[1] for l in report.layers)
+    report.sparsity = sum(l.pruned for l in report.layers) / max(total, 1)
+    report.peak_memory_bytes = _peak_memory(dev)
+    report.seconds = time.perf_counter() - t_start
+    return report
+
+
+def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str, stats: LayerStats,
+                 metric: Metric, pattern: Pattern, sparsity: float, report: PruneReport) -> None:
+    weight = weight_of(layer)
+    dense = weight.detach().float()
+    if metric.solver:
+        mask, new_weight = metric.solve(dense, stats, pattern, sparsity)
+        _check_finite(new_weight, "updated weights", full_name, metric.name)
+        set_weight(layer, new_weight)
+    else:
+        scores = metric.score(dense, stats)
+        if scores.shape != dense.shape:
+            raise NumericalError(f"metric {metric.name} returned scores of shape {tuple(scores.shape)} "
+                                 f"for layer {full_name} of shape {tuple(dense.shape)}")
+        _check_finite(scores, "scores", full_name, metric.name)
+        mask = pattern.select(scores, sparsity)
+        had_bias = getattr(layer, "bias", None) is not None
+        dense = dense.clone() if dense.data_ptr() == weight.data_ptr() else dense
+        weight.masked_fill_(mask, 0)
+        metric.update(layer, dense, mask, stats)
+    report.layers.append(LayerReport(
+        name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
+        pruned=int(mask.sum()), sparsity=float(mask.float().mean()),
+        bias_added=not metric.solver and not had_bias and getattr(layer, "bias", None) is not None,
+    ))
+
+
+def _block_names(model: nn.Module, blocks: nn.ModuleList) -> str:
+    return next(name for name, mod in model.named_modules() if mod is blocks)
+
+
+def _prune_data_free(model, blocks, layers_per_block, metric, pattern, sparsity, dev, report, progress):
+    prefix = _block_names(model, blocks)
+    for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
+        t0 = time.perf_counter()
+        home = module_device(block)
+        block.to(dev)
+        for short, layer in block_layers:
+            info = LayerInfo(f"{prefix}.{i}.{short}", i, short)
+            _prune_layer(i, short, layer, info.name, LayerStats(info), metric, pattern, sparsity, report)
+        block.to(home)
+        seconds = time.perf_counter() - t0
+        report.timings["prune"] += seconds
+        report.blocks.append(BlockReport(i, None, None, seconds))
+        if progress:
+            progress(i + 1, len(blocks))
+
+
+def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
+                      calibration, batch_size, sequential, reconstruction, progress):
+    prefix = _block_names(model, blocks)
+    t0 = time.perf_counter()
+    home = module_device(model)
+    move_outside(model, blocks, dev)
+    try:
+        captured = capture_inputs(model, blocks, list(calibration.split(batch_size)), dev)
+    finally:
+        move_outside(model, blocks, home)
+    inputs = [c[0] for c in captured]
+    extras = [(c[1], c[2]) for c in captured]
+    report.timings["capture"] = time.perf_counter() - t0
+
+    for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
+        t_block = time.perf_counter()
+        block_home = module_device(block)
+        block.to(dev)
+
+        t0 = time.perf_counter()
+        collector = BlockCollector(block_layers, block, metric.statistics)
+        dense_out = []
+        with collector:
+            for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
+                dense_out.append(_block_output(block(x, *args, **kwargs)))
+                if b == 0:
+                    collector.end_first_batch()
+        report.block_passes += 1
+        t1 = time.perf_counter()
+        report.timings["stats"] += t1 - t0
+
+        for short, layer in block_layers:
+            info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
+            if short not in collector.acc:
+                raise ConfigError(f"layer {info.name} received no input during calibration")
+            stats = collector.stats(short, info)
+            for key in ("sum", "sumsq", "gram"):
+                value = getattr(stats, key)
+                if value is not None:
+                    _check_finite(value, f"input statistics ({key})", info.name, metric.name)
+            _prune_layer(i, short, layer, info.name, stats, metric, pattern, sparsity, report)
+        del collector
+        t2 = time.perf_counter()
+        report.timings["prune"] += t2 - t1
+
+        mse = cosine = None
+        if sequential or reconstruction:
+            sq = torch.zeros((), dtype=torch.float64, device=dev)
+            cos = torch.zeros((), dtype=torch.float64, device=dev)
+            count = tokens = 0
+            for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
+                pruned = _block_output(block(x, *args, **kwargs))
+                d, p = dense_out[b].float(), pruned.float()
+                sq += (d - p).square().sum(dtype=torch.float64)
+                cos += torch.nn.functional.cosine_similarity(d, p, dim=-1).sum(dtype=torch.float64)
+                count += d.numel()
+                tokens += d.numel() // d.shape[-1]
+                if sequential:
+                    dense_out[b] = pruned
+            report.block_passes += 1
+            mse, cosine = (sq / count).item(), (cos / tokens).item()
+        report.timings["forward"] += time.perf_counter() - t2
+        inputs = dense_out
+        block.to(block_home)
+        report.blocks.append(BlockReport(i, mse, cosine, time.perf_counter() - t_block))
+        if progress:
+            progress(i + 1, len(blocks))

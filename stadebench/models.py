@@ -1,0 +1,116 @@
+"""Find the decoder blocks and their prunable linear layers in any HF causal LM.
+
+No per-family code: the blocks are the ``ModuleList`` whose length is the config's
+number of hidden layers (preferring one whose class is in ``_no_split_modules``); the
+prunable layers are the ``nn.Linear`` and transformers ``Conv1D`` modules inside a
+block. Embeddings and the LM head are outside the blocks and never pruned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+
+try:
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers is a dependency
+    Conv1D = ()
+
+
+def num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for attr in ("num_hidden_layers", "n_layer", "num_layers"):
+        value = getattr(config, attr, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder blocks: ``(path, ModuleList)``."""
+    expected = num_layers(model)
+    no_split = set(getattr(model, "_no_split_modules", None) or [])
+    candidates = [
+        (name, mod) for name, mod in model.named_modules()
+        if isinstance(mod, nn.ModuleList) and len(mod) > 0
+        and (expected is None or len(mod) == expected)
+        and any(is_prunable(m) for m in mod[0].modules())
+    ]
+    if not candidates:
+        raise ConfigError(
+            f"could not find the decoder blocks of {type(model).__name__}: no ModuleList of "
+            f"{expected} blocks containing linear layers"
+        )
+    candidates.sort(key=lambda c: (type(c[1][0]).__name__ not in no_split, c[0].count(".")))
+    return candidates[0]
+
+
+def is_prunable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or (bool(Conv1D) and isinstance(module, Conv1D))
+
+
+def prunable_layers(block: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name inside the block, module)`` of every prunable linear, in module order."""
+    return [(name, mod) for name, mod in block.named_modules() if name and is_prunable(mod)]
+
+
+def norm_modules(block: nn.Module) -> list[nn.Module]:
+    """Normalisation layers inside a block (LayerNorm, RMSNorm of any family)."""
+    return [m for m in block.modules()
+            if isinstance(m, nn.LayerNorm | nn.GroupNorm) or type(m).__name__.lower().endswith("norm")]
+
+
+def weight_of(layer: nn.Module) -> torch.Tensor:
+    """The weight as ``[out, in]`` (a view; Conv1D stores it transposed)."""
+    return layer.weight.t() if bool(Conv1D) and isinstance(layer, Conv1D) else layer.weight
+
+
+def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Copy an ``[out, in]`` weight into the layer, in the layer's dtype."""
+    weight_of(layer).copy_(weight)
+
+
+def module_device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def move_outside(model: nn.Module, blocks: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer that is not inside ``blocks`` to ``device``."""
+
+    def contains(mod: nn.Module) -> bool:
+        return any(m is blocks for m in mod.modules())
+
+    def visit(mod: nn.Module) -> None:
+        if mod is blocks:
+            return
+        if not contains(mod):
+            mod.to(device)
+            return
+        for p in mod._parameters.values():
+            if p is not None:
+                p.data = p.data.to(device)
+        for key, b in mod._buffers.items():
+            if b is not None:
+                mod._buffers[key] = b.to(device)
+        for child in mod.children():
+            visit(child)
+
+    visit(model)
+
+
+def iter_layers(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
+    """``(block index, name inside the block, module)`` for every prunable layer."""
+    _, blocks = find_blocks(model)
+    for i, block in enumerate(blocks):
+        for name, layer in prunable_layers(block):
+            yield i, name, layer
