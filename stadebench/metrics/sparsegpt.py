@@ -60,29 +60,29 @@ class SparseGPT(Metric):
             raise ConfigError(f"sparsegpt: blocksize {opts.blocksize} must be a multiple of {pattern.spec}'s M")
         w = weight.clone()
         hinv = self.inverse_hessian_factor(w, stats)
-        cols = w.shape[1]
-        mask = torch.zeros_like(w, dtype=torch.bool)
+        # Work on Wᵀ so that a weight column is a contiguous row: ~2x faster on CPU.
+        wt = w.t().contiguous()
+        mask_t = torch.zeros_like(wt, dtype=torch.bool)
+        cols = wt.shape[0]
         for i1 in range(0, cols, opts.blocksize):
             i2 = min(i1 + opts.blocksize, cols)
-            w1 = w[:, i1:i2].clone()
+            w1, m1 = wt[i1:i2].clone(), mask_t[i1:i2]
             h1 = hinv[i1:i2, i1:i2]
-            d1 = torch.diag(h1).unsqueeze(0)
-            m1 = mask[:, i1:i2]
+            d1 = torch.diag(h1).unsqueeze(1)
             err1 = torch.zeros_like(w1)
             if not group:
-                m1[:] = pattern.select(w1.square() / d1.square(), sparsity)
+                m1[:] = pattern.select((w1.square() / d1.square()).t(), sparsity).t()
             for i in range(i2 - i1):
                 if group and i % group == 0:
                     g = slice(i, i + group)
-                    m1[:, g] = pattern.select(w1[:, g].square() / d1[:, g].square(), sparsity)
-                col = w1[:, i]
-                q = torch.where(m1[:, i], 0.0, col)
-                err = (col - q) / h1[i, i]
-                w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-                w1[:, i] = q
-                err1[:, i] = err
-            w[:, i1:i2] = w1
-            w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+                    m1[g] = pattern.select((w1[g].square() / d1[g].square()).t(), sparsity).t()
+                err = w1[i].masked_fill(~m1[i], 0.0).div_(h1[i, i])  # (w - q) / d
+                w1[i:].addr_(h1[i, i:], err, alpha=-1)
+                w1[i].masked_fill_(m1[i], 0.0)
+                err1[i] = err
+            wt[i1:i2] = w1
+            wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
+        mask, w = mask_t.t(), wt.t()
         if not opts.update:
             w = weight.masked_fill(mask, 0.0)
         return mask, w
