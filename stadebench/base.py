@@ -10,13 +10,14 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from .errors import ConfigError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
+
+    import torch
 
 
 class Options(BaseModel):

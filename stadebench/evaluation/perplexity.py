@@ -1,1 +1,127 @@
-"""Placeholder until implemented in this session."""
+"""Perplexity of an in-memory causal LM on a registered text dataset (DESIGN §5).
+
+The evaluation stream (``stadebench.calibration.eval_tokens``) is cut into
+⌊T/seqlen⌋ non-overlapping windows, the tail dropped (and at most
+``dataset.eval_windows`` of them: 256 for C4). PPL = exp(total next-token NLL / total
+predicted tokens); all windows have the same length, so this equals exp of the mean
+of per-window mean losses, as in Wanda/SparseGPT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..base import Dataset, Evaluator, Options, Score
+from ..calibration import eval_tokens
+from ..errors import ConfigError
+from ..hookspecs import hookimpl
+
+
+class DatasetRef(Options):
+    """A dataset with options, e.g. ``{name: text, options: {path: notes.txt}}``."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Perplexity(Evaluator):
+    """Perplexity over non-overlapping windows of a dataset's evaluation split."""
+
+    name = "perplexity"
+    version = "1"
+
+    class Options(Options):
+        dataset: str | DatasetRef = Field("wikitext2", description="dataset name, or {name, options}")
+        split: str | None = Field(None, description="split to evaluate; default the dataset's eval_split")
+        seqlen: int = Field(2048, ge=2, description="tokens per window")
+        batch_size: int = Field(8, ge=1, description="windows per forward pass")
+        max_windows: int | None = Field(None, ge=1, description="evaluate only the first k windows")
+
+    def dataset(self) -> Dataset:
+        """The dataset the options name, built with its options."""
+        from ..plugins import get_plugins
+
+        ref = self.options.dataset
+        name, options = (ref, {}) if isinstance(ref, str) else (ref.name, ref.options)
+        return get_plugins().datasets.get(name).cls(options)
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
+                 ) -> list[Score]:
+        """Perplexity of ``model`` as it is now; ``device`` defaults to the model's."""
+        opts = self.options
+        dataset = self.dataset()
+        split = opts.split or dataset.eval_split
+        _check_positions(model, opts.seqlen)
+        stream = eval_tokens(dataset, tokenizer, split)
+        windows = stream.numel() // opts.seqlen
+        if windows == 0:
+            raise ConfigError(f"perplexity: the {split} split of {dataset.name!r} has {stream.numel()} tokens, "
+                              f"fewer than one window of seqlen={opts.seqlen}; use a smaller seqlen")
+        windows = min(w for w in (windows, dataset.eval_windows, opts.max_windows) if w is not None)
+        ids = stream[: windows * opts.seqlen].view(windows, opts.seqlen)
+        with _placed(model, device) as dev:
+            nll = total_nll(model, ids, opts.batch_size, dev)
+        predicted = windows * (opts.seqlen - 1)
+        ppl = float(torch.tensor(nll / predicted, dtype=torch.float64).exp())  # inf on overflow, NaN kept
+        details = {"windows": windows, "tokens": windows * opts.seqlen, "predicted_tokens": predicted,
+                   "stream_tokens": stream.numel(), "seqlen": opts.seqlen, "split": split,
+                   "max_windows": opts.max_windows, "dataset_fingerprint": dataset.fingerprint()}
+        return [Score(task=dataset.name, name="ppl", value=ppl, stderr=None, higher_is_better=False,
+                      details=details)]
+
+
+def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Sum of next-token cross-entropies (nats) over the rows of ``ids`` ``[windows, seqlen]``."""
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for batch in ids.split(batch_size):
+                batch = batch.to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                labels = batch.to(logits.device)
+                # One window at a time: float32 logits of a whole batch can take GBs.
+                for row in range(batch.shape[0]):
+                    loss = F.cross_entropy(logits[row, :-1].float(), labels[row, 1:], reduction="sum")
+                    total += loss.to(device, torch.float64)
+                del logits
+    finally:
+        model.train(was_training)
+    return total.item()
+
+
+def _check_positions(model: torch.nn.Module, seqlen: int) -> None:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and seqlen > limit:
+        raise ConfigError(f"perplexity: seqlen={seqlen} is longer than the model's "
+                          f"max_position_embeddings={limit}; use seqlen ≤ {limit}")
+
+
+@contextlib.contextmanager
+def _placed(model: torch.nn.Module, device: torch.device | str | None):
+    """Yield the device inputs go to; a single-device model is moved there and back."""
+    home = model.get_input_embeddings().weight.device
+    target = home if device is None else torch.device(device)
+    same = target.type == home.type and target.index in (None, home.index)
+    if same or getattr(model, "hf_device_map", None):  # dispatched models stay where they are
+        yield home
+        return
+    model.to(target)
+    try:
+        yield target
+    finally:
+        model.to(home)
+
+
+@hookimpl
+def register_evaluators(register):
+    register(Perplexity)
