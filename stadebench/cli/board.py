@@ -1,0 +1,148 @@
+"""`stadebench leaderboard` and `leaderboard compare`: the results as tables."""
+
+from __future__ import annotations
+
+import enum
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .common import Format, FormatOption, err, fail, handle_errors, out, write_rows
+
+app = typer.Typer(help="Show the leaderboard (metric rows × pattern/sparsity columns).")
+
+DirOption = Annotated[Path, typer.Option("--dir", "-d", help="Leaderboard folder.")]
+Filter = Annotated[list[str] | None, typer.Option(help="Keep only these (repeatable).")]
+
+
+def _fmt(value: float | None) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+
+
+def _relative(rel: float | None, higher_is_better: bool | None) -> str:
+    if rel is None:
+        return ""
+    worse = (rel < 0) if higher_is_better else (rel > 0)
+    return f" [{'red' if worse else 'green'}]({rel:+.0%})[/]"
+
+
+def show_leaderboard(folder: Path, *, suite=None, model=None, task=None, fmt: Format = Format.table) -> None:
+    """Print one pivot table per (task, score) of the current results."""
+    from .. import leaderboard as lb
+
+    table = lb.query(lb.current(lb.read(folder)), suite=suite, model=model, task=task)
+    if table.num_rows == 0:
+        err.print(f"no results in {folder}" + (" for these filters" if any((suite, model, task)) else ""))
+        return
+    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
+    pairs = sorted({(r["task"], r["score"]) for r in ok})
+    if fmt is not Format.table:
+        rows = []
+        for task_name, score in pairs:
+            grid = lb.pivot(table, task_name, score)
+            for row in grid["rows"]:
+                for column in grid["columns"]:
+                    cell = row["values"].get(column)
+                    if cell:
+                        rows.append({"model": row["model"], "metric": row["label"], "task": task_name,
+                                     "score": score, "column": column, "value": cell["value"],
+                                     "stderr": cell["stderr"], "dense": row["dense"],
+                                     "relative": cell["relative"]})
+        write_rows(rows, fmt)
+        return
+    for task_name, score in pairs:
+        grid = lb.pivot(table, task_name, score)
+        if not grid["rows"]:
+            continue
+        arrow = "↑" if grid["higher_is_better"] else "↓"
+        view = Table(title=f"{task_name} · {score} {arrow}", title_justify="left")
+        view.add_column("model")
+        view.add_column("metric")
+        view.add_column("dense", justify="right")
+        for column in grid["columns"]:
+            view.add_column(column, justify="right")
+        for row in grid["rows"]:
+            cells = []
+            for column in grid["columns"]:
+                cell = row["values"].get(column)
+                cells.append("" if cell is None else _fmt(cell["value"])
+                             + _relative(cell["relative"], grid["higher_is_better"]))
+            view.add_row(row["model"], row["label"], _fmt(row["dense"]), *cells)
+        out.print(view)
+    failed = table.num_rows - len(ok)
+    if failed:
+        err.print(f"{failed} failed row(s) not shown; see `stadebench leaderboard --format json` "
+                  "or the error column")
+
+
+@app.callback(invoke_without_command=True)
+def leaderboard(
+    ctx: typer.Context,
+    folder: DirOption = Path("leaderboard"),
+    suite: Filter = None,
+    model: Filter = None,
+    task: Filter = None,
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Show the current results: one table per task and score, dense baseline and change."""
+    if ctx.invoked_subcommand is None:
+        handle_errors(show_leaderboard)(folder, suite=suite, model=model, task=task, fmt=fmt)
+
+
+class By(str, enum.Enum):
+    run = "run"
+    metric = "metric"
+
+
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="First run id or metric.")],
+    b: Annotated[str, typer.Argument(help="Second run id or metric.")],
+    by: Annotated[By, typer.Option(help="Compare two runs (same cells) or two metrics (same settings).")] = By.metric,
+    folder: DirOption = Path("leaderboard"),
+    fmt: FormatOption = Format.table,
+) -> None:
+    """Put two runs or two metrics side by side, matched on everything else."""
+    _compare(a, b, by, folder, fmt)
+
+
+@handle_errors
+def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
+    from .. import leaderboard as lb
+
+    raw = lb.read(folder)
+    table = raw if by is By.run else lb.current(raw)
+    field = "run_id" if by is By.run else "metric"
+    ignore = {"run_id"} if by is By.run else {"metric", "metric_version", "metric_options"}
+    key_fields = [f for f in (*lb.KEY_FIELDS, "task", "score") if f not in ignore]
+    if by is By.run:
+        key_fields.insert(0, "cell_key")
+    sides: dict[str, dict[tuple, dict]] = {a: {}, b: {}}
+    for r in table.to_pylist():
+        if r[field] in sides and r["status"] == "ok":
+            sides[r[field]][tuple(str(r[f]) for f in key_fields)] = r
+    for name, rows in sides.items():
+        if not rows:
+            raise fail(f"no results with {field} = {name!r} in {folder}")
+    rows = []
+    for key in sorted(sides[a].keys() & sides[b].keys()):
+        ra, rb = sides[a][key], sides[b][key]
+        delta = rb["value"] - ra["value"] if None not in (ra["value"], rb["value"]) else None
+        rows.append({"model": ra["model"], "metric": ra["metric"] if by is By.run else None,
+                     "pattern": ra["pattern"], "sparsity": ra["sparsity"], "task": ra["task"],
+                     "score": ra["score"], a: ra["value"], b: rb["value"], "delta": delta})
+    if not rows:
+        raise fail(f"{a!r} and {b!r} share no cells to compare in {folder}")
+    if fmt is not Format.table:
+        write_rows(rows, fmt)
+        return
+    view = Table(*[c for c in rows[0] if not (c == "metric" and by is By.metric)], title=f"{a} vs {b}")
+    for r in rows:
+        view.add_row(*[_fmt(v) if isinstance(v, float) else str(v) for c, v in r.items()
+                       if not (c == "metric" and by is By.metric)])
+    out.print(view)

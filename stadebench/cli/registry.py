@@ -1,0 +1,86 @@
+"""`stadebench list` and `stadebench plugins`: what is registered, and by whom."""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from .. import __version__
+from .common import Format, FormatOption, handle_errors, out, write_rows
+
+
+class Kind(str, enum.Enum):
+    metrics = "metrics"
+    patterns = "patterns"
+    datasets = "datasets"
+    evaluators = "evaluators"
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
+
+
+def list_items(kind: Annotated[Kind, typer.Argument(help="What to list.")],
+               fmt: FormatOption = Format.table) -> None:
+    """List registered metrics, patterns, datasets or evaluators."""
+    _list(kind, fmt)
+
+
+@handle_errors
+def _list(kind: Kind, fmt: Format) -> None:
+    from ..plugins import get_plugins
+
+    plugins = get_plugins()
+    registry = plugins.registries[kind.value[:-1]]
+    rows = []
+    for reg in sorted(registry, key=lambda r: r.name):
+        info = plugins.info.get(reg.plugin)
+        rows.append({
+            "name": reg.name, "version": reg.version,
+            "plugin": (info and info.distribution) or ("stadebench" if reg.plugin.startswith("stadebench.")
+                                                       else reg.plugin),
+            "plugin_version": (info and info.version) or __version__,
+            "statistics": ",".join(sorted(getattr(reg.cls, "statistics", ()))) if kind is Kind.metrics else None,
+            "options": ", ".join(reg.cls.Options.model_fields),
+            "description": _first_line(reg.cls.__doc__),
+        })
+    if fmt is not Format.table:
+        write_rows(rows, fmt)
+        return
+    table = Table("name", "version", "plugin", "options", "description", title=kind.value)
+    for r in rows:
+        table.add_row(r["name"], r["version"], f"{r['plugin']} {r['plugin_version']}", r["options"], r["description"])
+    out.print(table)
+
+
+def plugins_command(fmt: FormatOption = Format.table) -> None:
+    """Installed plugins: distribution, version, hooks, what each registered, and problems."""
+    _plugins(fmt)
+
+
+@handle_errors
+def _plugins(fmt: Format) -> None:
+    from ..plugins import get_plugins
+
+    plugins = get_plugins()
+    plugins.registries  # noqa: B018 - fills `registered` and registration problems
+    rows = [{
+        "plugin": info.name,
+        "distribution": info.distribution or ("stadebench (built-in)" if info.name.startswith("stadebench.")
+                                              else None),
+        "version": info.version or (__version__ if info.name.startswith("stadebench.") else None),
+        "hooks": ", ".join(info.hooks),
+        "registered": ", ".join(info.registered),
+        "problem": info.error,
+    } for info in plugins.info.values()]
+    if fmt is not Format.table:
+        write_rows(rows, fmt)
+        return
+    table = Table("plugin", "distribution", "hooks", "registered", "problem", title="plugins")
+    for r in rows:
+        table.add_row(r["plugin"], f"{r['distribution'] or ''} {r['version'] or ''}".strip(), r["hooks"],
+                      r["registered"], f"[red]{r['problem']}[/]" if r["problem"] else "")
+    out.print(table)

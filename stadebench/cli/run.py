@@ -1,0 +1,145 @@
+"""`stadebench run`, `validate` and `schema`: execute and check suites."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from .common import ExitCode, err, fail, handle_errors, out, progress_enabled
+
+SuiteArg = Annotated[Path, typer.Argument(help="Suite YAML file.", show_default=False)]
+
+
+def _load(path: Path):
+    from ..suite import load_suite
+
+    if not path.is_file():
+        raise fail(f"{path}: no such suite file (see the suites/ folder for examples)")
+    return load_suite(path)
+
+
+class _Reporter:
+    """Draws the runner's progress on stderr: bars on a terminal, one line per cell otherwise."""
+
+    def __init__(self, live: bool):
+        self.live = live
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=err, disable=not live, transient=False)
+        self.cells = self.block_task = None
+        self.t0 = 0.0
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def plan(self, todo: int, skipped: int) -> None:
+        if skipped:
+            err.print(f"{skipped} cell(s) already in the leaderboard: skipped (--force to redo them)")
+        self.cells = self.progress.add_task("cells", total=todo)
+
+    def cell_start(self, cell, index: int, total: int) -> None:
+        self.t0 = time.perf_counter()
+        self.prefix = f"[{index}/{total}] {cell.label}"
+        self.progress.update(self.cells, description=f"cells: {cell.label}")
+        if self.block_task is not None:
+            self.progress.remove_task(self.block_task)
+            self.block_task = None
+
+    def blocks(self, done: int, total: int) -> None:
+        if self.block_task is None:
+            self.block_task = self.progress.add_task("  blocks", total=total)
+        self.progress.update(self.block_task, completed=done)
+
+    def cell_end(self, cell, error: str | None) -> None:
+        self.progress.advance(self.cells)
+        status = "ok" if error is None else f"[red]failed[/]: {error.splitlines()[0]}"
+        if not self.live or error:
+            err.print(f"{self.prefix} … {status} ({time.perf_counter() - self.t0:.1f} s)", highlight=False)
+
+    def note(self, message: str) -> None:
+        err.print(message)
+
+
+def run(
+    suite: SuiteArg,
+    only: Annotated[list[str] | None, typer.Option(
+        "--only", help="Run only matching cells: field=value (model, metric, pattern, sparsity, dtype) "
+                       "or a label substring; repeatable.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Redo cells already in the leaderboard.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells that would run; run nothing.")] = False,
+    leaderboard: Annotated[Path | None, typer.Option(help="Results folder (default: the suite's).")] = None,
+    show: Annotated[bool, typer.Option("--show/--no-show", help="Print the leaderboard at the end.")] = True,
+) -> None:
+    """Run a suite: prune and evaluate every cell not yet in the leaderboard."""
+    _run(suite, only or [], force, dry_run, leaderboard, show)
+
+
+@handle_errors
+def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool) -> None:
+    from ..runner import Runner
+
+    suite = _load(path)
+    runner = Runner(suite, leaderboard_dir=folder)
+    if dry_run:
+        todo = runner.plan(only, force)
+        table = Table("#", "model", "cell", "evaluations", title=f"{suite.name}: {len(todo)} cell(s) to run, "
+                      f"{runner.summary.skipped} already done")
+        for i, (cell, pending) in enumerate(todo, 1):
+            table.add_row(str(i), cell.model.id, cell.label, ", ".join(e.name for e in pending))
+        out.print(table)
+        return
+    with _Reporter(progress_enabled()) as reporter:
+        runner.events = reporter
+        try:
+            summary = runner.run(only, force)
+        except KeyboardInterrupt:
+            done = runner.summary
+            err.print(f"interrupted: {len(done.finished)} cell(s) finished and saved in {runner.folder}; "
+                      "run the same command again to continue")
+            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+    s = summary.seconds
+    err.print(f"{len(summary.finished)} cell(s) ran, {summary.skipped} skipped, {len(summary.failed)} failed "
+              f"in {s['total']:.1f} s (load {s['load']:.1f}, calibration {s['calibration']:.1f}, "
+              f"prune {s['prune']:.1f}, eval {s['eval']:.1f}, restore {s['restore']:.2f}, "
+              f"write {s['write']:.2f}); results in {runner.folder}", highlight=False)
+    if show:
+        from .board import show_leaderboard
+
+        show_leaderboard(runner.folder, suite=[suite.name])
+    if summary.failed:
+        for label, message in summary.failed:
+            err.print(f"[red]failed:[/] {label}: {message.splitlines()[0]}", highlight=False)
+        raise typer.Exit(int(ExitCode.CELLS_FAILED))
+
+
+def validate(suite: SuiteArg) -> None:
+    """Check a suite without running it: schema, names, options, sparsities, paths."""
+    _validate(suite)
+
+
+@handle_errors
+def _validate(path: Path) -> None:
+    from ..suite import expand
+
+    suite = _load(path)
+    cells = expand(suite)
+    models = len(suite.models)
+    out.print(f"{path}: ok — {len(cells)} cell(s) over {models} model(s), "
+              f"{len(suite.evaluations)} evaluation(s) each", highlight=False)
+
+
+def schema() -> None:
+    """Print the suite JSON Schema (for editor validation of suites)."""
+    from ..suite import suite_json_schema
+
+    sys.stdout.write(json.dumps(suite_json_schema(), indent=2) + "\n")
