@@ -223,6 +223,10 @@ class Dataset(_Named):
         """The split's documents in a fixed order (a ``Sequence`` is indexed, not copied)."""
         raise NotImplementedError
 
+    def unavailable(self) -> str | None:
+        """Why this data cannot be had on this machine (None: it can); cheap to call."""
+        return None
+
     def fingerprint(self) -> str:
         """A string identifying the data (recorded with results; used as a cache key)."""
         return f"{self.name}:{self.version}:{self.options.model_dump_json()}"
@@ -258,3 +262,7 @@ class Evaluator(_Named):
                  ) -> list[Score]:
         """Evaluate ``model`` as it is now."""
         raise NotImplementedError
+
+    def unavailable(self) -> str | None:
+        """Why this evaluation cannot run on this machine (None: it can); cheap to call."""
+        return None

@@ -192,6 +192,17 @@ class Plugins:
                     self.info[plugin].error = "; ".join(filter(None, [self.info[plugin].error, message]))
         return regs
 
+    def provenance(self, plugin: str) -> tuple[str, str | None]:
+        """``(distribution, version)`` of a registered plugin; built-ins are stadebench's."""
+        info = self.info.get(plugin)
+        if info and info.distribution:
+            return info.distribution, info.version
+        if plugin.startswith("stadebench."):
+            from . import __version__
+
+            return "stadebench", __version__
+        return plugin, info.version if info else None
+
     def problems(self) -> list[tuple[str, str]]:
         out = [(i.name, i.error) for i in self.info.values() if i.error]
         return out

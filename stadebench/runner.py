@@ -161,9 +161,16 @@ class Runner:
         """Cells to run, each with the evaluations it still lacks."""
         cells = select(expand(self.suite), only or [])
         done = set() if force else leaderboard.finished_cells(self.folder)
+        skip = set()
+        for e in self.suite.evaluations:
+            reason = e.optional and self._evaluators[e.name](e.options).unavailable()
+            if reason:
+                skip.add(e.model_dump_json())
+                self.events.note(f"skipping optional evaluation {e.name} {e.options}: {reason}")
         todo = []
         for cell in cells:
-            pending = [e for e in cell.evaluations if leaderboard.cell_key(self.key_row(cell, e)) not in done]
+            pending = [e for e in cell.evaluations
+                       if e.model_dump_json() not in skip and leaderboard.cell_key(self.key_row(cell, e)) not in done]
             if pending:
                 todo.append((cell, pending))
         self.summary.cells = len(cells)
@@ -175,8 +182,8 @@ class Runner:
     def run(self, only: list[str] | None = None, force: bool = False) -> Summary:
         """Run every pending cell; a failing cell is recorded as failed and the rest go on."""
         t0 = time.perf_counter()
-        check_writable(self.folder)
         todo = self.plan(only, force)
+        check_writable(self.folder)
         self.events.plan(len(todo), self.summary.skipped)
         index = 0
         for _, group in groupby(todo, key=lambda item: item[0].model):
@@ -284,10 +291,8 @@ class _ModelState:
             info.update(actual_sparsity=0.0, prune_seconds=0.0)
         else:
             metric, pattern = resolve(cell.metric, cell.pattern, cell.metric_options)
-            reg = get_plugins().metrics.get(cell.metric)
-            plugin = get_plugins().info.get(reg.plugin)
-            info.update(metric_plugin=(plugin and plugin.distribution) or "stadebench",
-                        metric_plugin_version=(plugin and plugin.version) or __version__)
+            dist, version = get_plugins().provenance(get_plugins().metrics.get(cell.metric).plugin)
+            info.update(metric_plugin=dist, metric_plugin_version=version)
             data_free = not metric.statistics and not metric.solver
             windows = None if data_free else self.calibration(cell)
             c = cell.calibration

@@ -146,6 +146,8 @@ class EvaluationSpec(_Spec):
 
     name: str = Field(min_length=1, description="Registered evaluator name, e.g. perplexity.")
     options: OptionsDict
+    optional: bool = Field(False, description="Skip it, with a note, when its data cannot be had here "
+                                              "(e.g. no local file and no Hub) instead of failing every cell.")
 
 
 class CalibrationSpec(_Spec):

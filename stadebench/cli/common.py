@@ -16,7 +16,7 @@ from ..errors import ConfigError, StadebenchError
 
 #: Results go to stdout; progress, warnings and errors to stderr.
 out = Console(soft_wrap=True)
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 
 class ExitCode(enum.IntEnum):

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .. import __version__
 from .common import Format, FormatOption, handle_errors, out, write_rows
 
 
@@ -37,12 +36,9 @@ def _list(kind: Kind, fmt: Format) -> None:
     registry = plugins.registries[kind.value[:-1]]
     rows = []
     for reg in sorted(registry, key=lambda r: r.name):
-        info = plugins.info.get(reg.plugin)
+        dist, version = plugins.provenance(reg.plugin)
         rows.append({
-            "name": reg.name, "version": reg.version,
-            "plugin": (info and info.distribution) or ("stadebench" if reg.plugin.startswith("stadebench.")
-                                                       else reg.plugin),
-            "plugin_version": (info and info.version) or __version__,
+            "name": reg.name, "version": reg.version, "plugin": dist, "plugin_version": version,
             "statistics": ",".join(sorted(getattr(reg.cls, "statistics", ()))) if kind is Kind.metrics else None,
             "options": ", ".join(reg.cls.Options.model_fields),
             "description": _first_line(reg.cls.__doc__),
@@ -52,7 +48,8 @@ def _list(kind: Kind, fmt: Format) -> None:
         return
     table = Table("name", "version", "plugin", "options", "description", title=kind.value)
     for r in rows:
-        table.add_row(r["name"], r["version"], f"{r['plugin']} {r['plugin_version']}", r["options"], r["description"])
+        table.add_row(r["name"], r["version"], f"{r['plugin']} {r['plugin_version'] or ''}".strip(), r["options"],
+                      r["description"])
     out.print(table)
 
 
@@ -67,15 +64,12 @@ def _plugins(fmt: Format) -> None:
 
     plugins = get_plugins()
     plugins.registries  # noqa: B018 - fills `registered` and registration problems
-    rows = [{
-        "plugin": info.name,
-        "distribution": info.distribution or ("stadebench (built-in)" if info.name.startswith("stadebench.")
-                                              else None),
-        "version": info.version or (__version__ if info.name.startswith("stadebench.") else None),
-        "hooks": ", ".join(info.hooks),
-        "registered": ", ".join(info.registered),
-        "problem": info.error,
-    } for info in plugins.info.values()]
+    rows = []
+    for info in plugins.info.values():
+        dist, version = plugins.provenance(info.name)
+        rows.append({"plugin": info.name, "distribution": dist, "version": version,
+                     "hooks": ", ".join(info.hooks), "registered": ", ".join(info.registered),
+                     "problem": info.error})
     if fmt is not Format.table:
         write_rows(rows, fmt)
         return

@@ -89,7 +89,7 @@ def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path |
     from ..runner import Runner
 
     suite = _load(path)
-    runner = Runner(suite, leaderboard_dir=folder)
+    runner = Runner(suite, leaderboard_dir=folder, events=_Reporter(live=False))
     if dry_run:
         todo = runner.plan(only, force)
         table = Table("#", "model", "cell", "evaluations", title=f"{suite.name}: {len(todo)} cell(s) to run, "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
@@ -105,13 +106,31 @@ def _load_hub(dataset: str, hint: str, repo: str, split: str, **kwargs: Any) -> 
     return _HubText(table)
 
 
+WIKITEXT2_ENV = "STADEBENCH_WIKITEXT2"
+
+
+def hub_unreachable(repo: str) -> str | None:
+    """Why the Hugging Face Hub cannot serve the dataset ``repo`` now (None: it can)."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+            return f"{var} is set"
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().dataset_info(repo, timeout=10)
+    except Exception as exc:  # DNS, proxy, timeout, auth: all mean "not from here"
+        return f"the Hugging Face Hub is unreachable ({type(exc).__name__})"
+    return None
+
+
 class WikiText2(Dataset):
     """WikiText-2 raw (Merity et al. 2016): one document per row; rows joined with "\\n\\n".
 
     Read from the Hugging Face dataset ``Salesforce/wikitext`` (``wikitext-2-raw-v1``,
     splits train/validation/test, empty rows kept as in the Wanda/SparseGPT protocol),
-    or, with ``path``, the ``test`` split from a local raw file with one row per line
-    (each row gets its newline back, as in the Hub rows).
+    or, with ``path`` (default: ``$STADEBENCH_WIKITEXT2`` when set), the ``test`` split
+    from a local raw file with one row per line (each row gets its newline back, as in
+    the Hub rows).
     """
 
     name = "wikitext2"
@@ -125,13 +144,20 @@ class WikiText2(Dataset):
     def __init__(self, options: dict[str, Any] | Options | None = None):
         super().__init__(options)
         self._rows: dict[str, Sequence[str]] = {}
+        self.path = self.options.path or os.environ.get(WIKITEXT2_ENV) or None
+
+    def unavailable(self) -> str | None:
+        if self.path:
+            return None if Path(self.path).expanduser().is_file() else f"no file {self.path}"
+        reason = hub_unreachable(self.repo)
+        return reason and f"{reason}, and no local file (set `path:` or ${WIKITEXT2_ENV})"
 
     def documents(self, split: str) -> Sequence[str]:
         """The split's rows in order."""
         if split not in ("train", "validation", "test"):
             raise ConfigError(f"dataset 'wikitext2' has splits train, validation and test, not {split!r}")
         if split not in self._rows:
-            self._rows[split] = self._local(split) if self.options.path else _load_hub(
+            self._rows[split] = self._local(split) if self.path else _load_hub(
                 self.name, "Give `path:` to a local WikiText-2 raw test file (e.g. wiki.test.raw) "
                 "or make the Hub reachable.", self.repo, split, name=self.config)
         return self._rows[split]
@@ -140,15 +166,15 @@ class WikiText2(Dataset):
         if split != "test":
             raise ConfigError(f"dataset 'wikitext2' with `path:` serves only the test split, not {split!r}; "
                               "calibrate on another dataset (c4, enwiki-2016, text)")
-        lines = _read_text(Path(self.options.path).expanduser(), self.name).split("\n")
+        lines = _read_text(Path(self.path).expanduser(), self.name).split("\n")
         if lines and lines[-1] == "":
             lines.pop()
         return [line + "\n" for line in lines]
 
     def fingerprint(self) -> str:
         """Hash of the local file, or the Hub dataset's identity."""
-        if self.options.path:
-            content = "file:" + _file_digest(Path(self.options.path).expanduser(), self.name)
+        if self.path:
+            content = "file:" + _file_digest(Path(self.path).expanduser(), self.name)
         else:
             content = f"hub:{self.repo}:{self.config}"
         return f"{self.name}:{self.version}:{_digest(content)[:16]}"
@@ -185,6 +211,9 @@ class C4(Dataset):
                 self.name, "Make the Hub reachable, or calibrate/evaluate offline on enwiki-2016 or "
                 "local files (dataset `text`).", self.repo, split, data_files={split: self.files[split]})
         return self._docs[split]
+
+    def unavailable(self) -> str | None:
+        return hub_unreachable(self.repo)
 
     def fingerprint(self) -> str:
         """The Hub shards' identity."""

@@ -50,6 +50,14 @@ class Perplexity(Evaluator):
         name, options = (ref, {}) if isinstance(ref, str) else (ref.name, ref.options)
         return get_plugins().datasets.get(name).cls(options)
 
+    def __init__(self, options=None):
+        super().__init__(options)
+        if self.options.split is None:  # record the split actually evaluated
+            self.options = self.options.model_copy(update={"split": self.dataset().eval_split})
+
+    def unavailable(self) -> str | None:
+        return self.dataset().unavailable()
+
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
                  ) -> list[Score]:
         """Perplexity of ``model`` as it is now; ``device`` defaults to the model's."""
