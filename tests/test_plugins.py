@@ -1,0 +1,286 @@
+"""Plugin manager and registries: built-ins, duplicates, unknown names, broken plugins,
+entry-point selection by environment variables, and the metrics' options models."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import types
+
+import pytest
+
+import stadebench
+from stadebench import Metric, hookimpl
+from stadebench.errors import ConfigError, UnknownNameError
+from stadebench.patterns.builtin import NM
+from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins, reset_plugins
+
+BUILTIN_METRICS = {"magnitude": "stadebench.metrics.basic", "random": "stadebench.metrics.basic",
+                   "wanda": "stadebench.metrics.basic", "stade": "stadebench.metrics.stade",
+                   "stade-w": "stadebench.metrics.stade", "sparsegpt": "stadebench.metrics.sparsegpt"}
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch):
+    """No installed entry points, and a fresh process-wide manager before and after."""
+    monkeypatch.setenv("STADEBENCH_LOAD_PLUGINS", "")
+    monkeypatch.delenv("STADEBENCH_BLOCK_PLUGINS", raising=False)
+    reset_plugins()
+    yield
+    reset_plugins()
+
+
+def metric_class(name, version="1"):
+    return type(f"Metric_{name.replace('-', '_')}", (Metric,), {"name": name, "version": version,
+                                                               "score": lambda self, w, s: w.abs()})
+
+
+def plugin_module(modname, *classes, fail=None):
+    """A module with a register_metrics hook registering ``classes`` (then raising ``fail``)."""
+    module = types.ModuleType(modname)
+
+    @hookimpl
+    def register_metrics(register):
+        for cls in classes:
+            register(cls)
+        if fail is not None:
+            raise fail
+
+    module.register_metrics = register_metrics
+    return module
+
+
+# ----------------------------------------------------------------------------------------
+# built-ins
+
+
+def test_builtins_are_registered_as_plugins():
+    plugins = get_plugins()
+    for name, plugin in BUILTIN_METRICS.items():
+        reg = plugins.metrics.get(name)
+        assert (reg.name, reg.plugin, reg.kind) == (name, plugin, "metric")
+        assert issubclass(reg.cls, Metric) and reg.cls.name == name and reg.version == reg.cls.version
+    assert set(BUILTIN_METRICS) <= set(plugins.metrics.names())
+    assert {"unstructured", "unstructured-layer"} <= set(plugins.patterns.names())
+    for plugin in DEFAULT_PLUGINS:  # registered through the same hooks as third-party plugins
+        assert plugin in plugins.info and plugins.info[plugin].hooks
+    assert "metric wanda" in plugins.info["stadebench.metrics.basic"].registered
+    assert plugins.problems() == []
+
+
+@pytest.mark.parametrize("spec,n,m", [("2:4", 2, 4), ("4:8", 4, 8), ("1:4", 1, 4)])
+def test_nm_specs_resolve_to_the_nm_pattern(spec, n, m):
+    patterns = get_plugins().patterns
+    assert spec in patterns
+    reg = patterns.get(spec)
+    assert reg.cls is NM
+    pattern = reg.cls.from_spec(spec)
+    assert (pattern.n, pattern.m, pattern.spec, pattern.group_size) == (n, m, spec, m)
+
+
+@pytest.mark.parametrize("spec", ["unstructured", "unstructured-layer"])
+def test_unstructured_specs_resolve_to_their_own_classes(spec):
+    reg = get_plugins().patterns.get(spec)
+    assert reg.cls.name == spec and reg.cls is not NM
+    assert reg.cls.from_spec(spec).spec == spec
+
+
+# ----------------------------------------------------------------------------------------
+# duplicates, unknown names, broken plugins
+
+
+def test_duplicate_name_second_registration_is_skipped_and_reported():
+    from stadebench.metrics.basic import Wanda
+
+    plugins = get_plugins()
+    impostor = metric_class("wanda", version="9")
+    plugins.register(plugin_module("impostor", impostor), name="impostor")
+    reg = plugins.metrics.get("wanda")
+    assert reg.cls is Wanda and reg.plugin == "stadebench.metrics.basic"  # the first one stays
+    problems = dict(plugins.problems())
+    assert set(problems) == {"impostor"}
+    assert "wanda" in problems["impostor"] and "skipped" in problems["impostor"]
+
+
+def test_duplicate_between_two_third_party_plugins_keeps_the_first():
+    plugins = get_plugins()
+    first, second = metric_class("twin"), metric_class("twin")
+    plugins.register(plugin_module("first", first), name="first")
+    plugins.register(plugin_module("second", second), name="second")
+    assert plugins.metrics.get("twin").cls is first
+    assert [name for name, _ in plugins.problems()] == ["second"]
+
+
+def test_problems_are_reported_once_however_often_registries_are_rebuilt():
+    plugins = get_plugins()
+    plugins.register(plugin_module("dup", metric_class("twin"), metric_class("twin")), name="dup")
+    plugins.metrics  # build the registries
+    plugins.register(plugin_module("unrelated"), name="unrelated")  # forces a rebuild
+    plugins.metrics
+    (name, message), = plugins.problems()
+    assert name == "dup"
+    assert message.count("already registered") == 1
+
+
+@pytest.mark.parametrize("kind,typo,suggestion", [("metrics", "wandaa", "wanda"), ("metrics", "stade_w", "stade-w"),
+                                                  ("patterns", "unstructed", "unstructured")])
+def test_unknown_names_suggest_close_ones(kind, typo, suggestion):
+    with pytest.raises(UnknownNameError) as info:
+        getattr(get_plugins(), kind).get(typo)
+    message = str(info.value)
+    assert f"did you mean '{suggestion}'" in message
+    assert isinstance(info.value, ConfigError) and isinstance(info.value, KeyError)
+    assert info.value.name == typo
+
+
+def test_unknown_name_through_prune(tiny_llama):
+    with pytest.raises(UnknownNameError, match="did you mean 'magnitude'"):
+        stadebench.prune(tiny_llama, None, metric="magnitud")
+    with pytest.raises(UnknownNameError, match="Known metrics: .*sparsegpt"):
+        stadebench.prune(tiny_llama, None, metric="obs-something-else")
+
+
+def test_a_plugin_whose_hook_raises_is_reported_not_fatal():
+    plugins = get_plugins()
+    survivor = metric_class("survivor")
+    plugins.register(plugin_module("broken", survivor, fail=RuntimeError("boom")), name="broken")
+    assert set(BUILTIN_METRICS) <= set(plugins.metrics.names())
+    problems = dict(plugins.problems())
+    assert "broken" in problems and "boom" in problems["broken"]
+    assert plugins.patterns.get("2:4").cls is NM  # other kinds unaffected
+
+
+def test_invalid_registrations_are_reported():
+    plugins = get_plugins()
+    nameless = type("Nameless", (Metric,), {})
+    plugins.register(plugin_module("odd", object, nameless), name="odd")
+    assert set(BUILTIN_METRICS) <= set(plugins.metrics.names())
+    (name, message), = plugins.problems()
+    assert name == "odd" and "not a Metric subclass" in message and "has no name" in message
+
+
+# ----------------------------------------------------------------------------------------
+# entry points
+
+
+class FakeDist:
+    def __init__(self, name, version):
+        self.name, self.version = name, version
+
+
+class FakeEntryPoint:
+    def __init__(self, name, target, dist="stadebench-fake", version="0.3"):
+        self.name, self._target, self.dist = name, target, FakeDist(dist, version)
+        self.loaded = False
+
+    def load(self):
+        self.loaded = True
+        if isinstance(self._target, Exception):
+            raise self._target
+        return self._target
+
+
+@pytest.fixture
+def fake_entry_points(monkeypatch):
+    points = {
+        "alpha": FakeEntryPoint("alpha", plugin_module("alpha_mod", metric_class("alpha-metric"))),
+        "beta": FakeEntryPoint("beta", plugin_module("beta_mod", metric_class("beta-metric")), dist="beta-dist"),
+    }
+    groups = []
+
+    def entry_points(**kwargs):
+        groups.append(kwargs.get("group"))
+        return list(points.values())
+
+    monkeypatch.setattr(importlib.metadata, "entry_points", entry_points)
+    return points, groups
+
+
+@pytest.mark.parametrize("load,block,expected", [
+    (None, None, {"alpha", "beta"}),
+    ("alpha", None, {"alpha"}),
+    (" alpha , beta ", None, {"alpha", "beta"}),
+    ("", None, set()),
+    (None, "beta", {"alpha"}),
+    ("alpha,beta", "beta", {"alpha"}),
+    (None, "alpha,beta", set()),
+])
+def test_entry_points_allow_and_block_lists(monkeypatch, fake_entry_points, load, block, expected):
+    points, groups = fake_entry_points
+    for var, value in (("STADEBENCH_LOAD_PLUGINS", load), ("STADEBENCH_BLOCK_PLUGINS", block)):
+        if value is None:
+            monkeypatch.delenv(var, raising=False)
+        else:
+            monkeypatch.setenv(var, value)
+    plugins = Plugins()
+    assert groups == ["stadebench"]
+    assert {name for name, ep in points.items() if ep.loaded} == expected  # blocked ones are not even imported
+    names = set(plugins.metrics.names())
+    for name in ("alpha", "beta"):
+        assert (f"{name}-metric" in names) == (name in expected)
+        if name in expected:
+            info = plugins.info[name]
+            assert info.distribution == points[name].dist.name and info.version == "0.3"
+            assert info.registered == [f"metric {name}-metric"]
+    assert plugins.problems() == []
+
+
+def test_a_broken_entry_point_is_reported_and_skipped(monkeypatch, fake_entry_points):
+    points, _ = fake_entry_points
+    points["gamma"] = FakeEntryPoint("gamma", ImportError("no module named gamma_dep"))
+    monkeypatch.delenv("STADEBENCH_LOAD_PLUGINS")
+    plugins = Plugins()
+    assert {"alpha-metric", "beta-metric"} <= set(plugins.metrics.names())
+    problems = dict(plugins.problems())
+    assert set(problems) == {"gamma"} and "gamma_dep" in problems["gamma"]
+
+
+def test_an_entry_point_name_used_twice_loads_once(monkeypatch, fake_entry_points):
+    points, _ = fake_entry_points
+    points["alpha2"] = FakeEntryPoint("alpha", plugin_module("alpha_again", metric_class("alpha-again")),
+                                      dist="other-dist")
+    monkeypatch.delenv("STADEBENCH_LOAD_PLUGINS")
+    plugins = Plugins()
+    names = set(plugins.metrics.names())
+    assert "alpha-metric" in names and "alpha-again" not in names
+    assert not points["alpha2"].loaded
+    assert any("used twice" in message for _, message in plugins.problems())
+
+
+# ----------------------------------------------------------------------------------------
+# options
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_METRICS))
+def test_metric_options_reject_unknown_keys(name, tiny_llama):
+    cls = get_plugins().metrics.get(name).cls
+    with pytest.raises(ConfigError, match="nope"):
+        cls({"nope": 1})
+    with pytest.raises(ConfigError, match="nope"):
+        stadebench.prune(tiny_llama, None, metric=name, metric_options={"nope": 1})
+
+
+def test_metric_option_defaults():
+    metrics = get_plugins().metrics
+    assert metrics.get("stade").cls().options.bias_correction is True
+    assert metrics.get("stade-w").cls().options.bias_correction is True
+    opts = metrics.get("sparsegpt").cls().options
+    assert (opts.blocksize, opts.percdamp, opts.update) == (128, 0.01, True)
+    assert metrics.get("random").cls().options.seed == 0
+    for name in ("magnitude", "wanda"):
+        assert metrics.get(name).cls().options.model_dump() == {}
+
+
+@pytest.mark.parametrize("name,options", [
+    ("sparsegpt", {"blocksize": 0}), ("sparsegpt", {"percdamp": 0.0}), ("sparsegpt", {"percdamp": -1}),
+    ("sparsegpt", {"update": "sometimes"}), ("stade", {"bias_correction": "maybe"}), ("random", {"seed": "x"}),
+])
+def test_metric_options_reject_bad_values(name, options):
+    with pytest.raises(ConfigError, match=name):
+        get_plugins().metrics.get(name).cls(options)
+
+
+def test_metric_options_are_recorded_and_frozen():
+    metric = get_plugins().metrics.get("sparsegpt").cls({"blocksize": 64, "update": False})
+    assert metric.options.model_dump() == {"blocksize": 64, "percdamp": 0.01, "update": False}
+    with pytest.raises(Exception):
+        metric.options.blocksize = 32
