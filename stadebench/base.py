@@ -88,6 +88,7 @@ class LayerStats:
         sum: Σ_t x_t (shape ``[in]``).
         sumsq: Σ_t x_t² (shape ``[in]``).
         gram: Σ_t x_t x_tᵀ (shape ``[in, in]``).
+        m2: Σ_t (x_t − μ)², kept with ``sum`` for an accurate variance.
     """
 
     layer: LayerInfo
@@ -95,6 +96,7 @@ class LayerStats:
     sum: torch.Tensor | None = None
     sumsq: torch.Tensor | None = None
     gram: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -105,7 +107,8 @@ class LayerStats:
     def var(self) -> torch.Tensor:
         """Per-input unbiased variance over tokens (float32)."""
         n = self.count
-        return ((self.sumsq - self.sum * self.sum / n) / (n - 1)).clamp_min(0).float()
+        m2 = self.m2 if self.m2 is not None else self.sumsq - self.sum * self.sum / n
+        return (m2 / (n - 1)).clamp_min(0).float()
 
     @property
     def norm(self) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .base import LayerInfo, LayerStats, Metric, Pattern
 from .errors import ConfigError, NumericalError
-from .models import find_blocks, module_device, move_outside, prunable_layers, set_weight, weight_of
+from .models import enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers, set_weight, weight_of
 from .plugins import get_plugins
 from .statistics import BlockCollector
 
@@ -79,6 +79,8 @@ class PruneReport:
     """Peak CUDA memory allocated on a GPU; peak process RSS on a CPU."""
     layers: list[LayerReport] = field(default_factory=list)
     blocks: list[BlockReport] = field(default_factory=list)
+    config_flags: list[str] = field(default_factory=list)
+    """Config flags turned on so that added biases survive save and reload."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -218,6 +220,8 @@ def prune(
         model.train(was_training)
         if use_cache is not None:
             model.config.use_cache = use_cache
+    if any(layer.bias_added for layer in report.layers):
+        report.config_flags = enable_bias_flags(model)
     total = sum(l.shape[0] * l.shape[1] for l in report.layers)
     report.sparsity = sum(l.pruned for l in report.layers) / max(total, 1)
     report.peak_memory_bytes = _peak_memory(dev)
@@ -229,6 +233,7 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
                  metric: Metric, pattern: Pattern, sparsity: float, report: PruneReport) -> None:
     weight = weight_of(layer)
     dense = weight.detach().float()
+    _check_finite(dense, "weights", full_name, metric.name)
     if metric.solver:
         mask, new_weight = metric.solve(dense, stats, pattern, sparsity)
         _check_finite(new_weight, "updated weights", full_name, metric.name)
@@ -285,6 +290,7 @@ def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity
     inputs = [c[0] for c in captured]
     extras = [(c[1], c[2]) for c in captured]
     report.timings["capture"] = time.perf_counter() - t0
+    input_normed = False  # block 0 reads the embeddings
 
     for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
         t_block = time.perf_counter()
@@ -298,7 +304,7 @@ def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity
             for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
                 dense_out.append(_block_output(block(x, *args, **kwargs)))
                 if b == 0:
-                    collector.end_first_batch()
+                    input_normed = collector.end_first_batch(x, dense_out[0], input_normed)
         report.block_passes += 1
         t1 = time.perf_counter()
         report.timings["stats"] += t1 - t0

@@ -108,6 +108,20 @@ def move_outside(model: nn.Module, blocks: nn.Module, device: torch.device) -> N
     visit(model)
 
 
+def enable_bias_flags(model: nn.Module) -> list[str]:
+    """Turn on the config's ``*_bias`` flags (Llama: attention_bias, mlp_bias) so that
+    biases added by pruning are saved and come back on reload; returns the flags set.
+
+    Families whose code fixes ``bias=False`` without a flag (e.g. Mistral) cannot reload
+    such biases; the in-memory model is unaffected either way.
+    """
+    config = getattr(model, "config", None)
+    flags = [k for k, v in vars(config).items() if k.endswith("_bias") and v is False] if config else []
+    for flag in flags:
+        setattr(config, flag, True)
+    return flags
+
+
 def iter_layers(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
     """``(block index, name inside the block, module)`` for every prunable layer."""
     _, blocks = find_blocks(model)

@@ -59,6 +59,8 @@ class PluginInfo:
     hooks: list[str] = field(default_factory=list)
     registered: list[str] = field(default_factory=list)
     error: str | None = None
+    """Why it failed to load, or what it registered wrongly; None when all is well."""
+    load_error: str | None = None
 
 
 class Registry:
@@ -152,14 +154,14 @@ class Plugins:
             version = ep.dist.version if ep.dist else None
             if ep.name in seen or ep.name in self.info:
                 self.info[f"{ep.name} ({dist})"] = PluginInfo(
-                    ep.name, dist, version, error=f"entry point name {ep.name!r} is used twice; skipped")
+                    ep.name, dist, version, load_error=f"entry point name {ep.name!r} is used twice; skipped")
                 continue
             seen.add(ep.name)
             try:
                 module = ep.load()
                 self.register(module, name=ep.name, distribution=dist, version=version)
             except Exception as exc:  # a broken plugin is reported, never fatal
-                self.info[ep.name] = PluginInfo(ep.name, dist, version, error=f"{type(exc).__name__}: {exc}")
+                self.info[ep.name] = PluginInfo(ep.name, dist, version, load_error=f"{type(exc).__name__}: {exc}")
 
     @property
     def registries(self) -> dict[str, Registry]:
@@ -173,11 +175,11 @@ class Plugins:
         bases = {"metric": Metric, "pattern": Pattern, "dataset": Dataset, "evaluator": Evaluator}
         regs = {kind: Registry(kind, bases[kind]) for kind in KINDS}
         for info in self.info.values():
-            info.registered = []
+            info.registered, info.error = [], info.load_error
         for kind in KINDS:
             hook = getattr(self.pm.hook, f"register_{kind}s")
             # Call each implementation separately so items are attributed to their plugin.
-            for impl in reversed(hook.get_hookimpls()):
+            for impl in hook.get_hookimpls():  # registration order: the first name wins
                 def register(cls, _plugin=impl.plugin_name, _kind=kind):
                     regs[_kind].add(cls, _plugin)
                     if _plugin in self.info and getattr(cls, "name", None):
@@ -204,8 +206,9 @@ class Plugins:
         return plugin, info.version if info else None
 
     def problems(self) -> list[tuple[str, str]]:
-        out = [(i.name, i.error) for i in self.info.values() if i.error]
-        return out
+        """``(plugin, message)`` for every plugin that failed to load or register."""
+        self.registries  # noqa: B018 - registration problems are found while collecting
+        return [(i.name, i.error) for i in self.info.values() if i.error]
 
     @property
     def metrics(self) -> Registry:

@@ -250,6 +250,7 @@ class _ModelState:
         self.layers = [layer for _, _, layer in iter_layers(self.model)]
         self.dense = [(layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
                       for layer in self.layers]
+        self.flags = {k: v for k, v in vars(self.model.config).items() if k.endswith("_bias")}
         self.dirty = False
         self.windows: dict[str, torch.Tensor] = {}
         runner.summary.seconds["load"] += time.perf_counter() - t0
@@ -266,6 +267,8 @@ class _ModelState:
                     layer.bias = None
                 else:
                     layer.bias.copy_(bias)
+        for flag, value in self.flags.items():
+            setattr(self.model.config, flag, value)
         self.dirty = False
         self.runner.summary.seconds["restore"] += time.perf_counter() - t0
 

@@ -1,8 +1,11 @@
 """Streaming input statistics of linear layers, gathered with forward hooks.
 
 Accumulated over tokens whatever the model dtype: sums in float64, the Gram matrix in
-float32. Layers that read the very same input tensor (q/k/v, gate/up) share one
-accumulator, found on the first batch, so each input is reduced once.
+float32. When the mean is asked for, each batch is centred on its own mean and batches
+are merged with Chan's parallel update, so the variance stays accurate for channels
+whose mean dwarfs their spread (where Σx² − (Σx)²/n would cancel). Layers that read the
+very same input tensor (q/k/v, gate/up) share one accumulator, found on the first batch,
+so each input is reduced once.
 """
 
 from __future__ import annotations
@@ -20,15 +23,22 @@ class Accumulator:
     def __init__(self, needs: frozenset[str]):
         self.needs = needs
         self.count = 0
-        self.sum = self.sumsq = self.gram = None
+        self.mean = self.m2 = self.sumsq = self.gram = None
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        self.count += x.shape[0]
+        n, nb = self.count, x.shape[0]
         if "sum" in self.needs:
-            s = x.sum(0, dtype=torch.float64)
-            self.sum = s if self.sum is None else self.sum.add_(s)
-        if "sumsq" in self.needs:
+            mean_b = x.mean(0)
+            m2_b = torch.linalg.vector_norm(x - mean_b, dim=0).double().square_()
+            mean_b = mean_b.double()
+            if self.mean is None:
+                self.mean, self.m2 = mean_b, m2_b
+            else:
+                delta = mean_b - self.mean
+                self.mean.add_(delta, alpha=nb / (n + nb))
+                self.m2.add_(m2_b).add_(delta.square_(), alpha=n * nb / (n + nb))
+        elif "sumsq" in self.needs:
             q = torch.linalg.vector_norm(x, dim=0).double().square_()
             self.sumsq = q if self.sumsq is None else self.sumsq.add_(q)
         if "gram" in self.needs:
@@ -36,9 +46,22 @@ class Accumulator:
                 self.gram = x.t() @ x
             else:
                 self.gram.addmm_(x.t(), x)
+        self.count = n + nb
 
     def stats(self, layer: LayerInfo) -> LayerStats:
-        return LayerStats(layer, self.count, self.sum, self.sumsq, self.gram)
+        total = sumsq = None
+        if self.mean is not None:
+            total = self.mean * self.count
+            if "sumsq" in self.needs:
+                sumsq = self.m2 + self.count * self.mean.square()
+        else:
+            sumsq = self.sumsq
+        return LayerStats(layer, self.count, total, sumsq, self.gram, self.m2)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two live tensors are views of the same memory (e.g. a reshape)."""
+    return a.data_ptr() == b.data_ptr() and a.numel() == b.numel()
 
 
 class BlockCollector:
@@ -90,16 +113,19 @@ class BlockCollector:
             self.acc[name].add(x)
         return hook
 
-    def end_first_batch(self) -> None:
-        """Fix roles and shared accumulators after the first batch; keep only leaders hooked."""
-        if self._first is None:
-            return
+    def end_first_batch(self, block_input: torch.Tensor, block_output: torch.Tensor,
+                        input_normed: bool = False) -> bool:
+        """Fix roles and shared accumulators after the first batch; keep only leaders hooked.
+
+        ``input_normed`` says the block's input is a normalisation output (post-LN models
+        such as OPT-350m end each block with a norm); layers reading the block input then
+        count as normed. Returns whether this block's output is a normalisation output.
+        """
+        norms = [o for o in self._norm_outputs if isinstance(o, torch.Tensor)]
         for name, x in self._first.items():
-            fed_by_norm = any(
-                o.data_ptr() == x.data_ptr() and o.numel() == x.numel() for o in self._norm_outputs
-                if isinstance(o, torch.Tensor)
-            )
+            fed_by_norm = any(_same(o, x) for o in norms) or (input_normed and _same(block_input, x))
             self.roles[name] = "normed" if fed_by_norm else "internal"
+        output_normed = any(_same(o, block_output) for o in norms)
         leaders = {}
         for name, _ in self.layers:
             leaders.setdefault(id(self.acc.get(name)), name)
@@ -110,6 +136,7 @@ class BlockCollector:
                          for name, layer in self.layers if name in keep]
         self._first = None
         self._norm_outputs.clear()
+        return output_normed
 
     def stats(self, name: str, info: LayerInfo) -> LayerStats:
         return self.acc[name].stats(info)
