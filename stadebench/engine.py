@@ -79,6 +79,8 @@ class PruneReport:
     """Peak CUDA memory allocated on a GPU; peak process RSS on a CPU."""
     layers: list[LayerReport] = field(default_factory=list)
     blocks: list[BlockReport] = field(default_factory=list)
+    offloaded: bool = False
+    """Whether block activations were kept in CPU memory between passes."""
     config_flags: list[str] = field(default_factory=list)
     """Config flags turned on so that added biases survive save and reload."""
 
@@ -157,6 +159,7 @@ def prune(
     batch_size: int = 8,
     device: str | torch.device | None = None,
     reconstruction: bool = True,
+    offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place.
@@ -178,6 +181,8 @@ def prune(
             else the model's device. The model's weights stay where they are.
         reconstruction: run pass 2 in one-shot mode too, to measure the blocks'
             reconstruction error (sequential mode always runs it).
+        offload: keep the block activations in CPU memory between passes; None keeps
+            them on the device when both buffers fit in half its free memory.
         progress: called as ``progress(done_blocks, total_blocks)``.
     """
     t_start = time.perf_counter()
@@ -215,7 +220,7 @@ def prune(
                 _prune_data_free(model, blocks, layers_per_block, metric, pattern, target, dev, report, progress)
             else:
                 _prune_calibrated(model, blocks, layers_per_block, metric, pattern, target, dev, report,
-                                  calibration, batch_size, sequential, reconstruction, progress)
+                                  calibration, batch_size, sequential, reconstruction, offload, progress)
     finally:
         model.train(was_training)
         if use_cache is not None:
@@ -278,7 +283,7 @@ def _prune_data_free(model, blocks, layers_per_block, metric, pattern, sparsity,
 
 
 def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
-                      calibration, batch_size, sequential, reconstruction, progress):
+                      calibration, batch_size, sequential, reconstruction, offload, progress):
     prefix = _block_names(model, blocks)
     t0 = time.perf_counter()
     home = module_device(model)
@@ -287,8 +292,15 @@ def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity
         captured = capture_inputs(model, blocks, list(calibration.split(batch_size)), dev)
     finally:
         move_outside(model, blocks, home)
-    inputs = [c[0] for c in captured]
     extras = [(c[1], c[2]) for c in captured]
+    # Two activation buffers (inputs, outputs); on a GPU they stay there only when they fit.
+    if offload is None:
+        need = 2 * sum(c[0].numel() * c[0].element_size() for c in captured)
+        offload = dev.type == "cuda" and need > 0.5 * torch.cuda.mem_get_info(dev)[0]
+    store = torch.device("cpu") if offload else dev
+    inputs = [c[0].to(store) for c in captured]
+    del captured
+    report.offloaded = bool(offload)
     report.timings["capture"] = time.perf_counter() - t0
     input_normed = False  # block 0 reads the embeddings
 
@@ -302,9 +314,11 @@ def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity
         dense_out = []
         with collector:
             for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
-                dense_out.append(_block_output(block(x, *args, **kwargs)))
+                x = x.to(dev, non_blocking=True)
+                out = _block_output(block(x, *args, **kwargs))
                 if b == 0:
-                    input_normed = collector.end_first_batch(x, dense_out[0], input_normed)
+                    input_normed = collector.end_first_batch(x, out, input_normed)
+                dense_out.append(out.to(store, non_blocking=True))
         report.block_passes += 1
         t1 = time.perf_counter()
         report.timings["stats"] += t1 - t0
@@ -329,14 +343,14 @@ def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity
             cos = torch.zeros((), dtype=torch.float64, device=dev)
             count = tokens = 0
             for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
-                pruned = _block_output(block(x, *args, **kwargs))
-                d, p = dense_out[b].float(), pruned.float()
+                pruned = _block_output(block(x.to(dev, non_blocking=True), *args, **kwargs))
+                d, p = dense_out[b].to(dev).float(), pruned.float()
                 sq += (d - p).square().sum(dtype=torch.float64)
                 cos += torch.nn.functional.cosine_similarity(d, p, dim=-1).sum(dtype=torch.float64)
                 count += d.numel()
                 tokens += d.numel() // d.shape[-1]
                 if sequential:
-                    dense_out[b] = pruned
+                    dense_out[b] = pruned.to(store, non_blocking=True)
             report.block_passes += 1
             mse, cosine = (sq / count).item(), (cos / tokens).item()
         report.timings["forward"] += time.perf_counter() - t2

@@ -291,6 +291,22 @@ def test_batch_size_does_not_change_statistics_or_masks(tiny_llama, tiny_calibra
             assert ties.double().mean() < 0.01
 
 
+@pytest.mark.parametrize("sequential", [True, False])
+def test_offloaded_activations_give_the_same_pruned_model(tiny_llama, tiny_calibration, sequential):
+    # On a CPU the transfers are no-ops, but the offload path (activations kept in a
+    # separate store, moved per batch) must be the very same computation.
+    results = {}
+    for offload in (False, True):
+        model = copy.deepcopy(tiny_llama)
+        report = stadebench.prune(model, tiny_calibration, metric="sparsegpt", pattern="2:4",
+                                  sequential=sequential, batch_size=3, offload=offload)
+        assert report.offloaded is offload
+        results[offload] = (model.state_dict(), [(b.mse, b.cosine) for b in report.blocks])
+    for name, tensor in results[False][0].items():
+        assert torch.equal(tensor, results[True][0][name]), name
+    assert results[False][1] == results[True][1]
+
+
 # ----------------------------------------------------------------------------------------
 # numerical checks and model state
 
