@@ -1,4 +1,14 @@
-"""Developer sessions: `nox -s tests`."""
+"""Developer sessions: `nox -s tests`, and the first-party plugins in plugins/.
+
+- `nox -s tests`: the core's test suite.
+- `nox -s plugin`: each plugin installed from its folder (as `pip install` would, not
+  editable) into a fresh venv next to the core, then its own tests;
+  `nox -s "plugin(stadebench-ria)"` for one.
+- `nox -s tests_with_plugins`: the core's tests with every plugin installed, so an
+  installed plugin cannot break the core (its entry points load in every run).
+"""
+
+from pathlib import Path
 
 import nox
 
@@ -7,6 +17,7 @@ nox.options.sessions = ["tests"]
 
 # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
 TORCH = "torch==2.13.0"
+PLUGINS = sorted(p.parent.name for p in Path(__file__).parent.glob("plugins/*/pyproject.toml"))
 
 
 @nox.session
@@ -14,4 +25,26 @@ def tests(session: nox.Session) -> None:
     """The test suite (benchmark bodies run once, untimed)."""
     session.install(TORCH)
     session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+@nox.parametrize("name", PLUGINS, ids=PLUGINS)
+def plugin(session: nox.Session, name: str) -> None:
+    """One first-party plugin: the core, then the plugin from its folder, then its tests."""
+    session.install(TORCH)
+    session.install("-e", ".")
+    session.install(f"./plugins/{name}[test]")
+    session.run("stadebench", "plugins", "--format", "csv")  # loaded from its entry point, no problem
+    session.chdir(f"plugins/{name}")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def tests_with_plugins(session: nox.Session) -> None:
+    """The core's tests with every first-party plugin installed."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.install(*(f"./plugins/{name}" for name in PLUGINS))
+    session.run("stadebench", "plugins", "--format", "csv")
     session.run("pytest", *session.posargs)

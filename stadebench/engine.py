@@ -88,8 +88,8 @@ class PruneReport:
         return asdict(self)
 
 
-def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict | None = None
-            ) -> tuple[Metric, Pattern]:
+def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict | None = None,
+            pattern_options: dict | None = None) -> tuple[Metric, Pattern]:
     """Look up and instantiate a metric and a pattern by name."""
     plugins = get_plugins()
     if isinstance(metric, str):
@@ -97,7 +97,7 @@ def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict |
     elif metric_options:
         raise ConfigError("metric_options go with a metric name, not a Metric instance")
     if isinstance(pattern, str):
-        pattern = plugins.patterns.get(pattern).cls.from_spec(pattern)
+        pattern = plugins.patterns.get(pattern).cls.from_spec(pattern, pattern_options)
     return metric, pattern
 
 
@@ -254,6 +254,8 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
         dense = dense.clone() if dense.data_ptr() == weight.data_ptr() else dense
         weight.masked_fill_(mask, 0)
         metric.update(layer, dense, mask, stats)
+        weight = weight_of(layer)
+        weight.masked_fill_(mask, 0)  # an update may change kept weights, never revive pruned ones
     report.layers.append(LayerReport(
         name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
         pruned=int(mask.sum()), sparsity=float(mask.float().mean()),

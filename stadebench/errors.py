@@ -21,8 +21,7 @@ class UnknownNameError(ConfigError, KeyError):
         self.kind, self.name, self.known = kind, name, sorted(known)
         close = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
         msg = f"unknown {kind} {name!r}"
-        if close:
-            msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
+        msg += f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
         msg += f" Known {kind}s: {', '.join(self.known) or '(none)'}."
         if hint:
             msg += f" {hint}"

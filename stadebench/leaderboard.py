@@ -67,6 +67,7 @@ SCHEMA = pa.schema(
         _field("metric_version", _str, "Version the metric plugin declares."),
         _field("metric_options", _str, "Metric options, defaults included, as canonical JSON."),
         _field("pattern", _str, "Sparsity pattern (unstructured, 2:4, ...); null for dense."),
+        _field("pattern_options", _str, "Pattern options as canonical JSON; null when it has none."),
         _field("sparsity", _f64, "Target sparsity in [0, 1); 0 for dense."),
         _field("calib_dataset", _str, "Calibration dataset name."),
         _field("calib_options", _str, "Calibration dataset options as canonical JSON."),
@@ -114,7 +115,7 @@ SCHEMA = pa.schema(
 
 KEY_FIELDS = (
     "model", "model_revision", "model_source", "metric", "metric_version", "metric_options",
-    "pattern", "sparsity", "calib_dataset", "calib_options", "calib_n", "calib_seqlen",
+    "pattern", "pattern_options", "sparsity", "calib_dataset", "calib_options", "calib_n", "calib_seqlen",
     "calib_seed", "sequential", "batch_size", "dtype", "evaluator", "evaluator_version",
     "eval_options", "eval_dataset", "eval_split", "eval_seqlen",
 )
@@ -125,7 +126,7 @@ a suite runs only that evaluator. Metric and evaluator versions are in the key (
 version is a new measurement); library versions are provenance, so upgrading torch does
 not re-run finished cells. Changing this tuple changes every key: bump SCHEMA_VERSION."""
 
-_JSON_FIELDS = frozenset({"metric_options", "calib_options", "eval_options", "details"})
+_JSON_FIELDS = frozenset({"metric_options", "pattern_options", "calib_options", "eval_options", "details"})
 _NAMES = frozenset(SCHEMA.names)
 
 

@@ -18,7 +18,6 @@ import tempfile
 import time
 import traceback
 import uuid
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import groupby
@@ -145,7 +144,8 @@ class Runner:
             "model": cell.model.id, "model_revision": cell.model.revision,
             "model_source": model_source(cell.model), "metric": cell.metric,
             "metric_version": cell.metric_version, "metric_options": cell.metric_options,
-            "pattern": cell.pattern, "sparsity": cell.sparsity, "dtype": cell.model.dtype,
+            "pattern": cell.pattern, "pattern_options": cell.pattern_options or None,
+            "sparsity": cell.sparsity, "dtype": cell.model.dtype,
             "evaluator": evaluation.name, "evaluator_version": evaluator.version, "eval_options": opts,
             "eval_dataset": dataset.get("name") if isinstance(dataset, dict) else dataset,
             "eval_split": opts.get("split"), "eval_seqlen": opts.get("seqlen"),
@@ -293,7 +293,7 @@ class _ModelState:
         if cell.dense:
             info.update(actual_sparsity=0.0, prune_seconds=0.0)
         else:
-            metric, pattern = resolve(cell.metric, cell.pattern, cell.metric_options)
+            metric, pattern = resolve(cell.metric, cell.pattern, cell.metric_options, cell.pattern_options)
             dist, version = get_plugins().provenance(get_plugins().metrics.get(cell.metric).plugin)
             info.update(metric_plugin=dist, metric_plugin_version=version)
             data_free = not metric.statistics and not metric.solver

@@ -5,10 +5,14 @@ and a one-thread switch for torch."""
 from __future__ import annotations
 
 import copy
+import types
 from pathlib import Path
 
 import pytest
 import torch
+
+import stadebench
+from stadebench.plugins import get_plugins, reset_plugins
 
 #: Decoder blocks kept from SmolLM2's 30: enough for the sequential protocol (block 1
 #: sees the pruned block 0), cheap enough to prune many times on a CPU.
@@ -132,3 +136,37 @@ def tiny_factory():
 def tiny_calibration() -> torch.Tensor:
     """8 windows x 32 random token ids for the tiny models (vocab 128)."""
     return torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1234))
+
+
+# ----------------------------------------------------------------------------------------
+# a metric plugin whose score always raises
+
+
+class Explode(stadebench.Metric):
+    """A metric whose score always raises."""
+
+    name = "explode"
+    version = "7"
+
+    def score(self, weight, stats):
+        raise RuntimeError("boom in the score")
+
+
+explode_plugin = types.ModuleType("explode_plugin")
+
+
+@stadebench.hookimpl
+def _register_explode(register):
+    register(Explode)
+
+
+explode_plugin.register_metrics = _register_explode
+
+
+@pytest.fixture
+def exploding():
+    """The `explode` metric registered as a plugin named `explode-plugin`."""
+    reset_plugins()
+    get_plugins().register(explode_plugin, name="explode-plugin")
+    yield "explode"
+    reset_plugins()

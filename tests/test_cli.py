@@ -23,9 +23,7 @@ from typer.testing import CliRunner
 
 import stadebench
 from stadebench import leaderboard as lb
-from stadebench.base import Metric
 from stadebench.cli import ExitCode, app
-from stadebench.hookspecs import hookimpl
 from stadebench.plugins import DEFAULT_PLUGINS, get_plugins, reset_plugins
 from tinymodel import shared_assets, suite_dict, write_suite
 
@@ -128,33 +126,6 @@ def test_dry_run_lists_cells_and_runs_nothing(board, tmp_path):
 # --- exit codes -----------------------------------------------------------------
 
 
-class Explode(Metric):
-    """A metric whose score always raises."""
-
-    name = "explode"
-    version = "1"
-
-    def score(self, weight, stats):
-        raise RuntimeError("boom in the score")
-
-
-explode_plugin = types.ModuleType("cli_explode_plugin")
-
-
-@hookimpl
-def _register_explode(register):
-    register(Explode)
-
-
-explode_plugin.register_metrics = _register_explode
-
-
-@pytest.fixture
-def exploding():
-    reset_plugins()
-    get_plugins().register(explode_plugin, name="cli-explode-plugin")
-    yield
-    reset_plugins()
 
 
 def test_exit_code_1_when_a_cell_failed(assets, tmp_path, exploding):

@@ -22,10 +22,7 @@ import torch
 
 import stadebench
 from stadebench import leaderboard as lb
-from stadebench.base import Metric
 from stadebench.errors import ConfigError
-from stadebench.hookspecs import hookimpl
-from stadebench.plugins import get_plugins, reset_plugins
 from stadebench.runner import Events, Runner
 from stadebench.suite import load_suite
 from tinymodel import shared_assets, suite_dict, write_suite
@@ -420,34 +417,6 @@ def test_an_interrupted_run_keeps_finished_cells_and_resumes(assets, tmp_path):
 # --- failures ------------------------------------------------------------------------
 
 
-class Explode(Metric):
-    """A metric whose score always raises."""
-
-    name = "explode"
-    version = "7"
-
-    def score(self, weight, stats):
-        raise RuntimeError("boom in the score")
-
-
-explode_plugin = types.ModuleType("explode_plugin")
-
-
-@hookimpl
-def _register_explode(register):
-    register(Explode)
-
-
-explode_plugin.register_metrics = _register_explode
-
-
-@pytest.fixture
-def exploding():
-    """The `explode` metric registered as a plugin named `explode-plugin`."""
-    reset_plugins()
-    get_plugins().register(explode_plugin, name="explode-plugin")
-    yield "explode"
-    reset_plugins()
 
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(assets, tmp_path, exploding):

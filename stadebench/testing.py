@@ -1,0 +1,880 @@
+"""The conformance kit: tests a metric or pattern plugin against stadebench's contract.
+
+Plugin authors subclass a suite in their own tests and name what they registered::
+
+    from stadebench.testing import MetricConformance, PatternConformance
+
+    class TestRIA(MetricConformance):
+        metric = "ria"              # a registered name (or the Metric class itself)
+        options = {"a": 0.5}        # optional: the options to test with
+
+    class TestColumns(PatternConformance):
+        pattern = "columns"
+        def expected_pruned(self, shape, sparsity):   # optional: the exact count rule
+            return shape[0] * math.floor(shape[1] * sparsity)
+
+Each test checks one rule of ``RULES``; a failure starts with the rule's name, e.g.
+``conformance rule 'score-shape': ria returned [40, 24] for a weight of [24, 40]``.
+Set ``plugin = my_module`` to have the suite register your plugin for its tests when it
+is not installed (or when installed plugins are not loaded).
+
+This module is also a pytest plugin (entry point ``pytest11: stadebench``) with the
+fixtures ``tiny_model``, ``calibration_windows`` and ``isolated_plugins``. The suites do
+not need it: they build what they use themselves. Everything heavy (torch,
+transformers) is imported inside functions, so loading the plugin costs nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import pytest
+
+from .base import STATISTICS, LayerInfo, LayerStats, Metric, Pattern
+from .errors import ConfigError, StadebenchError
+from .plugins import get_plugins
+
+#: Every rule the suites check: name -> what it requires.
+RULES: dict[str, str] = {
+    # metrics
+    "registered": "the name is registered by a plugin, resolves to the class under test, and "
+                  "stadebench.engine.resolve builds it",
+    "metadata": "name and version are non-empty strings; the class has a docstring (its first line is "
+                "what `stadebench list` shows); it implements score, or solve when solver = True",
+    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram'}",
+    "options-unknown-key": "an unknown option key raises stadebench.ConfigError (subclass stadebench.Options)",
+    "options-roundtrip": "options survive JSON: the class rebuilt from options.model_dump(mode='json') has "
+                         "equal options (results record them, the runner rebuilds from them)",
+    "score-shape": "score (a solver: solve's mask and weight) has the weight's shape",
+    "score-dtype": "scores are floating point (a solver: a bool mask and a float weight), on the weight's device",
+    "score-finite": "scores are finite, also for a zero weight row or column and an input that is always 0",
+    "score-deterministic": "the same inputs give the same scores, whatever the global RNG state (seed a "
+                           "torch.Generator from the options and stats.layer.name, as the 'random' metric does)",
+    "statistics-unrequested": "score reads no statistic it did not declare: the engine leaves those None",
+    "no-mutation": "score, update and solve leave their input tensors (weight, statistics, mask) unchanged",
+    "update-shape": "update keeps the layer's weight shape, dtype and device; a bias it adds is [out], finite",
+    "update-mask": "update leaves pruned weights at zero",
+    "realised-sparsity": "stadebench.prune on a tiny Llama prunes exactly the pattern's count in every layer",
+    # patterns (also: registered, metadata, options-*, no-mutation, realised-sparsity)
+    "mask-shape": "select returns a bool mask of the scores' shape and device",
+    "check-shape": "check_shape raises ConfigError (nothing else) for a shape it cannot take, and select "
+                   "handles every shape check_shape accepts",
+    "exact-count": "select prunes exactly expected_pruned(shape, sparsity) weights; without that rule, a "
+                   "count that depends only on shape and sparsity, within one row or column of numel·s",
+    "ties-deterministic": "tied scores give the same mask every time, whatever the global RNG state",
+}
+
+# Which declared statistic fills each LayerStats field (m2 comes with the mean).
+_FIELD_STATISTIC = {"sum": "sum", "sumsq": "sumsq", "gram": "gram", "m2": "sum"}
+BUILTIN_PATTERNS = ("unstructured", "unstructured-layer", "2:4", "4:8")
+VOCAB = 128
+
+
+def fail(rule: str, message: str) -> None:
+    """Fail the current test, naming the rule it broke."""
+    assert rule in RULES, rule
+    pytest.fail(f"conformance rule '{rule}': {message}", pytrace=False)
+
+
+class ConformanceError(AssertionError):
+    """The plugin raised while a rule was checked; the message names the rule, the cause is chained."""
+
+
+def _checks(cls: type) -> type:
+    """Wrap each ``test_<rule>`` method so that an exception from the plugin names the rule."""
+    for attr, fn in list(vars(cls).items()):
+        if attr.startswith("test_") and callable(fn):
+            rule = attr[len("test_"):].replace("_", "-")
+            assert rule in RULES, rule
+
+            def test(*args, _fn=fn, _rule=rule, **kwargs):
+                try:
+                    return _fn(*args, **kwargs)
+                except Exception as exc:  # pytest's fail/skip are BaseExceptions and pass through
+                    raise ConformanceError(f"conformance rule '{_rule}': {type(exc).__name__}: {exc}") from exc
+
+            setattr(cls, attr, functools.wraps(fn)(test))
+    return cls
+
+
+def _shape(t: Any) -> str:
+    return str(list(t.shape)) if hasattr(t, "shape") else type(t).__name__
+
+
+# --- inputs ----------------------------------------------------------------------
+
+
+def make_tiny_model(seed: int = 0, layers: int = 2):
+    """A random ``LlamaForCausalLM`` built from a config (no download).
+
+    Hidden 32, 4 heads (2 key/value heads), MLP 64, vocab 128: its linears are
+    [32, 32], [16, 32], [64, 32] and [32, 64], all multiples of 8 wide.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config).eval()
+
+
+def make_windows(n: int = 4, seqlen: int = 16, seed: int = 0):
+    """LongTensor ``[n, seqlen]`` of random token ids for ``make_tiny_model``."""
+    import torch
+
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+class UnrequestedStatistic(Exception):
+    """A metric read a statistic it did not declare in ``Metric.statistics``."""
+
+
+class StrictLayerStats(LayerStats):
+    """LayerStats that raises ``UnrequestedStatistic`` when an undeclared statistic is read.
+
+    Reads are also logged in ``_reads``, so a metric that swallows the exception is caught.
+    """
+
+    def __getattribute__(self, name: str) -> Any:
+        stat = _FIELD_STATISTIC.get(name)
+        if stat is not None and stat not in object.__getattribute__(self, "_allowed"):
+            object.__getattribute__(self, "_reads").append(name)
+            raise UnrequestedStatistic(f"stats.{name} (statistic {stat!r}) was read but not declared")
+        return object.__getattribute__(self, name)
+
+    def __repr__(self) -> str:
+        return f"StrictLayerStats({object.__getattribute__(self, 'layer').name}, allowed={self._allowed})"
+
+
+def layer_inputs(shape: tuple[int, int] = (24, 40), *, statistics=STATISTICS, role: str | None = "internal",
+                 tokens: int = 64, seed: int = 0, degenerate: bool = False, strict: bool = False,
+                 device: str = "cpu"):
+    """A float32 weight ``[out, in]`` and the ``LayerStats`` of random inputs, as the engine gives them.
+
+    Inputs have per-channel means and scales. ``degenerate`` zeroes weight row 1 and column 0
+    and makes input 2 always 0. Fields of undeclared statistics are None; ``strict`` makes
+    reading them raise ``UnrequestedStatistic``.
+    """
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out, inp = shape
+    weight = torch.randn(shape, generator=g)
+    x = (torch.randn(tokens, inp, generator=g, dtype=torch.float64) * (0.5 + 2 * torch.rand(inp, generator=g))
+         + torch.randn(inp, generator=g) * 0.5)
+    if degenerate:
+        weight[1, :] = 0
+        weight[:, 0] = 0
+        x[:, 2] = 0
+    info = LayerInfo(f"model.layers.0.conformance.{role or 'layer'}", 0, f"conformance.{role or 'layer'}", role)
+    statistics = frozenset(statistics)
+    values: dict[str, Any] = {"sum": x.sum(0), "sumsq": x.square().sum(0), "gram": (x.t() @ x).float(),
+                              "m2": (x - x.mean(0)).square().sum(0)}
+    names = {f.name for f in dataclasses.fields(LayerStats)}
+    kwargs = {k: v.to(device) for k, v in values.items() if k in names and _FIELD_STATISTIC[k] in statistics}
+    cls = StrictLayerStats if strict else LayerStats
+    stats = cls(info, tokens if statistics else 0, **kwargs)
+    if strict:
+        object.__setattr__(stats, "_allowed", statistics)
+        object.__setattr__(stats, "_reads", [])
+    return weight.to(device), stats
+
+
+def _stat_tensors(stats: LayerStats) -> dict[str, Any]:
+    import torch
+
+    return {f.name: object.__getattribute__(stats, f.name) for f in dataclasses.fields(LayerStats)
+            if isinstance(object.__getattribute__(stats, f.name), torch.Tensor)}
+
+
+def _same(a, b) -> bool:
+    """Equal shape, dtype and values, NaN equal to NaN."""
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
+    return bool(torch.equal(a, b))
+
+
+def documented_count(pattern: Pattern, shape: tuple[int, int], sparsity: float) -> int | None:
+    """The count the built-in patterns document; None for any other pattern."""
+    from .patterns.builtin import NM, Unstructured, UnstructuredLayer
+
+    rows, cols = shape
+    if type(pattern) is Unstructured:
+        return rows * math.floor(cols * sparsity)
+    if type(pattern) is UnstructuredLayer:
+        return math.floor(rows * cols * sparsity)
+    if type(pattern) is NM:
+        return rows * (cols // pattern.m) * pattern.n
+    return None
+
+
+def expected_count(pattern: Pattern, shape: tuple[int, int], sparsity: float) -> int:
+    """Weights ``pattern`` prunes in a ``shape`` matrix: the documented rule, else what it
+    selects on random scores (the exact-count rule makes that independent of the scores)."""
+    import torch
+
+    count = documented_count(pattern, shape, sparsity)
+    if count is None:
+        count = int(pattern.select(torch.rand(shape, generator=torch.Generator().manual_seed(0)), sparsity).sum())
+    return count
+
+
+def _patterns_to_test(explicit: tuple[str, ...] | None) -> list[str]:
+    if explicit is not None:
+        return list(explicit)
+    specs = list(BUILTIN_PATTERNS)
+    for reg in get_plugins().patterns:
+        if reg.name not in specs and reg.cls.matches(reg.name):
+            specs.append(reg.name)
+    return specs
+
+
+def _prune_cases(specs: list[str], sparsities: tuple[float, ...]) -> Iterator[Any]:
+    for spec in specs:
+        try:
+            pattern = get_plugins().patterns.get(spec).cls.from_spec(spec)
+            fixed = pattern.resolve_sparsity(None) if pattern.default_sparsity is None else None
+        except StadebenchError:
+            fixed = None
+        if fixed is not None:
+            yield pytest.param((spec, None), id=spec)
+        else:
+            for s in sparsities:
+                yield pytest.param((spec, s), id=f"{spec}-{s:g}")
+
+
+def _check_realised(report, model, pattern: Pattern, sparsity: float, who: str, expected_fn) -> None:
+    from .models import weight_of
+
+    if not report.layers:
+        fail("realised-sparsity", f"{who}: prune reported no layers")
+    total = pruned_total = 0
+    for layer in report.layers:
+        shape = tuple(layer.shape)
+        want = expected_fn(shape, sparsity)
+        zeros = int((weight_of(model.get_submodule(layer.name)) == 0).sum())
+        if layer.pruned != want:
+            fail("realised-sparsity", f"{who}: layer {layer.name} {list(shape)} pruned {layer.pruned} weights; "
+                                      f"pattern {pattern.spec!r} at sparsity {sparsity:g} prunes exactly {want}")
+        if zeros < want:
+            fail("realised-sparsity", f"{who}: layer {layer.name} reports {layer.pruned} pruned weights but only "
+                                      f"{zeros} of its weights are zero")
+        total += shape[0] * shape[1]
+        pruned_total += want
+    if not math.isclose(report.sparsity, pruned_total / total, rel_tol=1e-9, abs_tol=1e-12):
+        fail("realised-sparsity", f"{who}: report.sparsity is {report.sparsity}, expected {pruned_total / total}")
+
+
+class _Conformance:
+    plugin: ClassVar[Any] = None
+    """A plugin (module or object) to register for these tests when it is not registered yet."""
+    options: ClassVar[dict[str, Any]] = {}
+    """Options the plugin is tested with."""
+    device: ClassVar[str] = "cpu"
+    """Where tensors live in the tests (set "cuda" to also test on a GPU)."""
+
+    @pytest.fixture(autouse=True, scope="class")
+    @classmethod
+    def _stadebench_plugin(cls):
+        plugin = cls.plugin
+        plugins = get_plugins()
+        if plugin is None or plugins.pm.is_registered(plugin):
+            yield
+            return
+        name = plugins.register(plugin, name=getattr(plugin, "__name__", type(plugin).__name__))
+        try:
+            yield
+        finally:
+            if get_plugins() is plugins and plugins.pm.has_plugin(name):
+                plugins.unregister(name)
+
+
+# --- metrics ---------------------------------------------------------------------
+
+
+@_checks
+class MetricConformance(_Conformance):
+    """Subclass as ``TestMyMetric`` and set ``metric``: every method checks one rule.
+
+    Attributes to set: ``metric`` (registered name or class), optionally ``options``,
+    ``plugin``, ``patterns`` (specs to prune with; default the built-in four plus every
+    other registered pattern), ``sparsities`` (for patterns without a fixed one),
+    ``shape`` (of the test weights; keep it non-square), ``device``.
+    """
+
+    metric: ClassVar[str | type[Metric]]
+    patterns: ClassVar[tuple[str, ...] | None] = None
+    sparsities: ClassVar[tuple[float, ...]] = (0.3, 0.5)
+    shape: ClassVar[tuple[int, int]] = (24, 40)
+
+    def pytest_generate_tests(self, metafunc):
+        if "prune_case" in metafunc.fixturenames:
+            cls = metafunc.cls
+            metafunc.parametrize("prune_case", list(_prune_cases(_patterns_to_test(cls.patterns), cls.sparsities)))
+
+    # helpers
+
+    @property
+    def name(self) -> str:
+        return self.metric if isinstance(self.metric, str) else self.metric.name
+
+    def metric_class(self) -> type[Metric]:
+        if not isinstance(self.metric, str):
+            return self.metric
+        try:
+            return get_plugins().metrics.get(self.metric).cls
+        except ConfigError as exc:
+            fail("registered", str(exc))
+
+    def make(self) -> Metric:
+        """A fresh instance with ``options``."""
+        try:
+            return self.metric_class()(self.options)
+        except ConfigError as exc:
+            fail("options-roundtrip", f"{self.name} rejects the options under test {self.options}: {exc}")
+
+    def roles(self, metric: Metric) -> list[str | None]:
+        # Data-free pruning runs no forward pass, so the engine knows no role.
+        return [None] if not metric.statistics and not metric.solver else ["normed", "internal"]
+
+    def run(self, metric: Metric, weight, stats):
+        """Scores, or a solver's ``(mask, new_weight)`` under per-row 50% sparsity."""
+        if metric.solver:
+            pattern = get_plugins().patterns.get("unstructured").cls.from_spec("unstructured")
+            return metric.solve(weight, stats, pattern, 0.5)
+        return metric.score(weight, stats)
+
+    def outputs(self, role: str | None, **kw):
+        metric = self.make()
+        weight, stats = layer_inputs(self.shape, statistics=STATISTICS, role=role, device=self.device, **kw)
+        return metric, weight, stats, self.run(metric, weight, stats)
+
+    def mask(self, metric: Metric, weight, stats):
+        """The per-row 50% mask of the metric's scores (score-shape checked first)."""
+        scores = metric.score(weight, stats)
+        if getattr(scores, "shape", None) != weight.shape:
+            fail("score-shape", f"{self.name} returned {_shape(scores)} for a weight of {list(weight.shape)}")
+        return get_plugins().patterns.get("unstructured").cls.from_spec("unstructured").select(scores.float(), 0.5)
+
+    def each_output(self, **kw):
+        for role in self.roles(self.make()):
+            yield (role, *self.outputs(role, **kw))
+
+    # rules
+
+    def test_registered(self):
+        plugins = get_plugins()
+        try:
+            reg = plugins.metrics.get(self.name)
+        except ConfigError as exc:
+            fail("registered", f"{exc} Register it in a `register_metrics(register)` hook of an installed plugin, "
+                               f"or set `plugin = <your module>` on this test class.")
+        if not isinstance(self.metric, str) and reg.cls is not self.metric:
+            fail("registered", f"metric {self.name!r} resolves to {reg.cls.__qualname__} registered by {reg.plugin}, "
+                               f"not to {self.metric.__qualname__}")
+        from .engine import resolve
+
+        metric, _ = resolve(self.name, "unstructured", dict(self.options))
+        if not isinstance(metric, reg.cls):
+            fail("registered", f"resolve({self.name!r}) built a {type(metric).__name__}, not a {reg.cls.__name__}")
+
+    def test_metadata(self):
+        cls = self.metric_class()
+        for attr in ("name", "version"):
+            value = getattr(cls, attr, None)
+            if not isinstance(value, str) or not value:
+                fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
+        if not (cls.__doc__ or "").strip():
+            fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
+        needed = "solve" if cls.solver else "score"
+        if getattr(cls, needed) is getattr(Metric, needed):
+            fail("metadata", f"{cls.__qualname__} (solver={cls.solver}) must implement {needed}()")
+
+    def test_statistics_declared(self):
+        declared = self.metric_class().statistics
+        if not isinstance(declared, (set, frozenset)) or not all(isinstance(s, str) for s in declared):
+            fail("statistics-declared", f"{self.name}.statistics must be a frozenset of names, got {declared!r}")
+        unknown = set(declared) - STATISTICS
+        if unknown:
+            fail("statistics-declared", f"{self.name} declares unknown statistics {sorted(unknown)}; the engine "
+                                        f"collects only {sorted(STATISTICS)}")
+
+    def test_options_unknown_key(self):
+        cls = self.metric_class()
+        try:
+            cls({**self.options, "no_such_option_xyz": 1})
+        except ConfigError:
+            return
+        except Exception as exc:  # noqa: BLE001 - anything else is the failure being reported
+            fail("options-unknown-key", f"{self.name} raised {type(exc).__name__} for an unknown option key, "
+                                        f"not stadebench.ConfigError; make its Options subclass stadebench.Options")
+        fail("options-unknown-key", f"{self.name} accepted the unknown option 'no_such_option_xyz'; make its "
+                                    f"Options subclass stadebench.Options (extra keys forbidden)")
+
+    def test_options_roundtrip(self):
+        metric = self.make()
+        try:
+            dumped = json.loads(json.dumps(metric.options.model_dump(mode="json")))
+            again = type(metric)(dumped)
+        except Exception as exc:  # noqa: BLE001
+            fail("options-roundtrip", f"{self.name} options {metric.options!r} do not survive JSON: {exc}")
+        if again.options != metric.options:
+            fail("options-roundtrip", f"{self.name} options {metric.options!r} came back as {again.options!r}")
+
+    def test_score_shape(self):
+        for role, metric, weight, _, out in self.each_output():
+            if metric.solver:
+                if not (isinstance(out, tuple) and len(out) == 2):
+                    fail("score-shape", f"{self.name}.solve returned {type(out).__name__}, not (mask, weight)")
+                for what, t in zip(("mask", "weight"), out):
+                    if getattr(t, "shape", None) != weight.shape:
+                        fail("score-shape", f"{self.name}.solve returned a {what} of {_shape(t)} for a weight of "
+                                            f"{list(weight.shape)}")
+            elif getattr(out, "shape", None) != weight.shape:
+                fail("score-shape", f"{self.name} returned {_shape(out)} for a weight of {list(weight.shape)} "
+                                    f"(role {role})")
+
+    def test_score_dtype(self):
+        import torch
+
+        for _, metric, weight, _, out in self.each_output():
+            if metric.solver:
+                mask, new = out
+                if mask.dtype != torch.bool or not new.is_floating_point():
+                    fail("score-dtype", f"{self.name}.solve returned a {mask.dtype} mask and a {new.dtype} weight; "
+                                        f"expected torch.bool and a float dtype")
+                tensors = out
+            else:
+                if not out.is_floating_point():
+                    fail("score-dtype", f"{self.name} returned {out.dtype} scores; expected a float dtype")
+                tensors = (out,)
+            for t in tensors:
+                if t.device != weight.device:
+                    fail("score-dtype", f"{self.name} returned a tensor on {t.device} for a weight on {weight.device}")
+
+    def test_score_finite(self):
+        import torch
+
+        for degenerate in (False, True):
+            for role, metric, _, _, out in self.each_output(degenerate=degenerate):
+                tensors = out if metric.solver else (out,)
+                for t in tensors:
+                    if t.is_floating_point() and not torch.isfinite(t).all():
+                        bad = int((~torch.isfinite(t)).sum())
+                        case = ("a zero weight row and column and an input that is always 0" if degenerate
+                                else "random inputs")
+                        fail("score-finite", f"{self.name} returned {bad} NaN/Inf values on {case} (role {role})")
+
+    def test_score_deterministic(self):
+        import torch
+
+        for role in self.roles(self.make()):
+            runs = []
+            for seed in (0, 12345):
+                torch.manual_seed(seed)
+                runs.append(self.outputs(role)[3])
+            a, b = runs
+            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
+            if not all(_same(x, y) for x, y in pairs):
+                fail("score-deterministic", f"{self.name} gave different results for the same inputs in two runs "
+                                            f"(role {role}); derive any randomness from a torch.Generator seeded "
+                                            f"from the options and stats.layer.name, never the global RNG")
+
+    def test_statistics_unrequested(self):
+        metric = self.make()
+        for role in self.roles(metric):
+            weight, stats = layer_inputs(self.shape, statistics=metric.statistics, role=role, strict=True,
+                                         device=self.device)
+            try:
+                self.run(metric, weight, stats)
+            except UnrequestedStatistic as exc:
+                fail("statistics-unrequested", f"{self.name}: {exc}; add it to {type(metric).__name__}.statistics "
+                                               f"(declared: {sorted(metric.statistics)})")
+            reads = object.__getattribute__(stats, "_reads")
+            if reads:
+                fail("statistics-unrequested", f"{self.name} read stats.{reads[0]}, which it did not declare "
+                                               f"(declared: {sorted(metric.statistics)})")
+
+    def test_no_mutation(self):
+        import torch
+
+        for role in self.roles(self.make()):
+            metric = self.make()
+            weight, stats = layer_inputs(self.shape, role=role, device=self.device)
+            w0, s0 = weight.clone(), {k: v.clone() for k, v in _stat_tensors(stats).items()}
+            self.run(metric, weight, stats)
+            what = "solve" if metric.solver else "score"
+            self._unchanged(weight, w0, stats, s0, what)
+            if metric.solver:
+                continue
+            mask = self.mask(self.make(), weight, stats)
+            m0 = mask.clone()
+            layer = torch.nn.Linear(self.shape[1], self.shape[0], bias=False, device=self.device)
+            with torch.no_grad():
+                layer.weight.copy_(weight.masked_fill(mask, 0))
+                metric.update(layer, weight, mask, stats)
+            self._unchanged(weight, w0, stats, s0, "update")
+            if not torch.equal(mask, m0):
+                fail("no-mutation", f"{self.name}.update changed the mask it was given")
+
+    def _unchanged(self, weight, w0, stats, s0, what):
+        if not _same(weight, w0):
+            fail("no-mutation", f"{self.name}.{what} changed the weight it was given (the engine passes the "
+                                f"layer's own storage: this would change the model); work on a copy")
+        for key, before in s0.items():
+            if not _same(object.__getattribute__(stats, key), before):
+                fail("no-mutation", f"{self.name}.{what} changed stats.{key} (statistics are shared between "
+                                    f"layers that read the same input)")
+
+    def _updated_layers(self):
+        import torch
+
+        metric = self.make()
+        if metric.solver:
+            pytest.skip("a solver metric updates weights in solve(), not update()")
+        for role in self.roles(metric):
+            for bias in (False, True):
+                weight, stats = layer_inputs(self.shape, role=role, device=self.device)
+                mask = self.mask(metric, weight, stats)
+                layer = torch.nn.Linear(self.shape[1], self.shape[0], bias=bias, device=self.device)
+                with torch.no_grad():
+                    layer.weight.copy_(weight.masked_fill(mask, 0))
+                    metric.update(layer, weight.clone(), mask, stats)
+                yield role, bias, layer, mask
+
+    def test_update_shape(self):
+        import torch
+
+        for role, bias, layer, _ in self._updated_layers():
+            w = layer.weight
+            where = f"{self.name}.update (role {role}, layer {'with' if bias else 'without'} a bias)"
+            if tuple(w.shape) != self.shape or w.dtype != torch.float32 or w.device.type != torch.device(
+                    self.device).type:
+                fail("update-shape", f"{where} left a weight of {list(w.shape)} {w.dtype} on {w.device}; "
+                                     f"expected {list(self.shape)} torch.float32 on {self.device}")
+            b = layer.bias
+            if b is not None and (tuple(b.shape) != (self.shape[0],) or not torch.isfinite(b).all()):
+                fail("update-shape", f"{where} left a bias of {_shape(b)} (finite: {bool(torch.isfinite(b).all())}); "
+                                     f"expected a finite [{self.shape[0]}]")
+
+    def test_update_mask(self):
+        for role, bias, layer, mask in self._updated_layers():
+            alive = int((layer.weight[mask] != 0).sum())
+            if alive:
+                fail("update-mask", f"{self.name}.update made {alive} pruned weights non-zero (role {role})")
+
+    def test_realised_sparsity(self, prune_case):
+        import stadebench
+
+        spec, sparsity = prune_case
+        pattern = get_plugins().patterns.get(spec).cls.from_spec(spec)
+        model = make_tiny_model()
+        from .models import find_blocks, prunable_layers, weight_of
+
+        for block in find_blocks(model)[1]:
+            for _, layer in prunable_layers(block):
+                try:
+                    pattern.check_shape(tuple(weight_of(layer).shape))
+                except ConfigError as exc:
+                    pytest.skip(f"pattern {spec!r} does not fit the tiny model: {exc}")
+        try:
+            report = stadebench.prune(model, make_windows(), metric=self.name, pattern=spec, sparsity=sparsity,
+                                      metric_options=dict(self.options), batch_size=2, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - reported under the rule's name
+            fail("realised-sparsity", f"stadebench.prune(metric={self.name!r}, pattern={spec!r}) raised "
+                                      f"{type(exc).__name__}: {exc}")
+        s = pattern.resolve_sparsity(sparsity)
+        _check_realised(report, model, pattern, s, f"{self.name} with {spec}",
+                        lambda shape, s: expected_count(pattern, shape, s))
+
+
+# --- patterns --------------------------------------------------------------------
+
+
+@_checks
+class PatternConformance(_Conformance):
+    """Subclass as ``TestMyPattern`` and set ``pattern``: every method checks one rule.
+
+    Attributes to set: ``pattern`` (spec as written in suites, or the class), optionally
+    ``options``, ``plugin``, ``sparsities``, ``shapes`` (``[out, in]`` score matrices;
+    shapes ``check_shape`` rejects are skipped), ``device``; override ``expected_pruned``
+    with the pattern's exact count rule.
+    """
+
+    pattern: ClassVar[str | type[Pattern]]
+    sparsities: ClassVar[tuple[float, ...]] = (0.0, 0.1, 0.25, 0.5, 0.7, 0.9)
+    shapes: ClassVar[tuple[tuple[int, int], ...]] = ((16, 32), (8, 64), (5, 40), (3, 7), (1, 1))
+
+    def expected_pruned(self, shape: tuple[int, int], sparsity: float) -> int | None:
+        """How many weights ``select`` prunes in a ``shape`` matrix at ``sparsity``; None: not stated.
+
+        The default knows the built-in patterns. Override it for yours.
+        """
+        return documented_count(self.make(), shape, sparsity)
+
+    # helpers
+
+    @property
+    def spec(self) -> str:
+        return self.pattern if isinstance(self.pattern, str) else self.pattern.name
+
+    def pattern_class(self) -> type[Pattern]:
+        if not isinstance(self.pattern, str):
+            return self.pattern
+        try:
+            return get_plugins().patterns.get(self.pattern).cls
+        except ConfigError as exc:
+            fail("registered", str(exc))
+
+    def make(self) -> Pattern:
+        try:
+            return self.pattern_class().from_spec(self.spec, dict(self.options))
+        except ConfigError as exc:
+            fail("options-roundtrip", f"pattern {self.spec!r} rejects the options under test {self.options}: {exc}")
+
+    def cases(self, pattern: Pattern) -> Iterator[tuple[tuple[int, int], float]]:
+        """(shape, sparsity) pairs the pattern accepts."""
+        sparsities = []
+        if pattern.default_sparsity is None:
+            sparsities.append(pattern.resolve_sparsity(None))
+        for s in self.sparsities:
+            try:
+                value = pattern.resolve_sparsity(s)
+            except ConfigError:
+                continue
+            if value not in sparsities:
+                sparsities.append(value)
+        for shape in self.shapes:
+            try:
+                pattern.check_shape(shape)
+            except ConfigError:
+                continue
+            for s in sparsities:
+                yield shape, s
+
+    def scores(self, shape, seed: int = 0, kind: str = "random"):
+        import torch
+
+        g = torch.Generator().manual_seed(seed)
+        if kind == "ties":
+            t = torch.randint(0, 3, shape, generator=g).float()
+        elif kind == "equal":
+            t = torch.ones(shape)
+        else:
+            t = torch.rand(shape, generator=g)
+        return t.to(self.device)
+
+    def select(self, pattern: Pattern, scores, sparsity: float, rule: str):
+        try:
+            return pattern.select(scores, sparsity)
+        except Exception as exc:  # noqa: BLE001 - reported under the rule's name
+            fail(rule, f"{pattern.spec}.select on {_shape(scores)} scores at sparsity {sparsity:g} raised "
+                       f"{type(exc).__name__}: {exc}")
+
+    def expected(self, pattern: Pattern, shape, sparsity: float) -> int:
+        want = self.expected_pruned(shape, sparsity)
+        return expected_count(pattern, shape, sparsity) if want is None else want
+
+    # rules
+
+    def test_registered(self):
+        try:
+            reg = get_plugins().patterns.get(self.spec)
+        except ConfigError as exc:
+            fail("registered", f"{exc} Register it in a `register_patterns(register)` hook of an installed plugin, "
+                               f"or set `plugin = <your module>` on this test class.")
+        if not isinstance(self.pattern, str) and reg.cls is not self.pattern:
+            fail("registered", f"pattern {self.spec!r} resolves to {reg.cls.__qualname__} registered by "
+                               f"{reg.plugin}, not to {self.pattern.__qualname__}")
+        pattern = self.make()
+        if pattern.spec not in get_plugins().patterns or get_plugins().patterns.get(pattern.spec).cls is not reg.cls:
+            fail("registered", f"the spec {pattern.spec!r} recorded in results does not resolve back to "
+                               f"{reg.cls.__qualname__}")
+
+    def test_metadata(self):
+        cls = self.pattern_class()
+        for attr in ("name", "version"):
+            value = getattr(cls, attr, None)
+            if not isinstance(value, str) or not value:
+                fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
+        if not (cls.__doc__ or "").strip():
+            fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
+        if cls.select is Pattern.select:
+            fail("metadata", f"{cls.__qualname__} must implement select()")
+
+    def test_options_unknown_key(self):
+        try:
+            self.pattern_class().from_spec(self.spec, {**self.options, "no_such_option_xyz": 1})
+        except ConfigError:
+            return
+        except Exception as exc:  # noqa: BLE001
+            fail("options-unknown-key", f"pattern {self.spec!r} raised {type(exc).__name__} for an unknown option "
+                                        f"key, not stadebench.ConfigError")
+        fail("options-unknown-key", f"pattern {self.spec!r} accepted the unknown option 'no_such_option_xyz'; "
+                                    f"make its Options subclass stadebench.Options")
+
+    def test_options_roundtrip(self):
+        pattern = self.make()
+        dumped = json.loads(json.dumps(pattern.options.model_dump(mode="json")))
+        try:
+            again = get_plugins().patterns.get(pattern.spec).cls.from_spec(pattern.spec, dumped)
+        except Exception as exc:  # noqa: BLE001
+            fail("options-roundtrip", f"pattern {pattern.spec!r} cannot be rebuilt from its spec and options "
+                                      f"{dumped}: {exc}")
+        if again.spec != pattern.spec or again.options != pattern.options:
+            fail("options-roundtrip", f"pattern {pattern.spec!r} {pattern.options!r} came back as {again.spec!r} "
+                                      f"{again.options!r}")
+
+    def test_mask_shape(self):
+        import torch
+
+        pattern = self.make()
+        for shape, s in self.cases(pattern):
+            scores = self.scores(shape)
+            mask = self.select(pattern, scores, s, "mask-shape")
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape \
+                    or mask.device != scores.device:
+                got = f"{mask.dtype} {_shape(mask)} on {mask.device}" if isinstance(mask, torch.Tensor) else repr(mask)
+                fail("mask-shape", f"{pattern.spec}.select returned {got} for scores of {list(shape)} on "
+                                   f"{scores.device}; expected a torch.bool mask of the same shape and device")
+
+    def test_check_shape(self):
+        pattern = self.make()
+        accepted = 0
+        for shape in self.shapes:
+            try:
+                pattern.check_shape(shape)
+            except ConfigError:
+                continue
+            except Exception as exc:  # noqa: BLE001
+                fail("check-shape", f"{pattern.spec}.check_shape({shape}) raised {type(exc).__name__}, "
+                                    f"not ConfigError: {exc}")
+            accepted += 1
+            for s in (0.5, 0.9):
+                try:
+                    s = pattern.resolve_sparsity(s)
+                except ConfigError:
+                    s = pattern.resolve_sparsity(None)
+                self.select(pattern, self.scores(shape), s, "check-shape")
+        if not accepted:
+            fail("check-shape", f"{pattern.spec}.check_shape rejects every test shape {list(self.shapes)}; "
+                                f"set `shapes` on the test class")
+
+    def test_exact_count(self):
+        pattern = self.make()
+        for shape, s in self.cases(pattern):
+            counts = [int(self.select(pattern, self.scores(shape, seed, kind), s, "exact-count").sum())
+                      for seed, kind in ((0, "random"), (1, "random"), (2, "ties"), (3, "equal"))]
+            want = self.expected_pruned(shape, s)
+            if want is not None:
+                if any(c != want for c in counts):
+                    fail("exact-count", f"{pattern.spec} pruned {counts} weights of {list(shape)} at sparsity {s:g} "
+                                        f"(random, random, tied, equal scores); the rule says exactly {want}")
+                continue
+            if len(set(counts)) > 1:
+                fail("exact-count", f"{pattern.spec} pruned {counts} weights of {list(shape)} at sparsity {s:g} "
+                                    f"for different scores; the count must depend only on shape and sparsity")
+            rows, cols = shape
+            if abs(counts[0] / (rows * cols) - s) >= max(1 / rows, 1 / cols) and counts[0] != math.floor(
+                    rows * cols * s):
+                fail("exact-count", f"{pattern.spec} pruned {counts[0]} of {rows * cols} weights at sparsity {s:g}, "
+                                    f"more than a row or column away; override expected_pruned to state the rule")
+
+    def test_no_mutation(self):
+        pattern = self.make()
+        for shape, s in self.cases(pattern):
+            scores = self.scores(shape, kind="ties")
+            before = scores.clone()
+            self.select(pattern, scores, s, "no-mutation")
+            if not _same(scores, before):
+                fail("no-mutation", f"{pattern.spec}.select changed the scores it was given ({list(shape)}, "
+                                    f"sparsity {s:g})")
+
+    def test_ties_deterministic(self):
+        import torch
+
+        pattern = self.make()
+        for shape, s in self.cases(pattern):
+            for kind in ("ties", "equal"):
+                masks = []
+                for seed in (0, 12345):
+                    torch.manual_seed(seed)
+                    masks.append(self.select(pattern, self.scores(shape, kind=kind), s, "ties-deterministic"))
+                if not torch.equal(*masks):
+                    what = "tied" if kind == "ties" else "all-equal"
+                    fail("ties-deterministic", f"{pattern.spec} picked different masks for the same {what} scores "
+                                               f"of {list(shape)} at sparsity {s:g}; break ties by position")
+
+    @pytest.mark.parametrize("metric", ["magnitude", "wanda"])
+    def test_realised_sparsity(self, metric):
+        import stadebench
+
+        pattern = self.make()
+        sparsities = [pattern.resolve_sparsity(None)] if pattern.default_sparsity is None else [0.3, 0.5]
+        for s in sparsities:
+            model = make_tiny_model()
+            try:
+                report = stadebench.prune(model, make_windows(), metric=metric, pattern=pattern, sparsity=s,
+                                          batch_size=2, device=self.device)
+            except ConfigError as exc:
+                pytest.skip(f"pattern {pattern.spec!r} does not fit the tiny model: {exc}")
+            except Exception as exc:  # noqa: BLE001
+                fail("realised-sparsity", f"stadebench.prune(metric={metric!r}, pattern={pattern.spec!r}) raised "
+                                          f"{type(exc).__name__}: {exc}")
+            _check_realised(report, model, pattern, s, f"{pattern.spec} with {metric}",
+                            lambda shape, s: self.expected(pattern, shape, s))
+
+
+# --- pytest plugin: fixtures -----------------------------------------------------
+
+
+@pytest.fixture
+def tiny_model():
+    """A fresh random 2-block ``LlamaForCausalLM`` (same weights every time); see ``make_tiny_model``."""
+    return make_tiny_model()
+
+
+@pytest.fixture
+def calibration_windows():
+    """LongTensor ``[4, 16]`` of random token ids for ``tiny_model``."""
+    return make_windows()
+
+
+@pytest.fixture
+def isolated_plugins(monkeypatch):
+    """A fresh plugin manager holding only the built-ins (no installed plugin loads); restored after."""
+    from .plugins import reset_plugins
+
+    monkeypatch.setenv("STADEBENCH_LOAD_PLUGINS", "")
+    monkeypatch.delenv("STADEBENCH_BLOCK_PLUGINS", raising=False)
+    reset_plugins()
+    yield get_plugins()
+    reset_plugins()
+
+
+def pytest_report_header(config):
+    """Which stadebench and which installed stadebench plugins this run sees (nothing is imported)."""
+    import importlib.metadata
+
+    from . import __version__
+
+    names = sorted({ep.name for ep in importlib.metadata.entry_points(group="stadebench")})
+    return f"stadebench {__version__}; installed plugins: {', '.join(names) or 'none'}"
+
+
+__all__ = [
+    "BUILTIN_PATTERNS", "RULES", "MetricConformance", "PatternConformance", "StrictLayerStats",
+    "UnrequestedStatistic", "calibration_windows", "documented_count", "expected_count", "fail",
+    "isolated_plugins", "layer_inputs", "make_tiny_model", "make_windows", "tiny_model",
+]

@@ -1,0 +1,312 @@
+"""The conformance kit (stadebench.testing): every built-in metric and pattern passes it,
+and deliberately broken plugins fail it with the broken rule named in the output."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+
+import pytest
+
+from stadebench.testing import RULES, MetricConformance, PatternConformance
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: on a shared CPU a second torch thread slows them down, never up."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+# --- the built-ins pass ----------------------------------------------------------
+
+
+class TestMagnitude(MetricConformance):
+    metric = "magnitude"
+
+
+class TestRandom(MetricConformance):
+    metric = "random"
+    options = {"seed": 3}
+
+
+class TestWanda(MetricConformance):
+    metric = "wanda"
+
+
+class TestStade(MetricConformance):
+    metric = "stade"
+
+
+class TestStadeReleased(MetricConformance):
+    metric = "stade"
+    options = {"bias_correction": False}
+
+
+class TestStadeW(MetricConformance):
+    metric = "stade-w"
+
+
+class TestSparseGPT(MetricConformance):
+    metric = "sparsegpt"
+
+
+class TestSparseGPTNoUpdate(MetricConformance):
+    metric = "sparsegpt"
+    options = {"update": False, "blocksize": 16}
+    patterns = ("unstructured", "2:4")
+    sparsities = (0.5,)
+
+
+class TestUnstructured(PatternConformance):
+    pattern = "unstructured"
+
+
+class TestUnstructuredLayer(PatternConformance):
+    pattern = "unstructured-layer"
+
+
+class Test2of4(PatternConformance):
+    pattern = "2:4"
+
+
+class Test4of8(PatternConformance):
+    pattern = "4:8"
+
+
+class Test1of4(PatternConformance):
+    pattern = "1:4"
+
+
+def test_every_rule_has_a_check():
+    checks = {name[len("test_"):].replace("_", "-") for cls in (MetricConformance, PatternConformance)
+              for name in vars(cls) if name.startswith("test_")}
+    assert checks == set(RULES)
+
+
+# --- broken plugins fail, naming the rule ----------------------------------------
+
+HEADER = '''
+import pydantic
+import torch
+
+import stadebench
+from stadebench.testing import MetricConformance, PatternConformance
+
+
+class Plugin:
+    """Registers the class under test (the kit registers this object for the test class)."""
+
+    def __init__(self, kind, cls):
+        self.kind, self.cls = kind, cls
+
+    @stadebench.hookimpl
+    def register_metrics(self, register):
+        if self.kind == "metric":
+            register(self.cls)
+
+    @stadebench.hookimpl
+    def register_patterns(self, register):
+        if self.kind == "pattern":
+            register(self.cls)
+'''
+
+BROKEN_METRICS = {
+    "score-shape": '''
+        def score(self, weight, stats):
+            return (weight.abs() * stats.norm).t().contiguous()   # transposed
+    ''',
+    "score-deterministic": '''
+        def score(self, weight, stats):
+            return weight.abs() * stats.norm * (1 + 0.01 * torch.rand(weight.shape))   # global RNG
+    ''',
+    "no-mutation": '''
+        def score(self, weight, stats):
+            weight.abs_()                  # in place: the engine passes the layer's own storage
+            return weight * stats.norm
+    ''',
+    "statistics-unrequested": '''
+        def score(self, weight, stats):
+            return weight.abs() * (stats.norm - stats.mean.abs())   # mean needs "sum", not declared
+    ''',
+    "options-unknown-key": '''
+        class Options(pydantic.BaseModel):   # not stadebench.Options: extra keys are ignored
+            alpha: float = 1.0
+
+        def score(self, weight, stats):
+            return weight.abs() * stats.norm
+    ''',
+    "update-mask": '''
+        def score(self, weight, stats):
+            return weight.abs() * stats.norm
+
+        def update(self, layer, dense_weight, mask, stats):
+            layer.weight.data = dense_weight.clone()   # "restores" the pruned weights
+    ''',
+}
+
+BROKEN_PATTERNS = {
+    "exact-count": '''
+        def select(self, scores, sparsity):   # rounds up instead of down
+            k = -(-scores.shape[-1] * sparsity // 1)
+            order = torch.argsort(scores, dim=-1, stable=True)
+            return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order[:, : int(k)], True)
+    ''',
+    "ties-deterministic": '''
+        def select(self, scores, sparsity):   # breaks ties at random, with the global RNG
+            noisy = scores + 1e-6 * torch.rand(scores.shape)
+            k = int(scores.shape[-1] * sparsity)
+            order = torch.argsort(noisy, dim=-1, stable=True)
+            return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order[:, :k], True)
+    ''',
+}
+
+GOOD_METRIC = '''
+    def score(self, weight, stats):
+        return weight.square() * stats.sumsq.float()
+'''
+
+
+# Inner runs load no installed pytest plugin (hypothesis' and pytest-benchmark's cost seconds
+# per in-process run), so the kit is loaded by hand, as before its `pytest11` entry point.
+INNER_ARGS = ["-p", "stadebench.testing", "-p", "no:cacheprovider", "-q", "-rf",
+              "-W", "ignore::pytest.PytestAssertRewriteWarning"]
+
+
+@pytest.fixture(autouse=True)
+def _no_autoload(monkeypatch):
+    monkeypatch.setenv("PYTEST_DISABLE_PLUGIN_AUTOLOAD", "1")
+    monkeypatch.setenv("COLUMNS", "1000")  # one summary line per failure, untruncated
+
+
+def _class_body(body: str) -> str:
+    return textwrap.indent(textwrap.dedent(body).strip("\n"), "    ")
+
+
+def metric_file(name: str, body: str) -> str:
+    return HEADER + f'''
+
+class UnderTest(stadebench.Metric):
+    """A metric under test."""
+
+    name = "{name}"
+    statistics = frozenset({{"sumsq"}})
+
+{_class_body(body)}
+
+
+class TestIt(MetricConformance):
+    metric = "{name}"
+    plugin = Plugin("metric", UnderTest)
+'''
+
+
+def pattern_file(name: str, body: str) -> str:
+    return HEADER + f'''
+
+class UnderTest(stadebench.Pattern):
+    """A per-row pattern under test."""
+
+    name = "{name}"
+
+{_class_body(body)}
+
+
+class TestIt(PatternConformance):
+    pattern = "{name}"
+    plugin = Plugin("pattern", UnderTest)
+
+    def expected_pruned(self, shape, sparsity):
+        return shape[0] * int(shape[1] * sparsity)
+'''
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _warm_imports():
+    """Import everything a prune needs before pytester's in-process runs: they drop the modules
+    first imported inside them afterwards, which breaks transformers' lazy imports."""
+    import stadebench
+    from stadebench.testing import make_tiny_model, make_windows
+
+    stadebench.prune(make_tiny_model(), make_windows(), metric="wanda", pattern="2:4")
+
+
+def run_kit(pytester, source: str):
+    pytester.makepyfile(test_plugin=source)
+    return pytester.runpytest(*INNER_ARGS)
+
+
+def failed_rules(result) -> dict[str, str]:
+    """test name -> its FAILED summary line; every one must name a rule."""
+    lines = [l for l in result.outlines if l.startswith("FAILED ")]
+    out = {}
+    for line in lines:
+        assert "conformance rule '" in line, f"a failure that names no rule: {line}"
+        out[re.search(r"::(test_\w+)", line).group(1)] = line
+    return out
+
+
+@pytest.mark.parametrize("rule", sorted(BROKEN_METRICS))
+def test_kit_catches_a_broken_metric(pytester, rule):
+    result = run_kit(pytester, metric_file(f"broken-{rule}", BROKEN_METRICS[rule]))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    failures = failed_rules(result)
+    test = "test_" + rule.replace("-", "_")
+    assert test in failures, result.stdout.str()
+    assert f"conformance rule '{rule}': " in failures[test]
+    assert f"broken-{rule}" in failures[test]  # the message names the metric too
+
+
+def test_score_shape_message_gives_both_shapes(pytester):
+    result = run_kit(pytester, metric_file("ria-transposed", BROKEN_METRICS["score-shape"]))
+    result.stdout.fnmatch_lines(["*conformance rule 'score-shape': ria-transposed returned [[]40, 24[]] "
+                                 "for a weight of [[]24, 40[]]*"])
+
+
+@pytest.mark.parametrize("rule", sorted(BROKEN_PATTERNS))
+def test_kit_catches_a_broken_pattern(pytester, rule):
+    result = run_kit(pytester, pattern_file(f"broken-{rule}", BROKEN_PATTERNS[rule]))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    failures = failed_rules(result)
+    test = "test_" + rule.replace("-", "_")
+    assert test in failures and f"conformance rule '{rule}': " in failures[test], result.stdout.str()
+
+
+def test_a_sound_third_party_metric_passes(pytester):
+    result = run_kit(pytester, metric_file("w2x2", GOOD_METRIC))
+    assert result.ret == pytest.ExitCode.OK, result.stdout.str()
+    assert failed_rules(result) == {}
+
+
+def test_an_unregistered_name_fails_the_registered_rule(pytester):
+    pytester.makepyfile(test_plugin='''
+        from stadebench.testing import MetricConformance
+
+        class TestMissing(MetricConformance):
+            metric = "ria-not-installed"
+    ''')
+    result = pytester.runpytest(*INNER_ARGS, "-k", "registered")
+    result.stdout.fnmatch_lines(["*conformance rule 'registered': unknown metric 'ria-not-installed'*pip install*"])
+
+
+def test_the_pytest_plugin_provides_fixtures(pytester):
+    pytester.makepyfile(test_fixtures='''
+        import stadebench
+
+        def test_fixtures(tiny_model, calibration_windows, isolated_plugins):
+            assert calibration_windows.shape == (4, 16)
+            assert isolated_plugins is stadebench.get_plugins()
+            assert set(isolated_plugins.metrics.names()) == {
+                "magnitude", "random", "wanda", "stade", "stade-w", "sparsegpt"}
+            report = stadebench.prune(tiny_model, calibration_windows, metric="wanda", pattern="2:4")
+            assert report.sparsity == 0.5
+    ''')
+    result = pytester.runpytest(*[a for a in INNER_ARGS if a != "-q"])
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["stadebench *; installed plugins: *"])  # the report header
+    result.stdout.no_fnmatch_line("*rror*")
