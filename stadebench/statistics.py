@@ -28,9 +28,11 @@ class Accumulator:
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
         n, nb = self.count, x.shape[0]
+        # (x * x).sum(0): ~10x faster on a CPU than vector_norm over dim 0 (a strided reduction)
         if "sum" in self.needs:
             mean_b = x.mean(0)
-            m2_b = torch.linalg.vector_norm(x - mean_b, dim=0).double().square_()
+            centred = x - mean_b
+            m2_b = (centred * centred).sum(0).double()
             mean_b = mean_b.double()
             if self.mean is None:
                 self.mean, self.m2 = mean_b, m2_b
@@ -39,7 +41,7 @@ class Accumulator:
                 self.mean.add_(delta, alpha=nb / (n + nb))
                 self.m2.add_(m2_b).add_(delta.square_(), alpha=n * nb / (n + nb))
         elif "sumsq" in self.needs:
-            q = torch.linalg.vector_norm(x, dim=0).double().square_()
+            q = (x * x).sum(0).double()
             self.sumsq = q if self.sumsq is None else self.sumsq.add_(q)
         if "gram" in self.needs:
             if self.gram is None:
