@@ -189,7 +189,7 @@ def prune(
     metric, pattern = resolve(metric, pattern, metric_options)
     target = pattern.resolve_sparsity(sparsity)
     dev = _device(device, model)
-    _, blocks = find_blocks(model)
+    prefix, blocks = find_blocks(model)
     layers_per_block = [prunable_layers(b) for b in blocks]
     for block_layers in layers_per_block:
         for name, layer in block_layers:
@@ -217,9 +217,9 @@ def prune(
     try:
         with torch.no_grad():
             if data_free:
-                _prune_data_free(model, blocks, layers_per_block, metric, pattern, target, dev, report, progress)
+                _prune_data_free(prefix, blocks, layers_per_block, metric, pattern, target, dev, report, progress)
             else:
-                _prune_calibrated(model, blocks, layers_per_block, metric, pattern, target, dev, report,
+                _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
                                   calibration, batch_size, sequential, reconstruction, offload, progress)
     finally:
         model.train(was_training)
@@ -239,6 +239,7 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
     weight = weight_of(layer)
     dense = weight.detach().float()
     _check_finite(dense, "weights", full_name, metric.name)
+    had_bias = getattr(layer, "bias", None) is not None
     if metric.solver:
         mask, new_weight = metric.solve(dense, stats, pattern, sparsity)
         _check_finite(new_weight, "updated weights", full_name, metric.name)
@@ -250,7 +251,6 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
                                  f"for layer {full_name} of shape {tuple(dense.shape)}")
         _check_finite(scores, "scores", full_name, metric.name)
         mask = pattern.select(scores, sparsity)
-        had_bias = getattr(layer, "bias", None) is not None
         dense = dense.clone() if dense.data_ptr() == weight.data_ptr() else dense
         weight.masked_fill_(mask, 0)
         metric.update(layer, dense, mask, stats)
@@ -259,16 +259,11 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
     report.layers.append(LayerReport(
         name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
         pruned=int(mask.sum()), sparsity=float(mask.float().mean()),
-        bias_added=not metric.solver and not had_bias and getattr(layer, "bias", None) is not None,
+        bias_added=not had_bias and getattr(layer, "bias", None) is not None,
     ))
 
 
-def _block_names(model: nn.Module, blocks: nn.ModuleList) -> str:
-    return next(name for name, mod in model.named_modules() if mod is blocks)
-
-
-def _prune_data_free(model, blocks, layers_per_block, metric, pattern, sparsity, dev, report, progress):
-    prefix = _block_names(model, blocks)
+def _prune_data_free(prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report, progress):
     for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
         t0 = time.perf_counter()
         home = module_device(block)
@@ -284,9 +279,8 @@ def _prune_data_free(model, blocks, layers_per_block, metric, pattern, sparsity,
             progress(i + 1, len(blocks))
 
 
-def _prune_calibrated(model, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
+def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
                       calibration, batch_size, sequential, reconstruction, offload, progress):
-    prefix = _block_names(model, blocks)
     t0 = time.perf_counter()
     home = module_device(model)
     move_outside(model, blocks, dev)
