@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -88,6 +89,7 @@ def run(
 def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool) -> None:
     from ..runner import Runner
 
+    os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars; ours are on stderr
     suite = _load(path)
     runner = Runner(suite, leaderboard_dir=folder, events=_Reporter(live=False))
     if dry_run:
