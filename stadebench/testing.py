@@ -303,6 +303,16 @@ class _Conformance:
 # --- metrics ---------------------------------------------------------------------
 
 
+def _registered(kind: str, item: str | type) -> type:
+    """The class a registered name stands for (a class is returned as it is)."""
+    if not isinstance(item, str):
+        return item
+    try:
+        return get_plugins().registries[kind].get(item).cls
+    except ConfigError as exc:
+        fail("registered", str(exc))
+
+
 @_checks
 class MetricConformance(_Conformance):
     """Subclass as ``TestMyMetric`` and set ``metric``: every method checks one rule.
@@ -330,12 +340,7 @@ class MetricConformance(_Conformance):
         return self.metric if isinstance(self.metric, str) else self.metric.name
 
     def metric_class(self) -> type[Metric]:
-        if not isinstance(self.metric, str):
-            return self.metric
-        try:
-            return get_plugins().metrics.get(self.metric).cls
-        except ConfigError as exc:
-            fail("registered", str(exc))
+        return _registered("metric", self.metric)
 
     def make(self) -> Metric:
         """A fresh instance with ``options``."""
@@ -630,12 +635,7 @@ class PatternConformance(_Conformance):
         return self.pattern if isinstance(self.pattern, str) else self.pattern.name
 
     def pattern_class(self) -> type[Pattern]:
-        if not isinstance(self.pattern, str):
-            return self.pattern
-        try:
-            return get_plugins().patterns.get(self.pattern).cls
-        except ConfigError as exc:
-            fail("registered", str(exc))
+        return _registered("pattern", self.pattern)
 
     def make(self) -> Pattern:
         try:
