@@ -20,7 +20,9 @@ from stadebench.datasets.builtin import C4, EnWiki2016, TextFiles, WikiText2, he
 from stadebench.errors import ConfigError
 from stadebench.plugins import reset_plugins
 
-WIKITEXT_TEST = Path("/work/shared/data/wikitext-2-raw/wiki.test.raw")
+# The real WikiText-2 test rows, in the shared folder beside the checkout (not part of
+# the project; present on the development machines and in CI).
+WIKITEXT_TEST = Path(__file__).resolve().parents[2] / "shared/data/wikitext-2-raw/wiki.test.raw"
 WORDS = ("the of and to in a is that for it as was with be by on not he this are or his from at which "
          "but have an they you were her she there been one all we their has would when if so no will "
          "more can what out up other into some time river stone light garden window").split()
