@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 import stadebench
 from stadebench import leaderboard as lb
 from stadebench.cli import ExitCode, app
-from stadebench.plugins import DEFAULT_PLUGINS, get_plugins, reset_plugins
+from stadebench.plugins import DEFAULT_PLUGINS
 from tinymodel import shared_assets, suite_dict, write_suite
 
 REPO = Path(__file__).resolve().parents[1]

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from stadebench import hookspecs
-from stadebench.plugins import get_plugins, reset_plugins
+from stadebench.plugins import get_plugins
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -62,15 +62,6 @@ def doc_pages() -> list[Path]:
 
 def blocks(page: Path):
     return list(BLOCK.finditer(page.read_text(encoding="utf-8")))
-
-
-@pytest.fixture
-def isolated(monkeypatch):
-    monkeypatch.setenv("STADEBENCH_LOAD_PLUGINS", "")
-    monkeypatch.delenv("STADEBENCH_BLOCK_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 # --- hooks: a page and a test each -----------------------------------------------
@@ -124,12 +115,12 @@ def test_every_example_is_shown_somewhere():
 
 
 @pytest.mark.parametrize("example", sorted(EXAMPLES.glob("*.py")), ids=lambda p: p.name)
-def test_example_runs(example, isolated, capsys, single_thread):
+def test_example_runs(example, isolated_plugins, capsys, single_thread):
     runpy.run_path(str(example), run_name="__main__")
     assert capsys.readouterr().out.strip()  # each prints what it did
 
 
-def test_examples_register_through_their_hook(isolated):
+def test_examples_register_through_their_hook(isolated_plugins):
     """Each example is a plugin for the hook its page documents, and registers a valid item."""
     for hook, file in [("register_metrics", "metric_plugin.py"), ("register_patterns", "pattern_plugin.py"),
                        ("register_datasets", "dataset_plugin.py"), ("register_evaluators", "evaluator_plugin.py")]:
@@ -168,7 +159,7 @@ def test_tutorial_package_declares_the_entry_point():
     assert "stadebench>=0.1" in project["dependencies"]
 
 
-def test_tutorial_suite_validates_with_the_plugin_and_fails_without(isolated, monkeypatch):
+def test_tutorial_suite_validates_with_the_plugin_and_fails_without(isolated_plugins, monkeypatch):
     from stadebench.errors import ConfigError
     from stadebench.suite import expand, load_suite
 

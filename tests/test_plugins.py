@@ -12,21 +12,15 @@ import stadebench
 from stadebench import Metric, hookimpl
 from stadebench.errors import ConfigError, UnknownNameError
 from stadebench.patterns.builtin import NM
-from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins, reset_plugins
+from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins
 
 BUILTIN_METRICS = {"magnitude": "stadebench.metrics.basic", "random": "stadebench.metrics.basic",
                    "wanda": "stadebench.metrics.basic", "stade": "stadebench.metrics.stade",
                    "stade-w": "stadebench.metrics.stade", "sparsegpt": "stadebench.metrics.sparsegpt"}
 
 
-@pytest.fixture(autouse=True)
-def isolated(monkeypatch):
-    """No installed entry points, and a fresh process-wide manager before and after."""
-    monkeypatch.setenv("STADEBENCH_LOAD_PLUGINS", "")
-    monkeypatch.delenv("STADEBENCH_BLOCK_PLUGINS", raising=False)
-    reset_plugins()
-    yield
-    reset_plugins()
+# No installed entry points, and a fresh process-wide manager before and after each test.
+pytestmark = pytest.mark.usefixtures("isolated_plugins")
 
 
 def metric_class(name, version="1"):

@@ -35,14 +35,10 @@ PLUGINS = {"stadebench_ria": REPO / "plugins" / "stadebench-ria",
 
 
 @pytest.fixture(autouse=True)
-def isolated(monkeypatch, tmp_path):
-    """No installed plugin loads unless a test says so; a fresh manager before and after."""
-    monkeypatch.setenv("STADEBENCH_LOAD_PLUGINS", "")
-    monkeypatch.delenv("STADEBENCH_BLOCK_PLUGINS", raising=False)
+def isolated(isolated_plugins, monkeypatch, tmp_path):
+    """No installed plugin loads unless a test says so (a fresh manager before and after),
+    and a private cache."""
     monkeypatch.setenv("STADEBENCH_CACHE", str(tmp_path / "cache"))
-    reset_plugins()
-    yield
-    reset_plugins()
 
 
 def plugin_module(monkeypatch, module: str):
