@@ -126,6 +126,7 @@ class Runner:
         self.summary = Summary(run_id=datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + uuid.uuid4().hex[:6])
         plugins = get_plugins()
         self._evaluators = {e.name: plugins.evaluators.get(e.name).cls for e in suite.evaluations}
+        self._instances: dict[str, Any] = {}
         self._provenance = {
             "run_id": self.summary.run_id, "suite": suite.name, "stadebench_version": __version__,
             "torch_version": torch.__version__, "transformers_version": _version("transformers"),
@@ -135,9 +136,16 @@ class Runner:
 
     # --- keys ---------------------------------------------------------------------
 
+    def evaluator(self, evaluation: Any) -> Any:
+        """The evaluator an evaluation spec names, built once per run."""
+        key = evaluation.model_dump_json()
+        if key not in self._instances:
+            self._instances[key] = self._evaluators[evaluation.name](evaluation.options)
+        return self._instances[key]
+
     def key_row(self, cell: Cell, evaluation: Any) -> dict[str, Any]:
         """The leaderboard key columns of one (cell, evaluation)."""
-        evaluator = self._evaluators[evaluation.name](evaluation.options)
+        evaluator = self.evaluator(evaluation)
         opts = evaluator.options.model_dump(mode="json")
         dataset = opts.get("dataset")
         row = {
@@ -163,7 +171,7 @@ class Runner:
         done = set() if force else leaderboard.finished_cells(self.folder)
         skip = set()
         for e in self.suite.evaluations:
-            reason = e.optional and self._evaluators[e.name](e.options).unavailable()
+            reason = e.optional and self.evaluator(e).unavailable()
             if reason:
                 skip.add(e.model_dump_json())
                 self.events.note(f"skipping optional evaluation {e.name} {e.options}: {reason}")
@@ -315,7 +323,7 @@ class _ModelState:
         rows = []
         for evaluation in pending:
             key = runner.key_row(cell, evaluation)
-            evaluator = runner._evaluators[evaluation.name](evaluation.options)
+            evaluator = runner.evaluator(evaluation)
             t0 = time.perf_counter()
             scores = evaluator.evaluate(self.model, self.tokenizer, runner.device)
             elapsed = time.perf_counter() - t0
