@@ -145,8 +145,10 @@ class Metric(_Named):
         """
 
     def solve(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern,
-              sparsity: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Solvers only: return ``(mask, new_weight)`` for float32 ``weight`` ``[out, in]``."""
+              sparsity: float) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
+        """Solvers only: return ``(mask, new_weight)`` for float32 ``weight`` ``[out, in]``,
+        optionally with a third item, a dict recorded with the layer (e.g. a damping that had
+        to be raised)."""
         raise NotImplementedError
 
 

@@ -39,6 +39,8 @@ class LayerReport:
     pruned: int
     sparsity: float
     bias_added: bool = False
+    details: dict[str, Any] = field(default_factory=dict)
+    """What a solver reported for this layer, e.g. ``{"percdamp": 0.1}`` after a retry."""
 
 
 @dataclass
@@ -239,9 +241,11 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
     weight = weight_of(layer)
     dense = weight.detach().float()
     _check_finite(dense, "weights", full_name, metric.name)
+    details: dict[str, Any] = {}
     had_bias = getattr(layer, "bias", None) is not None
     if metric.solver:
-        mask, new_weight = metric.solve(dense, stats, pattern, sparsity)
+        mask, new_weight, *extra = metric.solve(dense, stats, pattern, sparsity)
+        details = extra[0] if extra else {}
         _check_finite(new_weight, "updated weights", full_name, metric.name)
         set_weight(layer, new_weight)
     else:
@@ -259,7 +263,7 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
     report.layers.append(LayerReport(
         name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
         pruned=int(mask.sum()), sparsity=float(mask.float().mean()),
-        bias_added=not had_bias and getattr(layer, "bias", None) is not None,
+        bias_added=not had_bias and getattr(layer, "bias", None) is not None, details=details,
     ))
 
 

@@ -319,6 +319,7 @@ class _ModelState:
                 "timings": report.timings, "block_passes": report.block_passes,
                 "block_mse": [b.mse for b in recon], "block_cosine": [b.cosine for b in recon],
                 "bias_added": sum(l.bias_added for l in report.layers),
+                "layers": {l.name: l.details for l in report.layers if l.details},
             }
         rows = []
         for evaluation in pending:

@@ -440,8 +440,9 @@ class MetricConformance(_Conformance):
     def test_score_shape(self):
         for role, metric, weight, _, out in self.each_output():
             if metric.solver:
-                if not (isinstance(out, tuple) and len(out) == 2):
-                    fail("score-shape", f"{self.name}.solve returned {type(out).__name__}, not (mask, weight)")
+                if not (isinstance(out, tuple) and (len(out) == 2 or len(out) == 3 and isinstance(out[2], dict))):
+                    fail("score-shape", f"{self.name}.solve returned {type(out).__name__}, not (mask, weight) "
+                                        "or (mask, weight, details)")
                 for what, t in zip(("mask", "weight"), out):
                     if getattr(t, "shape", None) != weight.shape:
                         fail("score-shape", f"{self.name}.solve returned a {what} of {_shape(t)} for a weight of "
@@ -455,11 +456,11 @@ class MetricConformance(_Conformance):
 
         for _, metric, weight, _, out in self.each_output():
             if metric.solver:
-                mask, new = out
+                mask, new = out[:2]
                 if mask.dtype != torch.bool or not new.is_floating_point():
                     fail("score-dtype", f"{self.name}.solve returned a {mask.dtype} mask and a {new.dtype} weight; "
                                         f"expected torch.bool and a float dtype")
-                tensors = out
+                tensors = out[:2]
             else:
                 if not out.is_floating_point():
                     fail("score-dtype", f"{self.name} returned {out.dtype} scores; expected a float dtype")
@@ -473,7 +474,7 @@ class MetricConformance(_Conformance):
 
         for degenerate in (False, True):
             for role, metric, _, _, out in self.each_output(degenerate=degenerate):
-                tensors = out if metric.solver else (out,)
+                tensors = out[:2] if metric.solver else (out,)
                 for t in tensors:
                     if t.is_floating_point() and not torch.isfinite(t).all():
                         bad = int((~torch.isfinite(t)).sum())
@@ -490,8 +491,8 @@ class MetricConformance(_Conformance):
                 torch.manual_seed(seed)
                 runs.append(self.outputs(role)[3])
             a, b = runs
-            pairs = zip(a, b) if isinstance(a, tuple) else [(a, b)]
-            if not all(_same(x, y) for x, y in pairs):
+            pairs = zip(a[:2], b[:2]) if isinstance(a, tuple) else [(a, b)]
+            if not all(_same(x, y) for x, y in pairs) or (isinstance(a, tuple) and a[2:] != b[2:]):
                 fail("score-deterministic", f"{self.name} gave different results for the same inputs in two runs "
                                             f"(role {role}); derive any randomness from a torch.Generator seeded "
                                             f"from the options and stats.layer.name, never the global RNG")

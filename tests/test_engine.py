@@ -307,6 +307,17 @@ def test_offloaded_activations_give_the_same_pruned_model(tiny_llama, tiny_calib
     assert results[False][1] == results[True][1]
 
 
+def test_solver_details_are_recorded_per_layer(tiny_llama, tiny_calibration):
+    class Noting(SparseGPT):
+        def solve(self, weight, stats, pattern, sparsity):
+            mask, new, _ = super().solve(weight, stats, pattern, sparsity)
+            return mask, new, {"percdamp": 0.5} if stats.layer.short_name == "mlp.down_proj" else {}
+
+    report = stadebench.prune(tiny_llama, tiny_calibration, metric=Noting(), pattern="2:4")
+    noted = {layer.name: layer.details for layer in report.layers if layer.details}
+    assert noted == {f"model.layers.{i}.mlp.down_proj": {"percdamp": 0.5} for i in range(2)}
+
+
 # ----------------------------------------------------------------------------------------
 # numerical checks and model state
 

@@ -339,7 +339,25 @@ def layer_problem(rows=48, cols=320, tokens=512, seed=0, dtype=torch.float64):
 
 def solve(pattern: str, weight, stats, sparsity=0.5, **options):
     pat = get_plugins().patterns.get(pattern).cls.from_spec(pattern)
-    return SparseGPT(options).solve(weight, stats, pat, pat.resolve_sparsity(None if ":" in pattern else sparsity))
+    mask, new, details = SparseGPT(options).solve(weight, stats, pat,
+                                                  pat.resolve_sparsity(None if ":" in pattern else sparsity))
+    assert details == {}  # the damping was enough: nothing to record
+    return mask, new
+
+
+def test_sparsegpt_raises_the_damping_until_the_hessian_factors_and_records_it():
+    # h = 2/N·gram = I except h[0,0] = -0.05; mean(diag h) ≈ 0.934, so percdamp 0.01 leaves
+    # h[0,0] negative and 0.1 makes it positive: exactly one retry.
+    gram = torch.eye(16) * 100.0
+    gram[0, 0] = -5.0
+    stats = LayerStats(LayerInfo("layer", 0, "layer"), 200, gram=gram)
+    weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    pattern = get_plugins().patterns.get("unstructured").cls.from_spec("unstructured")
+    mask, new, details = SparseGPT().solve(weight, stats, pattern, 0.5)
+    assert details == {"percdamp": pytest.approx(0.1)}
+    assert int(mask.sum()) == 8 * 8 and torch.isfinite(new).all()
+    with pytest.raises(stadebench.NumericalError, match="percdamp=0.01 .0 retries"):
+        SparseGPT({"damping_retries": 0}).solve(weight, stats, pattern, 0.5)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "unstructured-layer", "2:4", "4:8"])

@@ -17,6 +17,9 @@ class SparseGPTOptions(Options):
     """Dampening λ as a fraction of mean(diag H)."""
     update: bool = True
     """Reconstruct the kept weights; false keeps the same mask but only zeroes weights."""
+    damping_retries: int = Field(3, ge=0)
+    """When H + λI is not positive definite, retry this many times with λ ten times larger
+    (the damping used is recorded with the layer); then fail."""
 
 
 class SparseGPT(Metric):
@@ -37,21 +40,28 @@ class SparseGPT(Metric):
     statistics = frozenset({"gram"})
     solver = True
 
-    def inverse_hessian_factor(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        """Upper Cholesky factor of the damped H⁻¹; zeroes ``weight``'s dead columns."""
+    def inverse_hessian_factor(self, weight: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, float]:
+        """Upper Cholesky factor of the damped H⁻¹ and the percdamp it took; zeroes
+        ``weight``'s dead columns."""
         h = stats.gram * (2.0 / stats.count)
         dead = torch.diag(h) == 0
         h[dead, dead] = 1.0
         weight[:, dead] = 0.0
-        h.diagonal().add_(self.options.percdamp * torch.mean(torch.diag(h)))
-        try:
-            hinv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-            return torch.linalg.cholesky(hinv, upper=True)
-        except torch.linalg.LinAlgError as exc:
-            raise NumericalError(
-                f"sparsegpt: the Hessian of {stats.layer.name} is not positive definite with "
-                f"percdamp={self.options.percdamp}; raise percdamp"
-            ) from exc
+        scale = torch.mean(torch.diag(h))
+        percdamp = self.options.percdamp
+        for attempt in range(self.options.damping_retries + 1):
+            damped = h.clone()
+            damped.diagonal().add_(percdamp * scale)
+            try:
+                hinv = torch.cholesky_inverse(torch.linalg.cholesky(damped))
+                return torch.linalg.cholesky(hinv, upper=True), percdamp
+            except torch.linalg.LinAlgError:
+                if attempt < self.options.damping_retries:
+                    percdamp *= 10
+        raise NumericalError(
+            f"sparsegpt: the Hessian of {stats.layer.name} is not positive definite even with "
+            f"percdamp={percdamp:g} ({self.options.damping_retries} retries from {self.options.percdamp:g}); "
+            "check the calibration data or raise percdamp")
 
     def solve(self, weight, stats, pattern: Pattern, sparsity):
         opts = self.options
@@ -59,7 +69,7 @@ class SparseGPT(Metric):
         if group and opts.blocksize % group:
             raise ConfigError(f"sparsegpt: blocksize {opts.blocksize} must be a multiple of {pattern.spec}'s M")
         w = weight.clone()
-        hinv = self.inverse_hessian_factor(w, stats)
+        hinv, percdamp = self.inverse_hessian_factor(w, stats)
         # Work on Wᵀ so that a weight column is a contiguous row: ~2x faster on CPU.
         wt = w.t().contiguous()
         mask_t = torch.zeros_like(wt, dtype=torch.bool)
@@ -85,7 +95,8 @@ class SparseGPT(Metric):
         mask, w = mask_t.t(), wt.t()
         if not opts.update:
             w = weight.masked_fill(mask, 0.0)
-        return mask, w
+        details = {"percdamp": percdamp} if percdamp != opts.percdamp else {}
+        return mask, w, details
 
 
 @hookimpl
