@@ -275,7 +275,7 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[Mapping[str, Any]], *,
     path = folder / f"{run}-{cell}-{uuid.uuid4().hex[:8]}.parquet"
     folder.mkdir(parents=True, exist_ok=True)
     _atomic_write(path, lambda fh: pq.write_table(table, fh))
-    _update_manifest(folder)
+    update_manifest(folder)
     return path
 
 
@@ -285,12 +285,13 @@ def _data_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.is_file())
 
 
-def _update_manifest(folder: Path) -> None:
+def update_manifest(folder: str | os.PathLike) -> None:
     """Rebuild manifest.json from the files on disk, keeping what it already knew of them.
 
     Listing the folder, rather than appending one name, also records files whose writer
     was killed between its rename and this update, and forgets files deleted by hand.
     """
+    folder = Path(folder)
     # Writers hold the lock for milliseconds; filelock's default 50 ms poll would dominate.
     with FileLock(folder / ".manifest.lock").acquire(poll_interval=0.002):
         path = folder / MANIFEST
@@ -482,5 +483,5 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
 __all__ = [
     "KEY_FIELDS", "SCHEMA", "SCHEMA_VERSION", "LeaderboardError", "LeaderboardWarning",
     "canonical_json", "cell_key", "current", "finished_cells", "pivot", "query", "read",
-    "write_rows",
+    "update_manifest", "write_rows",
 ]

@@ -192,6 +192,7 @@ class Runner:
         t0 = time.perf_counter()
         todo = self.plan(only, force)
         check_writable(self.folder)
+        leaderboard.update_manifest(self.folder)  # a run killed mid-update left it stale
         self.events.plan(len(todo), self.summary.skipped)
         index = 0
         for _, group in groupby(todo, key=lambda item: item[0].model):

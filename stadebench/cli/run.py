@@ -105,8 +105,12 @@ def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path |
         try:
             summary = runner.run(only, force)
         except KeyboardInterrupt:
-            done = runner.summary
-            err.print(f"interrupted: {len(done.finished)} cell(s) finished and saved in {runner.folder}; "
+            from .. import leaderboard as lb
+
+            # Count from disk: a cell whose file landed just before the signal is saved too.
+            saved = lb.read(runner.folder).select(["run_id", "cell_key"]).to_pylist()
+            cells = len({r["cell_key"] for r in saved if r["run_id"] == runner.summary.run_id})
+            err.print(f"interrupted: {cells} cell(s) finished and saved in {runner.folder}; "
                       "run the same command again to continue")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
     s = summary.seconds
