@@ -41,6 +41,26 @@ def _where(spec: Any) -> tuple[str, str, str | None]:
     return "hub", ident, spec.gguf_file
 
 
+def _sources(spec: Any) -> tuple[str, str, dict[str, Any], str, dict[str, Any]]:
+    """``(source, where, kwargs, tokenizer where, tokenizer kwargs)`` for ``from_pretrained``."""
+    source, where, gguf = _where(spec)
+    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
+    if source == "hub" and spec.revision:
+        common["revision"] = spec.revision
+    if gguf:
+        common["gguf_file"] = gguf
+    tok_common = common if spec.tokenizer is None else {"trust_remote_code": spec.trust_remote_code}
+    return source, where, common, spec.tokenizer or where, tok_common
+
+
+def load_config_and_tokenizer(spec: Any) -> tuple[Any, Any]:
+    """The model's config and tokenizer, without its weights (for checks before a run)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    _, where, common, tok_where, tok_common = _sources(spec)
+    return AutoConfig.from_pretrained(where, **common), AutoTokenizer.from_pretrained(tok_where, **tok_common)
+
+
 def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
     """Load ``spec`` (a ``stadebench.suite.ModelSpec``) in its dtype, weights on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -48,17 +68,11 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
 
     hf_logging.disable_progress_bar()  # our own progress bars are on stderr
 
-    source, where, gguf = _where(spec)
-    common: dict[str, Any] = {"trust_remote_code": spec.trust_remote_code}
-    if source == "hub" and spec.revision:
-        common["revision"] = spec.revision
-    if gguf:
-        common["gguf_file"] = gguf
+    source, where, common, tok_where, tok_common = _sources(spec)
+    gguf = common.get("gguf_file")
     try:
         # transformers reads safetensors, and .bin files only with torch.load(weights_only=True)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=DTYPES[spec.dtype], **common)
-        tok_where = spec.tokenizer or where
-        tok_common = common if spec.tokenizer is None else {"trust_remote_code": spec.trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(tok_where, **tok_common)
     except (OSError, ValueError) as exc:
         hint = (" The Hugging Face Hub may be unreachable: use a local folder, a GGUF file or an asset "

@@ -185,6 +185,38 @@ class Runner:
         self.summary.skipped = len(cells) - len(todo)
         return todo
 
+    def preflight(self, todo: list[tuple[Cell, list]]) -> None:
+        """Check before any cell runs what would otherwise fail every cell of a model: the
+        tokenizer's ids fit the model's embedding, the calibration windows fit the model's
+        context and its text is long enough (the windows are cut now and cached). Raises
+        ConfigError; a model that cannot be reached is left to fail its own cells."""
+        from .calibration import calibration_windows
+        from .loading import load_config_and_tokenizer
+
+        metrics = get_plugins().metrics
+        for model, group in groupby(todo, key=lambda item: item[0].model):
+            calibrations = {c.calibration.model_dump_json(): c.calibration for c, _ in group if not c.dense
+                            and (metrics.get(c.metric).cls.statistics or metrics.get(c.metric).cls.solver)}
+            try:
+                config, tokenizer = load_config_and_tokenizer(model)
+            except Exception:
+                continue
+            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            vocab, limit = getattr(text, "vocab_size", None), getattr(text, "max_position_embeddings", None)
+            if isinstance(vocab, int) and len(tokenizer) > vocab:
+                raise ConfigError(f"{self.suite.name}: model {model.id!r}: its tokenizer has {len(tokenizer)} tokens "
+                                  f"but the model embeds only {vocab}; give the matching `tokenizer:`")
+            for c in calibrations.values():
+                where = f"{self.suite.name}: model {model.id!r}: calibration"
+                if isinstance(limit, int) and c.seqlen > limit:
+                    raise ConfigError(f"{where}.seqlen={c.seqlen} is longer than the model's context "
+                                      f"(max_position_embeddings={limit}); use seqlen ≤ {limit}")
+                dataset = get_plugins().datasets.get(c.dataset.name).cls(c.dataset.options)
+                try:
+                    calibration_windows(dataset, tokenizer, c.seqlen, c.n, c.seed)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
+
     # --- execution ----------------------------------------------------------------
 
     def run(self, only: list[str] | None = None, force: bool = False) -> Summary:
@@ -192,6 +224,7 @@ class Runner:
         t0 = time.perf_counter()
         todo = self.plan(only, force)
         check_writable(self.folder)
+        self.preflight(todo)
         leaderboard.update_manifest(self.folder)  # a run killed mid-update left it stale
         self.events.plan(len(todo), self.summary.skipped)
         index = 0

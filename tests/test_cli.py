@@ -216,6 +216,39 @@ def test_unwritable_leaderboard_exits_2_before_running(board, tmp_path):
     assert "[1/3]" not in r.stderr and "Traceback" not in r.output
 
 
+@pytest.mark.parametrize("seqlen, short_text, fragment", [
+    (128, False, "calibration.seqlen=128 is longer than the model's context (max_position_embeddings=64)"),
+    (32, True, "cannot cut calibration windows"),  # two sentences: no document holds a 32-token window
+])
+def test_calibration_the_model_or_text_cannot_hold_exits_2_before_running(assets, tmp_path, seqlen, short_text,
+                                                                          fragment):
+    suite = suite_dict(assets, metrics=["wanda"])
+    suite["calibration"]["seqlen"] = seqlen
+    if short_text:
+        (tmp_path / "short.txt").write_text("The river rose.\n\nThe mill stood.\n")
+        suite["calibration"]["dataset"] = {"name": "text", "options": {"path": str(tmp_path / "short.txt")}}
+    path = write_suite(tmp_path / "s.yaml", suite)
+    r = invoke("run", path, "--leaderboard", tmp_path / "lb", cache=tmp_path / "cache")
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert fragment in flat(r.stderr) and "model" in r.stderr and "Traceback" not in r.output
+    assert "[1/" not in r.stderr and parquet_count(tmp_path / "lb") == 0
+
+
+def test_a_tokenizer_the_model_cannot_embed_exits_2_before_running(assets, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    tokenizer.add_tokens([f"extra{i}" for i in range(500)])
+    tokenizer.save_pretrained(tmp_path / "big-tokenizer")
+    suite = suite_dict(assets)
+    suite["models"][0]["tokenizer"] = str(tmp_path / "big-tokenizer")
+    path = write_suite(tmp_path / "s.yaml", suite)
+    r = invoke("run", path, "--leaderboard", tmp_path / "lb", cache=tmp_path / "cache")
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert "but the model embeds only" in flat(r.stderr) and "Traceback" not in r.output
+    assert parquet_count(tmp_path / "lb") == 0
+
+
 # --- validate, schema, list, plugins ---------------------------------------------
 
 
