@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.metadata
+import json
 import math
 import os
 import platform
@@ -195,6 +196,7 @@ class Runner:
 
         metrics = get_plugins().metrics
         for model, group in groupby(todo, key=lambda item: item[0].model):
+            group = list(group)
             calibrations = {c.calibration.model_dump_json(): c.calibration for c, _ in group if not c.dense
                             and (metrics.get(c.metric).cls.statistics or metrics.get(c.metric).cls.solver)}
             try:
@@ -206,6 +208,8 @@ class Runner:
             if isinstance(vocab, int) and len(tokenizer) > vocab:
                 raise ConfigError(f"{self.suite.name}: model {model.id!r}: its tokenizer has {len(tokenizer)} tokens "
                                   f"but the model embeds only {vocab}; give the matching `tokenizer:`")
+            self._check_shapes(model, config, {(c.pattern, json.dumps(c.pattern_options, sort_keys=True))
+                                               for c, _ in group if not c.dense})
             for c in calibrations.values():
                 where = f"{self.suite.name}: model {model.id!r}: calibration"
                 if isinstance(limit, int) and c.seqlen > limit:
@@ -216,6 +220,26 @@ class Runner:
                     calibration_windows(dataset, tokenizer, c.seqlen, c.n, c.seed)
                 except ConfigError as exc:
                     raise ConfigError(f"{where}: {exc}") from None
+
+    def _check_shapes(self, model: Any, config: Any, patterns: set[tuple[str, str]]) -> None:
+        """Every pattern fits every prunable layer (N:M needs widths divisible by M); the
+        layers come from a weightless copy of the model built on the meta device."""
+        from transformers import AutoModelForCausalLM
+
+        from .engine import resolve
+        from .models import iter_layers, weight_of
+
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
+        shapes = {tuple(weight_of(layer).shape): name for _, name, layer in iter_layers(skeleton)}
+        for spec, options in sorted(patterns):
+            _, pattern = resolve("magnitude", spec, None, json.loads(options) or None)
+            for shape, name in shapes.items():
+                try:
+                    pattern.check_shape(shape)
+                except ConfigError as exc:
+                    raise ConfigError(f"{self.suite.name}: model {model.id!r}: layer {name} {list(shape)}: "
+                                      f"{exc}") from None
 
     # --- execution ----------------------------------------------------------------
 

@@ -249,6 +249,17 @@ def test_a_tokenizer_the_model_cannot_embed_exits_2_before_running(assets, tmp_p
     assert parquet_count(tmp_path / "lb") == 0
 
 
+def test_a_pattern_the_layer_widths_cannot_take_exits_2_before_running(assets, tmp_path):
+    # The tiny model's widths are 32 and 64: no multiple of 7.
+    suite = suite_dict(assets, metrics=["magnitude"], patterns=["3:7"])
+    del suite["sparsities"]  # N:M implies its own
+    path = write_suite(tmp_path / "s.yaml", suite)
+    r = invoke("run", path, "--leaderboard", tmp_path / "lb", cache=tmp_path / "cache")
+    assert r.exit_code == ExitCode.USAGE, r.output
+    assert "needs the input width to be a multiple of 7" in flat(r.stderr) and "layer self_attn.o_proj [32, 32]" in r.stderr
+    assert "[1/" not in r.stderr and parquet_count(tmp_path / "lb") == 0
+
+
 # --- validate, schema, list, plugins ---------------------------------------------
 
 
