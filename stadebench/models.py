@@ -21,12 +21,16 @@ except ImportError:  # pragma: no cover - transformers is a dependency
     Conv1D = ()
 
 
+def text_config(config):
+    """The language model's part of a (possibly multimodal) config."""
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def num_layers(model: nn.Module) -> int | None:
     config = getattr(model, "config", None)
     if config is None:
         return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
+    config = text_config(config)
     for attr in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, attr, None)
         if isinstance(value, int):

@@ -128,6 +128,8 @@ class Runner:
         plugins = get_plugins()
         self._evaluators = {e.name: plugins.evaluators.get(e.name).cls for e in suite.evaluations}
         self._instances: dict[str, Any] = {}
+        self.windows: dict[tuple[str, str], torch.Tensor] = {}
+        """Calibration windows by (model spec, calibration spec), cut once per run."""
         self._provenance = {
             "run_id": self.summary.run_id, "suite": suite.name, "stadebench_version": __version__,
             "torch_version": torch.__version__, "transformers_version": _version("transformers"),
@@ -193,6 +195,7 @@ class Runner:
         ConfigError; a model that cannot be reached is left to fail its own cells."""
         from .calibration import calibration_windows
         from .loading import load_config_and_tokenizer
+        from .models import text_config
 
         metrics = get_plugins().metrics
         for model, group in groupby(todo, key=lambda item: item[0].model):
@@ -203,7 +206,7 @@ class Runner:
                 config, tokenizer = load_config_and_tokenizer(model)
             except Exception:
                 continue
-            text = config.get_text_config() if hasattr(config, "get_text_config") else config
+            text = text_config(config)
             vocab, limit = getattr(text, "vocab_size", None), getattr(text, "max_position_embeddings", None)
             if isinstance(vocab, int) and len(tokenizer) > vocab:
                 raise ConfigError(f"{self.suite.name}: model {model.id!r}: its tokenizer has {len(tokenizer)} tokens "
@@ -216,10 +219,13 @@ class Runner:
                     raise ConfigError(f"{where}.seqlen={c.seqlen} is longer than the model's context "
                                       f"(max_position_embeddings={limit}); use seqlen ≤ {limit}")
                 dataset = get_plugins().datasets.get(c.dataset.name).cls(c.dataset.options)
+                t0 = time.perf_counter()
                 try:
-                    calibration_windows(dataset, tokenizer, c.seqlen, c.n, c.seed)
+                    self.windows[model.model_dump_json(), c.model_dump_json()] = calibration_windows(
+                        dataset, tokenizer, c.seqlen, c.n, c.seed)
                 except ConfigError as exc:
                     raise ConfigError(f"{where}: {exc}") from None
+                self.summary.seconds["calibration"] += time.perf_counter() - t0
 
     def _check_shapes(self, model: Any, config: Any, patterns: set[tuple[str, str]]) -> None:
         """Every pattern fits every prunable layer (N:M needs widths divisible by M); the
@@ -318,7 +324,6 @@ class _ModelState:
                       for layer in self.layers]
         self.flags = {k: v for k, v in vars(self.model.config).items() if k.endswith("_bias")}
         self.dirty = False
-        self.windows: dict[str, torch.Tensor] = {}
         runner.summary.seconds["load"] += time.perf_counter() - t0
 
     def restore(self) -> None:
@@ -342,13 +347,14 @@ class _ModelState:
         from .calibration import calibration_windows
 
         c = cell.calibration
-        key = c.model_dump_json()
-        if key not in self.windows:
+        windows = self.runner.windows
+        key = (self.spec.model_dump_json(), c.model_dump_json())
+        if key not in windows:  # preflight cuts them unless it could not reach the tokenizer
             t0 = time.perf_counter()
             dataset = get_plugins().datasets.get(c.dataset.name).cls(c.dataset.options)
-            self.windows[key] = calibration_windows(dataset, self.tokenizer, c.seqlen, c.n, c.seed)
+            windows[key] = calibration_windows(dataset, self.tokenizer, c.seqlen, c.n, c.seed)
             self.runner.summary.seconds["calibration"] += time.perf_counter() - t0
-        return self.windows[key]
+        return windows[key]
 
     def run(self, cell: Cell, pending: list, info: dict) -> list[dict]:
         from .engine import prune, resolve

@@ -105,10 +105,10 @@ def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device
 
 
 def _check_positions(model: torch.nn.Module, seqlen: int) -> None:
+    from ..models import text_config
+
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    limit = getattr(config, "max_position_embeddings", None)
+    limit = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None
     if isinstance(limit, int) and seqlen > limit:
         raise ConfigError(f"perplexity: seqlen={seqlen} is longer than the model's "
                           f"max_position_embeddings={limit}; use seqlen ≤ {limit}")
