@@ -15,8 +15,15 @@ def prune(*args, **kwargs):
     return _prune(*args, **kwargs)
 
 
+def collect_statistics(*args, **kwargs):
+    """One-shot statistics shared by several ``prune`` calls; see ``stadebench.engine.collect_statistics``."""
+    from .engine import collect_statistics as _collect
+
+    return _collect(*args, **kwargs)
+
+
 __all__ = [
     "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerStats", "Metric", "NumericalError",
     "Options", "Pattern", "PluginError", "Score", "StadebenchError", "UnknownNameError",
-    "__version__", "get_plugins", "hookimpl", "prune",
+    "__version__", "collect_statistics", "get_plugins", "hookimpl", "prune",
 ]

@@ -7,6 +7,12 @@ prune every linear of the block, then run the batches again with pruned weights
 Wanda/SparseGPT/STADE default) or the dense outputs do (``sequential=False``), and
 dense vs pruned outputs give the block's reconstruction error. Data-free metrics
 (magnitude, random) run no forward pass at all.
+
+One-shot statistics depend only on the dense model and the calibration windows, so
+``collect_statistics`` gathers them once for several metrics (the union of what they
+need) and ``prune(..., statistics=...)`` then prunes from them with no forward pass:
+a one-shot grid of metrics × patterns × sparsities costs one statistics pass plus
+masking.
 """
 
 from __future__ import annotations
@@ -14,14 +20,14 @@ from __future__ import annotations
 import resource
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from .base import LayerInfo, LayerStats, Metric, Pattern
+from .base import STATISTICS, LayerInfo, LayerStats, Metric, Pattern
 from .errors import ConfigError, NumericalError
 from .models import enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers, set_weight, weight_of
 from .plugins import get_plugins
@@ -85,9 +91,34 @@ class PruneReport:
     """Whether block activations were kept in CPU memory between passes."""
     config_flags: list[str] = field(default_factory=list)
     """Config flags turned on so that added biases survive save and reload."""
+    shared_statistics: bool = False
+    """Statistics came from ``collect_statistics`` (its passes and seconds are counted
+    there, not here) and no reconstruction error was measured."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class CalibrationStatistics:
+    """Input statistics of every prunable layer of a dense model (one-shot protocol).
+
+    Built by ``collect_statistics``; pass it to ``prune(..., statistics=...)`` for
+    each metric whose ``statistics`` it covers. Held in CPU memory.
+    """
+
+    needs: frozenset[str]
+    """The statistics collected (a union of metrics' ``statistics``)."""
+    layers: dict[str, LayerStats]
+    """By full layer name, with each layer's role."""
+    n_windows: int
+    seqlen: int
+    batch_size: int
+    seconds: float
+    """Wall time of the collection (capture and one pass of every block)."""
+    block_passes: int
+    nbytes: int
+    """Memory the statistics take."""
 
 
 def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict | None = None,
@@ -145,9 +176,25 @@ def _peak_memory(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _check_finite(t: torch.Tensor, what: str, layer: str, metric: str) -> None:
-    if not torch.isfinite(t).all():
-        raise NumericalError(f"{what} of layer {layer} contain NaN or Inf (metric {metric})")
+def _finite(t: torch.Tensor) -> bool:
+    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        # A float64 sum of such values cannot overflow, so it is finite exactly when
+        # every element is, and it costs one read instead of a boolean copy.
+        return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    return bool(torch.isfinite(t).all())
+
+
+def _check_finite(t: torch.Tensor, what: str, layer: str, metric: str | None) -> None:
+    if not _finite(t):
+        by = f" (metric {metric})" if metric else ""
+        raise NumericalError(f"{what} of layer {layer} contain NaN or Inf{by}")
+
+
+def _check_stats(stats: LayerStats, metric: str | None) -> None:
+    for key in ("sum", "sumsq", "gram"):
+        value = getattr(stats, key)
+        if value is not None:
+            _check_finite(value, f"input statistics ({key})", stats.layer.name, metric)
 
 
 def prune(
@@ -163,6 +210,7 @@ def prune(
     reconstruction: bool = True,
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    statistics: CalibrationStatistics | None = None,
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place.
 
@@ -186,6 +234,9 @@ def prune(
         offload: keep the block activations in CPU memory between passes; None keeps
             them on the device when both buffers fit in half its free memory.
         progress: called as ``progress(done_blocks, total_blocks)``.
+        statistics: one-shot statistics from ``collect_statistics`` on this (dense)
+            model, used instead of calibration passes (``sequential`` must be False; no
+            reconstruction error is measured). Data-free metrics ignore them.
     """
     t_start = time.perf_counter()
     metric, pattern = resolve(metric, pattern, metric_options)
@@ -198,10 +249,19 @@ def prune(
             pattern.check_shape(tuple(weight_of(layer).shape))
 
     data_free = not metric.statistics and not metric.solver
-    if not data_free:
-        if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
+    shared = statistics is not None and not data_free
+    if shared:
+        if sequential:
+            raise ConfigError("shared statistics are the dense model's (one-shot): use sequential=False")
+        missing = set(metric.statistics) - statistics.needs
+        if missing:
+            raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
+                              f"collected (have {sorted(statistics.needs)})")
+        n, seqlen, batch_size = statistics.n_windows, statistics.seqlen, statistics.batch_size
+    else:
+        if not data_free and (calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long):
             raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
-    n, seqlen = (tuple(calibration.shape) if calibration is not None else (0, 0))
+        n, seqlen = (tuple(calibration.shape) if calibration is not None and not data_free else (0, 0))
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
 
@@ -210,7 +270,7 @@ def prune(
         pattern=pattern.spec, target_sparsity=target, sparsity=0.0, sequential=sequential,
         n_windows=n, seqlen=seqlen, batch_size=batch_size, device=str(dev), seconds=0.0,
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
-        peak_memory_bytes=0,
+        peak_memory_bytes=0, shared_statistics=shared,
     )
     was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
     model.eval()
@@ -218,8 +278,9 @@ def prune(
         model.config.use_cache = False
     try:
         with torch.no_grad():
-            if data_free:
-                _prune_data_free(prefix, blocks, layers_per_block, metric, pattern, target, dev, report, progress)
+            if data_free or shared:
+                _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
+                                      statistics if shared else None, progress)
             else:
                 _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
                                   calibration, batch_size, sequential, reconstruction, offload, progress)
@@ -240,9 +301,9 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
                  metric: Metric, pattern: Pattern, sparsity: float, report: PruneReport) -> None:
     weight = weight_of(layer)
     dense = weight.detach().float()
-    _check_finite(dense, "weights", full_name, metric.name)
     details: dict[str, Any] = {}
     had_bias = getattr(layer, "bias", None) is not None
+    _check_finite(dense, "weights", full_name, metric.name)
     if metric.solver:
         mask, new_weight, *extra = metric.solve(dense, stats, pattern, sparsity)
         details = extra[0] if extra else {}
@@ -255,26 +316,39 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
                                  f"for layer {full_name} of shape {tuple(dense.shape)}")
         _check_finite(scores, "scores", full_name, metric.name)
         mask = pattern.select(scores, sparsity)
-        dense = dense.clone() if dense.data_ptr() == weight.data_ptr() else dense
-        weight.masked_fill_(mask, 0)
-        metric.update(layer, dense, mask, stats)
-        weight = weight_of(layer)
-        weight.masked_fill_(mask, 0)  # an update may change kept weights, never revive pruned ones
+        if type(metric).update is Metric.update:
+            weight.masked_fill_(mask, 0)
+        else:
+            dense = dense.clone() if dense.data_ptr() == weight.data_ptr() else dense
+            weight.masked_fill_(mask, 0)
+            metric.update(layer, dense, mask, stats)
+            weight = weight_of(layer)
+            weight.masked_fill_(mask, 0)  # an update may change kept weights, never revive pruned ones
+    pruned = int(mask.sum())
     report.layers.append(LayerReport(
         name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
-        pruned=int(mask.sum()), sparsity=float(mask.float().mean()),
+        pruned=pruned, sparsity=pruned / mask.numel(),
         bias_added=not had_bias and getattr(layer, "bias", None) is not None, details=details,
     ))
 
 
-def _prune_data_free(prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report, progress):
+def _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
+                          statistics, progress):
+    """Data-free metrics (no statistics at all), or one-shot metrics from shared statistics."""
     for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
         t0 = time.perf_counter()
         home = module_device(block)
         block.to(dev)
         for short, layer in block_layers:
-            info = LayerInfo(f"{prefix}.{i}.{short}", i, short)
-            _prune_layer(i, short, layer, info.name, LayerStats(info), metric, pattern, sparsity, report)
+            name = f"{prefix}.{i}.{short}"
+            if statistics is None:
+                stats = LayerStats(LayerInfo(name, i, short))
+            else:
+                if name not in statistics.layers:
+                    raise ConfigError(f"layer {name} has no shared statistics: they were collected on "
+                                      "another model")
+                stats = _moved(statistics.layers[name], dev)
+            _prune_layer(i, short, layer, name, stats, metric, pattern, sparsity, report)
         block.to(home)
         seconds = time.perf_counter() - t0
         report.timings["prune"] += seconds
@@ -283,9 +357,13 @@ def _prune_data_free(prefix, blocks, layers_per_block, metric, pattern, sparsity
             progress(i + 1, len(blocks))
 
 
-def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
-                      calibration, batch_size, sequential, reconstruction, offload, progress):
-    t0 = time.perf_counter()
+def _moved(stats: LayerStats, device: torch.device) -> LayerStats:
+    tensors = {k: getattr(stats, k) for k in ("sum", "sumsq", "gram", "m2")}
+    return replace(stats, **{k: None if v is None else v.to(device) for k, v in tensors.items()})
+
+
+def _capture(model, blocks, calibration, batch_size, dev, offload):
+    """Block 0's inputs, on the device or (offloaded) in CPU memory, and its other arguments."""
     home = module_device(model)
     move_outside(model, blocks, dev)
     try:
@@ -298,9 +376,84 @@ def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, 
         need = 2 * sum(c[0].numel() * c[0].element_size() for c in captured)
         offload = dev.type == "cuda" and need > 0.5 * torch.cuda.mem_get_info(dev)[0]
     store = torch.device("cpu") if offload else dev
-    inputs = [c[0].to(store) for c in captured]
-    del captured
-    report.offloaded = bool(offload)
+    return [c[0].to(store) for c in captured], extras, store, bool(offload)
+
+
+def collect_statistics(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    needs: Iterable[str],
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    offload: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationStatistics:
+    """One dense pass of every block over ``calibration``, gathering the statistics
+    named in ``needs`` (the union of the metrics' ``statistics``) for every prunable
+    layer, as the one-shot protocol of ``prune`` would; the model is not changed.
+
+    Statistics go to CPU memory block by block, so the device holds one block's.
+    """
+    t_start = time.perf_counter()
+    needs = frozenset(needs)
+    if not needs or not needs <= STATISTICS:
+        raise ConfigError(f"needs must be a non-empty subset of {sorted(STATISTICS)}, got {sorted(needs)}")
+    if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
+        raise ConfigError("collect_statistics needs calibration windows: a LongTensor [n, seqlen]")
+    dev = _device(device, model)
+    prefix, blocks = find_blocks(model)
+    layers: dict[str, LayerStats] = {}
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        with torch.no_grad():
+            inputs, extras, store, _ = _capture(model, blocks, calibration, batch_size, dev, offload)
+            input_normed = False
+            for i, block in enumerate(blocks):
+                block_layers = prunable_layers(block)
+                block_home = module_device(block)
+                block.to(dev)
+                collector = BlockCollector(block_layers, block, needs)
+                outputs = []
+                with collector:
+                    for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
+                        x = x.to(dev, non_blocking=True)
+                        out = _block_output(block(x, *args, **kwargs))
+                        if b == 0:
+                            input_normed = collector.end_first_batch(x, out, input_normed)
+                        outputs.append(out.to(store, non_blocking=True))
+                block.to(block_home)
+                cpu: dict[int, LayerStats] = {}  # layers sharing an input share the copies
+                for short, _ in block_layers:
+                    info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
+                    if short not in collector.acc:
+                        raise ConfigError(f"layer {info.name} received no input during calibration")
+                    key = id(collector.acc[short])
+                    if key not in cpu:
+                        cpu[key] = _moved(collector.stats(short, info), torch.device("cpu"))
+                        _check_stats(cpu[key], None)
+                    layers[info.name] = replace(cpu[key], layer=info)
+                inputs = outputs
+                if progress:
+                    progress(i + 1, len(blocks))
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+    tensors = {id(t): t for stats in layers.values() for t in (stats.sum, stats.sumsq, stats.gram, stats.m2)
+               if t is not None}
+    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    return CalibrationStatistics(needs=needs, layers=layers, n_windows=calibration.shape[0],
+                                 seqlen=calibration.shape[1], batch_size=batch_size,
+                                 seconds=time.perf_counter() - t_start, block_passes=len(blocks), nbytes=nbytes)
+
+
+def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
+                      calibration, batch_size, sequential, reconstruction, offload, progress):
+    t0 = time.perf_counter()
+    inputs, extras, store, report.offloaded = _capture(model, blocks, calibration, batch_size, dev, offload)
     report.timings["capture"] = time.perf_counter() - t0
     input_normed = False  # block 0 reads the embeddings
 
@@ -328,10 +481,7 @@ def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, 
             if short not in collector.acc:
                 raise ConfigError(f"layer {info.name} received no input during calibration")
             stats = collector.stats(short, info)
-            for key in ("sum", "sumsq", "gram"):
-                value = getattr(stats, key)
-                if value is not None:
-                    _check_finite(value, f"input statistics ({key})", info.name, metric.name)
+            _check_stats(stats, metric.name)
             _prune_layer(i, short, layer, info.name, stats, metric, pattern, sparsity, report)
         del collector
         t2 = time.perf_counter()

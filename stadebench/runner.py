@@ -261,7 +261,7 @@ class Runner:
         for _, group in groupby(todo, key=lambda item: item[0].model):
             group = list(group)
             try:
-                state = _ModelState(self, group[0][0].model)
+                state = _ModelState(self, group[0][0].model, group)
             except Exception as exc:  # a missing model fails its cells, not the suite
                 for cell, pending in group:
                     index += 1
@@ -308,9 +308,10 @@ class Runner:
 
 
 class _ModelState:
-    """A loaded model, a copy of its dense prunable weights, and cached calibration windows."""
+    """A loaded model, a copy of its dense prunable weights, cached calibration windows,
+    and the one-shot statistics its cells share."""
 
-    def __init__(self, runner: Runner, spec: Any):
+    def __init__(self, runner: Runner, spec: Any, group: list[tuple[Cell, list]] = ()):
         from .loading import load_model
         from .models import iter_layers
 
@@ -325,6 +326,58 @@ class _ModelState:
         self.flags = {k: v for k, v in vars(self.model.config).items() if k.endswith("_bias")}
         self.dirty = False
         runner.summary.seconds["load"] += time.perf_counter() - t0
+        self._plan_sharing(group)
+
+    def _plan_sharing(self, group: list[tuple[Cell, list]]) -> None:
+        """One-shot cells with the same calibration share one statistics pass, collected
+        for the union of their metrics' needs and freed after the last of them. Solver
+        cells join only when the Gram matrices fit in a quarter of the free memory."""
+        metrics = get_plugins().metrics
+        self.needs: dict[str, set[str]] = {}
+        self.users: dict[str, int] = {}
+        self.shared: dict[str, Any] = {}
+        from .models import weight_of
+
+        gram_bytes = sum(4 * weight_of(layer).shape[-1] ** 2 for layer in self.layers)  # an upper bound
+        gram_fits = gram_bytes < 0.25 * _free_memory()
+        for cell, _ in group:
+            if cell.dense or cell.calibration.sequential:
+                continue
+            cls = metrics.get(cell.metric).cls
+            if not cls.statistics or (cls.solver and not gram_fits):
+                continue
+            key = cell.calibration.model_dump_json()
+            self.needs.setdefault(key, set()).update(cls.statistics)
+            self.users[key] = self.users.get(key, 0) + 1
+        for key in [k for k, n in self.users.items() if n < 2]:  # nothing to share
+            del self.needs[key], self.users[key]
+
+    def shared_statistics(self, cell: Cell) -> Any:
+        """The statistics ``cell`` shares with other cells, collected on first use; None
+        when it runs its own passes."""
+        from .engine import collect_statistics
+
+        key = cell.calibration.model_dump_json()
+        if key not in self.needs:
+            return None
+        if key not in self.shared:
+            self.restore()
+            c = cell.calibration
+            try:
+                self.shared[key] = collect_statistics(
+                    self.model, self.calibration(cell), self.needs[key], batch_size=c.batch_size,
+                    device=self.runner.device, progress=self.runner.events.blocks)
+            except StadebenchError as exc:  # every cell sharing it fails the same way, without a retry
+                self.shared[key] = exc
+            if not isinstance(self.shared[key], Exception):
+                self.runner.summary.seconds["prune"] += self.shared[key].seconds
+        stats = self.shared[key]
+        self.users[key] -= 1
+        if not self.users[key]:  # the last cell that needs them: free the memory
+            del self.shared[key], self.needs[key], self.users[key]
+        if isinstance(stats, Exception):
+            raise stats
+        return stats
 
     def restore(self) -> None:
         """Put the dense weights back (and drop biases that pruning added)."""
@@ -371,10 +424,11 @@ class _ModelState:
             data_free = not metric.statistics and not metric.solver
             windows = None if data_free else self.calibration(cell)
             c = cell.calibration
+            shared = None if data_free else self.shared_statistics(cell)
             self.dirty = True
             report = prune(self.model, windows, metric=metric, pattern=pattern, sparsity=cell.sparsity,
                            sequential=c.sequential, batch_size=c.batch_size, device=runner.device,
-                           progress=runner.events.blocks)
+                           progress=runner.events.blocks, statistics=shared)
             seconds["prune"] += report.seconds
             info.update(actual_sparsity=report.sparsity, prune_seconds=report.seconds,
                         peak_memory_bytes=report.peak_memory_bytes)
@@ -385,6 +439,10 @@ class _ModelState:
                 "bias_added": sum(l.bias_added for l in report.layers),
                 "layers": {l.name: l.details for l in report.layers if l.details},
             }
+            if shared is not None:  # prune_seconds is this cell's masking alone
+                details["prune"]["shared_statistics"] = {
+                    "seconds": shared.seconds, "block_passes": shared.block_passes, "needs": sorted(shared.needs),
+                    "megabytes": round(shared.nbytes / 2**20, 1)}
         rows = []
         for evaluation in pending:
             key = runner.key_row(cell, evaluation)
@@ -405,6 +463,14 @@ class _ModelState:
             for row in rows:
                 row["peak_memory_bytes"] = max(peak, row.get("peak_memory_bytes") or 0)
         return rows
+
+
+def _free_memory() -> int:
+    """Free CPU memory in bytes: shared statistics live there (a device holds one block's)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = False,

@@ -5,7 +5,9 @@ float32. When the mean is asked for, each batch is centred on its own mean and b
 are merged with Chan's parallel update, so the variance stays accurate for channels
 whose mean dwarfs their spread (where Σx² − (Σx)²/n would cancel). Layers that read the
 very same input tensor (q/k/v, gate/up) share one accumulator, found on the first batch,
-so each input is reduced once.
+so each input is reduced once. Each statistic is computed one way whatever else is
+collected with it, so statistics gathered once for several metrics (one-shot grids)
+give each metric exactly what its own pass would.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ class Accumulator:
                 delta = mean_b - self.mean
                 self.mean.add_(delta, alpha=nb / (n + nb))
                 self.m2.add_(m2_b).add_(delta.square_(), alpha=n * nb / (n + nb))
-        elif "sumsq" in self.needs:
+        if "sumsq" in self.needs:
             q = (x * x).sum(0).double()
             self.sumsq = q if self.sumsq is None else self.sumsq.add_(q)
         if "gram" in self.needs:
@@ -51,14 +53,8 @@ class Accumulator:
         self.count = n + nb
 
     def stats(self, layer: LayerInfo) -> LayerStats:
-        total = sumsq = None
-        if self.mean is not None:
-            total = self.mean * self.count
-            if "sumsq" in self.needs:
-                sumsq = self.m2 + self.count * self.mean.square()
-        else:
-            sumsq = self.sumsq
-        return LayerStats(layer, self.count, total, sumsq, self.gram, self.m2)
+        total = None if self.mean is None else self.mean * self.count
+        return LayerStats(layer, self.count, total, self.sumsq, self.gram, self.m2)
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:

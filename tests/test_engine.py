@@ -17,7 +17,7 @@ import stadebench
 from stadebench.errors import ConfigError, NumericalError
 from stadebench.metrics.basic import Wanda
 from stadebench.metrics.sparsegpt import SparseGPT
-from stadebench.metrics.stade import Stade
+from stadebench.metrics.stade import Stade, StadeW
 from stadebench.plugins import get_plugins, reset_plugins
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -109,7 +109,8 @@ def test_calibrated_metrics_need_token_windows(tiny_llama, tiny_calibration, bad
 # statistics and protocol
 
 
-@pytest.mark.parametrize("cls,needs", [(Wanda, {"sumsq"}), (Stade, {"sum", "sumsq"}), (SparseGPT, {"gram"})])
+@pytest.mark.parametrize("cls,needs", [(Wanda, {"sumsq"}), (Stade, {"sum"}), (StadeW, {"sum", "sumsq"}),
+                                       (SparseGPT, {"gram"})])
 def test_engine_collects_exactly_the_statistics_a_metric_declares(tiny_llama, tiny_calibration, cls, needs):
     spy = spying(cls)
     stadebench.prune(tiny_llama, tiny_calibration, metric=spy, pattern="2:4", sequential=False)
@@ -123,7 +124,7 @@ def test_one_shot_statistics_are_the_dense_models_and_sequential_ones_see_pruned
         tiny_llama, tiny_calibration):
     dense = copy.deepcopy(tiny_llama)
     one_shot_model, seq_model = copy.deepcopy(tiny_llama), copy.deepcopy(tiny_llama)
-    one, seq = spying(Stade), spying(Stade)
+    one, seq = spying(StadeW), spying(StadeW)
     stadebench.prune(one_shot_model, tiny_calibration, metric=one, sequential=False)
     stadebench.prune(seq_model, tiny_calibration, metric=seq, sequential=True)
 
@@ -208,6 +209,74 @@ def test_report_reconstruction_error_matches_an_independent_computation(tiny_lla
         assert report.blocks[k].index == k
         assert report.blocks[k].mse == pytest.approx(mse, rel=1e-4)
         assert report.blocks[k].cosine == pytest.approx(cos, rel=1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# one-shot statistics shared across metrics, patterns and sparsities
+
+SHARED_CELLS = [("wanda", "unstructured", 0.5), ("stade", "2:4", None), ("stade-w", "unstructured-layer", 0.3),
+                ("sparsegpt", "unstructured", 0.6), ("stade-w", "4:8", None), ("magnitude", "2:4", None)]
+
+
+@pytest.mark.parametrize("family", ["llama", "opt", "gpt2"])
+def test_shared_statistics_prune_exactly_as_each_metrics_own_one_shot_pass(tiny_calibration, family):
+    from conftest import make_tiny
+
+    dense = make_tiny(family)
+    needs = set().union(*(get_plugins().metrics.get(m).cls.statistics for m, _, _ in SHARED_CELLS))
+    shared = stadebench.collect_statistics(dense, tiny_calibration, needs, batch_size=3)
+    assert torch.equal(torch.cat([p.flatten() for p in dense.parameters()]),
+                       torch.cat([p.flatten() for p in make_tiny(family).parameters()]))  # collecting changes nothing
+    for metric, pattern, sparsity in SHARED_CELLS:
+        own, reused = copy.deepcopy(dense), copy.deepcopy(dense)
+        a = stadebench.prune(own, tiny_calibration, metric=metric, pattern=pattern, sparsity=sparsity,
+                             sequential=False, batch_size=3)
+        b = stadebench.prune(reused, None, metric=metric, pattern=pattern, sparsity=sparsity,
+                             sequential=False, statistics=shared)
+        for (name, x), y in zip(own.state_dict().items(), reused.state_dict().values()):
+            assert torch.equal(x, y), (metric, pattern, name)  # bit for bit: same numbers, same masks, same biases
+        assert [(l.name, l.role, l.pruned, l.bias_added) for l in a.layers] == \
+               [(l.name, l.role, l.pruned, l.bias_added) for l in b.layers]
+        data_free = metric == "magnitude"
+        assert b.shared_statistics is not data_free and b.block_passes == 0
+        assert (b.n_windows, b.seqlen, b.batch_size) == ((8, 32, 3) if not data_free else (0, 0, 8))
+
+
+def test_shared_statistics_hold_each_layers_role_and_only_what_was_asked(tiny_llama, tiny_calibration):
+    shared = stadebench.collect_statistics(tiny_llama, tiny_calibration, {"sumsq"}, batch_size=4)
+    assert set(shared.layers) == set(linears(tiny_llama)) and shared.block_passes == 2
+    assert (shared.n_windows, shared.seqlen, shared.batch_size) == (8, 32, 4)
+    for name, stats in shared.layers.items():
+        assert stats.layer.name == name and stats.count == tiny_calibration.numel()
+        assert stats.sum is None and stats.gram is None and stats.sumsq.device.type == "cpu"
+        assert stats.layer.role == ("internal" if name.endswith(("o_proj", "down_proj")) else "normed")
+    # q/k/v read one tensor: one copy of its statistics, counted once
+    q, k = shared.layers["model.layers.0.self_attn.q_proj"], shared.layers["model.layers.0.self_attn.k_proj"]
+    assert q.sumsq is k.sumsq
+    assert shared.nbytes == 2 * (3 * 64 + 128) * 8  # 2 blocks × (attn, o_proj, mlp, down_proj inputs), float64
+
+
+def test_shared_statistics_are_one_shot_and_must_cover_the_metric(tiny_llama, tiny_calibration):
+    shared = stadebench.collect_statistics(tiny_llama, tiny_calibration, {"sumsq"})
+    with pytest.raises(ConfigError, match="sequential=False"):
+        stadebench.prune(tiny_llama, None, metric="wanda", sequential=True, statistics=shared)
+    with pytest.raises(ConfigError, match=r"needs statistics \['sum'\]"):
+        stadebench.prune(tiny_llama, None, metric="stade", sequential=False, statistics=shared)
+    with pytest.raises(ConfigError, match="subset"):
+        stadebench.collect_statistics(tiny_llama, tiny_calibration, {"mean"})
+    with pytest.raises(ConfigError, match="another model"):
+        stadebench.prune(_renamed(tiny_llama), None, metric="wanda", sequential=False, statistics=shared)
+
+
+def _renamed(model):
+    """The same model with its blocks under another attribute path."""
+    class Wrapper(nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = inner.config
+
+    return Wrapper(copy.deepcopy(model))
 
 
 def test_report_fields(tiny_llama, tiny_calibration):

@@ -290,6 +290,60 @@ def test_a_cell_gives_the_same_result_as_when_run_alone(grid, tmp_path, metric, 
     assert value == pytest.approx(value_of(grid.rows, metric, pattern), rel=1e-9, abs=0)
 
 
+ONE_SHOT_METRICS = ["magnitude", "wanda", "stade", "stade-w", "sparsegpt"]
+
+
+@pytest.fixture(scope="module")
+def one_shot(tmp_path_factory, assets):
+    """A one-shot grid (5 metrics × 2 patterns), with every call to the engine counted."""
+    import stadebench.engine as engine
+
+    root = tmp_path_factory.mktemp("one-shot")
+    calls = {"collect": [], "prune": []}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("STADEBENCH_CACHE", str(root / "cache"))
+        real_collect, real_prune = engine.collect_statistics, engine.prune
+
+        def collect(*args, **kwargs):
+            calls["collect"].append(sorted(args[2]))
+            return real_collect(*args, **kwargs)
+
+        def prune(*args, **kwargs):
+            report = real_prune(*args, **kwargs)
+            calls["prune"].append((report.metric, report.shared_statistics, report.block_passes))
+            return report
+
+        mp.setattr(engine, "collect_statistics", collect)
+        mp.setattr(engine, "prune", prune)
+        suite_data = suite_dict(assets, name="one-shot", metrics=ONE_SHOT_METRICS, patterns=GRID_PATTERNS)
+        suite_data["calibration"]["sequential"] = False
+        suite = make_suite(root, assets, **{k: v for k, v in suite_data.items() if k != "leaderboard"})
+        summary = Runner(suite).run()
+    return types.SimpleNamespace(folder=root / "lb", suite=suite, summary=summary, calls=calls,
+                                 rows=rows_of(root / "lb"))
+
+
+def test_a_one_shot_grid_collects_statistics_once_for_all_its_metrics(one_shot):
+    assert len(one_shot.summary.finished) == 11 and not one_shot.summary.failed
+    assert one_shot.calls["collect"] == [["gram", "sum", "sumsq"]]
+    assert sorted(one_shot.calls["prune"]) == sorted(
+        [("magnitude", False, 0)] * 2 + [(m, True, 0) for m in ONE_SHOT_METRICS[1:] for _ in GRID_PATTERNS])
+    shared = [json.loads(r["details"])["prune"]["shared_statistics"] for r in one_shot.rows
+              if r["metric"] not in ("magnitude", "dense")]
+    assert len(shared) == 8 and all(s["block_passes"] == 2 and s["needs"] == ["gram", "sum", "sumsq"] for s in shared)
+
+
+@pytest.mark.parametrize("metric", ["wanda", "stade-w", "sparsegpt"])
+def test_a_one_shot_cell_gives_the_very_same_result_as_with_its_own_passes(one_shot, tmp_path, metric):
+    alone = Runner(one_shot.suite, leaderboard_dir=tmp_path / "alone")
+    summary = alone.run(only=[f"metric={metric}", "pattern=2:4"])  # a single cell shares with nobody
+    assert summary.finished == [cell_label(metric, "2:4")]
+    row = [r for r in rows_of(tmp_path / "alone") if r["status"] == "ok"][0]
+    details = json.loads(row["details"])["prune"]
+    assert "shared_statistics" not in details and details["block_passes"] == 4  # stats + reconstruction, 2 blocks
+    assert row["value"] == value_of(one_shot.rows, metric, "2:4")
+
+
 def test_restore_drops_stade_biases_and_puts_back_dense_weights(assets, tmp_path, loads):
     from transformers import AutoModelForCausalLM
 

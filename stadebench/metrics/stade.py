@@ -39,7 +39,7 @@ class Stade(Metric):
     name = "stade"
     version = "1"
     Options = StadeOptions
-    statistics = frozenset({"sum", "sumsq"})
+    statistics = frozenset({"sum"})
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         return weight.square() * stats.var.unsqueeze(0)
@@ -61,6 +61,7 @@ class StadeW(Stade):
 
     name = "stade-w"
     version = "1"
+    statistics = frozenset({"sum", "sumsq"})
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         role = stats.layer.role

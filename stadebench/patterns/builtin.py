@@ -25,11 +25,19 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
     """
     if k <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
+    if scores.ndim == 1:
+        return _lowest(scores.unsqueeze(0), k).squeeze(0)
     kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
-    below = scores < kth
-    tie = scores == kth
-    room = k - below.sum(-1, keepdim=True)
-    return below | (tie & (tie.cumsum(-1) <= room))
+    mask = scores <= kth
+    over = mask.sum(-1) > k  # rows where the k-th value is tied past k: only those need the scan
+    if over.any():
+        rows = over.nonzero(as_tuple=True)
+        sub, sub_kth = scores[rows], kth[rows]
+        below = sub < sub_kth
+        tie = sub == sub_kth
+        room = k - below.sum(-1, keepdim=True)
+        mask[rows] = below | (tie & (tie.cumsum(-1) <= room))
+    return mask
 
 
 class Unstructured(Pattern):
