@@ -6,6 +6,11 @@
   `nox -s "plugin(stadebench-ria)"` for one.
 - `nox -s tests_with_plugins`: the core's tests with every plugin installed, so an
   installed plugin cannot break the core (its entry points load in every run).
+- `nox -s bench`: the speed gate (tests/benchmarks/gate.py): the working tree's benchmarks
+  against the commit in tests/benchmarks/BASELINE, interleaved on this machine; fails on
+  a regression. `nox -s bench -- --base HEAD -- -k score_mask` for a quick one.
+- `nox -s gpu -- --quick`: the CUDA check (tests/benchmarks/gpu.py) in the current
+  environment, installing nothing (the GPU machine is offline).
 """
 
 from pathlib import Path
@@ -48,3 +53,24 @@ def tests_with_plugins(session: nox.Session) -> None:
     session.install(*(f"./plugins/{name}" for name in PLUGINS))
     session.run("stadebench", "plugins", "--format", "csv")
     session.run("pytest", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Speed gate: working tree vs the BASELINE commit, A B B A on this machine (docs/performance.md)."""
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    session.run("python", "tests/benchmarks/gate.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def gpu(session: nox.Session) -> None:
+    """The CUDA check (tests/benchmarks/gpu.py) in the current environment, installing nothing.
+
+    SmolLM2-135M pruned in float16 and bfloat16 by every metric: seconds, peak GPU memory
+    and perplexity; options after `--`, e.g. `nox -s gpu -- --quick`. It runs the `python`
+    on PATH, because it needs a CUDA build of torch (not the pinned CPU build) and the GPU
+    machine has no network. The model and data come from the stadebench cache
+    (`$STADEBENCH_CACHE`).
+    """
+    session.run("python", "tests/benchmarks/gpu.py", *session.posargs)

@@ -177,10 +177,9 @@ def _peak_memory(device: torch.device) -> int:
 
 
 def _finite(t: torch.Tensor) -> bool:
-    if t.dtype in (torch.float32, torch.float16, torch.bfloat16):
-        # A float64 sum of such values cannot overflow, so it is finite exactly when
-        # every element is, and it costs one read instead of a boolean copy.
-        return bool(torch.isfinite(t.sum(dtype=torch.float64)))
+    if t.is_floating_point() and t.numel():
+        # min and max carry any NaN or Inf: one read, no boolean copy of the tensor
+        return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
     return bool(torch.isfinite(t).all())
 
 
@@ -324,7 +323,7 @@ def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str,
             metric.update(layer, dense, mask, stats)
             weight = weight_of(layer)
             weight.masked_fill_(mask, 0)  # an update may change kept weights, never revive pruned ones
-    pruned = int(mask.sum())
+    pruned = int(mask.count_nonzero())
     report.layers.append(LayerReport(
         name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
         pruned=pruned, sparsity=pruned / mask.numel(),

@@ -104,7 +104,8 @@ SCHEMA = pa.schema(
         _field("git_commit", _str, "Git commit of the stadebench checkout, if it is one."),
         _field("device", _str, "Device name, e.g. 'NVIDIA H200' or 'cpu'."),
         _field("actual_sparsity", _f64, "Fraction of prunable weights that are zero once pruned."),
-        _field("prune_seconds", _f64, "Wall time spent pruning (incl. calibration)."),
+        _field("prune_seconds", _f64, "Wall time spent pruning this cell, incl. its own calibration passes "
+               "(a one-shot statistics pass shared by several cells is in details.prune.shared_statistics)."),
         _field("eval_seconds", _f64, "Wall time spent evaluating."),
         _field("peak_memory_bytes", _i64, "Peak accelerator memory during the cell."),
         _field("details", _str, "Extra output (per-block errors, task versions, ...) as JSON."),

@@ -29,14 +29,15 @@ def _lowest(scores: torch.Tensor, k: int) -> torch.Tensor:
         return _lowest(scores.unsqueeze(0), k).squeeze(0)
     kth = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
     mask = scores <= kth
-    over = mask.sum(-1) > k  # rows where the k-th value is tied past k: only those need the scan
-    if over.any():
-        rows = over.nonzero(as_tuple=True)
-        sub, sub_kth = scores[rows], kth[rows]
-        below = sub < sub_kth
-        tie = sub == sub_kth
-        room = k - below.sum(-1, keepdim=True)
-        mask[rows] = below | (tie & (tie.cumsum(-1) <= room))
+    # Rows where the k-th value is tied past k drop their last `excess` tied entries.
+    excess = mask.count_nonzero(-1) - k
+    over = excess > 0
+    tied_rows = int(over.count_nonzero())
+    if tied_rows:
+        rows = slice(None) if 2 * tied_rows > len(over) else over.nonzero(as_tuple=True)
+        tie = scores[rows] == kth[rows]
+        rank = tie.cumsum(-1, dtype=torch.int32)
+        mask[rows] ^= tie & (rank > rank[..., -1:] - excess[rows].unsqueeze(-1))
     return mask
 
 

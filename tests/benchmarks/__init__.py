@@ -1,0 +1,1 @@
+"""Speed benchmarks (pytest-benchmark) and the A/B regression gate, gate.py."""

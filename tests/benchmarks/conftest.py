@@ -1,0 +1,143 @@
+"""Shared pieces of the benchmarks: SmolLM2-shaped random models, per-phase timers, the
+minima that in-run ratios are computed from, and what the gate reads from the JSON
+(where ``stadebench`` was imported from, which benchmarks failed).
+
+Plain ``pytest`` runs each body once as a correctness check (``--benchmark-disable`` is
+in the addopts); ``tests/benchmarks/gate.py`` (``nox -s bench``) times them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+
+import pytest
+import torch
+
+import stadebench
+
+
+#: Torch threads for the benchmarks: ``$STADEBENCH_BENCH_THREADS``, default 1; 0 keeps
+#: torch's default (all cores).
+THREADS = int(os.environ.get("STADEBENCH_BENCH_THREADS", "1"))
+
+
+@pytest.fixture(scope="package", autouse=True)
+def bench_threads():
+    """One torch thread unless told otherwise: on a shared machine a second intra-op
+    thread competing with other processes makes small ops many times slower (SparseGPT's
+    column loop 2.7 s on one thread, 33 s on two under load), and the gate needs figures
+    that noise cannot multiply."""
+    before = torch.get_num_threads()
+    if THREADS > 0:
+        torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def smollm2_config(layers: int):
+    """SmolLM2-135M's dimensions with ``layers`` decoder blocks."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3,
+        vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True, num_hidden_layers=layers,
+        max_position_embeddings=8192,
+    )
+
+
+def smollm2_shaped(layers: int, seed: int = 0):
+    """A float32 Llama with SmolLM2-135M's shapes and seeded random weights."""
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(smollm2_config(layers)).eval()
+
+
+def random_ids(n: int, seqlen: int, seed: int, vocab: int = 49152) -> torch.Tensor:
+    """LongTensor ``[n, seqlen]`` of seeded random token ids."""
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+class Phases:
+    """Shortest time of each named phase over a benchmark's rounds.
+
+    pytest-benchmark times the whole body; a phase that is a small part of it (a metric's
+    score next to the mask selection) needs its own figure for a 2x slowdown of it to show.
+    """
+
+    def __init__(self):
+        self.best: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        t0 = time.perf_counter()
+        yield
+        seconds = time.perf_counter() - t0
+        self.best[name] = min(seconds, self.best.get(name, math.inf))
+
+
+@pytest.fixture
+def phases(benchmark):
+    """A ``Phases`` whose minima land in ``extra_info["phase_min_s"]`` (read by the gate)."""
+    recorder = Phases()
+    yield recorder
+    if recorder.best:
+        benchmark.extra_info["phase_min_s"] = dict(recorder.best)
+
+
+@pytest.fixture(scope="session")
+def minima() -> dict[str, float]:
+    """Fastest round (seconds) of each benchmark run so far in this process, by key."""
+    return {}
+
+
+def record(benchmark, minima: dict[str, float], key: str, **ratios: str) -> None:
+    """Store this benchmark's fastest round under ``key``; for each ``ratio_x=other`` whose
+    ``other`` was measured earlier in the process, put min(this) / min(other) in extra_info.
+    Does nothing when benchmarks are disabled (no timings)."""
+    if benchmark.stats is None:
+        return
+    minima[key] = benchmark.stats.stats.min
+    for name, other in ratios.items():
+        if other in minima:
+            benchmark.extra_info[name] = round(minima[key] / minima[other], 4)
+
+
+# --- what the gate reads ------------------------------------------------------------------
+
+_failed: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    if report.failed:
+        _failed.append(report.nodeid)
+
+
+def pytest_collectreport(report):
+    if report.failed:  # a module that cannot be imported: its benchmarks are missing, not new
+        _failed.append(report.nodeid)
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["stadebench"] = {"file": stadebench.__file__, "version": stadebench.__version__}
+    machine_info["torch"] = {"version": torch.__version__, "threads": THREADS or torch.get_num_threads()}
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    output_json["failed"] = list(_failed)
+
+
+def pytest_terminal_summary(terminalreporter):
+    session = getattr(terminalreporter.config, "_benchmarksession", None)
+    rows = []
+    for bench in getattr(session, "benchmarks", []):
+        ratios = {k: v for k, v in bench.extra_info.items() if "ratio" in k}
+        if ratios:
+            rows.append(f"{bench.name}: " + ", ".join(f"{k}={v:.3f}" for k, v in ratios.items()))
+    if rows:
+        terminalreporter.write_sep("-", "in-run ratios (fastest round / fastest round)")
+        for row in rows:
+            terminalreporter.write_line(row)

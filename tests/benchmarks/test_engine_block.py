@@ -1,0 +1,66 @@
+"""One decoder block through the engine: ``prune()`` of a 1-block SmolLM2-shaped Llama on
+16 windows x 512 random tokens (batch 8), against the floor any calibrated method has
+to pay, two plain forward passes of the block over the same windows (statistics pass
+and pruned-output pass). ``extra_info["ratio_to_two_passes"]`` is that overhead; for
+magnitude (no forward pass) ``ratio_to_wanda`` is what skipping the passes saves.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from stadebench.engine import capture_inputs, prune
+from stadebench.models import find_blocks
+
+from .conftest import random_ids, record, smollm2_shaped
+
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def dense():
+    return smollm2_shaped(layers=1)
+
+
+@pytest.fixture(scope="module")
+def windows() -> torch.Tensor:
+    return random_ids(16, 512, seed=0)
+
+
+def test_engine_block_reference(benchmark, minima, dense, windows):
+    """Two plain forward passes of the block over the captured block inputs."""
+    benchmark.group = "engine block"
+    _, blocks = find_blocks(dense)
+    with torch.no_grad():
+        captured = capture_inputs(dense, blocks, list(windows.split(BATCH)), torch.device("cpu"))
+
+    def two_passes():
+        with torch.no_grad():
+            for _ in range(2):
+                for x, args, kwargs in captured:
+                    out = blocks[0](x, *args, **kwargs)
+        return out
+
+    out = benchmark.pedantic(two_passes, rounds=3, warmup_rounds=1)
+    out = out[0] if isinstance(out, tuple) else out
+    assert out.shape == (BATCH, 512, 576) and bool(torch.isfinite(out).all())
+    record(benchmark, minima, "engine:two-passes")
+
+
+# wanda first: magnitude's ratio_to_wanda needs its time.
+@pytest.mark.parametrize("metric", ["wanda", "stade", "magnitude", "sparsegpt"])
+def test_engine_block(benchmark, minima, dense, windows, metric):
+    benchmark.group = "engine block"
+    report = benchmark.pedantic(
+        lambda model: prune(model, windows, metric=metric, batch_size=BATCH, device="cpu"),
+        setup=lambda: ((copy.deepcopy(dense),), {}), rounds=3, warmup_rounds=1)
+    assert report.sparsity == 0.5
+    assert report.block_passes == (0 if metric == "magnitude" else 2)
+    benchmark.extra_info["timings"] = {k: round(v, 4) for k, v in report.timings.items()}
+    ratios = {"ratio_to_two_passes": "engine:two-passes"}
+    if metric == "magnitude":
+        ratios["ratio_to_wanda"] = "engine:wanda"
+    record(benchmark, minima, f"engine:{metric}", **ratios)
