@@ -9,8 +9,11 @@ stored numbers. The base commit (``tests/benchmarks/BASELINE`` unless ``--base``
 ``stadebench/`` exported to a temporary folder; the working tree's ``tests/benchmarks``
 then run in separate pytest processes, alternately against the base's package
 (``PYTHONPATH`` = that folder) and the working tree's, in the order A B B A (A B B A A B
-B A ... for more rounds). Per benchmark and side the figure is the fastest round over
-that side's processes (noise only ever adds time); the gate fails when head / base
+B A ... for more rounds). Each timed benchmark is divided by a fixed torch workload timed
+just before and after it in the same process (``extra_info["reference_s"]``), so a slow
+spell of the machine that falls on one side's processes cancels out. Per benchmark and
+side the figure is the fastest normalised round over that side's processes (noise only
+ever adds time); the gate fails when head / base
 exceeds the threshold for any benchmark, or for any phase a benchmark times on its own
 (``extra_info["phase_min_s"]``). Benchmarks absent or failing on the base side are
 reported as new and not gated; one failing on the working tree fails the gate.
@@ -149,10 +152,12 @@ def measurements(runs: list[dict]) -> tuple[dict, set[str]]:
         failed.update(nodeid.split("::", 1)[-1] for nodeid in data.get("failed", []))
         for bench in data.get("benchmarks", []):
             row = out.setdefault(bench["name"], {"group": bench.get("group"), "min": [], "phases": {}, "ratios": {}})
-            row["min"].append(bench["stats"]["min"])
             extra = bench.get("extra_info", {})
+            # in units of the reference workload timed around this benchmark in this process
+            unit = extra.get("reference_s") or 1.0
+            row["min"].append(bench["stats"]["min"] / unit)
             for phase, seconds in extra.get("phase_min_s", {}).items():
-                row["phases"].setdefault(phase, []).append(seconds)
+                row["phases"].setdefault(phase, []).append(seconds / unit)
             for key, value in extra.items():
                 if "ratio" in key and isinstance(value, int | float):
                     row["ratios"].setdefault(key, []).append(value)
@@ -196,8 +201,8 @@ def show(rows: list[dict], title: str) -> None:
 
     style = {"SLOWER": "bold red", "error": "bold red", "faster": "green", "new": "yellow", "gone": "yellow"}
     table = Table(title=title, title_justify="left")
-    for col in ("benchmark", "base s", "head s", "head/base", "verdict", "in-run ratios (head; base)"):
-        table.add_column(col, justify="right" if col.endswith(("s", "base")) else "left")
+    for col in ("benchmark", "base", "head", "head/base", "verdict", "in-run ratios (head; base)"):
+        table.add_column(col, justify="right" if col in ("base", "head", "head/base") else "left")
     for r in rows:
         ratios = "; ".join(f"{k} {v:.2f}" + (f" ({r['ratios_base'][k]:.2f})" if k in r["ratios_base"] else "")
                            for k, v in r["ratios_head"].items())
@@ -244,7 +249,8 @@ def main(argv: list[str] | None = None) -> int:
     head_m, head_failed = measurements(runs["head"])
     rows = compare(base_m, base_failed, head_m, head_failed, args.threshold)
     bad = [r["name"] for r in rows if r["verdict"] in ("SLOWER", "error")]
-    show(rows, f"working tree vs {asked} ({base[:10]}): fastest round of {args.rounds} runs per side")
+    show(rows, f"working tree vs {asked} ({base[:10]}): fastest round of {args.rounds} runs per side, "
+               "in units of the reference workload timed around it")
 
     summary = {
         "base": {"asked": asked, "commit": base}, "head": {"commit": head, "uncommitted_changes": dirty},
