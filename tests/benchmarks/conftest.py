@@ -79,43 +79,6 @@ class Phases:
         self.best[name] = min(seconds, self.best.get(name, math.inf))
 
 
-_REFERENCE: list[torch.Tensor] = []
-
-
-def reference_seconds(reps: int = 3) -> float:
-    """Fastest of ``reps`` runs of a fixed torch workload that involves no stadebench code:
-    a matmul, a row-wise k-th value and a reduction of one seeded 1024×1024 matrix."""
-    if not _REFERENCE:
-        _REFERENCE.append(torch.randn(1024, 1024, generator=torch.Generator().manual_seed(0)))
-    a = _REFERENCE[0]
-    best = math.inf
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        a @ a
-        torch.kthvalue(a, 512, dim=-1)
-        (a * a).sum(0)
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-@pytest.fixture(autouse=True)
-def machine_speed(request):
-    """Time the reference workload just before and just after each timed benchmark:
-    ``extra_info["reference_s"]``, the machine's speed at that moment. The gate divides
-    by it, so a slow spell (another job, throttling) that falls on one side's processes
-    does not read as a regression."""
-    if "benchmark" not in request.fixturenames:
-        yield
-        return
-    benchmark = request.getfixturevalue("benchmark")
-    if benchmark.disabled:
-        yield
-        return
-    before = reference_seconds()
-    yield
-    benchmark.extra_info["reference_s"] = min(before, reference_seconds())
-
-
 @pytest.fixture
 def phases(benchmark):
     """A ``Phases`` whose minima land in ``extra_info["phase_min_s"]`` (read by the gate)."""

@@ -92,7 +92,7 @@ def test_score_mask(benchmark, phases, layers, metric_name, pattern_name, shape)
             with phases("select"):
                 return pattern.select(scores, sparsity), None
 
-    mask, new_weight = benchmark.pedantic(run, rounds=3, iterations=1)
+    mask, new_weight = benchmark.pedantic(run, rounds=5, iterations=1)
     assert mask.shape == weight.shape and mask.dtype == torch.bool
     _check(mask, pattern, sparsity)
     if new_weight is not None:
