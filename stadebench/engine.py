@@ -17,6 +17,7 @@ masking.
 
 from __future__ import annotations
 
+import contextlib
 import resource
 import sys
 import time
@@ -271,22 +272,13 @@ def prune(
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
         peak_memory_bytes=0, shared_statistics=shared,
     )
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
-    model.eval()
-    if use_cache is not None:
-        model.config.use_cache = False
-    try:
-        with torch.no_grad():
-            if data_free or shared:
-                _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
-                                      statistics if shared else None, progress)
-            else:
-                _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
-                                  calibration, batch_size, sequential, reconstruction, offload, progress)
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    with _eval_mode(model):
+        if data_free or shared:
+            _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
+                                  statistics if shared else None, progress)
+        else:
+            _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
+                              calibration, batch_size, sequential, reconstruction, offload, progress)
     if any(layer.bias_added for layer in report.layers):
         report.config_flags = enable_bias_flags(model)
     total = sum(l.shape[0] * l.shape[1] for l in report.layers)
@@ -378,6 +370,37 @@ def _capture(model, blocks, calibration, batch_size, dev, offload):
     return [c[0].to(store) for c in captured], extras, store, bool(offload)
 
 
+def _statistics_pass(block, block_layers, needs, inputs, extras, dev, store, input_normed):
+    """Pass 1 of one block over every batch, dense weights: the collector holding the
+    layers' statistics and roles, the block's outputs, and whether they are normalised."""
+    collector = BlockCollector(block_layers, block, needs)
+    outputs = []
+    with collector:
+        for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
+            x = x.to(dev, non_blocking=True)
+            out = _block_output(block(x, *args, **kwargs))
+            if b == 0:
+                input_normed = collector.end_first_batch(x, out, input_normed)
+            outputs.append(out.to(store, non_blocking=True))
+    return collector, outputs, input_normed
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    """Eval mode and no KV cache while blocks run on calibration windows; both restored."""
+    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
+    model.eval()
+    if use_cache is not None:
+        model.config.use_cache = False
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
 def collect_statistics(
     model: nn.Module,
     calibration: torch.Tensor,
@@ -402,45 +425,29 @@ def collect_statistics(
     dev = _device(device, model)
     prefix, blocks = find_blocks(model)
     layers: dict[str, LayerStats] = {}
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
-    model.eval()
-    if use_cache is not None:
-        model.config.use_cache = False
-    try:
-        with torch.no_grad():
-            inputs, extras, store, _ = _capture(model, blocks, calibration, batch_size, dev, offload)
-            input_normed = False
-            for i, block in enumerate(blocks):
-                block_layers = prunable_layers(block)
-                block_home = module_device(block)
-                block.to(dev)
-                collector = BlockCollector(block_layers, block, needs)
-                outputs = []
-                with collector:
-                    for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
-                        x = x.to(dev, non_blocking=True)
-                        out = _block_output(block(x, *args, **kwargs))
-                        if b == 0:
-                            input_normed = collector.end_first_batch(x, out, input_normed)
-                        outputs.append(out.to(store, non_blocking=True))
-                block.to(block_home)
-                cpu: dict[int, LayerStats] = {}  # layers sharing an input share the copies
-                for short, _ in block_layers:
-                    info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
-                    if short not in collector.acc:
-                        raise ConfigError(f"layer {info.name} received no input during calibration")
-                    key = id(collector.acc[short])
-                    if key not in cpu:
-                        cpu[key] = _moved(collector.stats(short, info), torch.device("cpu"))
-                        _check_stats(cpu[key], None)
-                    layers[info.name] = replace(cpu[key], layer=info)
-                inputs = outputs
-                if progress:
-                    progress(i + 1, len(blocks))
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
+    with _eval_mode(model):
+        inputs, extras, store, _ = _capture(model, blocks, calibration, batch_size, dev, offload)
+        input_normed = False
+        for i, block in enumerate(blocks):
+            block_layers = prunable_layers(block)
+            block_home = module_device(block)
+            block.to(dev)
+            collector, outputs, input_normed = _statistics_pass(block, block_layers, needs, inputs, extras,
+                                                                dev, store, input_normed)
+            block.to(block_home)
+            cpu: dict[int, LayerStats] = {}  # layers sharing an input share the copies
+            for short, _ in block_layers:
+                info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
+                if short not in collector.acc:
+                    raise ConfigError(f"layer {info.name} received no input during calibration")
+                key = id(collector.acc[short])
+                if key not in cpu:
+                    cpu[key] = _moved(collector.stats(short, info), torch.device("cpu"))
+                    _check_stats(cpu[key], None)
+                layers[info.name] = replace(cpu[key], layer=info)
+            inputs = outputs
+            if progress:
+                progress(i + 1, len(blocks))
     tensors = {id(t): t for stats in layers.values() for t in (stats.sum, stats.sumsq, stats.gram, stats.m2)
                if t is not None}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -462,15 +469,8 @@ def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, 
         block.to(dev)
 
         t0 = time.perf_counter()
-        collector = BlockCollector(block_layers, block, metric.statistics)
-        dense_out = []
-        with collector:
-            for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
-                x = x.to(dev, non_blocking=True)
-                out = _block_output(block(x, *args, **kwargs))
-                if b == 0:
-                    input_normed = collector.end_first_batch(x, out, input_normed)
-                dense_out.append(out.to(store, non_blocking=True))
+        collector, dense_out, input_normed = _statistics_pass(block, block_layers, metric.statistics, inputs,
+                                                              extras, dev, store, input_normed)
         report.block_passes += 1
         t1 = time.perf_counter()
         report.timings["stats"] += t1 - t0

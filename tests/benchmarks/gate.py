@@ -263,10 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     if bad:
-        print(f"gate: FAILED: {len(bad)} slower than {args.threshold}x the base or failing: {', '.join(bad)}",
+        print(f"gate: FAILED: {len(bad)} slower than {args.threshold}x the base ({args.phase_threshold}x for a "
+              f"phase) or failing: {', '.join(bad)}",
               file=sys.stderr)
     else:
-        print(f"gate: passed (no benchmark slower than {args.threshold}x the base)", file=sys.stderr)
+        print(f"gate: passed (no benchmark slower than {args.threshold}x the base, no phase slower than "
+              f"{args.phase_threshold}x)", file=sys.stderr)
 
     if args.rebaseline:
         if bad and not args.force:

@@ -53,7 +53,6 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -131,16 +130,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
-
-def git_commit() -> str | None:
-    try:
-        sha = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=5, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None  # no git, or a copied tree without .git
-    return sha + ("-dirty" if dirty else "")
 
 
 def finite_or_text(value: Any) -> Any:
@@ -295,6 +284,7 @@ def environment(check: Check) -> dict[str, Any]:
     import transformers
 
     import stadebench
+    from stadebench.runner import _git_commit as git_commit
 
     env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
            "stadebench": stadebench.__version__, "stadebench_path": str(Path(stadebench.__file__).parent),
