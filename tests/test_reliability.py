@@ -81,9 +81,17 @@ def expected(suite, tmp_path_factory):
     return keys
 
 
+def _default_sigint() -> None:
+    # A test run started in the background (`pytest &`) inherits an ignored SIGINT, and a
+    # Python started with SIGINT ignored never raises KeyboardInterrupt: give the child
+    # the default disposition, as a terminal would.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(suite: Path, folder: Path, env: dict) -> subprocess.Popen:
     return subprocess.Popen([EXE, "run", str(suite), "--leaderboard", str(folder), "--no-show"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=_default_sigint)
 
 
 def finish(proc: subprocess.Popen, timeout: float = 120) -> tuple[int, str, str]:
