@@ -330,6 +330,7 @@ def _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, spa
         t0 = time.perf_counter()
         home = module_device(block)
         block.to(dev)
+        on_device: dict[int, torch.Tensor] = {}
         for short, layer in block_layers:
             name = f"{prefix}.{i}.{short}"
             if statistics is None:
@@ -338,7 +339,7 @@ def _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, spa
                 if name not in statistics.layers:
                     raise ConfigError(f"layer {name} has no shared statistics: they were collected on "
                                       "another model")
-                stats = _moved(statistics.layers[name], dev)
+                stats = _moved(statistics.layers[name], dev, on_device)
             _prune_layer(i, short, layer, name, stats, metric, pattern, sparsity, report)
         block.to(home)
         seconds = time.perf_counter() - t0
@@ -348,9 +349,17 @@ def _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, spa
             progress(i + 1, len(blocks))
 
 
-def _moved(stats: LayerStats, device: torch.device) -> LayerStats:
-    tensors = {k: getattr(stats, k) for k in ("sum", "sumsq", "gram", "m2")}
-    return replace(stats, **{k: None if v is None else v.to(device) for k, v in tensors.items()})
+def _moved(stats: LayerStats, device: torch.device, done: dict[int, torch.Tensor] | None = None) -> LayerStats:
+    """``stats`` with its tensors on ``device``; ``done`` maps tensors already moved (by id),
+    so layers that share statistics (q/k/v) share one copy there too."""
+    done = {} if done is None else done
+    moved = {}
+    for key in ("sum", "sumsq", "gram", "m2"):
+        t = getattr(stats, key)
+        if t is not None and id(t) not in done:
+            done[id(t)] = t.to(device)
+        moved[key] = None if t is None else done[id(t)]
+    return replace(stats, **moved)
 
 
 def _capture(model, blocks, calibration, batch_size, dev, offload):

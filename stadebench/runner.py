@@ -332,12 +332,12 @@ class _ModelState:
         """One-shot cells with the same calibration share one statistics pass, collected
         for the union of their metrics' needs and freed after the last of them. Solver
         cells join only when the Gram matrices fit in a quarter of the free memory."""
+        from .models import weight_of
+
         metrics = get_plugins().metrics
         self.needs: dict[str, set[str]] = {}
         self.users: dict[str, int] = {}
         self.shared: dict[str, Any] = {}
-        from .models import weight_of
-
         gram_bytes = sum(4 * weight_of(layer).shape[-1] ** 2 for layer in self.layers)  # an upper bound
         gram_fits = gram_bytes < 0.25 * _free_memory()
         for cell, _ in group:
