@@ -4,20 +4,20 @@ from .base import Dataset, Evaluator, LayerInfo, LayerStats, Metric, Options, Pa
 from .errors import ConfigError, NumericalError, PluginError, StadebenchError, UnknownNameError
 from .hookspecs import hookimpl
 from .plugins import get_plugins
+from .version import __version__
 
-__version__ = "0.1.0"
 
 
 def prune(*args, **kwargs):
-    """Prune a causal LM in place; see ``stadebench.engine.prune``."""
-    from .engine import prune as _prune
+    """Prune a causal LM in place; see ``stadebench.core.engine.prune``."""
+    from .core.engine import prune as _prune
 
     return _prune(*args, **kwargs)
 
 
 def collect_statistics(*args, **kwargs):
-    """One-shot statistics shared by several ``prune`` calls; see ``stadebench.engine.collect_statistics``."""
-    from .engine import collect_statistics as _collect
+    """One-shot statistics shared by several ``prune`` calls; see ``stadebench.core.engine.collect_statistics``."""
+    from .core.engine import collect_statistics as _collect
 
     return _collect(*args, **kwargs)
 

@@ -205,7 +205,7 @@ class Dataset(_Named):
     """A text dataset: documents per split, from which windows and eval text are cut.
 
     Subclasses implement ``documents(split)``; the calibration and evaluation
-    protocols live in ``stadebench.calibration`` / ``stadebench.evaluation`` and only
+    protocols live in ``stadebench.data.calibration`` / ``stadebench.evaluation`` and only
     need documents.
 
     Evaluation attributes (the perplexity protocol reads them):

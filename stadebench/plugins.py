@@ -27,11 +27,11 @@ from .errors import PluginError, UnknownNameError
 ENTRY_POINT_GROUP = "stadebench"
 
 DEFAULT_PLUGINS = (
-    "stadebench.metrics.basic",
-    "stadebench.metrics.stade",
-    "stadebench.metrics.sparsegpt",
-    "stadebench.patterns.builtin",
-    "stadebench.datasets.builtin",
+    "stadebench.core.metrics.basic",
+    "stadebench.core.metrics.stade",
+    "stadebench.core.metrics.sparsegpt",
+    "stadebench.core.patterns",
+    "stadebench.data.datasets",
     "stadebench.evaluation.perplexity",
     "stadebench.evaluation.lmeval",
 )
@@ -201,7 +201,7 @@ class Plugins:
         if info and info.distribution:
             return info.distribution, info.version
         if plugin.startswith("stadebench."):
-            from . import __version__
+            from .version import __version__
 
             return "stadebench", __version__
         return plugin, info.version if info else None

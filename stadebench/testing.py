@@ -2,7 +2,7 @@
 
 Plugin authors subclass a suite in their own tests and name what they registered::
 
-    from stadebench.testing import MetricConformance, PatternConformance
+    from .testing import MetricConformance, PatternConformance
 
     class TestRIA(MetricConformance):
         metric = "ria"              # a registered name (or the Metric class itself)
@@ -43,7 +43,7 @@ from .plugins import get_plugins
 RULES: dict[str, str] = {
     # metrics
     "registered": "the name is registered by a plugin, resolves to the class under test, and "
-                  "stadebench.engine.resolve builds it",
+                  "stadebench.core.engine.resolve builds it",
     "metadata": "name and version are non-empty strings; the class has a docstring (its first line is "
                 "what `stadebench list` shows); it implements score, or solve when solver = True",
     "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram'}",
@@ -207,7 +207,7 @@ def _same(a, b) -> bool:
 
 def documented_count(pattern: Pattern, shape: tuple[int, int], sparsity: float) -> int | None:
     """The count the built-in patterns document; None for any other pattern."""
-    from .patterns.builtin import NM, Unstructured, UnstructuredLayer
+    from .core.patterns import NM, Unstructured, UnstructuredLayer
 
     rows, cols = shape
     if type(pattern) is Unstructured:
@@ -255,7 +255,7 @@ def _prune_cases(specs: list[str], sparsities: tuple[float, ...]) -> Iterator[An
 
 
 def _check_realised(report, model, pattern: Pattern, sparsity: float, who: str, expected_fn) -> None:
-    from .models import weight_of
+    from .core.models import weight_of
 
     if not report.layers:
         fail("realised-sparsity", f"{who}: prune reported no layers")
@@ -388,7 +388,7 @@ class MetricConformance(_Conformance):
         if not isinstance(self.metric, str) and reg.cls is not self.metric:
             fail("registered", f"metric {self.name!r} resolves to {reg.cls.__qualname__} registered by {reg.plugin}, "
                                f"not to {self.metric.__qualname__}")
-        from .engine import resolve
+        from .core.engine import resolve
 
         metric, _ = resolve(self.name, "unstructured", dict(self.options))
         if not isinstance(metric, reg.cls):
@@ -586,7 +586,7 @@ class MetricConformance(_Conformance):
         spec, sparsity = prune_case
         pattern = get_plugins().patterns.get(spec).cls.from_spec(spec)
         model = make_tiny_model()
-        from .models import find_blocks, prunable_layers, weight_of
+        from .core.models import find_blocks, prunable_layers, weight_of
 
         for block in find_blocks(model)[1]:
             for _, layer in prunable_layers(block):
@@ -868,7 +868,7 @@ def pytest_report_header(config):
     """Which stadebench and which installed stadebench plugins this run sees (nothing is imported)."""
     import importlib.metadata
 
-    from . import __version__
+    from .version import __version__
 
     names = sorted({ep.name for ep in importlib.metadata.entry_points(group="stadebench")})
     return f"stadebench {__version__}; installed plugins: {', '.join(names) or 'none'}"

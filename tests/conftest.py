@@ -57,7 +57,7 @@ def single_thread():
 @pytest.fixture(scope="session")
 def smollm2_path() -> Path:
     """The SmolLM2-135M Hugging Face folder (downloaded and converted on first use)."""
-    from stadebench import assets
+    from stadebench.data import assets
 
     return Path(assets.fetch("smollm2-135m"))
 

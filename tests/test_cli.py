@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stadebench
-from stadebench import leaderboard as lb
+from stadebench.bench import leaderboard as lb
 from stadebench.cli import ExitCode, app
 from stadebench.plugins import DEFAULT_PLUGINS
 from tinymodel import shared_assets, suite_dict, write_suite
@@ -324,7 +324,7 @@ def test_plugins_lists_the_built_ins():
         assert rows[name]["distribution"] == "stadebench"
         assert rows[name]["version"] == stadebench.__version__
         assert rows[name]["problem"] is None and rows[name]["registered"]
-    assert "metric wanda" in rows["stadebench.metrics.basic"]["registered"]
+    assert "metric wanda" in rows["stadebench.core.metrics.basic"]["registered"]
     assert "evaluator perplexity" in rows["stadebench.evaluation.perplexity"]["registered"]
     r = invoke("plugins")
     assert r.exit_code == ExitCode.OK
@@ -432,7 +432,7 @@ def test_leaderboard_compare_two_runs(board):
 
 
 def test_assets_list_shows_smollm2_cached():
-    from stadebench import assets
+    from stadebench.data import assets
 
     assets.fetch("smollm2-135m")  # a no-op when cached; the slow smoke test needs it anyway
     r = invoke("assets", "list", "--format", "json")

@@ -13,10 +13,10 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
-import stadebench
-from stadebench import calibration
-from stadebench.calibration import calibration_windows, eval_tokens, tokenizer_fingerprint
-from stadebench.datasets.builtin import C4, EnWiki2016, TextFiles, WikiText2, held_out
+import stadebench.data
+from stadebench.data import calibration
+from stadebench.data.calibration import calibration_windows, eval_tokens, tokenizer_fingerprint
+from stadebench.data.datasets import C4, EnWiki2016, TextFiles, WikiText2, held_out
 from stadebench.errors import ConfigError
 from stadebench.plugins import reset_plugins
 
@@ -69,7 +69,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def encode_calls(monkeypatch):
-    """Count tokenizer calls made by stadebench.calibration."""
+    """Count tokenizer calls made by stadebench.data.calibration."""
     calls = []
     real = calibration._encode
 
@@ -102,10 +102,10 @@ def enwiki(tmp_path, monkeypatch):
         assert name == "enwiki-2016"
         return folder
 
-    fake = types.ModuleType("stadebench.assets")
+    fake = types.ModuleType("stadebench.data.assets")
     fake.fetch = fetch
-    monkeypatch.setitem(sys.modules, "stadebench.assets", fake)
-    monkeypatch.setattr(stadebench, "assets", fake, raising=False)
+    monkeypatch.setitem(sys.modules, "stadebench.data.assets", fake)
+    monkeypatch.setattr(stadebench.data, "assets", fake, raising=False)
     return texts
 
 

@@ -15,9 +15,9 @@ from torch import nn
 
 import stadebench
 from stadebench.errors import ConfigError, NumericalError
-from stadebench.metrics.basic import Wanda
-from stadebench.metrics.sparsegpt import SparseGPT
-from stadebench.metrics.stade import Stade, StadeW
+from stadebench.core.metrics.basic import Wanda
+from stadebench.core.metrics.sparsegpt import SparseGPT
+from stadebench.core.metrics.stade import Stade, StadeW
 from stadebench.plugins import get_plugins, reset_plugins
 
 pytestmark = pytest.mark.usefixtures("single_thread")

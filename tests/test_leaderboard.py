@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stadebench import leaderboard as lb
+from stadebench.bench import leaderboard as lb
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 

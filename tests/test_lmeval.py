@@ -36,7 +36,7 @@ K = 12  # documents compared per task
 
 @pytest.fixture(scope="session")
 def asset() -> Path:
-    from stadebench import assets
+    from stadebench.data import assets
 
     return Path(assets.fetch(L.ASSET))
 
@@ -304,9 +304,9 @@ def test_evaluates_the_in_memory_model_offline(tiny, no_saving, single_thread, a
 
 @needs_lmeval
 def test_runner_writes_lmeval_rows(tmp_path, tmp_path_factory, asset, single_thread):
-    from stadebench import leaderboard as lb
-    from stadebench.runner import run_suite
-    from stadebench.suite import load_suite
+    from stadebench.bench import leaderboard as lb
+    from stadebench.bench.runner import run_suite
+    from stadebench.bench.suite import load_suite
     from tinymodel import shared_assets, suite_dict, write_suite
 
     assets = shared_assets(tmp_path_factory)

@@ -29,7 +29,7 @@ from torch import nn
 
 import stadebench
 from stadebench.base import LayerInfo, LayerStats
-from stadebench.metrics.sparsegpt import SparseGPT
+from stadebench.core.metrics.sparsegpt import SparseGPT
 from stadebench.plugins import get_plugins
 
 INTERNAL = ("o_proj", "down_proj")  # naive role rule for Llama-family models, by name
@@ -559,7 +559,7 @@ def test_stade_variance_is_accurate_for_inputs_whose_mean_dwarfs_their_spread(me
     # LLM activations have channels with |μ| ≫ σ (the case STADE exists for). The
     # unbiased variance must not drown in rounding: float64 accumulation of Σx and Σx²
     # (or a shifted/Welford update) gives ~1e-10 here; 1e-4 relative is a loose bar.
-    from stadebench.statistics import Accumulator
+    from stadebench.core.statistics import Accumulator
 
     g = torch.Generator().manual_seed(0)
     x = (mean + torch.randn(8, 512, 16, generator=g)).float()  # 8 batches, 4096 tokens, 16 inputs

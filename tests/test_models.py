@@ -10,7 +10,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import stadebench
-from stadebench.models import find_blocks, iter_layers, prunable_layers, set_weight, weight_of
+from stadebench.core.models import find_blocks, iter_layers, prunable_layers, set_weight, weight_of
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

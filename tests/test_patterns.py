@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import stadebench
 from stadebench.errors import ConfigError
-from stadebench.patterns.builtin import NM, Unstructured, UnstructuredLayer
+from stadebench.core.patterns import NM, Unstructured, UnstructuredLayer
 from stadebench.plugins import get_plugins
 
 SETTINGS = settings(max_examples=150, deadline=None,

@@ -11,8 +11,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import stadebench
-from stadebench.calibration import eval_tokens
-from stadebench.datasets.builtin import TextFiles
+from stadebench.data.calibration import eval_tokens
+from stadebench.data.datasets import TextFiles
 from stadebench.errors import ConfigError
 from stadebench.evaluation.perplexity import Perplexity
 from stadebench.plugins import reset_plugins

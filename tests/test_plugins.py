@@ -11,12 +11,12 @@ import pytest
 import stadebench
 from stadebench import Metric, hookimpl
 from stadebench.errors import ConfigError, UnknownNameError
-from stadebench.patterns.builtin import NM
+from stadebench.core.patterns import NM
 from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins
 
-BUILTIN_METRICS = {"magnitude": "stadebench.metrics.basic", "random": "stadebench.metrics.basic",
-                   "wanda": "stadebench.metrics.basic", "stade": "stadebench.metrics.stade",
-                   "stade-w": "stadebench.metrics.stade", "sparsegpt": "stadebench.metrics.sparsegpt"}
+BUILTIN_METRICS = {"magnitude": "stadebench.core.metrics.basic", "random": "stadebench.core.metrics.basic",
+                   "wanda": "stadebench.core.metrics.basic", "stade": "stadebench.core.metrics.stade",
+                   "stade-w": "stadebench.core.metrics.stade", "sparsegpt": "stadebench.core.metrics.sparsegpt"}
 
 
 # No installed entry points, and a fresh process-wide manager before and after each test.
@@ -57,7 +57,7 @@ def test_builtins_are_registered_as_plugins():
     assert {"unstructured", "unstructured-layer"} <= set(plugins.patterns.names())
     for plugin in DEFAULT_PLUGINS:  # registered through the same hooks as third-party plugins
         assert plugin in plugins.info and plugins.info[plugin].hooks
-    assert "metric wanda" in plugins.info["stadebench.metrics.basic"].registered
+    assert "metric wanda" in plugins.info["stadebench.core.metrics.basic"].registered
     assert plugins.problems() == []
 
 
@@ -83,13 +83,13 @@ def test_unstructured_specs_resolve_to_their_own_classes(spec):
 
 
 def test_duplicate_name_second_registration_is_skipped_and_reported():
-    from stadebench.metrics.basic import Wanda
+    from stadebench.core.metrics.basic import Wanda
 
     plugins = get_plugins()
     impostor = metric_class("wanda", version="9")
     plugins.register(plugin_module("impostor", impostor), name="impostor")
     reg = plugins.metrics.get("wanda")
-    assert reg.cls is Wanda and reg.plugin == "stadebench.metrics.basic"  # the first one stays
+    assert reg.cls is Wanda and reg.plugin == "stadebench.core.metrics.basic"  # the first one stays
     problems = dict(plugins.problems())
     assert set(problems) == {"impostor"}
     assert "wanda" in problems["impostor"] and "skipped" in problems["impostor"]

@@ -25,9 +25,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from stadebench import leaderboard as lb
-from stadebench.runner import Runner
-from stadebench.suite import load_suite
+from stadebench.bench import leaderboard as lb
+from stadebench.bench.runner import Runner
+from stadebench.bench.suite import load_suite
 from tinymodel import shared_assets, suite_dict, write_suite
 
 WRITE_DELAY = 0.15  # seconds each leaderboard write (Parquet file or manifest) stays in flight
@@ -35,7 +35,7 @@ EXE = shutil.which("stadebench") or str(Path(sys.executable).with_name("stadeben
 
 SHIM = """\
 import os, time
-from stadebench import leaderboard as _lb
+from stadebench.bench import leaderboard as _lb
 
 _orig, _delay = _lb._atomic_write, float(os.environ["STADEBENCH_TEST_WRITE_DELAY"])
 

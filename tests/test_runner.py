@@ -1,4 +1,4 @@
-"""The suite runner (stadebench.runner): cells → one Parquet file each, model loaded once,
+"""The suite runner (stadebench.bench.runner): cells → one Parquet file each, model loaded once,
 dense weights restored in memory, re-runs skip finished cells, failures are recorded.
 
 Runs suites over a tiny random Llama saved as a local folder (tests/tinymodel.py), so a
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import stadebench
-from stadebench import leaderboard as lb
+from stadebench.bench import leaderboard as lb
 from stadebench.errors import ConfigError
-from stadebench.runner import Events, Runner
-from stadebench.suite import load_suite
+from stadebench.bench.runner import Events, Runner
+from stadebench.bench.suite import load_suite
 from tinymodel import shared_assets, suite_dict, write_suite
 
 GRID_METRICS = ["magnitude", "wanda", "stade", "sparsegpt"]
@@ -54,7 +54,7 @@ class LoadSpy:
     """Counts model loads, through stadebench and through transformers."""
 
     def __init__(self, mp: pytest.MonkeyPatch):
-        import stadebench.loading as loading
+        import stadebench.data.loading as loading
         from transformers import AutoModelForCausalLM
 
         self.ids: list[str] = []
@@ -296,7 +296,7 @@ ONE_SHOT_METRICS = ["magnitude", "wanda", "stade", "stade-w", "sparsegpt"]
 @pytest.fixture(scope="module")
 def one_shot(tmp_path_factory, assets):
     """A one-shot grid (5 metrics × 2 patterns), with every call to the engine counted."""
-    import stadebench.engine as engine
+    import stadebench.core.engine as engine
 
     root = tmp_path_factory.mktemp("one-shot")
     calls = {"collect": [], "prune": []}
@@ -347,8 +347,8 @@ def test_a_one_shot_cell_gives_the_very_same_result_as_with_its_own_passes(one_s
 def test_restore_drops_stade_biases_and_puts_back_dense_weights(assets, tmp_path, loads):
     from transformers import AutoModelForCausalLM
 
-    from stadebench.engine import prune
-    from stadebench.models import iter_layers
+    from stadebench.core.engine import prune
+    from stadebench.core.models import iter_layers
 
     suite = make_suite(tmp_path, assets, metrics=["stade", "magnitude"], dense=False)
     summary = Runner(suite).run()

@@ -1,4 +1,4 @@
-"""Suite schema, error messages and grid expansion (stadebench.suite).
+"""Suite schema, error messages and grid expansion (stadebench.bench.suite).
 
 Runs against small fake plugins, so it does not depend on the built-in metrics.
 """
@@ -18,7 +18,7 @@ from pydantic import Field
 
 import stadebench
 import stadebench.plugins as sp
-from stadebench import suite as S
+from stadebench.bench import suite as S
 from stadebench.base import NM_RE, Dataset, Evaluator, Metric, Options, Pattern
 from stadebench.errors import ConfigError
 

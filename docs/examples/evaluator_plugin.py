@@ -8,7 +8,7 @@ memory after pruning (an evaluator never saves and reloads it). Run it:
 from __future__ import annotations
 
 import stadebench
-from stadebench.models import find_blocks, prunable_layers, weight_of
+from stadebench.core.models import find_blocks, prunable_layers, weight_of
 
 
 class ZeroFraction(stadebench.Evaluator):

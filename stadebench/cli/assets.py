@@ -25,7 +25,7 @@ def list_assets(cache_dir: CacheOption = None, fmt: FormatOption = Format.table)
 
 @handle_errors
 def _list(cache_dir: Path | None, fmt: Format) -> None:
-    from ..assets import list_assets as rows_of
+    from ..data.assets import list_assets as rows_of
 
     rows = rows_of(cache_dir)
     if fmt is not Format.table:
@@ -49,6 +49,6 @@ def fetch(name: Annotated[str, typer.Argument(help="Asset name (see `stadebench 
 
 @handle_errors
 def _fetch(name: str, cache_dir: Path | None, verify: bool) -> None:
-    from ..assets import fetch as fetch_asset
+    from ..data.assets import fetch as fetch_asset
 
     out.print(str(fetch_asset(name, cache_dir, verify=verify)))

@@ -33,7 +33,7 @@ def _relative(rel: float | None, higher_is_better: bool | None) -> str:
 
 def show_leaderboard(folder: Path, *, suite=None, model=None, task=None, fmt: Format = Format.table) -> None:
     """Print one pivot table per (task, score) of the current results."""
-    from .. import leaderboard as lb
+    from ..bench import leaderboard as lb
 
     table = lb.query(lb.current(lb.read(folder)), suite=suite, model=model, task=task)
     if table.num_rows == 0:
@@ -113,7 +113,7 @@ def compare(
 
 @handle_errors
 def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
-    from .. import leaderboard as lb
+    from ..bench import leaderboard as lb
 
     raw = lb.read(folder)
     table = raw if by is By.run else lb.current(raw)

@@ -19,7 +19,7 @@ SuiteArg = Annotated[Path, typer.Argument(help="Suite YAML file.", show_default=
 
 
 def _load(path: Path):
-    from ..suite import load_suite
+    from ..bench.suite import load_suite
 
     if not path.is_file():
         raise fail(f"{path}: no such suite file (see the suites/ folder for examples)")
@@ -87,7 +87,7 @@ def run(
 
 @handle_errors
 def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool) -> None:
-    from ..runner import Runner
+    from ..bench.runner import Runner
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars; ours are on stderr
     suite = _load(path)
@@ -105,7 +105,7 @@ def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path |
         try:
             summary = runner.run(only, force)
         except KeyboardInterrupt:
-            from .. import leaderboard as lb
+            from ..bench import leaderboard as lb
 
             # Count from disk: a cell whose file landed just before the signal is saved too.
             saved = lb.read(runner.folder).select(["run_id", "cell_key"]).to_pylist()
@@ -135,7 +135,7 @@ def validate(suite: SuiteArg) -> None:
 
 @handle_errors
 def _validate(path: Path) -> None:
-    from ..suite import expand
+    from ..bench.suite import expand
 
     suite = _load(path)
     cells = expand(suite)
@@ -146,6 +146,6 @@ def _validate(path: Path) -> None:
 
 def schema() -> None:
     """Print the suite JSON Schema (for editor validation of suites)."""
-    from ..suite import suite_json_schema
+    from ..bench.suite import suite_json_schema
 
     sys.stdout.write(json.dumps(suite_json_schema(), indent=2) + "\n")

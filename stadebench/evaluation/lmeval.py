@@ -229,7 +229,7 @@ def export_offline(task: str, *, asset: str | os.PathLike | None = None,
     A ``<split>.json`` stamp beside it records the export version, the source and the
     file's size and SHA-256; the file is rewritten when the stamp does not match.
     """
-    from ..cache import cache_dir
+    from ..data.cache import cache_dir
 
     spec = _offline_spec(task)
     folder = cache_dir(cache) / "lmeval" / task
@@ -241,7 +241,7 @@ def export_offline(task: str, *, asset: str | os.PathLike | None = None,
             return OfflineFile(task, spec.split, path, spec.source, spec.rows, stamp["sha256"],
                                spec.rebuild is not None)
     if asset is None:
-        from ..assets import fetch
+        from ..data.assets import fetch
 
         asset = fetch(ASSET)
     records = offline_records(task, asset)
@@ -535,7 +535,7 @@ class LmEval(Evaluator):
         source = self.options.source
         if source != "auto":
             return source, "asked for"
-        from ..datasets.builtin import hub_unreachable
+        from ..data.datasets import hub_unreachable
 
         reason = hub_unreachable(self._probe_repo())
         if reason is None:
@@ -560,7 +560,7 @@ class LmEval(Evaluator):
         reason = lmeval_unavailable()
         if reason or self.options.source == "offline" or (self.options.source == "auto" and self._offline_possible()):
             return reason
-        from ..datasets.builtin import hub_unreachable
+        from ..data.datasets import hub_unreachable
 
         hub = hub_unreachable(self._probe_repo())
         return hub and f"{hub}, and not every task has offline data"

@@ -1,6 +1,6 @@
 """Perplexity of an in-memory causal LM on a registered text dataset (DESIGN §5).
 
-The evaluation stream (``stadebench.calibration.eval_tokens``) is cut into
+The evaluation stream (``stadebench.data.calibration.eval_tokens``) is cut into
 ⌊T/seqlen⌋ non-overlapping windows, the tail dropped (and at most
 ``dataset.eval_windows`` of them: 256 for C4). PPL = exp(total next-token NLL / total
 predicted tokens); all windows have the same length, so this equals exp of the mean
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..base import Dataset, Evaluator, Options, Score
-from ..calibration import eval_tokens
+from ..data.calibration import eval_tokens
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 
@@ -105,7 +105,7 @@ def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device
 
 
 def _check_positions(model: torch.nn.Module, seqlen: int) -> None:
-    from ..models import text_config
+    from ..core.models import text_config
 
     config = getattr(model, "config", None)
     limit = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None

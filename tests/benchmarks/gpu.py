@@ -65,7 +65,7 @@ REPO = Path(__file__).resolve().parents[2]
 MIB = 2**20
 SPARSITY_TOLERANCE = 1e-3
 DATASET = "enwiki-2016"
-DTYPES = ("float16", "bfloat16", "float32")  # what stadebench.loading loads
+DTYPES = ("float16", "bfloat16", "float32")  # what stadebench.data.loading loads
 # (device type, quick) -> calibration windows, their length, eval windows (None: all)
 PRESETS = {
     ("cuda", False): (128, 2048, None),
@@ -190,8 +190,8 @@ class Check:
         return self.torch.cuda.max_memory_allocated(self.dev) / MIB if self.cuda else None
 
     def load(self, dtype: str):
-        from stadebench.loading import load_model
-        from stadebench.suite import ModelSpec
+        from stadebench.data.loading import load_model
+        from stadebench.bench.suite import ModelSpec
 
         spec = ModelSpec(id=self.args.model, dtype=dtype)
         # Weights stay on the CPU when pruning on a GPU: the engine moves one block at a time.
@@ -199,7 +199,7 @@ class Check:
 
     def calibration(self, tokenizer):
         if self.windows is None:
-            from stadebench.calibration import calibration_windows
+            from stadebench.data.calibration import calibration_windows
             from stadebench.plugins import get_plugins
 
             dataset = get_plugins().datasets.get(DATASET).cls({})
@@ -229,7 +229,7 @@ class Check:
         return time.perf_counter() - t0
 
     def prune(self, model, metric: str, pattern: str) -> dict[str, Any]:
-        from stadebench.engine import prune
+        from stadebench.core.engine import prune
 
         self.reset_peak()  # prune resets it too; this also drops the previous row's
         t0 = time.perf_counter()
@@ -284,7 +284,7 @@ def environment(check: Check) -> dict[str, Any]:
     import transformers
 
     import stadebench
-    from stadebench.runner import _git_commit as git_commit
+    from stadebench.bench.runner import _git_commit as git_commit
 
     env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
            "stadebench": stadebench.__version__, "stadebench_path": str(Path(stadebench.__file__).parent),
@@ -300,7 +300,7 @@ def environment(check: Check) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> ExitCode:
-    from stadebench.engine import resolve
+    from stadebench.core.engine import resolve
 
     check = Check(args)
     for metric in args.metrics:  # unknown names stop the check before any time is spent
@@ -309,14 +309,14 @@ def run(args: argparse.Namespace) -> ExitCode:
                 resolve(metric, pattern)[1].resolve_sparsity(args.sparsity)
             except Exception as exc:
                 raise SetupError(f"--metrics {metric} / --patterns {pattern}: {exc}") from None
-    from stadebench.suite import ModelSpec
+    from stadebench.bench.suite import ModelSpec
 
     try:
         ModelSpec(id=args.model)
     except ValueError as exc:
         raise SetupError(f"--model {args.model}: {exc.errors()[0]['msg'] if hasattr(exc, 'errors') else exc}") from None
     # A missing asset would be downloaded: on an offline machine, pip's retries waste minutes.
-    from stadebench.assets import list_assets
+    from stadebench.data.assets import list_assets
 
     cached = {a["name"]: a for a in list_assets()}
     for name in (DATASET, args.model):

@@ -12,8 +12,8 @@ import copy
 import pytest
 import torch
 
-from stadebench.engine import capture_inputs, prune
-from stadebench.models import find_blocks
+from stadebench.core.engine import capture_inputs, prune
+from stadebench.core.models import find_blocks
 
 from .conftest import random_ids, record, smollm2_shaped
 

@@ -12,7 +12,7 @@ import copy
 import pytest
 import torch
 
-from stadebench.engine import collect_statistics, prune
+from stadebench.core.engine import collect_statistics, prune
 from stadebench.plugins import get_plugins
 
 from .conftest import random_ids, record, smollm2_shaped

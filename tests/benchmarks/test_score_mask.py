@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from stadebench.base import LayerInfo
-from stadebench.engine import resolve
-from stadebench.statistics import Accumulator
+from stadebench.core.engine import resolve
+from stadebench.core.statistics import Accumulator
 
 TOKENS = 2048
 

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from stadebench.runner import Runner
-from stadebench.suite import load_suite
+from stadebench.bench.runner import Runner
+from stadebench.bench.suite import load_suite
 
 SUITE = Path(__file__).resolve().parents[2] / "suites" / "smoke.yaml"
 

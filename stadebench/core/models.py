@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 try:
     from transformers.pytorch_utils import Conv1D

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import STATISTICS, LayerInfo, LayerStats
+from ..base import STATISTICS, LayerInfo, LayerStats
 from .models import norm_modules
 
 

@@ -1,7 +1,7 @@
 """Built-in text datasets: ``wikitext2``, ``c4``, ``text`` (local files), ``enwiki-2016``.
 
 Each serves documents per split in a fixed order and a ``fingerprint()`` of its
-content; ``stadebench.calibration`` turns documents into calibration windows and
+content; ``stadebench.data.calibration`` turns documents into calibration windows and
 evaluation streams. Datasets with no published split (``text``, ``enwiki-2016``)
 hold out every k-th document for ``test`` (see ``held_out``), so calibration text
 (``train``) and evaluation text (``test``) never overlap.
@@ -296,7 +296,7 @@ class EnWiki2016(Dataset):
     test_fraction = Fraction(1, 5)
 
     def _path(self) -> Path:
-        from .. import assets  # lazy: fetching the asset may download it
+        from . import assets  # lazy: fetching the asset may download it
 
         return Path(assets.fetch("enwiki-2016")) / "articles.jsonl"
 

@@ -36,7 +36,7 @@ from rich.progress import (
 )
 
 from .cache import CACHE_ENV, cache_dir as cache_root
-from .errors import StadebenchError, UnknownNameError
+from ..errors import StadebenchError, UnknownNameError
 
 PIP_ARGS_ENV = "STADEBENCH_PIP_ARGS"
 STAMP = "stadebench-asset.json"

@@ -34,7 +34,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock
 
-from .errors import StadebenchError
+from ..errors import StadebenchError
 
 SCHEMA_VERSION = "1"
 VERSION_KEY = "stadebench.schema_version"
@@ -196,7 +196,7 @@ def _clean_row(row: Any, i: int, now: datetime) -> dict[str, Any]:
         hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, _NAMES, 1))
                  else repr(u) for u in unknown]
         raise LeaderboardError(f"row {i}: unknown column(s) {', '.join(hints)}; "
-                               "see stadebench.leaderboard.SCHEMA for the columns.")
+                               "see stadebench.bench.leaderboard.SCHEMA for the columns.")
     out = {name: _coerce(name, row.get(name)) for name in SCHEMA.names}
     out["created_at"] = out["created_at"] or now
     if out["status"] not in STATUSES:

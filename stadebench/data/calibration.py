@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from .base import Dataset
+from ..base import Dataset
 from .cache import cache_dir
-from .errors import ConfigError
+from ..errors import ConfigError
 
 CACHE_FORMAT = 1
 # Consecutive too-short draws before every document of the split is measured, to

@@ -28,10 +28,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import STATISTICS, LayerInfo, LayerStats, Metric, Pattern
-from .errors import ConfigError, NumericalError
+from ..base import STATISTICS, LayerInfo, LayerStats, Metric, Pattern
+from ..errors import ConfigError, NumericalError
 from .models import enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers, set_weight, weight_of
-from .plugins import get_plugins
+from ..plugins import get_plugins
 from .statistics import BlockCollector
 
 

@@ -63,8 +63,8 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError,
                       field_validator, model_validator)
 
-from .errors import ConfigError, UnknownNameError
-from .plugins import get_plugins
+from ..errors import ConfigError, UnknownNameError
+from ..plugins import get_plugins
 
 DENSE = "dense"
 SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype")

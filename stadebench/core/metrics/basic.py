@@ -6,8 +6,8 @@ import zlib
 
 import torch
 
-from ..base import LayerStats, Metric, Options
-from ..hookspecs import hookimpl
+from ...base import LayerStats, Metric, Options
+from ...hookspecs import hookimpl
 
 
 class Magnitude(Metric):

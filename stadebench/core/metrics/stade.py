@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from ..base import LayerStats, Metric, Options
-from ..errors import ConfigError
-from ..hookspecs import hookimpl
+from ...base import LayerStats, Metric, Options
+from ...errors import ConfigError
+from ...hookspecs import hookimpl
 
 
 class StadeOptions(Options):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ..base import LayerStats, Metric, Options, Pattern
-from ..errors import ConfigError, NumericalError
-from ..hookspecs import hookimpl
+from ...base import LayerStats, Metric, Options, Pattern
+from ...errors import ConfigError, NumericalError
+from ...hookspecs import hookimpl
 
 
 class SparseGPTOptions(Options):

@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from . import __version__, leaderboard
-from .errors import ConfigError, NumericalError, StadebenchError
-from .plugins import get_plugins
+from ..version import __version__
+from . import leaderboard
+from ..errors import ConfigError, NumericalError, StadebenchError
+from ..plugins import get_plugins
 from .suite import Cell, Suite, expand, select
 
 
@@ -60,7 +61,7 @@ class Events:
 
 def model_source(spec: Any) -> str:
     """Where a model spec's weights come from, without loading anything."""
-    from .assets import CATALOGUE
+    from ..data.assets import CATALOGUE
 
     if spec.id in CATALOGUE:
         return "asset"
@@ -193,9 +194,9 @@ class Runner:
         tokenizer's ids fit the model's embedding, the calibration windows fit the model's
         context and its text is long enough (the windows are cut now and cached). Raises
         ConfigError; a model that cannot be reached is left to fail its own cells."""
-        from .calibration import calibration_windows
-        from .loading import load_config_and_tokenizer
-        from .models import text_config
+        from ..data.calibration import calibration_windows
+        from ..data.loading import load_config_and_tokenizer
+        from ..core.models import text_config
 
         metrics = get_plugins().metrics
         for model, group in groupby(todo, key=lambda item: item[0].model):
@@ -232,8 +233,8 @@ class Runner:
         layers come from a weightless copy of the model built on the meta device."""
         from transformers import AutoModelForCausalLM
 
-        from .engine import resolve
-        from .models import iter_layers, weight_of
+        from ..core.engine import resolve
+        from ..core.models import iter_layers, weight_of
 
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
@@ -312,8 +313,8 @@ class _ModelState:
     and the one-shot statistics its cells share."""
 
     def __init__(self, runner: Runner, spec: Any, group: list[tuple[Cell, list]] = ()):
-        from .loading import load_model
-        from .models import iter_layers
+        from ..data.loading import load_model
+        from ..core.models import iter_layers
 
         self.runner, self.spec = runner, spec
         t0 = time.perf_counter()
@@ -332,7 +333,7 @@ class _ModelState:
         """One-shot cells with the same calibration share one statistics pass, collected
         for the union of their metrics' needs and freed after the last of them. Solver
         cells join only when the Gram matrices fit in a quarter of the free memory."""
-        from .models import weight_of
+        from ..core.models import weight_of
 
         metrics = get_plugins().metrics
         self.needs: dict[str, set[str]] = {}
@@ -355,7 +356,7 @@ class _ModelState:
     def shared_statistics(self, cell: Cell) -> Any:
         """The statistics ``cell`` shares with other cells, collected on first use; None
         when it runs its own passes."""
-        from .engine import collect_statistics
+        from ..core.engine import collect_statistics
 
         key = cell.calibration.model_dump_json()
         if key not in self.needs:
@@ -397,7 +398,7 @@ class _ModelState:
         self.runner.summary.seconds["restore"] += time.perf_counter() - t0
 
     def calibration(self, cell: Cell) -> torch.Tensor:
-        from .calibration import calibration_windows
+        from ..data.calibration import calibration_windows
 
         c = cell.calibration
         windows = self.runner.windows
@@ -410,7 +411,7 @@ class _ModelState:
         return windows[key]
 
     def run(self, cell: Cell, pending: list, info: dict) -> list[dict]:
-        from .engine import prune, resolve
+        from ..core.engine import prune, resolve
 
         runner, seconds = self.runner, self.runner.summary.seconds
         self.restore()

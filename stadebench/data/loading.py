@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigError
+from ..errors import ConfigError
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -62,7 +62,7 @@ def load_config_and_tokenizer(spec: Any) -> tuple[Any, Any]:
 
 
 def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
-    """Load ``spec`` (a ``stadebench.suite.ModelSpec``) in its dtype, weights on ``device``."""
+    """Load ``spec`` (a ``stadebench.bench.suite.ModelSpec``) in its dtype, weights on ``device``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

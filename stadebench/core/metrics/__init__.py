@@ -1,0 +1,1 @@
+"""Built-in metrics, registered through the same hook as third-party plugins."""

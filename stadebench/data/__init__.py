@@ -1,0 +1,1 @@
+"""Data plumbing: offline assets, datasets, calibration windows and token caches, model loading."""
