@@ -1,0 +1,232 @@
+"""The result identity: one typed record of a measurement.
+
+``Row`` is the only definition of a leaderboard row. The Arrow ``SCHEMA``, the fields
+hashed into the cell key (``KEY_FIELDS``) and the fields that label a row in tables
+(``LABEL_FIELDS``, ``BASELINE_FIELDS``) are all derived from its fields, so a knob added
+to the row is stored, keyed and shown without a second list to keep in step.
+
+The key holds everything that changes the number: where the weights came from (source,
+resolved Hub commit, GGUF file, tokenizer, a content fingerprint for local files), the
+metric and the pattern (name, version, options, supplying distribution), the sparsity,
+the calibration (only when the metric reads data) and the evaluation. Library versions,
+times and devices are provenance: upgrading torch does not re-run finished cells.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import numbers
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow as pa
+
+from ..errors import StadebenchError
+from ..util import canonical_json
+
+SCHEMA_VERSION = "2"
+VERSION_KEY = "stadebench.schema_version"
+STATUSES = ("ok", "failed")
+
+
+class RecordError(StadebenchError, ValueError):
+    """A value that does not fit the row schema."""
+
+
+_str, _f64, _i32, _i64, _bool = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()
+_time = pa.timestamp("us", "UTC")
+
+
+def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool = False,
+         label: bool = False, baseline: bool = False) -> Any:
+    """A Row field: its Arrow type, what it holds, and which derived lists it joins."""
+    meta = {"type": type_, "doc": doc, "role": role, "json": json, "label": label, "baseline": baseline}
+    return field(default=None, metadata=meta)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One leaderboard row: one (cell, evaluation) x (task, score), or one failed attempt.
+
+    Fields with role ``key`` identify the measurement; ``value`` fields hold it;
+    ``provenance`` fields say how and when it was made. Options are canonical JSON text.
+    """
+
+    # --- key: what was measured -------------------------------------------------------
+    model: str | None = _col(_str, "Model id as written in the suite: Hub id, local path or asset name.",
+                             "key", baseline=True)
+    model_source: str | None = _col(_str, "Where the weights came from: hub, local, gguf or asset.",
+                                    "key", baseline=True)
+    model_revision: str | None = _col(_str, "Resolved Hub commit of the weights (asset: its package "
+                                      "pin); null for local files.", "key", baseline=True)
+    model_file: str | None = _col(_str, "GGUF file the weights were read from; null for other formats.",
+                                  "key", baseline=True)
+    model_tokenizer: str | None = _col(_str, "Tokenizer id or path when it is not the model's own.",
+                                       "key", baseline=True)
+    model_fingerprint: str | None = _col(_str, "Content fingerprint of local weights (sha256 of the "
+                                         "files that define the model); changes when they change.",
+                                         "key", baseline=True)
+    dtype: str | None = _col(_str, "Model dtype while pruning and evaluating, e.g. bfloat16.", "key",
+                             baseline=True)
+    metric: str | None = _col(_str, "Pruning metric name; 'dense' for the unpruned baseline.", "key")
+    metric_version: str | None = _col(_str, "Version the metric plugin declares.", "key")
+    metric_options: str | None = _col(_str, "Metric options, defaults included, as canonical JSON.", "key",
+                                      json=True)
+    metric_plugin: str | None = _col(_str, "Distribution that registered the metric.", "key")
+    pattern: str | None = _col(_str, "Sparsity pattern (unstructured, 2:4, ...); null for dense.", "key")
+    pattern_version: str | None = _col(_str, "Version the pattern plugin declares.", "key")
+    pattern_options: str | None = _col(_str, "Pattern options as canonical JSON; null when it has none.",
+                                       "key", json=True)
+    pattern_plugin: str | None = _col(_str, "Distribution that registered the pattern.", "key")
+    sparsity: float | None = _col(_f64, "Target sparsity in [0, 1); 0 for dense.", "key")
+    calib_dataset: str | None = _col(_str, "Calibration dataset name; null when the metric reads no data.",
+                                     "key", label=True)
+    calib_options: str | None = _col(_str, "Calibration dataset options as canonical JSON.", "key",
+                                     json=True, label=True)
+    calib_fingerprint: str | None = _col(_str, "The calibration dataset's fingerprint (its version and "
+                                         "content).", "key")
+    calib_n: int | None = _col(_i32, "Number of calibration windows.", "key", label=True)
+    calib_seqlen: int | None = _col(_i32, "Tokens per calibration window.", "key", label=True)
+    calib_seed: int | None = _col(_i64, "Seed that picked the calibration windows.", "key", label=True)
+    sequential: bool | None = _col(_bool, "True: blocks calibrated on pruned outputs; false: one-shot.",
+                                   "key", label=True)
+    batch_size: int | None = _col(_i32, "Calibration windows per forward pass.", "key", label=True)
+    evaluator: str | None = _col(_str, "Evaluator name, e.g. perplexity or lm-eval.", "key", baseline=True)
+    evaluator_version: str | None = _col(_str, "Version the evaluator plugin declares.", "key",
+                                         baseline=True)
+    eval_options: str | None = _col(_str, "Evaluator options (limit, tasks, ...) as canonical JSON.", "key",
+                                    json=True, baseline=True)
+    eval_dataset: str | None = _col(_str, "Dataset the evaluator read, e.g. wikitext2 or c4.", "key",
+                                    baseline=True)
+    eval_split: str | None = _col(_str, "Split of eval_dataset, e.g. test or validation.", "key",
+                                  baseline=True)
+    eval_seqlen: int | None = _col(_i32, "Tokens per evaluation window.", "key", baseline=True)
+    # --- value ------------------------------------------------------------------------
+    task: str | None = _col(_str, "Task of the evaluation (wikitext2, boolq, ...); null if none ran.", "value")
+    score: str | None = _col(_str, "Score name (ppl, acc, acc_norm, ...); no ',none' suffix.", "value")
+    value: float | None = _col(_f64, "The score.", "value")
+    stderr: float | None = _col(_f64, "Standard error of the score, when the evaluator reports one.", "value")
+    higher_is_better: bool | None = _col(_bool, "Whether a larger value is a better result.", "value")
+    status: str | None = _col(_str, "'ok', or 'failed' when the cell raised (then see error).", "value")
+    error: str | None = _col(_str, "The error message of a failed cell.", "value")
+    # --- provenance -------------------------------------------------------------------
+    run_id: str | None = _col(_str, "Id of the run (one `stadebench run`) that wrote the row.")
+    created_at: datetime | None = _col(_time, "When the row was written; the newest write of a key wins.")
+    suite: str | None = _col(_str, "Name of the suite the run executed.")
+    model_revision_requested: str | None = _col(_str, "Revision as written in the suite (branch, tag, "
+                                                "commit), before resolution.")
+    stadebench_version: str | None = _col(_str, "stadebench version that produced the row.")
+    torch_version: str | None = _col(_str, "torch version that produced the row.")
+    transformers_version: str | None = _col(_str, "transformers version that produced the row.")
+    lm_eval_version: str | None = _col(_str, "lm-eval version, when installed.")
+    metric_plugin_version: str | None = _col(_str, "Version of the distribution that registered the metric.")
+    pattern_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
+                                              "pattern.")
+    git_commit: str | None = _col(_str, "Git commit of the stadebench checkout, if it is one.")
+    device: str | None = _col(_str, "Device name, e.g. 'NVIDIA H200' or 'cpu (x86_64)'.")
+    executor: str | None = _col(_str, "Executor that ran the cell, e.g. local.")
+    actual_sparsity: float | None = _col(_f64, "Fraction of prunable weights that are zero once pruned.")
+    prune_seconds: float | None = _col(_f64, "Wall time spent pruning this cell, incl. its own calibration "
+                                       "passes (a one-shot statistics pass shared by several cells is in "
+                                       "details.prune.shared_statistics).")
+    eval_seconds: float | None = _col(_f64, "Wall time spent evaluating.")
+    peak_memory_bytes: int | None = _col(_i64, "Peak accelerator memory (CPU: process RSS) during the cell.")
+    details: str | None = _col(_str, "Extra output (per-block errors, task versions, ...) as JSON.",
+                               json=True)
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, normalise(f.name, getattr(self, f.name)))
+
+    def key(self) -> str:
+        """The cell key: sha256 hex of the canonical JSON of the key fields."""
+        return cell_key(dataclasses.asdict(self))
+
+    def replace(self, **changes: Any) -> Row:
+        """A copy with ``changes`` applied (and normalised)."""
+        return dataclasses.replace(self, **changes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every column by name, ``cell_key`` included."""
+        return {"cell_key": self.key(), **dataclasses.asdict(self)}
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(Row)}
+
+KEY_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["role"] == "key")
+"""The fields hashed into ``cell_key``. The evaluation belongs to the key because each
+evaluation of a pruned model is skipped or re-run on its own."""
+BASELINE_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["baseline"])
+"""The key fields a pruned row shares with its dense baseline (model and evaluation)."""
+LABEL_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["label"])
+"""Key fields beyond model, metric, pattern and sparsity that name a row in tables when they vary."""
+JSON_FIELDS = frozenset(n for n, f in _FIELDS.items() if f.metadata["json"])
+
+SCHEMA = pa.schema(
+    [pa.field("cell_key", _str, nullable=False, metadata={"doc": "sha256 hex of the canonical JSON of "
+                                                                 "the key fields."})]
+    + [pa.field(n, f.metadata["type"], metadata={"doc": f.metadata["doc"]}) for n, f in _FIELDS.items()],
+    metadata={VERSION_KEY: SCHEMA_VERSION},
+)
+"""One row per (cell_key, task, score); every field's ``metadata[b"doc"]`` says what it holds."""
+
+
+def _plain(value: Any) -> Any:
+    """``value`` ready for JSON: numpy scalars as Python numbers, NaN and infinities as null."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):  # a NaN in details must not fail the cell it describes
+        return float(value) if math.isfinite(value) else None
+    return value
+
+
+def _json_text(name: str, value: Any) -> str:
+    import json
+
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RecordError(f"{name} is not valid JSON: {value!r}") from None
+    try:
+        return canonical_json(_plain(value))
+    except (TypeError, ValueError) as exc:
+        raise RecordError(f"{name}: cannot store {value!r} as JSON: {exc}") from None
+
+
+def normalise(name: str, value: Any) -> Any:
+    """One value made ready to store, so that equal settings hash alike (0 and 0.0, JSON text)."""
+    if value is None:
+        return None
+    if name in JSON_FIELDS:
+        return _json_text(name, value)
+    kind = SCHEMA.field(name).type
+    if pa.types.is_floating(kind) and isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return float(value)
+    if pa.types.is_integer(kind):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise RecordError(f"{name} must be an integer, not {value!r}")  # pyarrow would truncate
+        return int(value)
+    if pa.types.is_timestamp(kind) and isinstance(value, datetime) and value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
+    return value
+
+
+def cell_key(fields: Mapping[str, Any]) -> str:
+    """sha256 hex of the KEY_FIELDS of ``fields`` (others ignored, missing ones null)."""
+    key = {name: normalise(name, fields.get(name)) for name in KEY_FIELDS}
+    return hashlib.sha256(canonical_json(key).encode()).hexdigest()
+
+
+__all__ = ["BASELINE_FIELDS", "KEY_FIELDS", "LABEL_FIELDS", "SCHEMA", "SCHEMA_VERSION", "STATUSES",
+           "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]

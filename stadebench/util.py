@@ -1,0 +1,103 @@
+"""Plumbing written once: atomic writes, file hashes, canonical JSON, "did you mean",
+package versions, the Hugging Face offline switches."""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import importlib.metadata
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import IO, Any
+
+OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+"""Environment variables that keep transformers, huggingface_hub and datasets off the network."""
+
+
+def canonical_json(value: Any) -> str:
+    """``value`` as JSON with sorted keys and no whitespace, so equal values give equal text.
+
+    Raises ValueError for NaN, infinities and values JSON cannot hold.
+    """
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def digest(*parts: str | bytes, length: int = 64) -> str:
+    """sha256 hex of ``parts`` (each length-prefixed, so ``("ab", "c") != ("a", "bc")``)."""
+    h = hashlib.sha256()
+    for part in parts:
+        data = part.encode() if isinstance(part, str) else part
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()[:length]
+
+
+def file_sha256(path: str | os.PathLike, progress: Callable[[int], None] | None = None) -> str:
+    """sha256 hex of a file's bytes, read in 1 MiB chunks; ``progress(n)`` after each chunk."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+            if progress:
+                progress(len(chunk))
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are journalled anyway
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], Any]) -> None:
+    """Write ``data`` (bytes, or a function called with the open file) to ``path`` atomically.
+
+    The bytes go to a hidden temporary file beside ``path``, are fsynced and renamed over
+    it, so a reader (or a killed writer) never sees a half-written file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as fh:
+            if isinstance(data, bytes | bytearray):
+                fh.write(data)
+            else:
+                data(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+
+
+def close_matches(name: str, known: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:
+    """The known names closest to a misspelt ``name``, best first."""
+    return difflib.get_close_matches(name, [str(k) for k in known], n=n, cutoff=cutoff)
+
+
+def did_you_mean(name: str, known: Iterable[str], n: int = 1) -> str:
+    """``" (did you mean 'x'?)"`` for the closest known names, or an empty string."""
+    close = close_matches(name, known, n)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, None when it is not installed."""
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def hub_offline() -> bool:
+    """Whether the environment asks Hugging Face libraries to stay offline."""
+    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in OFFLINE_VARS)
