@@ -1,29 +1,107 @@
 """stadebench: a fair, cheap benchmark for pruning LLMs without retraining."""
 
-from .base import Dataset, Evaluator, LayerInfo, LayerStats, Metric, Options, Pattern, Score
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from .base import Dataset, Evaluator, LayerInfo, LayerResult, LayerStats, Metric, Options, Pattern, Score
 from .errors import ConfigError, NumericalError, PluginError, StadebenchError, UnknownNameError
 from .hookspecs import hookimpl
 from .plugins import get_plugins
 from .version import __version__
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from .core.engine import CalibrationStatistics, PruneReport
 
 
-def prune(*args, **kwargs):
-    """Prune a causal LM in place; see ``stadebench.core.engine.prune``."""
-    from .core.engine import prune as _prune
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor | None = None,
+    metric: str | Metric = "wanda",
+    pattern: str | Pattern = "unstructured",
+    sparsity: float | None = None,
+    *,
+    metric_options: dict[str, Any] | None = None,
+    pattern_options: dict[str, Any] | None = None,
+    sequential: bool = True,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    reconstruction: bool = True,
+    offload: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    statistics: CalibrationStatistics | None = None,
+) -> PruneReport:
+    """Prune every linear layer of ``model``'s decoder blocks in place; returns a ``PruneReport``.
 
-    return _prune(*args, **kwargs)
+    Args:
+        model: a Hugging Face decoder-only causal LM (any family).
+        calibration: LongTensor ``[n, seqlen]`` of token windows; unused (may be None)
+            for data-free metrics.
+        metric: a registered metric name, or a ``Metric`` instance.
+        pattern: a registered pattern spec (``unstructured``, ``unstructured-layer``,
+            ``2:4`` …), or a ``Pattern`` instance.
+        sparsity: fraction of weights to prune; None means the pattern's own (N/M for
+            N:M, 0.5 otherwise). N:M with any other sparsity is an error.
+        metric_options, pattern_options: options of a metric name / pattern spec
+            (validated by its ``Options`` model); an instance carries its own.
+        sequential: feed each block the pruned outputs of the previous one (True) or
+            the dense outputs (False, one-shot).
+        batch_size: calibration windows per forward pass.
+        device: where blocks are pruned, one at a time; default CUDA when available,
+            else the model's device. The model's weights stay where they are.
+        reconstruction: run pass 2 in one-shot mode too, to measure the blocks'
+            reconstruction error (sequential mode always runs it).
+        offload: keep the block activations in CPU memory between passes; None keeps
+            them on the device when both buffers fit in half its free memory.
+        progress: called as ``progress(done_blocks, total_blocks)``.
+        statistics: one-shot statistics from ``collect_statistics`` on this (dense)
+            model, used instead of calibration passes (``sequential`` must be False; no
+            reconstruction error is measured). Data-free metrics ignore them.
+    """
+    from .core import engine
+    from .plugins import resolve
+
+    metric, pattern = resolve(metric, pattern, metric_options, pattern_options)
+    return engine.prune(model, calibration, metric, pattern, sparsity, sequential=sequential,
+                        batch_size=batch_size, device=device, reconstruction=reconstruction, offload=offload,
+                        progress=progress, statistics=statistics)
 
 
-def collect_statistics(*args, **kwargs):
-    """One-shot statistics shared by several ``prune`` calls; see ``stadebench.core.engine.collect_statistics``."""
-    from .core.engine import collect_statistics as _collect
+def collect_statistics(
+    model: nn.Module,
+    calibration: torch.Tensor,
+    needs: Iterable[str] = (),
+    *,
+    metrics: Iterable[str | Metric] = (),
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    offload: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> CalibrationStatistics:
+    """One dense pass of every block over ``calibration`` that gathers input statistics for
+    every prunable layer, shared by several one-shot ``prune(..., statistics=...)`` calls;
+    the model is not changed.
 
-    return _collect(*args, **kwargs)
+    Args:
+        needs: statistic names, a subset of ``{"sum", "sumsq", "gram"}``.
+        metrics: metrics (registered names or instances) whose ``statistics`` are
+            collected too; the union with ``needs`` must not be empty.
+        batch_size, device, offload, progress: as for ``prune``.
+    """
+    from .core import engine
+    from .plugins import resolve_metric
+
+    union = set(needs).union(*(resolve_metric(m).statistics for m in metrics))
+    return engine.collect_statistics(model, calibration, union, batch_size=batch_size, device=device,
+                                     offload=offload, progress=progress)
 
 
 __all__ = [
-    "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerStats", "Metric", "NumericalError",
+    "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerResult", "LayerStats", "Metric", "NumericalError",
     "Options", "Pattern", "PluginError", "Score", "StadebenchError", "UnknownNameError",
     "__version__", "collect_statistics", "get_plugins", "hookimpl", "prune",
 ]

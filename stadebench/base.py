@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from .errors import ConfigError
+from .errors import ConfigError, NumericalError
 
 if TYPE_CHECKING:
     from collections.abc import Iterable
@@ -116,40 +116,108 @@ class LayerStats:
         return self.sumsq.sqrt().float()
 
 
+@dataclass
+class LayerResult:
+    """What a metric decided for one linear layer; the engine applies it to the layer.
+
+    The engine zeroes the pruned weights (or writes ``weight``), adds ``bias_delta`` to
+    the bias and records ``details`` with the layer in the report.
+    """
+
+    mask: torch.Tensor
+    """Boolean ``[out, in]``, True where a weight is pruned; the engine counts these as the
+    layer's pruned weights and zeroes them whatever ``weight`` holds there."""
+    weight: torch.Tensor | None = None
+    """The new float32 ``[out, in]`` weight, its kept weights updated (a solver's
+    reconstruction), copied into the layer in the layer's dtype; None means the dense
+    weight with the mask's weights zeroed."""
+    bias_delta: torch.Tensor | None = None
+    """Float ``[out]`` tensor added to the layer's bias (a zero bias is created first if the
+    layer has none, and the report marks it ``bias_added``); None leaves the bias alone."""
+    details: dict[str, Any] = field(default_factory=dict)
+    """Recorded with the layer in the report (``LayerReport.details``), e.g. a damping a
+    solver had to raise: ``{"percdamp": 0.1}``. JSON-serialisable values only."""
+
+
+def check_finite(t: torch.Tensor, what: str, layer: str, metric: str | None) -> None:
+    """Raise NumericalError when ``t`` holds a NaN or Inf; ``what`` names it in the message
+    (``scores``, ``weights``, …), with the layer and, when known, the metric."""
+    import torch
+
+    if t.is_floating_point() and t.numel():
+        # min and max carry any NaN or Inf: one read, no boolean copy of the tensor
+        finite = bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
+    else:
+        finite = bool(torch.isfinite(t).all())
+    if not finite:
+        by = f" (metric {metric})" if metric else ""
+        raise NumericalError(f"{what} of layer {layer} contain NaN or Inf{by}")
+
+
 class Metric(_Named):
-    """A pruning metric: scores every weight of a linear layer; lower is pruned first.
+    """A pruning metric: decides, for each linear layer, which weights are pruned.
 
-    Subclasses set ``name``, ``version``, ``Options`` and ``statistics`` (which input
-    statistics ``score`` reads: a subset of ``{"sum", "sumsq", "gram"}``; empty for a
-    data-free metric, which makes pruning run no forward pass at all) and implement
-    ``score``. ``update`` may change the layer after masking (STADE's bias).
+    The engine makes one call per prunable layer, ``prune_layer(weight, stats, pattern,
+    sparsity)``, and applies the ``LayerResult`` it returns. Subclasses set ``name``,
+    ``version``, ``Options`` and ``statistics``, and implement either
 
-    A *solver* metric (``solver = True``, e.g. SparseGPT) implements ``solve``
-    instead: it picks the mask with the pattern's ``select`` and updates the weights.
+    - ``score`` (most metrics): lower scores are pruned first; the default ``prune_layer``
+      checks the scores, lets the pattern pick the mask and asks ``bias_delta`` (default
+      None; STADE's mean-compensating bias) for a bias correction; or
+    - ``prune_layer`` itself (solvers such as SparseGPT): pick the mask with
+      ``pattern.select`` and return the reconstructed weight with it.
+
+    ``statistics`` names the input statistics the metric reads (a subset of ``{"sum",
+    "sumsq", "gram"}``); the engine collects exactly those. It is the one declaration of
+    data use: an empty set makes the metric ``data_free()``, and pruning then runs no
+    forward pass and needs no calibration windows.
+
+    Every method receives the layer's float32 ``[out, in]`` weight, which may be the
+    layer's own storage, and ``LayerStats`` shared between layers that read the same
+    input: none of them may modify their arguments.
     """
 
     kind: ClassVar[str] = "metric"
     statistics: ClassVar[frozenset[str]] = frozenset()
-    solver: ClassVar[bool] = False
+
+    @classmethod
+    def data_free(cls) -> bool:
+        """Whether this metric reads no input statistics (``statistics`` is empty): pruning
+        with it runs no forward pass, needs no calibration and knows no layer roles."""
+        return not cls.statistics
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        """Scores of ``weight`` (float32 ``[out, in]``, never modified), same shape."""
+        """Scores of ``weight`` (float32 ``[out, in]``, never modified), same shape; lower is
+        pruned first."""
         raise NotImplementedError
 
-    def update(self, layer: torch.nn.Module, dense_weight: torch.Tensor, mask: torch.Tensor,
-               stats: LayerStats) -> None:
-        """Adjust ``layer`` after its weights under ``mask`` were zeroed.
+    def bias_delta(self, dense_weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor | None:
+        """What to add to the layer's bias once ``mask``'s weights are zeroed: a float ``[out]``
+        tensor, or None (the default) to leave the bias alone.
 
-        ``dense_weight`` is the float32 ``[out, in]`` weight before zeroing; ``mask`` is
-        True where pruned. The default does nothing.
+        ``dense_weight`` is the float32 ``[out, in]`` weight before zeroing (never modified);
+        ``mask`` is True where pruned. A layer without a bias gets a zero one first.
         """
+        return None
 
-    def solve(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern,
-              sparsity: float) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, dict]:
-        """Solvers only: return ``(mask, new_weight)`` for float32 ``weight`` ``[out, in]``,
-        optionally with a third item, a dict recorded with the layer (e.g. a damping that had
-        to be raised)."""
-        raise NotImplementedError
+    def prune_layer(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern,
+                    sparsity: float) -> LayerResult:
+        """Decide one layer: its mask, and optionally a new weight, a bias delta and details.
+
+        ``weight`` is the float32 ``[out, in]`` dense weight (never modified), ``stats`` the
+        layer's input statistics, ``pattern`` and ``sparsity`` what the mask must satisfy.
+        The default scores the weight, checks that the scores have its shape and are
+        finite (NumericalError otherwise), selects with ``pattern.select`` and returns
+        ``LayerResult(mask, None, self.bias_delta(weight, mask, stats))``.
+        """
+        layer = stats.layer.name
+        scores = self.score(weight, stats)
+        if scores.shape != weight.shape:
+            raise NumericalError(f"metric {self.name} returned scores of shape {tuple(scores.shape)} "
+                                 f"for layer {layer} of shape {tuple(weight.shape)}")
+        check_finite(scores, "scores", layer, self.name)
+        mask = pattern.select(scores, sparsity)
+        return LayerResult(mask, None, self.bias_delta(weight, mask, stats))
 
 
 class Pattern(_Named):
@@ -270,4 +338,9 @@ class Evaluator(_Named):
 
     def unavailable(self) -> str | None:
         """Why this evaluation cannot run on this machine (None: it can); cheap to call."""
+        return None
+
+    def fingerprint(self) -> str | None:
+        """Identifies the data this evaluation reads (part of every result's key, so
+        changed evaluation text re-runs the cells); None when the options say it all."""
         return None

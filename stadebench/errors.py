@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import difflib
 from collections.abc import Iterable
+
+from .util import close_matches
 
 
 class StadebenchError(Exception):
@@ -19,10 +20,11 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
         self.kind, self.name, self.known = kind, name, sorted(known)
-        close = difflib.get_close_matches(name, self.known, n=3, cutoff=0.5)
+        close = close_matches(name, self.known, n=3, cutoff=0.5)
         msg = f"unknown {kind} {name!r}"
         msg += f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
-        msg += f" Known {kind}s: {', '.join(self.known) or '(none)'}."
+        if len(self.known) <= 30:
+            msg += f" Known {kind}s: {', '.join(self.known) or '(none)'}."
         if hint:
             msg += f" {hint}"
         super().__init__(msg)

@@ -17,12 +17,15 @@ import importlib
 import importlib.metadata
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
-from .errors import PluginError, UnknownNameError
+from .errors import ConfigError, PluginError, UnknownNameError
+
+if TYPE_CHECKING:
+    from .base import Metric, Pattern
 
 ENTRY_POINT_GROUP = "stadebench"
 
@@ -243,3 +246,35 @@ def reset_plugins() -> None:
     """Forget the plugin manager (the next ``get_plugins()`` loads everything again)."""
     global _plugins
     _plugins = None
+
+
+# --- names to instances ------------------------------------------------------------
+# The pruning core takes instances; the API (stadebench.prune) and the suites look names
+# up here.
+
+
+def resolve_metric(metric: str | Metric, options: dict[str, Any] | None = None) -> Metric:
+    """The registered metric ``metric`` names, built with ``options``; an instance is
+    returned as it is (it carries its own options: passing others is an error)."""
+    if isinstance(metric, str):
+        return get_plugins().metrics.get(metric).cls(options)
+    if options:
+        raise ConfigError("metric_options go with a metric name, not a Metric instance")
+    return metric
+
+
+def resolve_pattern(pattern: str | Pattern, options: dict[str, Any] | None = None) -> Pattern:
+    """The registered pattern a spec (``"2:4"``, ``"unstructured"``) names, built with
+    ``options``; an instance is returned as it is (passing options with it is an error)."""
+    if isinstance(pattern, str):
+        return get_plugins().patterns.get(pattern).cls.from_spec(pattern, options)
+    if options:
+        raise ConfigError("pattern_options go with a pattern spec, not a Pattern instance")
+    return pattern
+
+
+def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict[str, Any] | None = None,
+            pattern_options: dict[str, Any] | None = None) -> tuple[Metric, Pattern]:
+    """A metric and a pattern from registered names (instances pass through), as the
+    engine takes them."""
+    return resolve_metric(metric, metric_options), resolve_pattern(pattern, pattern_options)

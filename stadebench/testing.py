@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .base import STATISTICS, LayerInfo, LayerStats, Metric, Pattern
+from .base import STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Pattern
 from .errors import ConfigError, StadebenchError
 from .plugins import get_plugins
 
@@ -43,22 +43,28 @@ from .plugins import get_plugins
 RULES: dict[str, str] = {
     # metrics
     "registered": "the name is registered by a plugin, resolves to the class under test, and "
-                  "stadebench.core.engine.resolve builds it",
+                  "stadebench.plugins.resolve builds it",
     "metadata": "name and version are non-empty strings; the class has a docstring (its first line is "
-                "what `stadebench list` shows); it implements score, or solve when solver = True",
+                "what `stadebench list` shows); a metric implements score or prune_layer, a pattern select",
     "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram'}",
     "options-unknown-key": "an unknown option key raises stadebench.ConfigError (subclass stadebench.Options)",
     "options-roundtrip": "options survive JSON: the class rebuilt from options.model_dump(mode='json') has "
                          "equal options (results record them, the runner rebuilds from them)",
-    "score-shape": "score (a solver: solve's mask and weight) has the weight's shape",
-    "score-dtype": "scores are floating point (a solver: a bool mask and a float weight), on the weight's device",
+    "score-shape": "score (a metric that overrides prune_layer: its LayerResult's mask and weight) has the "
+                   "weight's shape",
+    "score-dtype": "scores are floating point (prune_layer: a bool mask and a float weight or None), on the "
+                   "weight's device",
     "score-finite": "scores are finite, also for a zero weight row or column and an input that is always 0",
     "score-deterministic": "the same inputs give the same scores, whatever the global RNG state (seed a "
                            "torch.Generator from the options and stats.layer.name, as the 'random' metric does)",
-    "statistics-unrequested": "score reads no statistic it did not declare: the engine leaves those None",
-    "no-mutation": "score, update and solve leave their input tensors (weight, statistics, mask) unchanged",
-    "update-shape": "update keeps the layer's weight shape, dtype and device; a bias it adds is [out], finite",
-    "update-mask": "update leaves pruned weights at zero",
+    "statistics-unrequested": "score, bias_delta and prune_layer read no statistic the metric did not declare: "
+                              "the engine leaves those None",
+    "no-mutation": "score, bias_delta and prune_layer (a pattern: select) leave their input tensors (weight, "
+                   "statistics, mask; scores) unchanged",
+    "update-shape": "the layer update is well-formed: a bias delta (bias_delta, or prune_layer's) is None or a "
+                    "finite float [out] on the weight's device; prune_layer's details is a dict",
+    "update-mask": "prune_layer's new weight, when it returns one, is zero wherever its mask prunes: an update "
+                   "may change kept weights, never revive pruned ones",
     "realised-sparsity": "stadebench.prune on a tiny Llama prunes exactly the pattern's count in every layer",
     # patterns (also: registered, metadata, options-*, no-mutation, realised-sparsity)
     "mask-shape": "select returns a bool mask of the scores' shape and device",
@@ -203,6 +209,16 @@ def _same(a, b) -> bool:
     if a.is_floating_point():
         return bool(((a == b) | (torch.isnan(a) & torch.isnan(b))).all())
     return bool(torch.equal(a, b))
+
+
+def _same_output(a, b) -> bool:
+    """Two scores, or two ``LayerResult`` s, are the same (NaN equal to NaN)."""
+    if not isinstance(a, LayerResult):
+        return not isinstance(b, LayerResult) and _same(a, b)
+    if not isinstance(b, LayerResult) or a.details != b.details:
+        return False
+    pairs = ((a.mask, b.mask), (a.weight, b.weight), (a.bias_delta, b.bias_delta))
+    return all(x is None and y is None or x is not None and y is not None and _same(x, y) for x, y in pairs)
 
 
 def documented_count(pattern: Pattern, shape: tuple[int, int], sparsity: float) -> int | None:
@@ -351,14 +367,30 @@ class MetricConformance(_Conformance):
 
     def roles(self, metric: Metric) -> list[str | None]:
         # Data-free pruning runs no forward pass, so the engine knows no role.
-        return [None] if not metric.statistics and not metric.solver else ["normed", "internal"]
+        return [None] if metric.data_free() else ["normed", "internal"]
+
+    @staticmethod
+    def scored(metric: Metric) -> bool:
+        """Whether the metric is decided by its scores (the default ``prune_layer``), not by
+        a ``prune_layer`` of its own (a solver)."""
+        return type(metric).prune_layer is Metric.prune_layer
+
+    @staticmethod
+    def unstructured() -> Pattern:
+        return get_plugins().patterns.get("unstructured").cls.from_spec("unstructured")
 
     def run(self, metric: Metric, weight, stats):
-        """Scores, or a solver's ``(mask, new_weight)`` under per-row 50% sparsity."""
-        if metric.solver:
-            pattern = get_plugins().patterns.get("unstructured").cls.from_spec("unstructured")
-            return metric.solve(weight, stats, pattern, 0.5)
-        return metric.score(weight, stats)
+        """Scores, or the ``LayerResult`` of a metric's own ``prune_layer`` under per-row 50% sparsity."""
+        if self.scored(metric):
+            return metric.score(weight, stats)
+        return metric.prune_layer(weight, stats, self.unstructured(), 0.5)
+
+    def layer_result(self, metric: Metric, weight, stats) -> LayerResult:
+        """What the engine gets for the layer: ``prune_layer`` under per-row 50% sparsity
+        (a scored metric's scores are checked first, to name the rule they break)."""
+        if self.scored(metric):
+            self.mask(metric, weight, stats)
+        return metric.prune_layer(weight, stats, self.unstructured(), 0.5)
 
     def outputs(self, role: str | None, **kw):
         metric = self.make()
@@ -370,7 +402,7 @@ class MetricConformance(_Conformance):
         scores = metric.score(weight, stats)
         if getattr(scores, "shape", None) != weight.shape:
             fail("score-shape", f"{self.name} returned {_shape(scores)} for a weight of {list(weight.shape)}")
-        return get_plugins().patterns.get("unstructured").cls.from_spec("unstructured").select(scores.float(), 0.5)
+        return self.unstructured().select(scores.float(), 0.5)
 
     def each_output(self, **kw):
         for role in self.roles(self.make()):
@@ -388,7 +420,7 @@ class MetricConformance(_Conformance):
         if not isinstance(self.metric, str) and reg.cls is not self.metric:
             fail("registered", f"metric {self.name!r} resolves to {reg.cls.__qualname__} registered by {reg.plugin}, "
                                f"not to {self.metric.__qualname__}")
-        from .core.engine import resolve
+        from .plugins import resolve
 
         metric, _ = resolve(self.name, "unstructured", dict(self.options))
         if not isinstance(metric, reg.cls):
@@ -402,9 +434,8 @@ class MetricConformance(_Conformance):
                 fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
         if not (cls.__doc__ or "").strip():
             fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
-        needed = "solve" if cls.solver else "score"
-        if getattr(cls, needed) is getattr(Metric, needed):
-            fail("metadata", f"{cls.__qualname__} (solver={cls.solver}) must implement {needed}()")
+        if cls.score is Metric.score and cls.prune_layer is Metric.prune_layer:
+            fail("metadata", f"{cls.__qualname__} must implement score(), or prune_layer() (a solver)")
 
     def test_statistics_declared(self):
         declared = self.metric_class().statistics
@@ -439,14 +470,14 @@ class MetricConformance(_Conformance):
 
     def test_score_shape(self):
         for role, metric, weight, _, out in self.each_output():
-            if metric.solver:
-                if not (isinstance(out, tuple) and (len(out) == 2 or len(out) == 3 and isinstance(out[2], dict))):
-                    fail("score-shape", f"{self.name}.solve returned {type(out).__name__}, not (mask, weight) "
-                                        "or (mask, weight, details)")
-                for what, t in zip(("mask", "weight"), out):
-                    if getattr(t, "shape", None) != weight.shape:
-                        fail("score-shape", f"{self.name}.solve returned a {what} of {_shape(t)} for a weight of "
-                                            f"{list(weight.shape)}")
+            if not self.scored(metric):
+                if not isinstance(out, LayerResult):
+                    fail("score-shape", f"{self.name}.prune_layer returned {type(out).__name__}, not a "
+                                        "stadebench.LayerResult")
+                for what, t in (("mask", out.mask), ("weight", out.weight)):
+                    if (t is not None or what == "mask") and getattr(t, "shape", None) != weight.shape:
+                        fail("score-shape", f"{self.name}.prune_layer returned a {what} of {_shape(t)} for a "
+                                            f"weight of {list(weight.shape)}")
             elif getattr(out, "shape", None) != weight.shape:
                 fail("score-shape", f"{self.name} returned {_shape(out)} for a weight of {list(weight.shape)} "
                                     f"(role {role})")
@@ -455,16 +486,17 @@ class MetricConformance(_Conformance):
         import torch
 
         for _, metric, weight, _, out in self.each_output():
-            if metric.solver:
-                mask, new = out[:2]
-                if mask.dtype != torch.bool or not new.is_floating_point():
-                    fail("score-dtype", f"{self.name}.solve returned a {mask.dtype} mask and a {new.dtype} weight; "
-                                        f"expected torch.bool and a float dtype")
-                tensors = out[:2]
+            if isinstance(out, LayerResult):
+                mask, new = out.mask, out.weight
+                if mask.dtype != torch.bool or (new is not None and not new.is_floating_point()):
+                    got = "no" if new is None else f"a {new.dtype}"
+                    fail("score-dtype", f"{self.name}.prune_layer returned a {mask.dtype} mask and {got} weight; "
+                                        f"expected torch.bool and a float dtype (or None)")
+                tensors = [t for t in (mask, new) if t is not None]
             else:
                 if not out.is_floating_point():
                     fail("score-dtype", f"{self.name} returned {out.dtype} scores; expected a float dtype")
-                tensors = (out,)
+                tensors = [out]
             for t in tensors:
                 if t.device != weight.device:
                     fail("score-dtype", f"{self.name} returned a tensor on {t.device} for a weight on {weight.device}")
@@ -474,9 +506,9 @@ class MetricConformance(_Conformance):
 
         for degenerate in (False, True):
             for role, metric, _, _, out in self.each_output(degenerate=degenerate):
-                tensors = out[:2] if metric.solver else (out,)
+                tensors = [out.weight] if isinstance(out, LayerResult) else [out]
                 for t in tensors:
-                    if t.is_floating_point() and not torch.isfinite(t).all():
+                    if t is not None and t.is_floating_point() and not torch.isfinite(t).all():
                         bad = int((~torch.isfinite(t)).sum())
                         case = ("a zero weight row and column and an input that is always 0" if degenerate
                                 else "random inputs")
@@ -490,9 +522,7 @@ class MetricConformance(_Conformance):
             for seed in (0, 12345):
                 torch.manual_seed(seed)
                 runs.append(self.outputs(role)[3])
-            a, b = runs
-            pairs = zip(a[:2], b[:2]) if isinstance(a, tuple) else [(a, b)]
-            if not all(_same(x, y) for x, y in pairs) or (isinstance(a, tuple) and a[2:] != b[2:]):
+            if not _same_output(*runs):
                 fail("score-deterministic", f"{self.name} gave different results for the same inputs in two runs "
                                             f"(role {role}); derive any randomness from a torch.Generator seeded "
                                             f"from the options and stats.layer.name, never the global RNG")
@@ -503,7 +533,9 @@ class MetricConformance(_Conformance):
             weight, stats = layer_inputs(self.shape, statistics=metric.statistics, role=role, strict=True,
                                          device=self.device)
             try:
-                self.run(metric, weight, stats)
+                out = self.run(metric, weight, stats)
+                if self.scored(metric) and getattr(out, "shape", None) == weight.shape:
+                    metric.bias_delta(weight, self.unstructured().select(out.float(), 0.5), stats)
             except UnrequestedStatistic as exc:
                 fail("statistics-unrequested", f"{self.name}: {exc}; add it to {type(metric).__name__}.statistics "
                                                f"(declared: {sorted(metric.statistics)})")
@@ -520,19 +552,15 @@ class MetricConformance(_Conformance):
             weight, stats = layer_inputs(self.shape, role=role, device=self.device)
             w0, s0 = weight.clone(), {k: v.clone() for k, v in _stat_tensors(stats).items()}
             self.run(metric, weight, stats)
-            what = "solve" if metric.solver else "score"
-            self._unchanged(weight, w0, stats, s0, what)
-            if metric.solver:
+            self._unchanged(weight, w0, stats, s0, "score" if self.scored(metric) else "prune_layer")
+            if not self.scored(metric):
                 continue
             mask = self.mask(self.make(), weight, stats)
             m0 = mask.clone()
-            layer = torch.nn.Linear(self.shape[1], self.shape[0], bias=False, device=self.device)
-            with torch.no_grad():
-                layer.weight.copy_(weight.masked_fill(mask, 0))
-                metric.update(layer, weight, mask, stats)
-            self._unchanged(weight, w0, stats, s0, "update")
+            metric.bias_delta(weight, mask, stats)
+            self._unchanged(weight, w0, stats, s0, "bias_delta")
             if not torch.equal(mask, m0):
-                fail("no-mutation", f"{self.name}.update changed the mask it was given")
+                fail("no-mutation", f"{self.name}.bias_delta changed the mask it was given")
 
     def _unchanged(self, weight, w0, stats, s0, what):
         if not _same(weight, w0):
@@ -543,42 +571,38 @@ class MetricConformance(_Conformance):
                 fail("no-mutation", f"{self.name}.{what} changed stats.{key} (statistics are shared between "
                                     f"layers that read the same input)")
 
-    def _updated_layers(self):
-        import torch
-
+    def _updates(self):
+        """``(role, weight, LayerResult)`` for each role, as the engine would apply them."""
         metric = self.make()
-        if metric.solver:
-            pytest.skip("a solver metric updates weights in solve(), not update()")
         for role in self.roles(metric):
-            for bias in (False, True):
-                weight, stats = layer_inputs(self.shape, role=role, device=self.device)
-                mask = self.mask(metric, weight, stats)
-                layer = torch.nn.Linear(self.shape[1], self.shape[0], bias=bias, device=self.device)
-                with torch.no_grad():
-                    layer.weight.copy_(weight.masked_fill(mask, 0))
-                    metric.update(layer, weight.clone(), mask, stats)
-                yield role, bias, layer, mask
+            weight, stats = layer_inputs(self.shape, role=role, device=self.device)
+            yield role, weight, self.layer_result(metric, weight, stats)
 
     def test_update_shape(self):
         import torch
 
-        for role, bias, layer, _ in self._updated_layers():
-            w = layer.weight
-            where = f"{self.name}.update (role {role}, layer {'with' if bias else 'without'} a bias)"
-            if tuple(w.shape) != self.shape or w.dtype != torch.float32 or w.device.type != torch.device(
-                    self.device).type:
-                fail("update-shape", f"{where} left a weight of {list(w.shape)} {w.dtype} on {w.device}; "
-                                     f"expected {list(self.shape)} torch.float32 on {self.device}")
-            b = layer.bias
-            if b is not None and (tuple(b.shape) != (self.shape[0],) or not torch.isfinite(b).all()):
-                fail("update-shape", f"{where} left a bias of {_shape(b)} (finite: {bool(torch.isfinite(b).all())}); "
-                                     f"expected a finite [{self.shape[0]}]")
+        what = "bias_delta" if self.scored(self.make()) else "prune_layer"
+        for role, weight, result in self._updates():
+            delta, rows = result.bias_delta, weight.shape[0]
+            if delta is not None and not (isinstance(delta, torch.Tensor) and tuple(delta.shape) == (rows,)
+                                          and delta.is_floating_point() and delta.device == weight.device
+                                          and bool(torch.isfinite(delta).all())):
+                got = f"{_shape(delta)} {getattr(delta, 'dtype', '')} on {getattr(delta, 'device', '?')}"
+                fail("update-shape", f"{self.name}.{what} (role {role}) returned a bias delta of {got}; expected "
+                                     f"None or a finite float [{rows}] on {weight.device}")
+            if not isinstance(result.details, dict):
+                fail("update-shape", f"{self.name}.prune_layer (role {role}) returned details of type "
+                                     f"{type(result.details).__name__}; expected a dict")
 
     def test_update_mask(self):
-        for role, bias, layer, mask in self._updated_layers():
-            alive = int((layer.weight[mask] != 0).sum())
+        for role, weight, result in self._updates():
+            new, mask = result.weight, result.mask
+            if new is None or getattr(new, "shape", None) != weight.shape or mask.shape != weight.shape:
+                continue  # no new weight (or one score-shape fails)
+            alive = int((new[mask] != 0).sum())
             if alive:
-                fail("update-mask", f"{self.name}.update made {alive} pruned weights non-zero (role {role})")
+                fail("update-mask", f"{self.name}.prune_layer returned a weight with {alive} pruned weights "
+                                    f"non-zero (role {role})")
 
     def test_realised_sparsity(self, prune_case):
         import stadebench

@@ -46,7 +46,8 @@ def file_sha256(path: str | os.PathLike, progress: Callable[[int], None] | None 
     return h.hexdigest()
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (no-op where folders cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:  # Windows cannot open a directory; its renames are journalled anyway
@@ -76,7 +77,7 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[IO[bytes]], An
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def close_matches(name: str, known: Iterable[str], n: int = 3, cutoff: float = 0.6) -> list[str]:

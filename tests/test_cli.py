@@ -68,7 +68,7 @@ def board(tmp_path_factory, assets):
     files_after_second = parquet_count(folder)
     forced = invoke("run", suite, "--leaderboard", folder, "--force", cache=cache)
     table = lb.read(folder)
-    run_ids = sorted(set(table["run_id"].to_pylist()))
+    run_ids = sorted(set(lb.read(folder, history=True)["run_id"].to_pylist()))
     return types.SimpleNamespace(root=root, suite=suite, folder=folder, cache=cache, first=first, second=second,
                                  forced=forced, files=(files_after_first, files_after_second,
                                                        parquet_count(folder)),
@@ -103,8 +103,21 @@ def test_force_redoes_finished_cells(board):
     r = board.forced
     assert r.exit_code == ExitCode.OK, r.output
     assert "3 cell(s) ran, 0 skipped, 0 failed" in r.stderr
-    assert board.files[2] == 6
-    assert len(board.run_ids) == 2
+    assert board.files[2] == 3  # the current view; the superseded files moved under _history/
+    assert parquet_count(board.folder / "_history") == 3
+    assert len(board.run_ids) == 2 and len(set(lb.read(board.folder)["run_id"].to_pylist())) == 1
+
+
+def test_history_lists_the_superseded_rows(board):
+    r = invoke("leaderboard", "--dir", board.folder, "--history", "--format", "json")
+    assert r.exit_code == ExitCode.OK, r.output
+    rows = json.loads(r.stdout)
+    assert len(rows) == 3 and {row["metric"] for row in rows} == {"dense", "magnitude", "wanda"}
+    assert len({row["run_id"] for row in rows}) == 1
+    current = set(lb.read(board.folder)["run_id"].to_pylist())
+    assert {row["run_id"] for row in rows} == set(board.run_ids) - current  # the first run, superseded
+    r = invoke("leaderboard", "--dir", board.folder, "--history")
+    assert r.exit_code == ExitCode.OK and "superseded results" in r.stdout
 
 
 def test_dry_run_lists_cells_and_runs_nothing(board, tmp_path):
@@ -120,7 +133,7 @@ def test_dry_run_lists_cells_and_runs_nothing(board, tmp_path):
     assert r.exit_code == ExitCode.OK and "0 cell(s) to run, 3 already done" in r.stdout
     r = invoke("run", board.suite, "--dry-run", "--force", "--only", "metric=wanda", "--leaderboard", board.folder)
     assert r.exit_code == ExitCode.OK and "1 cell(s) to run" in r.stdout and "magnitude" not in r.stdout
-    assert parquet_count(board.folder) == 6
+    assert parquet_count(board.folder) == 3
 
 
 # --- exit codes -----------------------------------------------------------------

@@ -145,8 +145,9 @@ BROKEN_METRICS = {
         def score(self, weight, stats):
             return weight.abs() * stats.norm
 
-        def update(self, layer, dense_weight, mask, stats):
-            layer.weight.data = dense_weight.clone()   # "restores" the pruned weights
+        def prune_layer(self, weight, stats, pattern, sparsity):
+            result = super().prune_layer(weight, stats, pattern, sparsity)
+            return stadebench.LayerResult(result.mask, weight.clone())   # "restores" the pruned weights
     ''',
 }
 

@@ -58,9 +58,9 @@ def spying(cls):
             self.scores[stats.layer.name] = s = super().score(weight, stats)
             return s
 
-        def solve(self, weight, stats, pattern, sparsity):
+        def prune_layer(self, weight, stats, pattern, sparsity):
             self.seen[stats.layer.name] = stats
-            return super().solve(weight, stats, pattern, sparsity)
+            return super().prune_layer(weight, stats, pattern, sparsity)
 
     Spy.__name__ = f"Spy{cls.__name__}"
     return Spy()
@@ -378,9 +378,10 @@ def test_offloaded_activations_give_the_same_pruned_model(tiny_llama, tiny_calib
 
 def test_solver_details_are_recorded_per_layer(tiny_llama, tiny_calibration):
     class Noting(SparseGPT):
-        def solve(self, weight, stats, pattern, sparsity):
-            mask, new, _ = super().solve(weight, stats, pattern, sparsity)
-            return mask, new, {"percdamp": 0.5} if stats.layer.short_name == "mlp.down_proj" else {}
+        def prune_layer(self, weight, stats, pattern, sparsity):
+            r = super().prune_layer(weight, stats, pattern, sparsity)
+            return stadebench.LayerResult(r.mask, r.weight, r.bias_delta,
+                                          {"percdamp": 0.5} if stats.layer.short_name == "mlp.down_proj" else {})
 
     report = stadebench.prune(tiny_llama, tiny_calibration, metric=Noting(), pattern="2:4")
     noted = {layer.name: layer.details for layer in report.layers if layer.details}

@@ -88,8 +88,9 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
         lb.write_rows(tmp_path, [_row(sparsity=i / 10)])
     names = _names(tmp_path)
     assert not [n for n in names if n.endswith(".tmp")]
-    assert {n for n in names if not n.startswith(".")} == {
-        p.name for p in tmp_path.glob("*.parquet")} | {"manifest.json"}
+    # a plain Parquet dataset: data files, and bookkeeping under names readers skip
+    assert names == {p.name for p in tmp_path.glob("*.parquet")} | {lb.LOCK}
+    assert len(names) == 4 and lb.LOCK.startswith("_")
 
 
 def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
@@ -100,7 +101,7 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     monkeypatch.setattr(lb.pq, "write_table", broken)
     with pytest.raises(OSError, match="disk full"):
         lb.write_rows(tmp_path, [_row()])
-    assert not [n for n in _names(tmp_path) if not n.startswith(".manifest.lock")]
+    assert _names(tmp_path) == set()
 
 
 def test_read_ignores_temp_files_and_skips_corrupt_ones(tmp_path):
@@ -136,13 +137,13 @@ def test_upgrade_hook_runs_registered_steps(tmp_path, monkeypatch):
 def test_schema_metadata_is_readable_by_plain_pyarrow(tmp_path):
     path = lb.write_rows(tmp_path, [_row()], metadata={"suite_yaml": "grid: {}", "n": 1})
     table = pq.read_table(path)
-    assert table.schema.metadata[b"stadebench.schema_version"] == b"1"
+    assert table.schema.metadata[b"stadebench.schema_version"] == b"2"
     assert table.schema.metadata[b"suite_yaml"] == b"grid: {}"
     assert table.schema.metadata[b"n"] == b"1"
     assert table.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
     assert all(f.metadata and f.metadata[b"doc"] for f in table.schema)
     assert not table.schema.field("cell_key").nullable
-    assert ds.dataset(tmp_path, format="parquet", exclude_invalid_files=True).count_rows() == 1
+    assert ds.dataset(tmp_path).count_rows() == 1
 
 
 def test_reserved_metadata_key_is_rejected(tmp_path):
@@ -227,23 +228,15 @@ def test_query_filters(tmp_path):
     assert lb.query(table, metric=["wanda", "stade"]).num_rows == 3
     assert lb.query(table, model="other").num_rows == 0
     assert lb.read(tmp_path, task="c4").num_rows == 1
-
-
-def test_manifest_lists_the_files_on_disk(tmp_path):
-    first = lb.write_rows(tmp_path, [_row(), _row(task="c4")])
-    second = lb.write_rows(tmp_path, [_row(sparsity=0.6)])
-    first.unlink()  # deleted by hand: the next write forgets it
-    (tmp_path / "manifest.json").write_text("{broken")  # and a broken index is rebuilt
-    third = lb.write_rows(tmp_path, [_row(sparsity=0.7)])
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["schema_version"] == "1"
-    assert {f["name"]: f["rows"] for f in manifest["files"]} == {second.name: 1, third.name: 1}
+    lb.write_rows(tmp_path, [_row(pattern="2:4", sparsity=0.6)])
+    assert lb.read(tmp_path, pattern="2:4", sparsity=0.6).num_rows == 1
+    assert lb.read(tmp_path, sparsity=[0.5, 0.6]).num_rows == 4 and lb.read(tmp_path, sparsity=0).num_rows == 0
 
 
 def _write_many(folder: str, worker: int, n: int, barrier, read_back: bool = False) -> None:
     barrier.wait()  # both processes start writing together, after the child's slow imports
     for i in range(n):
-        lb.write_rows(folder, [_row(run_id=f"w{worker}", model=f"m{i}", task=task, value=float(i))
+        lb.write_rows(folder, [_row(run_id=f"w{worker}", model=f"m{i}", task=task, value=float(i), created_at=None)
                                for task in ("wikitext2", "c4")])
         if read_back and i % 10 == 0:
             with warnings.catch_warnings():
@@ -260,16 +253,217 @@ def test_two_processes_writing_at_once_lose_nothing(tmp_path):
     child.join(timeout=60)
     assert child.exitcode == 0
 
-    table = lb.read(tmp_path)
-    assert table.num_rows == 200
-    assert len(set(zip(*(table[c].to_pylist() for c in ("run_id", "model", "task"))))) == 200
-    files = {p.name for p in tmp_path.glob("*.parquet")}
+    # The two writers measured the same 50 cells (run_id is not in the key): every row is
+    # kept, the newer of each pair at the top and the older in _history/.
+    everything = lb.read(tmp_path, history=True)
+    assert everything.num_rows == 200
+    assert len(set(zip(*(everything[c].to_pylist() for c in ("run_id", "model", "task"))))) == 200
+    top = lb.read(tmp_path)
+    assert top.num_rows == 100 and _once_per_key(pq.read_table(tmp_path).to_pylist())
+    def ids(table):
+        return set(zip(*(table[c].to_pylist() for c in ("run_id", "model", "task"))))
+
+    assert ids(top) == ids(lb.current(everything))
+    assert lb.superseded(tmp_path).num_rows == 100
+    files = list(tmp_path.glob("*.parquet")) + list((tmp_path / lb.HISTORY).glob("*.parquet"))
     assert len(files) == 100 and not [n for n in _names(tmp_path) if n.endswith(".tmp")]
-    mtimes = [[p.stat().st_mtime_ns for p in tmp_path.glob(f"w{w}-*")] for w in (1, 2)]
+    mtimes = [[p.stat().st_mtime_ns for p in files if p.name.startswith(f"w{w}-")] for w in (1, 2)]
     assert max(map(min, mtimes)) < min(map(max, mtimes))  # the two writers did overlap
-    manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert {f["name"] for f in manifest["files"]} == files
-    assert sum(f["rows"] for f in manifest["files"]) == 200
+
+
+def _once_per_key(rows) -> bool:
+    keys = [(r["cell_key"], r["task"], r["score"]) for r in rows]
+    return len(keys) == len(set(keys))
+
+
+# --- a plain Parquet dataset; superseded rows in _history/ -------------------------------
+
+
+def _force_rerun(folder: Path) -> tuple[Path, Path]:
+    """A cell with two tasks, then the same cell written again an hour later."""
+    old = lb.write_rows(folder, [_row(value=12.0), _row(task="c4", value=20.0)])
+    new = lb.write_rows(folder, [_row(value=11.0, run_id="run2", created_at=T0 + timedelta(hours=1)),
+                                 _row(task="c4", value=19.0, run_id="run2", created_at=T0 + timedelta(hours=1))])
+    return old, new
+
+
+def test_plain_tools_read_the_folder(tmp_path):
+    _force_rerun(tmp_path)
+    lb.write_rows(tmp_path, [_row(sparsity=0.7)])
+    (tmp_path / ".run1-abc-12345678.parquet.deadbeef.tmp").write_bytes(b"PAR1 still writing")
+    assert (tmp_path / lb.HISTORY).is_dir() and (tmp_path / lb.LOCK).exists()
+
+    pd = pytest.importorskip("pandas")
+    frame = pd.read_parquet(tmp_path)
+    assert len(frame) == 3 and sorted(frame["value"]) == [10.0, 11.0, 19.0]
+    assert ds.dataset(tmp_path).count_rows() == 3
+    assert pq.read_table(tmp_path).num_rows == 3
+    polars = pytest.importorskip("polars")
+    assert polars.read_parquet(f"{tmp_path}/*.parquet").height == 3
+    duckdb = pytest.importorskip("duckdb")
+    assert duckdb.sql(f"select count(*) from read_parquet('{tmp_path}/*.parquet')").fetchall() == [(3,)]
+
+
+def test_force_rerun_leaves_one_row_per_key_and_keeps_the_old_in_history(tmp_path):
+    pd = pytest.importorskip("pandas")
+    old, new = _force_rerun(tmp_path)
+    frame = pd.read_parquet(tmp_path)
+    assert len(frame) == 2 and set(frame.groupby(["cell_key", "task", "score"]).size()) == {1}
+    assert sorted(frame["value"]) == [11.0, 19.0]
+    assert sorted(tmp_path.glob("*.parquet")) == [new]
+    assert not old.exists() and (tmp_path / lb.HISTORY / old.name).exists()
+
+    assert sorted(lb.read(tmp_path)["value"].to_pylist()) == [11.0, 19.0]
+    everything = lb.read(tmp_path, history=True)
+    assert everything.schema == lb.SCHEMA  # nothing added
+    assert sorted(everything["value"].to_pylist()) == [11.0, 12.0, 19.0, 20.0]
+    gone = lb.superseded(tmp_path)
+    assert sorted(gone["value"].to_pylist()) == [12.0, 20.0] and set(gone["run_id"].to_pylist()) == {"run1"}
+    assert lb.superseded(tmp_path, task="c4")["value"].to_pylist() == [20.0]
+    assert lb.finished_cells(tmp_path) == {lb.cell_key(_row())}
+    lb.compact(tmp_path)  # nothing left to do
+    assert sorted(tmp_path.glob("*.parquet")) == [new]
+
+
+def test_a_partly_superseded_file_is_split(tmp_path):
+    batch = lb.write_rows(tmp_path, [_row(), _row(task="c4", value=20.0), _row(sparsity=0.6, value=13.0)],
+                          metadata={"suite_yaml": "grid: {}"})
+    newer = lb.write_rows(tmp_path, [_row(value=9.0, created_at=T0 + timedelta(hours=1)),
+                                     _row(task="c4", value=19.0, created_at=T0 + timedelta(hours=1))])
+    remainder = tmp_path / f"{batch.stem}_r001.parquet"
+    assert set(tmp_path.glob("*.parquet")) == {newer, remainder}
+    assert sorted(p.name for p in (tmp_path / lb.HISTORY).iterdir()) == [batch.name]
+    kept = pq.read_table(remainder)
+    assert kept.schema.metadata[b"suite_yaml"] == b"grid: {}"  # rows and metadata as written
+    assert kept.to_pylist() == [r for r in pq.read_table(tmp_path / lb.HISTORY / batch.name).to_pylist()
+                                if r["sparsity"] == 0.6]
+    assert kept["created_at"].to_pylist() == [T0]
+    assert sorted(lb.read(tmp_path)["value"].to_pylist()) == [9.0, 13.0, 19.0]
+    # the 0.6 row was copied, not superseded
+    assert sorted(lb.superseded(tmp_path)["value"].to_pylist()) == [10.0, 20.0]
+
+    lb.write_rows(tmp_path, [_row(sparsity=0.6, value=12.0, created_at=T0 + timedelta(hours=2))])
+    assert not remainder.exists() and (tmp_path / lb.HISTORY / remainder.name).exists()
+    assert sorted(lb.read(tmp_path)["value"].to_pylist()) == [9.0, 12.0, 19.0]
+
+
+def test_a_crash_between_remainder_and_move_leaves_duplicates_that_the_next_compaction_removes(
+        tmp_path, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    batch = lb.write_rows(tmp_path, [_row(), _row(sparsity=0.6, value=13.0)])
+
+    class Killed(BaseException):
+        pass
+
+    def killed(folder, path):
+        raise Killed  # the process dies after writing the remainder, before moving the old file
+
+    monkeypatch.setattr(lb, "_move_to_history", killed)
+    with pytest.raises(Killed):
+        lb.write_rows(tmp_path, [_row(value=9.0, created_at=T0 + timedelta(hours=1))])
+    remainder = tmp_path / f"{batch.stem}_r001.parquet"
+    assert batch.exists() and remainder.exists()
+    frame = pd.read_parquet(tmp_path)  # a transient duplicate: identical rows, nothing lost
+    assert sorted(frame["value"]) == [9.0, 10.0, 13.0, 13.0]
+    assert sorted(lb.current(lb.read(tmp_path))["value"].to_pylist()) == [9.0, 13.0]
+
+    monkeypatch.undo()
+    lb.compact(tmp_path)
+    assert not batch.exists() and remainder.exists()
+    assert sorted(pd.read_parquet(tmp_path)["value"]) == [9.0, 13.0]
+    assert sorted(lb.superseded(tmp_path)["value"].to_pylist()) == [10.0]
+
+
+def test_a_file_moved_while_read_is_not_lost(tmp_path, monkeypatch):
+    """A reader that lists a file which a compaction then moves lists the folder again."""
+    first = lb.write_rows(tmp_path, [_row(), _row(sparsity=0.6, value=13.0)])
+    listing = lb._data_files
+
+    def stale(folder):  # the listing from before a split: the old file, not its remainder
+        if folder == tmp_path and not calls:
+            calls.append(folder)
+            return [first]
+        return listing(folder)
+
+    calls: list = []
+    lb.write_rows(tmp_path, [_row(value=9.0, created_at=T0 + timedelta(hours=1))])
+    assert not first.exists()
+    monkeypatch.setattr(lb, "_data_files", stale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lb.LeaderboardWarning)
+        assert sorted(lb.read(tmp_path)["value"].to_pylist()) == [9.0, 13.0]
+    assert calls
+
+
+def test_rows_can_be_typed_records(tmp_path):
+    from stadebench.bench.record import Row
+
+    fields = {k: v for k, v in _row().items()}
+    lb.write_rows(tmp_path, [Row(**fields), Row(**{**fields, "task": "c4"})])
+    table = lb.read(tmp_path)
+    assert table["cell_key"].to_pylist() == [lb.cell_key(fields)] * 2
+    assert table["metric_options"].to_pylist() == ["{}"] * 2
+
+
+def test_compact_of_a_missing_folder_creates_nothing(tmp_path):
+    lb.compact(tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+def test_compaction_leaves_unreadable_and_newer_files_alone(tmp_path):
+    future = lb._to_table([_row(value=1.0)]).replace_schema_metadata({lb.VERSION_KEY: "99"})
+    pq.write_table(future, tmp_path / "future.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    lb.write_rows(tmp_path, [_row(value=2.0)])
+    lb.write_rows(tmp_path, [_row(value=3.0, created_at=T0 + timedelta(hours=1))])
+    assert (tmp_path / "future.parquet").exists() and (tmp_path / "bad.parquet").exists()
+    with pytest.raises(lb.LeaderboardError, match="'99'.*newer.*upgrade stadebench"):
+        lb._read_file(tmp_path / "future.parquet")
+    with pytest.warns(lb.LeaderboardWarning) as caught:
+        assert lb.read(tmp_path)["value"].to_pylist() == [3.0]  # one bad file hides nothing
+    messages = sorted(str(w.message) for w in caught)
+    assert "bad.parquet" in messages[0] and "future.parquet" in messages[1] and "upgrade" in messages[1]
+
+
+# --- old files -------------------------------------------------------------------------
+
+_SCHEMA_1 = (  # the columns stadebench wrote under schema version 1
+    "cell_key", "model", "model_revision", "model_source", "metric", "metric_version", "metric_options",
+    "pattern", "pattern_options", "sparsity", "calib_dataset", "calib_options", "calib_n", "calib_seqlen",
+    "calib_seed", "sequential", "batch_size", "dtype", "evaluator", "evaluator_version", "eval_options",
+    "eval_dataset", "eval_split", "eval_seqlen", "task", "score", "value", "stderr", "higher_is_better",
+    "status", "error", "run_id", "created_at", "suite", "stadebench_version", "torch_version",
+    "transformers_version", "lm_eval_version", "metric_plugin", "metric_plugin_version", "git_commit",
+    "device", "actual_sparsity", "prune_seconds", "eval_seconds", "peak_memory_bytes", "details",
+)
+
+
+def _schema_1_file(path: Path, **over) -> None:
+    """A file as stadebench wrote it under schema 1: its column set, a key over fewer fields."""
+    row = lb._to_table([_row(model_source="hub", model_revision="main", metric_plugin="stadebench",
+                             **over)]).to_pylist()[0]
+    row["cell_key"] = "0" * 64
+    v1 = pa.schema([lb.SCHEMA.field(n) for n in _SCHEMA_1], metadata={lb.VERSION_KEY: "1"})
+    pq.write_table(pa.Table.from_pylist([{n: row[n] for n in v1.names}], schema=v1), path)
+
+
+def test_a_schema_1_file_is_upgraded_on_read_with_a_recomputed_key(tmp_path):
+    _schema_1_file(tmp_path / "old.parquet", value=7.0)
+    table = lb.read(tmp_path)
+    assert table.schema == lb.SCHEMA
+    row = table.to_pylist()[0]
+    assert row["value"] == 7.0 and row["metric_plugin"] == "stadebench"
+    assert row["model_revision_requested"] == row["model_revision"] == "main"
+    assert all(row[n] is None for n in set(lb.SCHEMA.names) - set(_SCHEMA_1) - {"model_revision_requested"})
+    assert {"model_file", "pattern_version", "calib_fingerprint", "executor"} <= set(lb.SCHEMA.names) - set(_SCHEMA_1)
+    assert row["cell_key"] == lb.cell_key(row) != "0" * 64  # a stored key matches its fields
+    assert lb.finished_cells(tmp_path) == {row["cell_key"]}
+
+    # compaction works on upgraded keys; a split keeps the old file's own schema
+    lb.write_rows(tmp_path, [{**row, "cell_key": None, "value": 6.0, "created_at": T0 + timedelta(hours=1)}])
+    assert not (tmp_path / "old.parquet").exists()
+    assert lb.read(tmp_path)["value"].to_pylist() == [6.0]
+    assert lb.superseded(tmp_path)["value"].to_pylist() == [7.0]
 
 
 _STR_KEYS = [f for f in lb.KEY_FIELDS
@@ -342,3 +536,17 @@ def test_pivot_labels_what_varies_and_handles_no_baseline():
     assert all(r["dense"] is None and r["values"]["unstructured 0.5"]["relative"] is None
                for r in grid["rows"])
     assert lb.pivot(lb.SCHEMA.empty_table(), "x", "y")["rows"] == []
+
+
+def test_pivot_labels_only_what_varies_within_a_metric_and_names_pattern_options():
+    wanda = {"calib_fingerprint": "abc"}
+    magnitude = {"metric": "magnitude", "calib_dataset": None, "calib_n": None, "calib_seqlen": None,
+                 "calib_seed": None, "sequential": None, "batch_size": None}
+    rows = [_row(**wanda, value=12.0), _row(**magnitude, value=30.0, metric_plugin="other", metric_version="3"),
+            _row(**wanda, pattern="n:m", pattern_options={"n": 2, "m": 4}, pattern_version="2", value=16.0),
+            _row(**wanda, pattern="n:m", pattern_options={"n": 4, "m": 8}, pattern_version="2", value=14.0)]
+    grid = lb.pivot(lb._to_table(rows), "wikitext2", "perplexity")
+    # magnitude has no calibration and another plugin: that tells the metrics apart, not rows
+    assert [r["label"] for r in grid["rows"]] == ["magnitude", "wanda"]
+    assert grid["columns"] == ["n:m(m=4, n=2) 0.5", "n:m(m=8, n=4) 0.5", "unstructured 0.5"]
+    assert set(grid["rows"][1]["values"]) == set(grid["columns"])  # one row across pattern versions

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from stadebench.errors import ConfigError
+from stadebench.data import zeroshot as Z
 from stadebench.evaluation import lmeval as L
 
 HAS_LMEVAL = importlib.util.find_spec("lm_eval") is not None
@@ -38,7 +39,7 @@ K = 12  # documents compared per task
 def asset() -> Path:
     from stadebench.data import assets
 
-    return Path(assets.fetch(L.ASSET))
+    return Path(assets.fetch(Z.ASSET))
 
 
 @pytest.fixture(scope="session")
@@ -96,7 +97,7 @@ def request_args(task, limit: int) -> list[tuple]:
 
 
 def test_offline_table_covers_the_default_tasks():
-    assert set(L.OFFLINE_DATA) == set(L.DEFAULT_TASKS) == set(L.STOCK_DIRS)
+    assert set(Z.OFFLINE_DATA) == set(L.DEFAULT_TASKS) == set(L.STOCK_DIRS)
     assert L.LmEval().options.tasks == list(L.DEFAULT_TASKS)
 
 
@@ -105,17 +106,17 @@ def test_offline_table_covers_the_default_tasks():
 def test_offline_split_is_the_split_the_stock_task_evaluates(task):
     entry = L.stock_task_manager([task]).task_index[task]
     assert Path(entry.yaml_path).is_relative_to(Path(importlib.util.find_spec("lm_eval").origin).parent)
-    assert L.stock_split(entry.cfg) == L.OFFLINE_DATA[task].split
+    assert L.stock_split(entry.cfg) == Z.OFFLINE_DATA[task].split
 
 
 @pytest.mark.parametrize("task", L.DEFAULT_TASKS)
 def test_export_writes_the_split_once(task, asset, tmp_path):
-    spec = L.OFFLINE_DATA[task]
-    out = L.export_offline(task, asset=asset, cache=tmp_path)
+    spec = Z.OFFLINE_DATA[task]
+    out = Z.export_offline(task, asset=asset, cache=tmp_path)
     assert out.path == tmp_path / "lmeval" / task / f"{spec.split}.jsonl"
     lines = out.path.read_text(encoding="utf-8").splitlines()
     assert len(lines) == out.rows == spec.rows
-    assert json.loads(lines[0]) == L.offline_records(task, asset)[0]
+    assert json.loads(lines[0]) == Z.offline_records(task, asset)[0]
     stamp = json.loads(out.path.with_suffix(".json").read_text())
     assert stamp["source"] == spec.source and stamp["sha256"] == out.sha256
     assert out.rebuilt == (spec.rebuild is not None)
@@ -123,19 +124,19 @@ def test_export_writes_the_split_once(task, asset, tmp_path):
 
 
 def test_export_is_cached_and_redone_when_stale(asset, tmp_path):
-    first = L.export_offline("rte", asset=asset, cache=tmp_path)
+    first = Z.export_offline("rte", asset=asset, cache=tmp_path)
     mtime = first.path.stat().st_mtime_ns
-    again = L.export_offline("rte", asset=None, cache=tmp_path)  # cached: the asset is not even needed
+    again = Z.export_offline("rte", asset=None, cache=tmp_path)  # cached: the asset is not even needed
     assert again == first and first.path.stat().st_mtime_ns == mtime
     first.path.write_text("truncated\n")
-    redone = L.export_offline("rte", asset=asset, cache=tmp_path)
+    redone = Z.export_offline("rte", asset=asset, cache=tmp_path)
     assert redone.sha256 == first.sha256 and len(redone.path.read_text().splitlines()) == 277
 
 
 @pytest.mark.parametrize(("task", "dump", "original", "rebuild"), [
-    ("arc_easy", "arc_easy/val_rc_5shot", "ai2_arc/ARC-Easy/validation", L.arc_record),
-    ("arc_challenge", "arc_challenge/val_rc_5shot", "ai2_arc/ARC-Challenge/validation", L.arc_record),
-    ("openbookqa", "openbookqa/val_rc_5shot", "openbookqa/main/validation", L.openbookqa_record),
+    ("arc_easy", "arc_easy/val_rc_5shot", "ai2_arc/ARC-Easy/validation", Z.arc_record),
+    ("arc_challenge", "arc_challenge/val_rc_5shot", "ai2_arc/ARC-Challenge/validation", Z.arc_record),
+    ("openbookqa", "openbookqa/val_rc_5shot", "openbookqa/main/validation", Z.openbookqa_record),
 ])
 def test_rebuild_gives_back_the_original_validation_records(task, dump, original, rebuild, asset):
     """The test splits are rebuilt from dumps; on the validation dumps the same rebuild
@@ -143,7 +144,7 @@ def test_rebuild_gives_back_the_original_validation_records(task, dump, original
     answer's position among them)."""
     import datasets
 
-    rebuilt = [rebuild(d) for d in L.dump_documents(asset / "oe_eval_tasks" / dump / "requests.jsonl.gz")]
+    rebuilt = [rebuild(d) for d in Z.dump_documents(asset / "oe_eval_tasks" / dump / "requests.jsonl.gz")]
     originals = datasets.load_from_disk(str(asset / "hf_datasets" / original)).to_list()
     assert len(rebuilt) == len(originals) > 200
     question = "question" if task.startswith("arc") else "question_stem"
@@ -157,7 +158,7 @@ def test_boolq_rebuild_is_superglue_boolq(asset):
     ``Title -- `` prefix of SuperGLUE passages, which lm-eval's prompt shows."""
     import datasets
 
-    rebuilt = L.offline_records("boolq", asset)
+    rebuilt = Z.offline_records("boolq", asset)
     google = datasets.load_from_disk(str(asset / "hf_datasets/boolq/none/validation")).to_list()
     assert len(rebuilt) == len(google) == 3270
     for i, (new, old) in enumerate(zip(rebuilt, google, strict=True)):
@@ -170,11 +171,11 @@ def test_boolq_rebuild_is_superglue_boolq(asset):
 
 def test_lambada_rebuild_rejoins_context_and_word():
     doc = {"id": 0, "query": "He looked at the", "answers_text": ["door"], "choices": ["door"]}
-    assert L.lambada_record(doc) == {"text": "He looked at the door"}
+    assert Z.lambada_record(doc) == {"text": "He looked at the door"}
     with pytest.raises(ValueError):
-        L.lambada_record({**doc, "answers_text": ["two words"]})
+        Z.lambada_record({**doc, "answers_text": ["two words"]})
     with pytest.raises(ValueError):
-        L.arc_record({"id": "x", "query": "Which one?", "choices": ["a"], "gold": 0})
+        Z.arc_record({"id": "x", "query": "Which one?", "choices": ["a"], "gold": 0})
 
 
 # --- rendering equality -------------------------------------------------------------
@@ -183,7 +184,7 @@ def test_lambada_rebuild_rejoins_context_and_word():
 @needs_lmeval
 @pytest.mark.parametrize("task", L.DEFAULT_TASKS)
 def test_offline_task_renders_like_the_stock_task(task, offline_tasks, stock_task, asset):
-    records = L.offline_records(task, asset)[:K]  # original-layout records (rebuilt where needed)
+    records = Z.offline_records(task, asset)[:K]  # original-layout records (rebuilt where needed)
     stock = stock_task(task, records)
     ours = offline_tasks[task]
     stock_entry = L.stock_task_manager([task]).task_index[task].cfg
@@ -296,8 +297,8 @@ def test_evaluates_the_in_memory_model_offline(tiny, no_saving, single_thread, a
         assert s.stderr is not None
         d = s.details
         assert (d["source"], d["limit"], d["num_fewshot"], d["n_docs"], d["task_version"]) == ("offline", 3, 0, 3, 1.0)
-        assert d["split"] == L.OFFLINE_DATA[s.task].split and d["source_file"] == L.OFFLINE_DATA[s.task].source
-        assert Path(d["data"]).is_file() and d["n_docs_total"] == L.OFFLINE_DATA[s.task].rows
+        assert d["split"] == Z.OFFLINE_DATA[s.task].split and d["source_file"] == Z.OFFLINE_DATA[s.task].source
+        assert Path(d["data"]).is_file() and d["n_docs_total"] == Z.OFFLINE_DATA[s.task].rows
         assert d["seconds"] > 0 and d["lm_eval_version"] == L.lmeval_version()
         json.dumps(d)  # goes into the leaderboard
 
@@ -305,7 +306,7 @@ def test_evaluates_the_in_memory_model_offline(tiny, no_saving, single_thread, a
 @needs_lmeval
 def test_runner_writes_lmeval_rows(tmp_path, tmp_path_factory, asset, single_thread):
     from stadebench.bench import leaderboard as lb
-    from stadebench.bench.runner import run_suite
+    from stadebench.bench.run import run_suite
     from stadebench.bench.suite import load_suite
     from tinymodel import shared_assets, suite_dict, write_suite
 

@@ -1,6 +1,6 @@
 """The engine's masks and weights against deliberately naive reference implementations.
 
-Everything on the reference side is written here from the formulas of DESIGN.md §4, as
+Everything on the reference side is written here from the formulas of docs/design.md ("Metric semantics"), as
 plainly as possible, without any stadebench helper:
 
 - inputs: plain forward hooks on the ``nn.Linear`` modules of the model, storing every
@@ -286,7 +286,7 @@ def test_sequential_and_one_shot_really_differ_in_the_reference_protocol(tiny_ll
 
 def naive_sparsegpt(weight: torch.Tensor, gram: torch.Tensor, count: int, pattern: str, sparsity: float,
                     blocksize: int = 128, percdamp: float = 0.01, update: bool = True):
-    """OBS pruning as DESIGN §4 describes it, computed in ``weight``'s dtype.
+    """OBS pruning as docs/design.md describes it, computed in ``weight``'s dtype.
 
     H = 2/N·XᵀX + λI (λ = percdamp·mean diag H; a never-active input gets H_jj = 1 and
     its weights zeroed); U = upper Cholesky factor of H⁻¹ (UᵀU = H⁻¹); saliency w²/U_jj².
@@ -339,8 +339,8 @@ def layer_problem(rows=48, cols=320, tokens=512, seed=0, dtype=torch.float64):
 
 def solve(pattern: str, weight, stats, sparsity=0.5, **options):
     pat = get_plugins().patterns.get(pattern).cls.from_spec(pattern)
-    mask, new, details = SparseGPT(options).solve(weight, stats, pat,
-                                                  pat.resolve_sparsity(None if ":" in pattern else sparsity))
+    r = SparseGPT(options).prune_layer(weight, stats, pat, pat.resolve_sparsity(None if ":" in pattern else sparsity))
+    mask, new, details = r.mask, r.weight, r.details
     assert details == {}  # the damping was enough: nothing to record
     return mask, new
 
@@ -353,11 +353,12 @@ def test_sparsegpt_raises_the_damping_until_the_hessian_factors_and_records_it()
     stats = LayerStats(LayerInfo("layer", 0, "layer"), 200, gram=gram)
     weight = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
     pattern = get_plugins().patterns.get("unstructured").cls.from_spec("unstructured")
-    mask, new, details = SparseGPT().solve(weight, stats, pattern, 0.5)
+    r = SparseGPT().prune_layer(weight, stats, pattern, 0.5)
+    mask, new, details = r.mask, r.weight, r.details
     assert details == {"percdamp": pytest.approx(0.1)}
     assert int(mask.sum()) == 8 * 8 and torch.isfinite(new).all()
     with pytest.raises(stadebench.NumericalError, match="percdamp=0.01 .0 retries"):
-        SparseGPT({"damping_retries": 0}).solve(weight, stats, pattern, 0.5)
+        SparseGPT({"damping_retries": 0}).prune_layer(weight, stats, pattern, 0.5)
 
 
 @pytest.mark.parametrize("pattern", ["unstructured", "unstructured-layer", "2:4", "4:8"])
@@ -706,7 +707,7 @@ def test_created_bias_is_used_by_the_model_forward(tiny_llama, tiny_calibration)
 
 
 def test_created_biases_survive_save_and_reload(tiny_llama, tiny_calibration, tmp_path):
-    # DESIGN §4: a layer with no bias gets one; saving such a model must set the config
+    # docs/design.md: a layer with no bias gets one; saving such a model must set the config
     # flags (Llama attention_bias / mlp_bias) so that it reloads with them.
     from transformers import AutoModelForCausalLM
 

@@ -3,15 +3,15 @@
 Every test runs the real `stadebench` executable on the tiny local Llama of
 tests/tinymodel.py. Its cells take milliseconds, far too little to land a signal inside
 one, so the subprocess gets a ``sitecustomize`` shim (on PYTHONPATH) that sleeps inside
-``leaderboard._atomic_write`` after the temporary file is written and before it is renamed:
-every write then holds a visible ``.NAME.xxxx.tmp`` for ``WRITE_DELAY`` seconds, and the
-tests kill the process while a chosen write is in flight. The shim changes timing only;
-what is written, and how, is the library's own code.
+``util.atomic_write`` after a Parquet file's temporary copy is written and before it is
+renamed, and at the end of each leaderboard compaction, while it holds the lock: every
+write then holds a visible ``.NAME.xxxx.tmp`` for ``WRITE_DELAY`` seconds, every
+compaction the lock, and the tests kill the process while a chosen one is in flight. The
+shim changes timing only; what is written, and how, is the library's own code.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -24,29 +24,39 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from filelock import FileLock, Timeout
 
 from stadebench.bench import leaderboard as lb
-from stadebench.bench.runner import Runner
+from stadebench.bench.plan import make_plan
 from stadebench.bench.suite import load_suite
 from tinymodel import shared_assets, suite_dict, write_suite
 
-WRITE_DELAY = 0.15  # seconds each leaderboard write (Parquet file or manifest) stays in flight
+WRITE_DELAY = 0.15  # seconds each Parquet write stays in flight, and each compaction holds the lock
 EXE = shutil.which("stadebench") or str(Path(sys.executable).with_name("stadebench"))
 
 SHIM = """\
 import os, time
+from stadebench import util as _util
 from stadebench.bench import leaderboard as _lb
 
-_orig, _delay = _lb._atomic_write, float(os.environ["STADEBENCH_TEST_WRITE_DELAY"])
+_write, _compact = _util.atomic_write, _lb._compact
+_delay = float(os.environ["STADEBENCH_TEST_WRITE_DELAY"])
 
-def _slow_atomic_write(path, write):
+def _slow_atomic_write(path, data):
+    if not str(path).endswith(".parquet"):
+        return _write(path, data)
     def slow(fh):
-        write(fh)
+        fh.write(data) if isinstance(data, (bytes, bytearray)) else data(fh)
         fh.flush()
         time.sleep(_delay)  # the temporary file is on disk, not yet renamed
-    return _orig(path, slow)
+    return _write(path, slow)
 
-_lb._atomic_write = _slow_atomic_write
+def _slow_compact(folder):
+    _compact(folder)
+    time.sleep(_delay)  # the compaction lock is held
+
+_util.atomic_write = _slow_atomic_write
+_lb._compact = _slow_compact
 """
 
 
@@ -75,8 +85,8 @@ def suite(tmp_path_factory):
 @pytest.fixture(scope="module")
 def expected(suite, tmp_path_factory):
     """The cell keys the suite should produce, computed in-process as the runner does."""
-    runner = Runner(load_suite(suite), leaderboard_dir=tmp_path_factory.mktemp("empty"))
-    keys = {lb.cell_key(runner.key_row(cell, e)) for cell, pending in runner.plan() for e in pending}
+    plan = make_plan(load_suite(suite), tmp_path_factory.mktemp("empty"))
+    keys = {p.key for cell in plan.todo for p in cell.pending}
     assert len(keys) == 6
     return keys
 
@@ -110,7 +120,7 @@ def parquets(folder: Path) -> list[Path]:
 
 
 def temps(folder: Path, suffix: str) -> set[str]:
-    """Names of in-flight temporary files of ``suffix`` (".parquet" or "manifest.json")."""
+    """Names of in-flight temporary files of ``suffix``."""
     return {p.name for p in folder.glob(f".*{suffix}.*.tmp")} if folder.is_dir() else set()
 
 
@@ -130,21 +140,36 @@ def write_in_flight(folder: Path, files: int, suffix: str, seen: set[str]):
     return lambda: len(parquets(folder)) == files and bool(temps(folder, suffix) - seen)
 
 
-def read_clean(folder: Path):
+def lock_held(folder: Path) -> bool:
+    """Whether some process holds the leaderboard's compaction lock."""
+    lock = FileLock(folder / lb.LOCK)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return True
+    lock.release()
+    return False
+
+
+def read_clean(folder: Path, **options):
     """``lb.read`` with every warning an error: no file may be skipped as unreadable."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        return lb.read(folder)
+        return lb.read(folder, **options)
 
 
 def check_store(folder: Path) -> None:
-    """Every Parquet file reads with plain pyarrow; the manifest lists exactly those files."""
+    """The folder holds only complete Parquet files that plain pyarrow reads (bookkeeping is
+    under names it skips), and each (cell_key, task, score) once."""
     files = parquets(folder)
+    assert {p.name for p in folder.iterdir() if not p.name.startswith((".", "_"))} == {p.name for p in files}
     for path in files:
         pq.read_table(path)
-    manifest = json.loads((folder / lb.MANIFEST).read_text())
-    listed = {f["name"]: f["rows"] for f in manifest["files"]}
-    assert listed == {p.name: pq.read_metadata(p).num_rows for p in files}
+    if not files:
+        return
+    plain = pq.read_table(folder)  # the folder as a dataset, no stadebench involved
+    assert plain.num_rows == sum(pq.read_metadata(p).num_rows for p in files)
+    assert set(counts(plain).values()) <= {1}, [k for k, n in counts(plain).items() if n > 1]
 
 
 def counts(table) -> Counter:
@@ -161,31 +186,37 @@ def assert_complete(table, expected: set[str], *, exactly_once: bool) -> None:
 
 # --- 1. SIGKILL at several points, resume each time ---------------------------------------
 
-# (Parquet files already final, temp file that must be in flight when the SIGKILL lands)
+# (Parquet files already final, what is in flight when the SIGKILL lands)
 KILL_POINTS = [
-    (0, ".parquet"),       # inside the very first write: nothing final yet
-    (2, "manifest.json"),  # cell 3's file renamed, its manifest update not yet done
-    (4, ".parquet"),       # inside the 5th cell's write
+    (0, ".parquet"),    # inside the very first write: nothing final yet
+    (3, "compaction"),  # cell 3's file renamed, the compaction after it holding the lock
+    (4, ".parquet"),    # inside the 5th cell's write
 ]
 
 
 def test_sigkill_then_resume_never_reruns_or_duplicates_a_cell(suite, expected, env, tmp_path):
     folder = tmp_path / "lb"
-    for files, suffix in KILL_POINTS:
-        seen = temps(folder, suffix)  # temp files left by earlier kills
+    for final, what in KILL_POINTS:
+        seen = temps(folder, ".parquet")  # temp files left by earlier kills
         before = {p.name for p in parquets(folder)}
         proc = start(suite, folder, env)
-        # the manifest kill point: wait for the (files+1)-th Parquet file, then its manifest write
-        final = files + 1 if suffix == "manifest.json" else files
-        wait_for(proc, write_in_flight(folder, final, suffix, seen), f"{final} file(s) + a {suffix} write")
+        if what == "compaction":
+            wait_for(proc, lambda final=final: len(parquets(folder)) == final and lock_held(folder),
+                     f"{final} file(s) + a compaction")
+        else:
+            wait_for(proc, write_in_flight(folder, final, what, seen), f"{final} file(s) + a {what} write")
         proc.send_signal(signal.SIGKILL)
         rc, _, _ = finish(proc)
         assert rc == -signal.SIGKILL
         after = parquets(folder)
         assert len(after) == final
         assert before <= {p.name for p in after}  # nothing already written was touched
-        assert temps(folder, suffix) - seen  # the in-flight temp file is left behind...
+        if what == "compaction":
+            assert not lock_held(folder)  # a dead process's lock is released by the kernel
+        else:
+            assert temps(folder, what) - seen  # the in-flight temp file is left behind...
         table = read_clean(folder)  # ...and invisible to readers: no warning, no failure
+        check_store(folder)
         c = counts(table)
         assert len(c) == final and all(n == 1 for n in c.values())
         assert lb.finished_cells(folder) == {key for key, _, _ in c} < expected
@@ -208,14 +239,15 @@ def test_two_concurrent_runs_leave_a_consistent_store(suite, expected, env, tmp_
     for rc, _, stderr in results:
         assert rc == 0, stderr
     check_store(folder)
-    table = read_clean(folder)
-    # Both runs plan from the same (empty) leaderboard, so both may run a cell: the raw
-    # table may hold a cell twice, once per run_id, but never twice from one run...
+    table = read_clean(folder, history=True)
+    # Both runs plan from the same (empty) leaderboard, so both may run a cell: all rows
+    # may hold a cell twice, once per run_id, but never twice from one run...
     raw = Counter(zip(table["run_id"].to_pylist(), table["cell_key"].to_pylist(),
                       table["task"].to_pylist(), table["score"].to_pylist()))
     assert set(raw.values()) == {1}
     assert_complete(table, expected, exactly_once=False)
-    # ...and current() keeps exactly one row per (cell, task, score).
+    # ...and the older of two is in _history/: the top level holds the current rows only.
+    assert_complete(read_clean(folder), expected, exactly_once=True)
     assert_complete(lb.current(table), expected, exactly_once=True)
     assert lb.finished_cells(folder) == expected
 

@@ -1,4 +1,4 @@
-"""The suite runner (stadebench.bench.runner): cells → one Parquet file each, model loaded once,
+"""The suite driver (stadebench.bench.run: plan, local executor, model session): cells → one Parquet file each, model loaded once,
 dense weights restored in memory, re-runs skip finished cells, failures are recorded.
 
 Runs suites over a tiny random Llama saved as a local folder (tests/tinymodel.py), so a
@@ -23,7 +23,8 @@ import torch
 import stadebench
 from stadebench.bench import leaderboard as lb
 from stadebench.errors import ConfigError
-from stadebench.bench.runner import Events, Runner
+from stadebench.bench.executor import Events
+from stadebench.bench.run import run_suite
 from stadebench.bench.suite import load_suite
 from tinymodel import shared_assets, suite_dict, write_suite
 
@@ -132,7 +133,7 @@ def grid(tmp_path_factory, assets):
         spy = LoadSpy(mp)
         suite = make_suite(root, assets, name="grid", metrics=GRID_METRICS, patterns=GRID_PATTERNS)
         events = Recorder()
-        summary = Runner(suite, events).run()
+        summary = run_suite(suite, events=events)
     folder = root / "lb"
     return types.SimpleNamespace(root=root, folder=folder, suite=suite, summary=summary, spy=spy, events=events,
                                  rows=rows_of(folder))
@@ -151,8 +152,9 @@ def test_grid_runs_every_cell_and_writes_one_parquet_file_per_cell(grid):
         assert table.schema.metadata[lb.VERSION_KEY.encode()] == lb.SCHEMA_VERSION.encode()
         keys += table["cell_key"].to_pylist()
     assert len(set(keys)) == 9
-    manifest = json.loads((grid.folder / "manifest.json").read_text())
-    assert sorted(f["name"] for f in manifest["files"]) == [f.name for f in files]
+    # a plain Parquet dataset: nothing but the cells' files is visible in the folder
+    assert sorted(p.name for p in grid.folder.iterdir() if not p.name.startswith(("_", "."))) == \
+        [f.name for f in files]
     # progress events: planned 9, each cell started once in order and ended without error
     assert grid.events.planned == (9, 0)
     assert [s[0] for s in grid.events.started] == expected
@@ -186,7 +188,9 @@ def test_every_row_records_protocol_knobs_versions_and_provenance(grid, assets):
     head = _git_head()
     assert len(grid.rows) == 9
     for r in grid.rows:
-        must = ALWAYS + (() if r["metric"] == "dense" else PRUNED_ONLY)
+        data_free = r["metric"] in ("dense", "magnitude")  # no calibration in their key or row
+        must = ALWAYS + (() if r["metric"] == "dense" else
+                         tuple(c for c in PRUNED_ONLY if not (data_free and c in CALIBRATION)))
         missing = [c for c in must if r[c] is None]
         if head is None:
             missing = [c for c in missing if c != "git_commit"]
@@ -218,9 +222,13 @@ def test_every_row_records_protocol_knobs_versions_and_provenance(grid, assets):
             assert all(r[c] is None for c in CALIBRATION), "the dense baseline has no calibration"
         else:
             assert r["pattern"] in GRID_PATTERNS and r["sparsity"] == 0.5
-            assert r["calib_dataset"] == "text" and json.loads(r["calib_options"])["path"] == str(assets["corpus"])
-            assert (r["calib_n"], r["calib_seqlen"], r["calib_seed"], r["sequential"], r["batch_size"]) == \
-                (4, 16, 0, True, 2)
+            if data_free:
+                assert all(r[c] is None for c in CALIBRATION), "a data-free metric reads no calibration"
+            else:
+                assert r["calib_dataset"] == "text"
+                assert json.loads(r["calib_options"])["path"] == str(assets["corpus"])
+                assert (r["calib_n"], r["calib_seqlen"], r["calib_seed"], r["sequential"], r["batch_size"]) == \
+                    (4, 16, 0, True, 2)
             assert r["metric_plugin"] == "stadebench" and r["metric_plugin_version"] == stadebench.__version__
             assert r["prune_seconds"] > 0
             assert isinstance(json.loads(r["metric_options"]), dict)
@@ -231,7 +239,7 @@ def test_every_row_records_protocol_knobs_versions_and_provenance(grid, assets):
 
 
 def test_rows_record_the_evaluated_split(grid):
-    # DESIGN §4: "evaluation dataset + split + seqlen ... must be recorded in every row".
+    # the evaluation dataset, split and seqlen are in every row (and in the key).
     # The perplexity evaluator evaluates the dataset's default split ("test") when none is
     # given, and says so in details; the eval_split column must say it too.
     for r in grid.rows:
@@ -283,8 +291,7 @@ def test_dense_baseline_is_evaluated_once(grid):
     ("magnitude", "2:4"),           # ran after magnitude · unstructured
 ])
 def test_a_cell_gives_the_same_result_as_when_run_alone(grid, tmp_path, metric, pattern):
-    alone = Runner(grid.suite, leaderboard_dir=tmp_path / "alone")
-    summary = alone.run(only=[f"metric={metric}", f"pattern={pattern}"])
+    summary = run_suite(grid.suite, leaderboard_dir=tmp_path / "alone", only=[f"metric={metric}", f"pattern={pattern}"])
     assert summary.finished == [cell_label(metric, pattern)]
     value = value_of(rows_of(tmp_path / "alone"), metric, pattern)
     assert value == pytest.approx(value_of(grid.rows, metric, pattern), rel=1e-9, abs=0)
@@ -318,7 +325,7 @@ def one_shot(tmp_path_factory, assets):
         suite_data = suite_dict(assets, name="one-shot", metrics=ONE_SHOT_METRICS, patterns=GRID_PATTERNS)
         suite_data["calibration"]["sequential"] = False
         suite = make_suite(root, assets, **{k: v for k, v in suite_data.items() if k != "leaderboard"})
-        summary = Runner(suite).run()
+        summary = run_suite(suite)
     return types.SimpleNamespace(folder=root / "lb", suite=suite, summary=summary, calls=calls,
                                  rows=rows_of(root / "lb"))
 
@@ -335,8 +342,8 @@ def test_a_one_shot_grid_collects_statistics_once_for_all_its_metrics(one_shot):
 
 @pytest.mark.parametrize("metric", ["wanda", "stade-w", "sparsegpt"])
 def test_a_one_shot_cell_gives_the_very_same_result_as_with_its_own_passes(one_shot, tmp_path, metric):
-    alone = Runner(one_shot.suite, leaderboard_dir=tmp_path / "alone")
-    summary = alone.run(only=[f"metric={metric}", "pattern=2:4"])  # a single cell shares with nobody
+    # a single cell shares with nobody
+    summary = run_suite(one_shot.suite, leaderboard_dir=tmp_path / "alone", only=[f"metric={metric}", "pattern=2:4"])
     assert summary.finished == [cell_label(metric, "2:4")]
     row = [r for r in rows_of(tmp_path / "alone") if r["status"] == "ok"][0]
     details = json.loads(row["details"])["prune"]
@@ -347,11 +354,11 @@ def test_a_one_shot_cell_gives_the_very_same_result_as_with_its_own_passes(one_s
 def test_restore_drops_stade_biases_and_puts_back_dense_weights(assets, tmp_path, loads):
     from transformers import AutoModelForCausalLM
 
-    from stadebench.core.engine import prune
+    from stadebench import prune
     from stadebench.core.models import iter_layers
 
     suite = make_suite(tmp_path, assets, metrics=["stade", "magnitude"], dense=False)
-    summary = Runner(suite).run()
+    summary = run_suite(suite)
     assert summary.finished == [cell_label("stade", "unstructured"), cell_label("magnitude", "unstructured")]
     stade = next(r for r in rows_of(tmp_path / "lb") if r["metric"] == "stade")
     assert json.loads(stade["details"])["prune"]["bias_added"] > 0, "STADE should have added biases"
@@ -375,7 +382,7 @@ def test_each_model_is_loaded_once(assets, tmp_path, loads):
     shutil.copytree(assets["model"], twin)
     suite = make_suite(tmp_path, assets, metrics=["magnitude", "wanda"],
                        models=[{"id": str(assets["model"])}, {"id": str(twin)}])
-    summary = Runner(suite).run()
+    summary = run_suite(suite)
     assert len(summary.finished) == 6 and not summary.failed
     assert loads.ids == [str(assets["model"]), str(twin)]
     assert loads.from_pretrained == 2
@@ -392,23 +399,23 @@ def test_dense_is_evaluated_once_per_model_and_evaluation_config(assets, tmp_pat
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(Perplexity, "evaluate", evaluate)
-    base = suite_dict(assets, metrics=["magnitude"])
+    base = suite_dict(assets, metrics=["wanda"])
     ppl8 = json.loads(json.dumps(base["evaluations"][0]))
     ppl8["options"]["seqlen"] = 8
     two_evals = [*base["evaluations"], ppl8]
-    suite = make_suite(tmp_path, assets, metrics=["magnitude"], evaluations=two_evals)
-    summary = Runner(suite).run()
-    assert summary.finished == ["dense", cell_label("magnitude", "unstructured")]
+    suite = make_suite(tmp_path, assets, metrics=["wanda"], evaluations=two_evals)
+    summary = run_suite(suite)
+    assert summary.finished == ["dense", cell_label("wanda", "unstructured")]
     assert sorted(calls) == [8, 8, 16, 16]  # 2 cells × 2 evaluations
     dense = [r for r in rows_of(tmp_path / "lb") if r["metric"] == "dense"]
     assert sorted(r["eval_seqlen"] for r in dense) == [8, 16]
 
     # another calibration: the pruned cell is new, the dense baseline does not depend on it
     calls.clear()
-    other = make_suite(tmp_path, assets, file="other.yaml", metrics=["magnitude"], evaluations=two_evals,
+    other = make_suite(tmp_path, assets, file="other.yaml", metrics=["wanda"], evaluations=two_evals,
                        calibration={**base["calibration"], "n": 2})
-    summary = Runner(other).run()
-    assert summary.skipped == 1 and summary.finished == [cell_label("magnitude", "unstructured")]
+    summary = run_suite(other)
+    assert summary.skipped == 1 and summary.finished == [cell_label("wanda", "unstructured")]
     assert sorted(calls) == [8, 16]
 
 
@@ -416,7 +423,7 @@ def test_dense_is_evaluated_once_per_model_and_evaluation_config(assets, tmp_pat
 def small(assets, tmp_path):
     """A 3-cell suite (dense, magnitude, wanda) already run once."""
     suite = make_suite(tmp_path, assets)
-    first = Runner(suite).run()
+    first = run_suite(suite)
     assert first.finished == ["dense", cell_label("magnitude", "unstructured"), cell_label("wanda", "unstructured")]
     return types.SimpleNamespace(suite=suite, folder=tmp_path / "lb", first=first)
 
@@ -425,30 +432,32 @@ def test_rerun_skips_every_finished_cell_without_loading_the_model(small, monkey
     files = parquet_files(small.folder)
     spy = LoadSpy(monkeypatch)
     events = Recorder()
-    summary = Runner(small.suite, events).run()
+    summary = run_suite(small.suite, events=events)
     assert (summary.cells, summary.skipped, summary.finished, summary.failed) == (3, 3, [], [])
     assert spy.ids == [] and spy.from_pretrained == 0
     assert events.planned == (0, 3) and events.started == []
     assert parquet_files(small.folder) == files
 
 
-def test_rerun_repairs_a_manifest_left_stale_by_a_killed_run(small):
-    # A run killed between a result file's rename and the manifest update leaves the
-    # manifest one file short; the next run (here with nothing left to do) repairs it.
-    path = small.folder / "manifest.json"
-    manifest = json.loads(path.read_text())
-    manifest["files"] = manifest["files"][:-1]
-    path.write_text(json.dumps(manifest))
-    Runner(small.suite).run()
-    listed = sorted(f["name"] for f in json.loads(path.read_text())["files"])
-    assert listed == sorted(p.name for p in parquet_files(small.folder))
+def test_a_run_moves_rows_left_superseded_by_a_killed_run_out_of_view(small):
+    # A run killed between writing a cell's new file and moving the old one out leaves
+    # both in view; the next run (here with nothing left to do) moves the old one out.
+    old = parquet_files(small.folder)[0]
+    stale = small.folder / ("0-" + old.name)
+    stale.write_bytes(old.read_bytes())  # a duplicate of the same rows, as a crash can leave
+    summary = run_suite(small.suite)
+    assert summary.finished == [] and len(parquet_files(small.folder)) == 3
+    assert len(parquet_files(small.folder / "_history")) == 1
+    assert len(lb.read(small.folder)) == 3
 
 
 def test_force_redoes_finished_cells(small):
     before = rows_of(small.folder)
-    summary = Runner(small.suite).run(force=True)
+    summary = run_suite(small.suite, force=True)
     assert summary.skipped == 0 and len(summary.finished) == 3
-    assert len(parquet_files(small.folder)) == 6
+    # the folder holds the current view; the superseded files moved under _history/
+    assert len(parquet_files(small.folder)) == 3
+    assert len(parquet_files(small.folder / "_history")) == 3
     current = lb.current(lb.read(small.folder)).to_pylist()
     assert len(current) == 3 and {r["run_id"] for r in current} == {summary.run_id}
     assert summary.run_id != small.first.run_id
@@ -458,25 +467,25 @@ def test_force_redoes_finished_cells(small):
 
 def test_only_selects_cells_and_a_later_run_fills_in_the_rest(assets, tmp_path):
     suite = make_suite(tmp_path, assets)
-    summary = Runner(suite).run(only=["metric=wanda"])
+    summary = run_suite(suite, only=["metric=wanda"])
     assert summary.cells == 1 and summary.finished == [cell_label("wanda", "unstructured")]
     assert {r["metric"] for r in rows_of(tmp_path / "lb")} == {"wanda"}
 
-    summary = Runner(suite).run(only=["dense"])  # a bare part of a label
+    summary = run_suite(suite, only=["dense"])  # a bare part of a label
     assert summary.finished == ["dense"]
 
-    summary = Runner(suite).run()
+    summary = run_suite(suite)
     assert summary.skipped == 2 and summary.finished == [cell_label("magnitude", "unstructured")]
     with pytest.raises(ConfigError, match="did you mean 'metric'"):
-        Runner(suite).run(only=["metrc=wanda"])
+        run_suite(suite, only=["metrc=wanda"])
 
 
 def test_an_interrupted_run_keeps_finished_cells_and_resumes(assets, tmp_path):
     suite = make_suite(tmp_path, assets)
     with pytest.raises(KeyboardInterrupt):
-        Runner(suite, Recorder(interrupt_at=3)).run()
+        run_suite(suite, events=Recorder(interrupt_at=3))
     assert {r["metric"] for r in rows_of(tmp_path / "lb")} == {"dense", "magnitude"}
-    summary = Runner(suite).run()
+    summary = run_suite(suite)
     assert summary.skipped == 2 and summary.finished == [cell_label("wanda", "unstructured")]
 
 
@@ -488,7 +497,7 @@ def test_an_interrupted_run_keeps_finished_cells_and_resumes(assets, tmp_path):
 def test_a_failing_cell_is_recorded_and_the_others_finish(assets, tmp_path, exploding):
     suite = make_suite(tmp_path, assets, metrics=["magnitude", "explode", "wanda"])
     events = Recorder()
-    summary = Runner(suite, events).run()
+    summary = run_suite(suite, events=events)
     bad = cell_label("explode", "unstructured")
     assert summary.finished == ["dense", cell_label("magnitude", "unstructured"), cell_label("wanda", "unstructured")]
     assert [label for label, _ in summary.failed] == [bad]
@@ -502,13 +511,13 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(assets, tmp_path, expl
     assert failed["run_id"] == summary.run_id and failed["stadebench_version"] == stadebench.__version__
     assert all(r["status"] == "ok" and math.isfinite(r["value"]) for r in rows if r is not failed)
     # the failed cell did not leave the model half pruned for the next one
-    alone = Runner(suite, leaderboard_dir=tmp_path / "alone").run(only=["metric=wanda"])
+    alone = run_suite(suite, leaderboard_dir=tmp_path / "alone", only=["metric=wanda"])
     assert alone.finished == [cell_label("wanda", "unstructured")]
     assert value_of(rows_of(tmp_path / "alone"), "wanda", "unstructured") == \
         pytest.approx(value_of(rows, "wanda", "unstructured"), rel=1e-9)
 
     # a failed cell is not "finished": the next run retries it, and only it
-    again = Runner(suite).run()
+    again = run_suite(suite)
     assert again.skipped == 3 and [label for label, _ in again.failed] == [bad]
 
 
@@ -516,7 +525,7 @@ def test_rows_name_the_plugin_that_registered_the_metric(assets, tmp_path, explo
     # `stadebench list metrics` attributes `explode` to the plugin `explode-plugin`; a row
     # must not claim that the stadebench distribution provided it.
     suite = make_suite(tmp_path, assets, metrics=["explode"], dense=False)
-    Runner(suite).run()
+    run_suite(suite)
     (row,) = rows_of(tmp_path / "lb")
     assert row["metric_plugin"] == "explode-plugin"
 
@@ -527,7 +536,7 @@ def test_unwritable_leaderboard_is_detected_before_any_cell_runs(assets, tmp_pat
     suite = make_suite(tmp_path, assets, leaderboard=blocker / "lb")
     events = Recorder()
     with pytest.raises(ConfigError, match="not writable") as info:
-        Runner(suite, events).run()
+        run_suite(suite, events=events)
     assert str(blocker / "lb") in str(info.value)
     assert loads.ids == [] and events.planned is None and events.started == []
 
@@ -538,7 +547,7 @@ def test_a_model_that_fails_to_load_fails_its_cells_only(assets, tmp_path):
     suite = make_suite(tmp_path, assets, metrics=["magnitude"],
                        models=[{"id": str(broken)}, {"id": str(assets["model"])}])
     events = Recorder()
-    summary = Runner(suite, events).run()
+    summary = run_suite(suite, events=events)
     assert [label for label, _ in summary.failed] == ["dense", cell_label("magnitude", "unstructured")]
     assert all("could not load model" in message and str(broken) in message for _, message in summary.failed)
     assert summary.finished == ["dense", cell_label("magnitude", "unstructured")]

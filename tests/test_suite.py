@@ -38,11 +38,13 @@ class Random(Metric):
 
 class Wanda(Metric):
     name = "wanda"
+    statistics = frozenset({"sumsq"})
 
 
 class Stade(Metric):
     name = "stade"
     version = "2"
+    statistics = frozenset({"sum"})
 
     class Options(Options):
         bias_correction: bool = True
@@ -50,7 +52,7 @@ class Stade(Metric):
 
 class SparseGPT(Metric):
     name = "sparsegpt"
-    solver = True
+    statistics = frozenset({"gram"})
 
     class Options(Options):
         blocksize: int = 128
@@ -329,23 +331,34 @@ def test_everything_excluded_is_an_error():
         suite(dense=False, exclude=[{"metric": "wanda"}])
 
 
+def plan_rows(s) -> list:
+    """The row template of every (cell, evaluation) of ``s``, as the live key makes them."""
+    from stadebench.bench.plan import plan
+    from stadebench.data.loading import ModelIdentity
+
+    identities = {m: ModelIdentity("hub", "0" * 40, None, None, None) for m in s.models}
+    result = plan(s, identities, fingerprints=lambda spec: f"{spec.name}:fingerprint")
+    return [p.template for cell in result.todo for p in cell.pending]
+
+
 def test_key_fields():
     s = suite(metrics=["stade", "wanda"], patterns=["unstructured"], calibration={"n": 4, "seqlen": 64})
-    dense, stade, wanda = S.expand(s)
-    keys = stade.key_fields()
-    assert keys["metric"] == "stade" and keys["metric_version"] == "2"
-    assert keys["metric_options"] == {"bias_correction": True}
-    assert keys["calibration"] == {"dataset": "c4", "dataset_options": {}, "n": 4, "seqlen": 64, "seed": 0,
-                                   "sequential": True, "batch_size": 8}
-    assert "calibration" not in dense.key_fields()
-    assert dense.key_fields()["sparsity"] == 0 and dense.key_fields()["pattern"] is None
+    dense, stade, wanda = plan_rows(s)
+    assert stade.metric == "stade" and stade.metric_version == "2"
+    assert stade.metric_options == '{"bias_correction":true}'
+    calibration = {f: getattr(stade, f) for f in ("calib_dataset", "calib_options", "calib_n", "calib_seqlen",
+                                                   "calib_seed", "sequential", "batch_size")}
+    assert calibration == {"calib_dataset": "c4", "calib_options": "{}", "calib_n": 4, "calib_seqlen": 64,
+                           "calib_seed": 0, "sequential": True, "batch_size": 8}
+    assert dense.calib_dataset is None and dense.calib_n is None
+    assert dense.sparsity == 0 and dense.pattern is None
     assert len({dense.key(), stade.key(), wanda.key()}) == 3
 
     other = suite(metrics=["stade", "wanda"], patterns=["unstructured"], calibration={"n": 8, "seqlen": 64})
-    dense2, stade2, _ = S.expand(other)
+    dense2, stade2, _ = plan_rows(other)
     assert dense2.key() == dense.key() and stade2.key() != stade.key()
 
-    fp16 = S.expand(suite(models=[{"id": "m", "dtype": "float16"}]))[0]
+    fp16 = plan_rows(suite(models=[{"id": "m", "dtype": "float16"}]))[0]
     assert fp16.key() != dense.key()
 
 
@@ -422,7 +435,7 @@ def test_expansion_property(grid):
     cells = S.expand(s)
     assert len(cells) == total - excluded
     assert [(c.model.id, c.label) for c in cells] == expected
-    assert len({c.key() for c in cells}) == len(cells)
+    assert len({r.key() for r in plan_rows(S.validate_suite(data))}) == len(cells) * len(s.evaluations)
     assert S.expand(S.validate_suite(data)) == cells
     # grouped by model: each model's cells are contiguous, dense first
     order = [(c.model.id, c.model.dtype) for c in cells]

@@ -24,7 +24,7 @@ import stadebench
 from stadebench.bench import leaderboard as lb
 from stadebench.errors import ConfigError, UnknownNameError
 from stadebench.plugins import ENTRY_POINT_GROUP, get_plugins, reset_plugins
-from stadebench.bench.runner import run_suite
+from stadebench.bench.run import run_suite
 from stadebench.bench.suite import expand, parse_suite
 from stadebench.testing import make_tiny_model, make_windows
 from tinymodel import shared_assets, suite_dict

@@ -1,8 +1,8 @@
 """A metric plugin: Wanda's score plus STADE's mean-compensating bias, as an ablation.
 
 Does Wanda gain from the bias correction that STADE applies? ``wanda-bc`` scores like
-Wanda, |W_ij|·‖X_j‖₂, and after masking adds the pruned weights' mean contribution to
-the bias, b_i += Σ_j M_ij·W_ij·μ_j, with W before zeroing. Run it:
+Wanda, |W_ij|·‖X_j‖₂, and its ``bias_delta`` moves the pruned weights' mean contribution
+into the bias, b_i += Σ_j M_ij·W_ij·μ_j, with W before zeroing. Run it:
 ``python docs/examples/metric_plugin.py``.
 """
 
@@ -23,11 +23,11 @@ class WandaBC(stadebench.Metric):
     def score(self, weight: torch.Tensor, stats: stadebench.LayerStats) -> torch.Tensor:
         return weight.abs() * stats.norm.unsqueeze(0)
 
-    def update(self, layer, dense_weight, mask, stats) -> None:
-        delta = (dense_weight * mask) @ stats.mean  # [out]: what the pruned weights added on average
-        if layer.bias is None:  # Llama's linears have none: give the layer one
-            layer.bias = torch.nn.Parameter(torch.zeros_like(delta, dtype=layer.weight.dtype), requires_grad=False)
-        layer.bias.data += delta.to(layer.bias.dtype)
+    def bias_delta(self, dense_weight: torch.Tensor, mask: torch.Tensor,
+                   stats: stadebench.LayerStats) -> torch.Tensor:
+        """[out]: what the pruned weights added on average. The engine adds it to the bias,
+        giving a layer without one (Llama's) a zero bias first."""
+        return (dense_weight * mask) @ stats.mean
 
 
 @stadebench.hookimpl

@@ -1,30 +1,61 @@
-"""The results store: a folder of Parquet files plus ``manifest.json``.
+"""The results store: a plain Parquet dataset, one file per write, superseded rows kept aside.
 
-Every write adds one new Parquet file (one per finished cell or batch of rows); no file is
-ever rewritten, so a killed run loses at most the file it was writing. Files appear under
-their final name only once complete (temporary, dot-prefixed name, fsync, ``os.replace``),
-so readers never see half a file. The files on disk are the truth; ``manifest.json`` is an
-index of them (schema version, names, row counts) that every write rebuilds under a lock.
+Layout of a leaderboard folder::
 
-Plain pyarrow reads a leaderboard without stadebench::
+    leaderboard/
+        <run>-<cell>-<id>.parquet   the current rows: one file per write (or remainder, below)
+        _history/*.parquet          files whose rows were superseded by a newer write
+        _stadebench.lock            serialises compaction between processes
+        .<name>.<id>.tmp            a write in flight (or left by a killed one)
 
-    pyarrow.dataset.dataset("leaderboard", format="parquet", exclude_invalid_files=True)
+Only complete Parquet files are visible at the top level, so plain tools read it without
+stadebench, and see each (cell_key, task, score) once::
 
-(``exclude_invalid_files`` skips ``manifest.json``; dot-prefixed files are ignored anyway).
+    pandas.read_parquet("leaderboard")
+    pyarrow.dataset.dataset("leaderboard")
+    polars.read_parquet("leaderboard/*.parquet")
+    duckdb.sql("select * from read_parquet('leaderboard/*.parquet')")
+
+(pyarrow and pandas skip names that start with ``_`` or ``.``; the globs match top-level
+data files only). The schema version is in each file's metadata (``VERSION_KEY``); ``read``
+upgrades older files on the fly and refuses newer ones. (Files of an older stadebench keep
+their own columns on disk until superseded, so a plain reader of such a folder sees two
+schemas.)
+
+Writing. ``write_rows`` validates the rows against ``record.SCHEMA`` and writes one new
+file with ``util.atomic_write`` (hidden temporary name, fsync, ``os.replace``): a reader or
+a killed writer never sees half a file, and no existing file is ever modified.
+
+Compaction. After every write (and at the start of a run, ``compact``), under the lock,
+the key columns of the top-level files are read and ``current`` picks the rows that are
+still current. A file all of whose rows are current stays; one with none is moved
+(``os.replace``) into ``_history/``; one with some is split: its current rows, unchanged,
+are first written as a new file (the old name plus ``_rNNN``, which sorts after it), and
+only then is the old file moved. A process remembers the key columns of the files it has
+read (files never change), so each compaction reads only the files new to it.
+
+Kill safety. Killed at any point, the folder holds only complete files and every row is
+on disk at least once: between the two steps of a split the current rows are there twice,
+identical, and since ties go to the later file name, the next compaction moves the old
+file away. A reader that lists a file which is then moved lists the folder again, and
+finds the split's new file, which was written first: it does not lose rows either.
+
+Concurrency. Writers never modify a file and name theirs uniquely, so they need no lock to
+write; compactions take the lock, so only one moves files at a time. Each writer compacts
+after its own file is in place, hence once every writer is done the folder is compact.
+Compacting from a partial listing is safe because the current rule is monotone: a row
+that some rows supersede stays superseded whatever rows are added. A killed process's lock
+is released by the kernel (``flock``); the lock file itself stays, harmlessly.
 """
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
-import math
-import numbers
 import os
 import re
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -34,12 +65,27 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from filelock import FileLock
 
+from .. import util
 from ..errors import StadebenchError
+from ..util import canonical_json
+from .record import (
+    BASELINE_FIELDS,
+    KEY_FIELDS,
+    LABEL_FIELDS,
+    SCHEMA,
+    SCHEMA_VERSION,
+    STATUSES,
+    VERSION_KEY,
+    RecordError,
+    Row,
+    cell_key,
+    normalise,
+)
 
-SCHEMA_VERSION = "1"
-VERSION_KEY = "stadebench.schema_version"
-MANIFEST = "manifest.json"
-STATUSES = ("ok", "failed")
+HISTORY = "_history"
+LOCK = "_stadebench.lock"
+_KEY_COLUMNS = ("cell_key", "task", "score", "status", "created_at")
+_NAMES = frozenset(SCHEMA.names)
 
 
 class LeaderboardError(StadebenchError, ValueError):
@@ -50,154 +96,25 @@ class LeaderboardWarning(UserWarning):
     """A leaderboard file was skipped because it could not be read."""
 
 
-def _field(name: str, type_: pa.DataType, doc: str, nullable: bool = True) -> pa.Field:
-    return pa.field(name, type_, nullable=nullable, metadata={"doc": doc})
-
-
-_str, _f64, _i32, _i64, _bool = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()
-
-SCHEMA = pa.schema(
-    [
-        # --- key: what was measured ---
-        _field("cell_key", _str, "sha256 hex of the canonical JSON of KEY_FIELDS.", nullable=False),
-        _field("model", _str, "Model id: hub repo id, local model name or asset name."),
-        _field("model_revision", _str, "Hub commit or revision of the weights, if any."),
-        _field("model_source", _str, "Where the weights came from: hub, local, gguf or asset."),
-        _field("metric", _str, "Pruning metric name; 'dense' for the unpruned baseline."),
-        _field("metric_version", _str, "Version the metric plugin declares."),
-        _field("metric_options", _str, "Metric options, defaults included, as canonical JSON."),
-        _field("pattern", _str, "Sparsity pattern (unstructured, 2:4, ...); null for dense."),
-        _field("pattern_options", _str, "Pattern options as canonical JSON; null when it has none."),
-        _field("sparsity", _f64, "Target sparsity in [0, 1); 0 for dense."),
-        _field("calib_dataset", _str, "Calibration dataset name."),
-        _field("calib_options", _str, "Calibration dataset options as canonical JSON."),
-        _field("calib_n", _i32, "Number of calibration windows."),
-        _field("calib_seqlen", _i32, "Tokens per calibration window."),
-        _field("calib_seed", _i64, "Seed that picked the calibration windows."),
-        _field("sequential", _bool, "True: blocks calibrated on pruned outputs; false: one-shot."),
-        _field("batch_size", _i32, "Windows per forward pass."),
-        _field("dtype", _str, "Model dtype while pruning and evaluating, e.g. bfloat16."),
-        _field("evaluator", _str, "Evaluator name, e.g. perplexity or lm-eval."),
-        _field("evaluator_version", _str, "Version the evaluator plugin declares."),
-        _field("eval_options", _str, "Evaluator options (limit, tasks, ...) as canonical JSON."),
-        _field("eval_dataset", _str, "Dataset the evaluator read, e.g. wikitext2 or c4."),
-        _field("eval_split", _str, "Split of eval_dataset, e.g. test or validation."),
-        _field("eval_seqlen", _i32, "Tokens per evaluation window."),
-        _field("task", _str, "Task of the evaluation (wikitext2, boolq, ...); null if none ran."),
-        _field("score", _str, "Score name (perplexity, acc, acc_norm, ...); no ',none' suffix."),
-        # --- values ---
-        _field("value", _f64, "The score."),
-        _field("stderr", _f64, "Standard error of the score, when the evaluator reports one."),
-        _field("higher_is_better", _bool, "Whether a larger value is a better result."),
-        _field("status", _str, "'ok', or 'failed' when the cell raised (then see error)."),
-        _field("error", _str, "The error message of a failed cell."),
-        # --- provenance ---
-        _field("run_id", _str, "Id of the run (one `stadebench run`) that wrote the row."),
-        _field("created_at", pa.timestamp("us", "UTC"), "When the row was written; newest wins."),
-        _field("suite", _str, "Name of the suite the run executed."),
-        _field("stadebench_version", _str, "stadebench version that produced the row."),
-        _field("torch_version", _str, "torch version that produced the row."),
-        _field("transformers_version", _str, "transformers version that produced the row."),
-        _field("lm_eval_version", _str, "lm-eval version, when lm-eval ran."),
-        _field("metric_plugin", _str, "Distribution that registered the metric."),
-        _field("metric_plugin_version", _str, "Version of that distribution."),
-        _field("git_commit", _str, "Git commit of the stadebench checkout, if it is one."),
-        _field("device", _str, "Device name, e.g. 'NVIDIA H200' or 'cpu'."),
-        _field("actual_sparsity", _f64, "Fraction of prunable weights that are zero once pruned."),
-        _field("prune_seconds", _f64, "Wall time spent pruning this cell, incl. its own calibration passes "
-               "(a one-shot statistics pass shared by several cells is in details.prune.shared_statistics)."),
-        _field("eval_seconds", _f64, "Wall time spent evaluating."),
-        _field("peak_memory_bytes", _i64, "Peak accelerator memory during the cell."),
-        _field("details", _str, "Extra output (per-block errors, task versions, ...) as JSON."),
-    ],
-    metadata={VERSION_KEY: SCHEMA_VERSION},
-)
-"""One row per (cell_key, task, score); every field's ``metadata[b"doc"]`` says what it holds."""
-
-KEY_FIELDS = (
-    "model", "model_revision", "model_source", "metric", "metric_version", "metric_options",
-    "pattern", "pattern_options", "sparsity", "calib_dataset", "calib_options", "calib_n", "calib_seqlen",
-    "calib_seed", "sequential", "batch_size", "dtype", "evaluator", "evaluator_version",
-    "eval_options", "eval_dataset", "eval_split", "eval_seqlen",
-)
-"""The fields hashed into ``cell_key``: model, metric + options, pattern, sparsity,
-calibration, dtype and the evaluation config. The evaluation belongs to the key because
-each evaluation of a pruned model is skipped or re-run on its own: adding an evaluator to
-a suite runs only that evaluator. Metric and evaluator versions are in the key (a new
-version is a new measurement); library versions are provenance, so upgrading torch does
-not re-run finished cells. Changing this tuple changes every key: bump SCHEMA_VERSION."""
-
-_JSON_FIELDS = frozenset({"metric_options", "pattern_options", "calib_options", "eval_options", "details"})
-_NAMES = frozenset(SCHEMA.names)
-
-
-def canonical_json(value: Any) -> str:
-    """``value`` as JSON with sorted keys and no whitespace, so equal values give equal text."""
-    try:
-        return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                          allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise LeaderboardError(f"cannot store {value!r} as JSON: {exc}") from None
-
-
-def _plain(value: Any) -> Any:
-    """``value`` ready for JSON: numpy scalars as Python numbers, NaN and infinities as null."""
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if value is None or isinstance(value, (bool, str)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):  # a NaN in details must not fail the cell it describes
-        return float(value) if math.isfinite(value) else None
-    return value
-
-
-def _coerce(name: str, value: Any) -> Any:
-    """One value normalised so that equal settings hash and store alike (0 and 0.0, JSON text)."""
-    if value is None:
-        return None
-    kind = SCHEMA.field(name).type
-    if name in _JSON_FIELDS:
-        if isinstance(value, str):
-            try:
-                value = json.loads(value)
-            except ValueError:
-                raise LeaderboardError(f"{name} is not valid JSON: {value!r}") from None
-        return canonical_json(_plain(value))
-    if pa.types.is_floating(kind) and isinstance(value, numbers.Real) \
-            and not isinstance(value, bool):
-        return float(value)
-    if pa.types.is_integer(kind):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-            raise LeaderboardError(f"{name} must be an integer, not {value!r}")  # pyarrow truncates
-        return int(value)
-    if pa.types.is_timestamp(kind) and isinstance(value, datetime) and value.tzinfo is None:
-        return value.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
-    return value
-
-
-def cell_key(fields: Mapping[str, Any]) -> str:
-    """sha256 hex of the KEY_FIELDS of ``fields`` (others ignored, missing ones null)."""
-    key = {name: _coerce(name, fields.get(name)) for name in KEY_FIELDS}
-    return hashlib.sha256(canonical_json(key).encode()).hexdigest()
-
-
 # --- writing -------------------------------------------------------------------------
 
 
 def _clean_row(row: Any, i: int, now: datetime) -> dict[str, Any]:
-    if not isinstance(row, Mapping):
-        raise LeaderboardError(f"row {i} is a {type(row).__name__}, not a dict")
-    unknown = sorted(set(row) - _NAMES)
-    if unknown:
-        hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, _NAMES, 1))
-                 else repr(u) for u in unknown]
-        raise LeaderboardError(f"row {i}: unknown column(s) {', '.join(hints)}; "
-                               "see stadebench.bench.leaderboard.SCHEMA for the columns.")
-    out = {name: _coerce(name, row.get(name)) for name in SCHEMA.names}
+    if isinstance(row, Row):
+        fields = row.as_dict()
+    elif isinstance(row, Mapping):
+        unknown = sorted(set(row) - _NAMES)
+        if unknown:
+            hints = ", ".join(f"{u!r}{util.did_you_mean(str(u), _NAMES)}" for u in unknown)
+            raise LeaderboardError(f"row {i}: unknown column(s) {hints}; "
+                                   "see stadebench.bench.record.Row for the columns.")
+        fields = row
+    else:
+        raise LeaderboardError(f"row {i} is a {type(row).__name__}, not a dict or a Row")
+    try:
+        out = {name: normalise(name, fields.get(name)) for name in SCHEMA.names}
+    except RecordError as exc:
+        raise LeaderboardError(f"row {i}: {exc}") from None
     out["created_at"] = out["created_at"] or now
     if out["status"] not in STATUSES:
         raise LeaderboardError(f"row {i}: status must be 'ok' or 'failed', not {out['status']!r}")
@@ -209,7 +126,7 @@ def _clean_row(row: Any, i: int, now: datetime) -> dict[str, Any]:
     return out
 
 
-def _to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+def _to_table(rows: Iterable[Row | Mapping[str, Any]]) -> pa.Table:
     now = datetime.now(timezone.utc)  # one time for the whole batch: it is one attempt
     clean = [_clean_row(row, i, now) for i, row in enumerate(rows)]
     if not clean:
@@ -231,43 +148,22 @@ def _safe_id(values: list[Any], fallback: str) -> str:
     return re.sub(r"[^A-Za-z0-9]", "", str(distinct.pop()))[:40] or fallback
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are journalled anyway
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call ``write(file)`` on a hidden temporary file, fsync it, then rename it to ``path``."""
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def write_rows(folder: str | os.PathLike, rows: Iterable[Mapping[str, Any]], *,
+def write_rows(folder: str | os.PathLike, rows: Iterable[Row | Mapping[str, Any]], *,
                metadata: Mapping[str, Any] | None = None) -> Path:
-    """Validate ``rows`` against SCHEMA and store them as one new Parquet file in ``folder``.
+    """Validate ``rows`` (``Row``s or dicts) and store them as one new Parquet file in ``folder``.
 
-    Unknown keys are an error; missing ones are null, except ``cell_key`` (computed),
-    ``created_at`` (now) and ``status`` (required: 'ok' or 'failed'). ``metadata`` goes
-    into the file's key-value metadata (non-string values as JSON). Returns the new file.
+    In a dict, unknown keys are an error; missing ones are null, except ``cell_key``
+    (computed; a given one must match), ``created_at`` (now, one time for the batch) and
+    ``status`` (required: 'ok' or 'failed'). ``metadata`` goes into the file's key-value
+    metadata (non-string values as JSON). The folder is then compacted (see the module
+    docstring). Returns the new file.
     """
     folder = Path(folder)
     table = _to_table(rows)
-    extra = {str(k): v if isinstance(v, str) else canonical_json(v)
-             for k, v in (metadata or {}).items()}
+    try:
+        extra = {str(k): v if isinstance(v, str) else canonical_json(v) for k, v in (metadata or {}).items()}
+    except (TypeError, ValueError) as exc:
+        raise LeaderboardError(f"metadata: {exc}") from None
     if VERSION_KEY in extra:
         raise LeaderboardError(f"metadata key {VERSION_KEY!r} is reserved")
     table = table.replace_schema_metadata({**extra, VERSION_KEY: SCHEMA_VERSION})
@@ -275,159 +171,360 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[Mapping[str, Any]], *,
     cell = _safe_id(table["cell_key"].to_pylist(), "batch")[:12]
     path = folder / f"{run}-{cell}-{uuid.uuid4().hex[:8]}.parquet"
     folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, lambda fh: pq.write_table(table, fh))
-    update_manifest(folder)
+    util.atomic_write(path, lambda fh: pq.write_table(table, fh))
+    compact(folder)
     return path
+
+
+# --- reading -------------------------------------------------------------------------
+
+
+def _upgrade_from_1(table: pa.Table) -> pa.Table:
+    """Schema 1 -> 2: the new knobs are null, the requested revision is the stored one, and
+    ``cell_key`` is recomputed from the upgraded key fields."""
+    columns = {name: table[name] for name in table.column_names}
+    if "model_revision" in columns:
+        columns["model_revision_requested"] = columns["model_revision"]
+    table = _conform(pa.table(columns))
+    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
+    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+
+
+_UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1}
+"""``_UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
+with the same rows in the same order (compaction splits files by row position)."""
+
+
+def _conform(table: pa.Table, schema: pa.Schema = SCHEMA) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns, in order: missing ones null, extras dropped."""
+    if table.schema.equals(schema):  # the common case; casting every column costs more than reading
+        return table.replace_schema_metadata(schema.metadata)
+    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
+               for f in schema]
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _check_version(version: str | None) -> None:
+    if version is None:
+        raise LeaderboardError(f"no {VERSION_KEY!r} in its metadata; not a stadebench file")
+    v = version
+    while v != SCHEMA_VERSION:
+        if v not in _UPGRADES:
+            raise LeaderboardError(f"schema version {version!r} is unknown to this stadebench (which "
+                                   f"writes {SCHEMA_VERSION!r}): it was written by a newer one; "
+                                   "upgrade stadebench to read it")
+        v = str(int(v) + 1)
+
+
+def _read_file(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
+    """One file under the current schema (only ``columns``, if given). FileNotFoundError
+    when it is gone (moved by a compaction); LeaderboardError when it is not readable."""
+    with open(path, "rb") as fh:  # once open, the file reads to the end even if it is moved
+        try:
+            file = pq.ParquetFile(fh)
+            schema = file.schema_arrow  # a property that rebuilds the schema on every access
+        except (pa.ArrowException, OSError) as exc:
+            raise LeaderboardError(f"not a Parquet file: {exc}") from None
+        raw = (schema.metadata or {}).get(VERSION_KEY.encode())
+        version = raw.decode() if raw is not None else None
+        _check_version(version)
+        if columns is not None and version == SCHEMA_VERSION:
+            wanted = pa.schema([SCHEMA.field(n) for n in columns])
+            return _conform(file.read(columns=[n for n in wanted.names if n in schema.names]), wanted)
+        table = file.read()
+    while version != SCHEMA_VERSION:
+        table, version = _UPGRADES[version](table), str(int(version) + 1)
+    table = _conform(table)
+    return table.select(list(columns)) if columns is not None else table
 
 
 def _data_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.glob("*.parquet") if not p.name.startswith(".") and p.is_file())
+    return [p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")) and p.is_file()]
 
 
-def update_manifest(folder: str | os.PathLike) -> None:
-    """Rebuild manifest.json from the files on disk, keeping what it already knew of them.
+def _try_read(path: Path, columns: Iterable[str] | None) -> pa.Table | Exception:
+    try:
+        return _read_file(path, columns)
+    except Exception as exc:  # noqa: BLE001 -- FileNotFoundError included: the caller tells them apart
+        return exc
 
-    Listing the folder, rather than appending one name, also records files whose writer
-    was killed between its rename and this update, and forgets files deleted by hand.
+
+_KEY_CACHE: dict[str, tuple[tuple[int, int, int], pa.Table | Exception]] = {}
+"""The key columns of files this process has read, by path. A file is never modified, so
+while its (inode, size, mtime) stay the same so do its rows: a compaction after each write
+reads only the files that are new since the last one."""
+
+
+def _read_keys(path: Path) -> pa.Table | Exception:
+    try:
+        st = path.stat()
+    except FileNotFoundError as exc:
+        return exc
+    signature = (st.st_ino, st.st_size, st.st_mtime_ns)
+    hit = _KEY_CACHE.get(str(path))
+    if hit is not None and hit[0] == signature:
+        return hit[1]
+    result = _try_read(path, _KEY_COLUMNS)
+    if not isinstance(result, FileNotFoundError):
+        _KEY_CACHE[str(path)] = (signature, result)
+    return result
+
+
+def _read_folders(folders: list[Path], columns: Iterable[str] | None = None, *,
+                  warn: bool = True) -> list[tuple[Path, pa.Table]]:
+    """(path, table) of every readable data file in ``folders``, sorted by file name.
+
+    A file that vanishes between listing and opening was moved by a compaction, which
+    wrote any rows it still needed elsewhere first: list again and read what is new.
+    Files are read on a few threads (Parquet decoding releases the GIL).
+    """
+    got: dict[str, tuple[Path, pa.Table | None]] = {}
+    columns = None if columns is None else tuple(columns)
+    read_one = _read_keys if columns == _KEY_COLUMNS else lambda p: _try_read(p, columns)
+    for _ in range(20):
+        todo = [p for folder in folders for p in _data_files(folder) if p.name not in got]
+        if len(todo) > 8:
+            with ThreadPoolExecutor(8) as pool:
+                results = list(pool.map(read_one, todo))
+        else:
+            results = [read_one(p) for p in todo]
+        vanished = False
+        for path, result in zip(todo, results):
+            if isinstance(result, FileNotFoundError):
+                vanished = True
+            elif isinstance(result, Exception):  # one bad file must not hide the rest of the leaderboard
+                got[path.name] = (path, None)
+                if warn:
+                    warnings.warn(f"skipping leaderboard file {path}: {result}", LeaderboardWarning,
+                                  stacklevel=3)
+            else:
+                got[path.name] = (path, result)
+        if not vanished:
+            break
+    if read_one is _read_keys:  # forget the files that are gone
+        listed, parents = {str(p) for p, _ in got.values()}, {str(f) for f in folders}
+        for gone in [k for k in _KEY_CACHE if k not in listed and str(Path(k).parent) in parents]:
+            del _KEY_CACHE[gone]
+    return [(p, t) for _, (p, t) in sorted(got.items()) if t is not None]
+
+
+def _concat(tables: list[pa.Table], schema: pa.Schema = SCHEMA) -> pa.Table:
+    # one chunk per column: compute kernels pay per chunk, and there is one per file
+    return pa.concat_tables(tables).combine_chunks() if tables else schema.empty_table()
+
+
+def read(folder: str | os.PathLike, *, history: bool = False, suite=None, model=None, task=None,
+         metric=None, pattern=None, sparsity=None) -> pa.Table:
+    """Every row of the data files in ``folder`` (and in ``_history/`` with ``history``),
+    filtered as in ``query``, as one SCHEMA table in file-name order.
+
+    Temporary files are ignored; an unreadable file (not Parquet, no stadebench version, a
+    version newer than this stadebench) is skipped with a LeaderboardWarning. Older files
+    are upgraded as they are read: schema-1 rows get null for the knobs that version did
+    not record and a ``cell_key`` recomputed from their upgraded fields, so a stored key
+    always matches its fields. Those keys generally do not match the cells of a new run
+    (the old identity lacked knobs), so a suite re-runs them once.
     """
     folder = Path(folder)
-    # Writers hold the lock for milliseconds; filelock's default 50 ms poll would dominate.
-    with FileLock(folder / ".manifest.lock").acquire(poll_interval=0.002):
-        path = folder / MANIFEST
-        try:
-            old = json.loads(path.read_text())
-            known = {f["name"]: f for f in old["files"]}
-        except (OSError, ValueError, KeyError, TypeError):
-            old, known = {}, {}
-        now = datetime.now(timezone.utc).isoformat()
-        files = []
-        for file in _data_files(folder):
-            entry = known.get(file.name)
-            if entry is None:
-                try:
-                    entry = {"name": file.name, "rows": pq.read_metadata(file).num_rows,
-                             "created_at": now}
-                except (OSError, pa.ArrowException):
-                    continue  # unreadable: read() warns about it, the index leaves it out
-            files.append(entry)
-        manifest = {"schema_version": SCHEMA_VERSION, "created_at": old.get("created_at", now),
-                    "updated_at": now, "files": files}
-        _atomic_write(path, lambda fh: fh.write(json.dumps(manifest, indent=2).encode()))
+    folders = [folder, folder / HISTORY] if history else [folder]
+    table = _concat([t for _, t in _read_folders(folders)])
+    return query(table, suite=suite, model=model, task=task, metric=metric, pattern=pattern, sparsity=sparsity)
 
 
-# --- reading -------------------------------------------------------------------------
+def superseded(folder: str | os.PathLike, **filters: Any) -> pa.Table:
+    """The rows moved into ``_history/`` by newer writes (filtered as in ``query``).
 
-# Each step takes a table written under schema version v and returns it under v + 1.
-_UPGRADES: dict[str, Any] = {}
-
-
-def _conform(table: pa.Table) -> pa.Table:
-    """``table`` with exactly SCHEMA's columns, in order: missing ones null, extras dropped."""
-    if table.schema.equals(SCHEMA):  # the common case; casting every column costs more than reading
-        return table.replace_schema_metadata(SCHEMA.metadata)
-    columns = [
-        table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-        for f in SCHEMA
-    ]
-    return pa.Table.from_arrays(columns, schema=SCHEMA)
-
-
-def _upgrade(table: pa.Table, from_version: str) -> pa.Table:
-    """Bring a table stored under schema ``from_version`` to SCHEMA_VERSION.
-
-    When SCHEMA changes, bump SCHEMA_VERSION and add ``_UPGRADES[old] = step``; old files
-    then stay readable without being rewritten.
+    Left out: the rows of a split file that are still current (their copy is at the top).
     """
-    version = from_version
-    while version != SCHEMA_VERSION:
-        if version not in _UPGRADES:
-            raise LeaderboardError(f"schema version {version!r} is unknown to this stadebench "
-                                   f"(which writes {SCHEMA_VERSION!r}); upgrade stadebench")
-        table, version = _UPGRADES[version](table), str(int(version) + 1)
-    return _conform(table)
+    folder = Path(folder)
+    old = _concat([t for _, t in _read_folders([folder / HISTORY])])
+    top = _concat([t for _, t in _read_folders([folder], warn=False)])
+    copies = pc.is_in(_identity(old, SCHEMA.names), value_set=_identity(top, SCHEMA.names).combine_chunks())
+    return query(old.filter(pc.invert(copies)), **filters)
 
 
-def _read_file(path: Path) -> pa.Table:
-    with pq.ParquetFile(path) as file:
-        table = file.read()
-    version = (table.schema.metadata or {}).get(VERSION_KEY.encode())
-    if version is None:
-        raise LeaderboardError(f"no {VERSION_KEY!r} in its metadata; not a stadebench file")
-    return _upgrade(table, version.decode())
-
-
-def read(folder: str | os.PathLike, *, suite: str | Iterable[str] | None = None,
-         model: str | Iterable[str] | None = None, task: str | Iterable[str] | None = None,
-         metric: str | Iterable[str] | None = None) -> pa.Table:
-    """Every row of every file in ``folder`` (filtered as in ``query``), as one SCHEMA table.
-
-    Temporary files are ignored; an unreadable file is skipped with a LeaderboardWarning.
-    """
-    tables = []
-    for path in _data_files(Path(folder)):
-        try:
-            tables.append(_read_file(path))
-        except Exception as exc:  # one bad file must not hide the rest of the leaderboard
-            warnings.warn(f"skipping leaderboard file {path}: {exc}", LeaderboardWarning,
-                          stacklevel=2)
-    table = pa.concat_tables(tables) if tables else SCHEMA.empty_table()
-    return query(table, suite=suite, model=model, task=task, metric=metric)
-
-
-def query(table: pa.Table, suite: str | Iterable[str] | None = None,
-          model: str | Iterable[str] | None = None, task: str | Iterable[str] | None = None,
-          metric: str | Iterable[str] | None = None) -> pa.Table:
+def query(table: pa.Table, suite=None, model=None, task=None, metric=None, pattern=None,
+          sparsity=None) -> pa.Table:
     """Rows of ``table`` whose columns equal the given value (or one of the given values)."""
-    for name, wanted in (("suite", suite), ("model", model), ("task", task), ("metric", metric)):
-        if wanted is not None:
-            values = pa.array([wanted] if isinstance(wanted, str) else list(wanted), pa.string())
-            table = table.filter(pc.is_in(table[name], value_set=values))
+    wanted = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern,
+              "sparsity": sparsity}
+    for name, values in wanted.items():
+        if values is None:
+            continue
+        if isinstance(values, str) or not isinstance(values, Iterable):
+            values = [values]
+        kind = table.schema.field(name).type
+        values = [float(v) if pa.types.is_floating(kind) else v for v in values]
+        table = table.filter(pc.is_in(table[name], value_set=pa.array(values, kind)))
     return table
 
 
-def current(table: pa.Table) -> pa.Table:
-    """The newest row per (cell_key, task, score), from the newest outcome of each cell.
+# --- the current view ------------------------------------------------------------------
 
-    A row is dropped when its cell has a strictly newer row with another status: a failed
-    cell that later finished shows its ok rows only, and vice versa. Rows written together
-    share created_at, so a partly failed evaluation keeps both its ok and failed rows.
+
+def _is(column, value: str):
+    return pc.fill_null(pc.equal(column, value), False)
+
+
+def current(table: pa.Table) -> pa.Table:
+    """The current rows of ``table``: the newest outcome of each cell, one row per
+    (cell_key, task, score) (nulls count as one value), in table order.
+
+    A row is dropped when its cell has a strictly newer row with another status (a failed
+    cell that later finished shows its ok rows only, and vice versa; rows written together
+    share created_at, so a partly failed evaluation keeps both its ok and failed rows), or
+    when a newer row of the same (cell_key, task, score) is kept. Equal times go to the
+    row later in the table (``read`` orders by file name).
     """
-    cells = table["cell_key"].to_pylist()
-    tasks, scores = table["task"].to_pylist(), table["score"].to_pylist()
-    statuses = table["status"].to_pylist()
-    times = pc.fill_null(table["created_at"].cast(pa.int64()), 0).to_pylist()
-    newest: dict[tuple, int] = {}  # (cell, status) -> newest time
-    for c, s, t in zip(cells, statuses, times):
-        newest[c, s] = max(t, newest.get((c, s), t))
-    best: dict[tuple, int] = {}  # (cell, task, score) -> row index
-    for i, (c, task, score, s, t) in enumerate(zip(cells, tasks, scores, statuses, times)):
-        if any(t < newest.get((c, other), t) for other in (*STATUSES, None) if other != s):
-            continue
-        k = (c, task, score)
-        if k not in best or t >= times[best[k]]:
-            best[k] = i
-    return table.take(pa.array(sorted(best.values()), pa.int64()))
+    n = table.num_rows
+    if n == 0:
+        return table
+    keys = table.select(list(_KEY_COLUMNS)).combine_chunks()
+    t = pc.fill_null(keys["created_at"].cast(pa.int64()), 0)
+    ok, failed = _is(keys["status"], "ok"), _is(keys["status"], "failed")
+    other = pc.invert(pc.or_(ok, failed))
+    none = pa.nulls(n, pa.int64())
+    work = pa.table({"cell": keys["cell_key"], "task": keys["task"], "score": keys["score"],
+                     "i": pa.array(range(n), pa.int64()), "t": t,
+                     "ok": ok, "failed": failed, "t_ok": pc.if_else(ok, t, none),
+                     "t_failed": pc.if_else(failed, t, none), "t_other": pc.if_else(other, t, none)})
+    newest = work.group_by("cell").aggregate([(c, "max") for c in ("t_ok", "t_failed", "t_other")])
+    work = work.join(newest, "cell")
+    t_ok, t_failed, t_other = (work[f"{c}_max"] for c in ("t_ok", "t_failed", "t_other"))
+    # the newest row of the cell with another status than this row's
+    threshold = pc.if_else(work["ok"], pc.max_element_wise(t_failed, t_other),
+                           pc.if_else(work["failed"], pc.max_element_wise(t_ok, t_other),
+                                      pc.max_element_wise(t_ok, t_failed)))
+    work = work.filter(pc.or_kleene(pc.is_null(threshold), pc.greater_equal(work["t"], threshold)))
+    work = work.sort_by([("t", "descending"), ("i", "descending")])
+    newest = work.group_by(["cell", "task", "score"], use_threads=False).aggregate([("i", "first")])
+    return table.take(_sorted(newest["i_first"]))
+
+
+def _sorted(values) -> pa.ChunkedArray:
+    return pc.take(values, pc.sort_indices(values))
 
 
 def finished_cells(folder: str | os.PathLike) -> set[str]:
     """Cell keys whose newest outcome is ok: the cells a re-run can skip."""
-    table = current(read(folder))
-    cells, statuses = table["cell_key"].to_pylist(), table["status"].to_pylist()
-    return set(cells) - {c for c, s in zip(cells, statuses) if s != "ok"}
+    table = current(_concat([t for _, t in _read_folders([Path(folder)], _KEY_COLUMNS)],
+                            pa.schema([SCHEMA.field(n) for n in _KEY_COLUMNS])))
+    by_cell = pa.table({"cell": table["cell_key"], "ok": _is(table["status"], "ok")}) \
+        .group_by("cell").aggregate([("ok", "all")])
+    return set(by_cell.filter(by_cell["ok_all"])["cell"].to_pylist())
+
+
+# --- compaction ------------------------------------------------------------------------
+
+
+def compact(folder: str | os.PathLike, *, upgrade: bool = False) -> None:
+    """Move superseded rows out of the top level of ``folder`` into ``_history/``; with
+    ``upgrade``, first rewrite files of an older schema in the current one (the old file
+    moves to ``_history/``), so plain readers see one schema.
+
+    Safe to run at any time, from any number of processes (they take turns under the
+    lock), and to kill at any point; see the module docstring. A missing folder is left
+    missing.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return
+    # Writers hold the lock for milliseconds; filelock's default 50 ms poll would dominate.
+    with FileLock(folder / LOCK).acquire(poll_interval=0.002):
+        if upgrade:
+            _upgrade_files(folder)
+        _compact(folder)
+
+
+def _upgrade_files(folder: Path) -> None:
+    """Rewrite every readable file of an older schema version under the current one. A
+    kill between the write and the move leaves identical rows twice, which the next
+    compaction resolves like any duplicate."""
+    for path in _data_files(folder):
+        try:
+            raw = (pq.read_schema(path).metadata or {}).get(VERSION_KEY.encode())
+        except (OSError, pa.ArrowException):
+            continue
+        if raw is None or raw.decode() == SCHEMA_VERSION or raw.decode() not in _UPGRADES:
+            continue
+        table = _read_file(path)
+        upgraded = path.with_name(f"{path.stem}_v{SCHEMA_VERSION}.parquet")
+        util.atomic_write(upgraded, lambda fh, table=table: pq.write_table(table, fh))
+        _move_to_history(folder, path)
+
+
+def _compact(folder: Path) -> None:
+    files = _read_folders([folder], _KEY_COLUMNS, warn=False)  # unreadable files stay as they are
+    if not files:
+        return
+    tables = [t.append_column("_file", pa.array([k] * t.num_rows, pa.int32()))
+               .append_column("_row", pa.array(range(t.num_rows), pa.int64()))
+              for k, (_, t) in enumerate(files)]
+    kept = current(pa.concat_tables(tables).combine_chunks()).select(["_file", "_row"])
+    counts = kept.group_by("_file").aggregate([("_row", "count")])
+    count = dict(zip(counts["_file"].to_pylist(), counts["_row_count"].to_pylist()))
+    for k, (path, table) in enumerate(files):
+        n = count.get(k, 0)
+        if n == table.num_rows:
+            continue
+        if n:
+            _write_remainder(folder, path, _sorted(kept.filter(pc.equal(kept["_file"], k))["_row"]))
+        _move_to_history(folder, path)
+
+
+def _write_remainder(folder: Path, path: Path, rows: pa.ChunkedArray) -> Path:
+    """Write the rows ``rows`` of ``path`` as they are stored (schema, metadata) to a new
+    file whose name sorts after ``path``'s."""
+    with open(path, "rb") as fh:
+        raw = pq.read_table(fh)
+    base, generation = re.fullmatch(r"(.*?)(?:_r(\d+))?", path.stem).groups()
+    generation = int(generation or 0)
+    while True:
+        generation += 1
+        name = f"{base}_r{generation:03d}.parquet"
+        if not (folder / name).exists() and not (folder / HISTORY / name).exists():
+            break
+    remainder = raw.take(rows)
+    util.atomic_write(folder / name, lambda fh: pq.write_table(remainder, fh))
+    return folder / name
+
+
+def _move_to_history(folder: Path, path: Path) -> None:
+    history = folder / HISTORY
+    history.mkdir(exist_ok=True)
+    target = history / path.name
+    if target.exists():  # never overwrite history (a file copied back by hand, say)
+        target = history / f"{path.stem}-{uuid.uuid4().hex[:8]}.parquet"
+    os.replace(path, target)
+    util.fsync_dir(history)
+    util.fsync_dir(folder)
 
 
 # --- display -------------------------------------------------------------------------
 
-_ROW_FIELDS = tuple(f for f in KEY_FIELDS if f not in ("pattern", "sparsity"))
-# A dense baseline matches pruned rows on these; it has no calibration to compare.
-_BASELINE_FIELDS = ("model", "model_revision", "model_source", "dtype", "evaluator",
-                    "evaluator_version", "eval_options", "eval_dataset", "eval_split",
-                    "eval_seqlen")
+_COLUMN_FIELDS = ("pattern", "pattern_version", "pattern_options", "pattern_plugin", "sparsity")
+_ROW_FIELDS = tuple(f for f in KEY_FIELDS if f not in _COLUMN_FIELDS)
+_NAMED = ("model", "metric", "metric_options")  # always in a row's label
+# Fields shown when they vary, calibration and the like first, then the rest of the key.
+_VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in _NAMED))
+
+
+def _identity(table: pa.Table, fields: Iterable[str]) -> pa.ChunkedArray:
+    """One string per row that is equal exactly when ``fields`` are (nulls equal nulls):
+    each value length-prefixed, so no value can imitate another field's."""
+    parts = []
+    for f in fields:
+        text = pc.cast(table[f], pa.string())
+        parts.append(pc.fill_null(pc.binary_join_element_wise(
+            pc.cast(pc.utf8_length(text), pa.string()), text, ":"), "-"))
+    return pc.binary_join_element_wise(*parts, "|")
 
 
 def _options_label(options: str | None) -> str:
+    import json
+
     parsed = json.loads(options) if options else {}
     if not isinstance(parsed, dict):
         return options or ""
@@ -439,50 +536,75 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
 
     Returns ``{"task", "score", "higher_is_better", "columns": [str], "rows": [row]}``,
     each row ``{"model", "metric", "label", "dense", "values": {column: cell}}`` and each
-    cell ``{"value", "stderr", "relative"}`` (relative = value / dense - 1). The label is
-    the metric, its options, and any other key field that varies between rows.
+    cell ``{"value", "stderr", "relative"}`` (relative = value / dense - 1, with the
+    newest dense row of the same BASELINE_FIELDS). A row is one setting of the key fields
+    other than the pattern's and the sparsity; its label is the metric, its options, and
+    any other key field that varies between rows of the same model, metric and options.
     """
-    picked = [r for r in query(current(table), task=task).to_pylist()
-              if r["score"] == score and r["status"] == "ok"]
-    dense, pruned = {}, []
-    for r in sorted(picked, key=lambda r: r["created_at"]):
-        if r["metric"] == "dense":
-            dense[tuple(r[f] for f in _BASELINE_FIELDS)] = r["value"]
-        else:
-            pruned.append(r)
-    varying = [f for f in _ROW_FIELDS if f not in ("model", "metric", "metric_options")
-               and len({r[f] for r in pruned}) > 1]
-    columns, rows = {}, {}
-    for r in pruned:
-        sparsity = r["sparsity"] or 0.0
-        column = f"{r['pattern'] or '-'} {sparsity:g}"
-        columns[column] = (r["pattern"] or "", sparsity)
-        row = rows.setdefault(tuple(r[f] for f in _ROW_FIELDS), {
-            "model": r["model"],
-            "metric": r["metric"],
+    table = current(table)
+    picked = table.filter(pc.and_(pc.and_(_is(table["task"], task), _is(table["score"], score)),
+                                  _is(table["status"], "ok")))
+    higher = pc.unique(picked["higher_is_better"].drop_null()).to_pylist()
+    is_dense = _is(picked["metric"], "dense")
+    dense, pruned = picked.filter(is_dense), picked.filter(pc.invert(is_dense))
+
+    base = pa.table({"_base": _identity(dense, BASELINE_FIELDS), "dense": dense["value"],
+                     "t": dense["created_at"], "i": pa.array(range(dense.num_rows), pa.int64())})
+    base = base.sort_by([("t", "ascending"), ("i", "ascending")]).group_by("_base", use_threads=False) \
+        .aggregate([("dense", "last", pc.ScalarAggregateOptions(skip_nulls=False))]) \
+        .rename_columns({"dense_last": "dense"})
+    pruned = pruned.append_column("_base", _identity(pruned, BASELINE_FIELDS)) \
+        .append_column("_row", _identity(pruned, _ROW_FIELDS)) \
+        .append_column("_column", _identity(pruned, _COLUMN_FIELDS))
+    pruned = pruned.join(base, "_base", join_type="left outer")
+    usable = pc.and_(pc.is_valid(pruned["value"]), pc.fill_null(pc.not_equal(pruned["dense"], 0.0), False))
+    ratio = pc.subtract(pc.divide(pruned["value"], pc.if_else(usable, pruned["dense"], None)), 1.0)
+    pruned = pruned.append_column("relative", ratio)
+
+    distinct = pruned.group_by(list(_NAMED)).aggregate(
+        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING])
+    varying = [f for f in _VARYING if distinct.num_rows and pc.max(distinct[f"{f}_count_distinct"]).as_py() > 1]
+
+    columns: dict[str, dict] = {}  # column identity -> its fields
+    rows: dict[str, dict] = {}
+    for r in pruned.select(["_row", "_column", "model", "metric", "metric_options", "value", "stderr",
+                            "dense", "relative", *_COLUMN_FIELDS, *varying]).to_pylist():
+        columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
+        row = rows.setdefault(r["_row"], {
+            "model": r["model"], "metric": r["metric"],
             "label": " ".join(filter(None, [
-                r["metric"],
-                f"({o})" if (o := _options_label(r["metric_options"])) else "",
-                *(f"{f}={r[f]}" for f in varying),
-            ])),
-            "dense": dense.get(tuple(r[f] for f in _BASELINE_FIELDS)),
-            "values": {},
-        })
-        base, value = row["dense"], r["value"]
-        relative = value / base - 1 if None not in (base, value) and base != 0 else None
-        row["values"][column] = {"value": value, "stderr": r["stderr"], "relative": relative}
-    higher = {r["higher_is_better"] for r in picked} - {None}
+                r["metric"], f"({o})" if (o := _options_label(r["metric_options"])) else "",
+                *(f"{f}={r[f]}" for f in varying)])),
+            "dense": r["dense"], "values": {}})
+        row["values"][r["_column"]] = {"value": r["value"], "stderr": r["stderr"], "relative": r["relative"]}
+    names = _column_names(columns)
+    for row in rows.values():
+        row["values"] = {names[c]: cell for c, cell in row["values"].items()}
+    order = sorted(columns, key=lambda c: (columns[c]["pattern"] or "", columns[c]["pattern_options"] or "",
+                                           columns[c]["sparsity"] or 0.0, names[c]))
     return {
         "task": task,
         "score": score,
-        "higher_is_better": higher.pop() if len(higher) == 1 else None,
-        "columns": sorted(columns, key=columns.get),
+        "higher_is_better": higher[0] if len(higher) == 1 else None,
+        "columns": [names[c] for c in order],
         "rows": sorted(rows.values(), key=lambda r: (r["model"] or "", r["label"])),
     }
 
 
+def _column_names(columns: dict[str, dict]) -> dict[str, str]:
+    """'pattern(options) sparsity' per column, plus version and plugin where those alone differ."""
+    def name(c: dict, extra: bool) -> str:
+        options = _options_label(c["pattern_options"])
+        text = f"{c['pattern'] or '-'}{f'({options})' if options else ''} {c['sparsity'] or 0.0:g}"
+        return f"{text} [{c['pattern_plugin']} {c['pattern_version']}]" if extra else text
+
+    short = {k: name(c, False) for k, c in columns.items()}
+    clash = {n for n in short.values() if list(short.values()).count(n) > 1}
+    return {k: name(c, short[k] in clash) for k, c in columns.items()}
+
+
 __all__ = [
-    "KEY_FIELDS", "SCHEMA", "SCHEMA_VERSION", "LeaderboardError", "LeaderboardWarning",
-    "canonical_json", "cell_key", "current", "finished_cells", "pivot", "query", "read",
-    "update_manifest", "write_rows",
+    "HISTORY", "KEY_FIELDS", "LOCK", "SCHEMA", "SCHEMA_VERSION", "VERSION_KEY", "LeaderboardError",
+    "LeaderboardWarning", "canonical_json", "cell_key", "compact", "current", "finished_cells", "pivot",
+    "query", "read", "superseded", "write_rows",
 ]

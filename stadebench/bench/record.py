@@ -105,6 +105,8 @@ class Row:
     eval_split: str | None = _col(_str, "Split of eval_dataset, e.g. test or validation.", "key",
                                   baseline=True)
     eval_seqlen: int | None = _col(_i32, "Tokens per evaluation window.", "key", baseline=True)
+    eval_fingerprint: str | None = _col(_str, "Fingerprint of the data the evaluator reads (its version "
+                                        "and content), when it says.", "key", baseline=True)
     # --- value ------------------------------------------------------------------------
     task: str | None = _col(_str, "Task of the evaluation (wikitext2, boolq, ...); null if none ran.", "value")
     score: str | None = _col(_str, "Score name (ppl, acc, acc_norm, ...); no ',none' suffix.", "value")

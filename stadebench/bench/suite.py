@@ -51,11 +51,10 @@ metric × pattern × sparsity in the order written, minus the excluded ones.
 
 from __future__ import annotations
 
-import difflib
-import hashlib
-import json
 import math
 import re
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -65,6 +64,7 @@ from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr
 
 from ..errors import ConfigError, UnknownNameError
 from ..plugins import get_plugins
+from ..util import canonical_json, close_matches
 
 DENSE = "dense"
 SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype")
@@ -73,9 +73,35 @@ SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype")
 # --- schema ----------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Resolved:
+    """The plugin instance a suite entry names, built once when the suite is validated.
+
+    Attributes:
+        instance: the Metric, Pattern, Dataset or Evaluator, options validated.
+        version: the version the plugin class declares.
+        distribution: the distribution that registered it (``stadebench`` for built-ins).
+        distribution_version: that distribution's version.
+    """
+
+    instance: Any = dataclasses.field(compare=False)
+    version: str
+    distribution: str
+    distribution_version: str | None
+
+
 class _Spec(BaseModel):
     # strict: a YAML `yes` or "16" must not silently become True or 16
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    _resolved: Resolved | None = PrivateAttr(None)
+
+    @property
+    def resolved(self) -> Resolved:
+        """The plugin this entry names; only suites from ``validate_suite`` carry it."""
+        if self._resolved is None:
+            raise ConfigError(f"{type(self).__name__} {self!r} was not resolved: build suites with "
+                              "load_suite, parse_suite or validate_suite")
+        return self._resolved
 
 
 def _shorthand(model: type[BaseModel], key: str = "name") -> Any:
@@ -117,7 +143,6 @@ class MetricSpec(_Spec):
     name: str = Field(min_length=1, description="Registered metric name, e.g. wanda.")
     options: OptionsDict
     label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
-    _version: str | None = PrivateAttr(None)
 
     @property
     def display(self) -> str:
@@ -230,7 +255,6 @@ class Cell(BaseModel):
     model: ModelSpec = Field(description="The model.")
     metric: str = Field(description="Metric name, or `dense`.")
     metric_label: str = Field(description="Metric label in results.")
-    metric_version: str | None = Field(None, description="Version of the metric plugin.")
     metric_options: dict[str, Any] = Field(default_factory=dict, description="Metric options, with defaults.")
     pattern: str | None = Field(None, description="Pattern spec; None for dense.")
     pattern_options: dict[str, Any] = Field(default_factory=dict,
@@ -238,6 +262,8 @@ class Cell(BaseModel):
     sparsity: float = Field(0.0, description="Target sparsity; 0 for dense.")
     calibration: CalibrationSpec = Field(description="Calibration protocol (unused by dense cells).")
     evaluations: tuple[EvaluationSpec, ...] = Field((), description="Evaluations to run.")
+    _metric: Resolved | None = PrivateAttr(None)
+    _pattern: Resolved | None = PrivateAttr(None)
 
     @property
     def dense(self) -> bool:
@@ -249,28 +275,15 @@ class Cell(BaseModel):
         """Short human label, e.g. ``wanda · unstructured · 0.5``."""
         return DENSE if self.dense else f"{self.metric_label} · {self.pattern} · {self.sparsity:g}"
 
-    def key_fields(self) -> dict[str, Any]:
-        """JSON-serialisable fields that identify what this cell measures."""
-        m = self.model
-        fields: dict[str, Any] = {
-            "model": m.id, "revision": m.revision, "dtype": m.dtype, "gguf_file": m.gguf_file,
-            "tokenizer": None if m.tokenizer in (None, m.id) else m.tokenizer,
-            "metric": self.metric, "metric_version": self.metric_version,
-            "metric_options": self.metric_options,
-            "pattern": self.pattern, "pattern_options": self.pattern_options, "sparsity": self.sparsity,
-        }
-        if not self.dense:  # the dense model does not depend on calibration
-            c = self.calibration
-            fields["calibration"] = {
-                "dataset": c.dataset.name, "dataset_options": c.dataset.options, "n": c.n,
-                "seqlen": c.seqlen, "seed": c.seed, "sequential": c.sequential, "batch_size": c.batch_size,
-            }
-        return fields
+    @property
+    def metric_plugin(self) -> Resolved | None:
+        """The resolved metric (None for dense)."""
+        return self._metric
 
-    def key(self) -> str:
-        """Short stable hash of ``key_fields()``."""
-        text = json.dumps(self.key_fields(), sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+    @property
+    def pattern_plugin(self) -> Resolved | None:
+        """The resolved pattern (None for dense)."""
+        return self._pattern
 
 
 def _model_names(model: ModelSpec) -> set[str]:
@@ -294,10 +307,10 @@ def expand(suite: Suite) -> list[Cell]:
         for metric in suite.metrics:
             for pattern in suite.patterns:
                 for sparsity in pattern.sparsities or suite.sparsities or ():
-                    cell = Cell(metric=metric.name, metric_label=metric.display,
-                                metric_version=metric._version, metric_options=metric.options,
+                    cell = Cell(metric=metric.name, metric_label=metric.display, metric_options=metric.options,
                                 pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
                                 **common)
+                    cell._metric, cell._pattern = metric._resolved, pattern._resolved
                     if not any(_excluded(rule, cell) for rule in suite.exclude):
                         cells.append(cell)
     return cells
@@ -317,7 +330,7 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
             wanted.setdefault("", []).append(item)
             continue
         if field not in SELECT_FIELDS:
-            close = difflib.get_close_matches(field, SELECT_FIELDS, n=1)
+            close = close_matches(field, SELECT_FIELDS, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"--only {item!r}: unknown field {field!r}; {hint}"
                               f"use one of {', '.join(SELECT_FIELDS)}, or a bare part of a cell label")
@@ -523,7 +536,7 @@ def _from_validation(exc: ValidationError, model: type[BaseModel], prefix: Loc =
         loc, kind, msg = tuple(err["loc"]), err["type"], err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
             allowed = _fields_at(model, loc[:-1])
-            close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            close = close_matches(str(loc[-1]), allowed, n=1)
             msg = f"unknown key {loc[-1]!r}; " + (f"did you mean {close[0]!r}? " if close else "")
             msg += f"Expected one of: {', '.join(allowed)}"
         elif kind == "missing":
@@ -555,8 +568,13 @@ def _options(cls: type, options: dict[str, Any], loc: Loc) -> None:
         raise _from_validation(exc, cls.Options, (*loc, "options"))[0] from None
 
 
+def _resolution(registration: Any, instance: Any) -> Resolved:
+    dist, version = get_plugins().provenance(registration.plugin)
+    return Resolved(instance, registration.version, dist, version)
+
+
 def _plugin(registry: Any, spec: MetricSpec | DatasetSpec | EvaluationSpec, loc: Loc) -> tuple[Any, dict]:
-    """The registration a spec names, and its options with defaults filled in."""
+    """The resolved plugin a spec names, and its options with defaults filled in."""
     try:
         reg = registry.get(spec.name)
     except UnknownNameError as exc:
@@ -566,11 +584,7 @@ def _plugin(registry: Any, spec: MetricSpec | DatasetSpec | EvaluationSpec, loc:
         item = reg.cls(spec.options)
     except ConfigError as exc:
         raise _Problem((*loc, "options"), str(exc)) from None
-    return reg, item.options.model_dump(mode="json")
-
-
-def _canonical(options: dict[str, Any]) -> str:
-    return json.dumps(options, sort_keys=True)
+    return _resolution(reg, item), item.options.model_dump(mode="json")
 
 
 def _resolve(suite: Suite) -> Suite:
@@ -600,7 +614,7 @@ def _resolve(suite: Suite) -> Suite:
                            f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
         labels[spec.display] = i
         metric = spec.model_copy(update={"options": options})
-        metric._version = reg.version
+        metric._resolved = reg
         metrics.append(metric)
 
     patterns, specs = [], {}
@@ -608,18 +622,21 @@ def _resolve(suite: Suite) -> Suite:
         patterns.append(_pattern(plugins, suite, spec, ("patterns", i), specs))
 
     calibration = suite.calibration
-    _, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
-    calibration = calibration.model_copy(
-        update={"dataset": calibration.dataset.model_copy(update={"options": options})})
+    dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
+    calibration_dataset = calibration.dataset.model_copy(update={"options": options})
+    calibration_dataset._resolved = dataset
+    calibration = calibration.model_copy(update={"dataset": calibration_dataset})
 
     evaluations, seen_evals = [], {}
     for i, spec in enumerate(suite.evaluations):
-        _, options = _plugin(plugins.evaluators, spec, ("evaluations", i))
-        ident = (spec.name, _canonical(options))
+        evaluator, options = _plugin(plugins.evaluators, spec, ("evaluations", i))
+        ident = (spec.name, canonical_json(options))
         if ident in seen_evals:
             raise _Problem(("evaluations", i), f"duplicate of evaluations[{seen_evals[ident]}]")
         seen_evals[ident] = i
-        evaluations.append(spec.model_copy(update={"options": options}))
+        evaluation = spec.model_copy(update={"options": options})
+        evaluation._resolved = evaluator
+        evaluations.append(evaluation)
 
     resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns,
                                         "calibration": calibration, "evaluations": evaluations})
@@ -642,7 +659,7 @@ def _pattern(plugins: Any, suite: Suite, spec: PatternSpec, loc: Loc, specs: dic
     except ConfigError as exc:
         raise _Problem((*loc, "name"), str(exc)) from None
     options = pattern.options.model_dump(mode="json")
-    ident = (pattern.spec, _canonical(options))
+    ident = (pattern.spec, canonical_json(options))
     if ident in specs:
         raise _Problem((*loc, "name"), f"pattern {pattern.spec!r} is already patterns[{specs[ident]}]")
     specs[ident] = loc[1]
@@ -675,7 +692,9 @@ def _pattern(plugins: Any, suite: Suite, spec: PatternSpec, loc: Loc, specs: dic
             values[k] = pattern.resolve_sparsity(s)
         except ConfigError as exc:
             raise _Problem((*where, k), str(exc)) from None
-    return spec.model_copy(update={"name": pattern.spec, "options": options, "sparsities": values})
+    resolved = spec.model_copy(update={"name": pattern.spec, "options": options, "sparsities": values})
+    resolved._resolved = _resolution(reg, pattern)
+    return resolved
 
 
 def _check_exclude(suite: Suite) -> None:
@@ -690,7 +709,7 @@ def _check_exclude(suite: Suite) -> None:
         for field in ("model", "metric", "pattern"):
             value = getattr(rule, field)
             if value is not None and value not in known[field]:
-                close = difflib.get_close_matches(value, known[field], n=1)
+                close = close_matches(value, known[field], n=1)
                 hint = f"; did you mean {close[0]!r}?" if close else ""
                 raise _Problem(("exclude", i, field), f"{value!r} matches no {field} of this suite{hint} "
                                                       f"({field}s: {', '.join(sorted(known[field]))})")

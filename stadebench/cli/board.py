@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from .common import Format, FormatOption, err, fail, handle_errors, out, write_rows
@@ -88,10 +89,38 @@ def leaderboard(
     model: Filter = None,
     task: Filter = None,
     fmt: FormatOption = Format.table,
+    history: Annotated[bool, typer.Option("--history", help="List the superseded rows (moved under "
+                                                              "_history/ by re-runs) instead.")] = False,
 ) -> None:
     """Show the current results: one table per task and score, dense baseline and change."""
     if ctx.invoked_subcommand is None:
-        handle_errors(show_leaderboard)(folder, suite=suite, model=model, task=task, fmt=fmt)
+        if history:
+            handle_errors(show_history)(folder, suite=suite, model=model, task=task, fmt=fmt)
+        else:
+            handle_errors(show_leaderboard)(folder, suite=suite, model=model, task=task, fmt=fmt)
+
+
+HISTORY_COLUMNS = ("created_at", "run_id", "model", "metric", "pattern", "sparsity", "task", "score", "value",
+                   "status")
+
+
+def show_history(folder: Path, *, suite=None, model=None, task=None, fmt: Format = Format.table) -> None:
+    """Print the superseded rows, oldest first, as a flat table."""
+    from ..bench import leaderboard as lb
+
+    table = lb.query(lb.superseded(folder), suite=suite, model=model, task=task)
+    if table.num_rows == 0:
+        err.print(f"no superseded results in {folder}")
+        return
+    rows = table.sort_by("created_at").select(list(HISTORY_COLUMNS)).to_pylist()
+    if fmt is not Format.table:
+        write_rows(rows, fmt)
+        return
+    view = Table(*HISTORY_COLUMNS, title=f"superseded results in {folder}", title_justify="left")
+    for r in rows:
+        view.add_row(*[_fmt(v) if isinstance(v, float) else escape("" if v is None else str(v))
+                       for v in r.values()])
+    out.print(view)
 
 
 class By(str, enum.Enum):
@@ -115,10 +144,14 @@ def compare(
 def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
     from ..bench import leaderboard as lb
 
-    raw = lb.read(folder)
-    table = raw if by is By.run else lb.current(raw)
+    # a run's rows that a later run superseded live in _history/
+    table = lb.read(folder, history=True) if by is By.run else lb.current(lb.read(folder))
     field = "run_id" if by is By.run else "metric"
-    ignore = {"run_id"} if by is By.run else {"metric", "metric_version", "metric_options"}
+    # two metrics are matched on model, pattern, sparsity and evaluation: a data-free
+    # metric has no calibration to match, so calibration is left out of the match too
+    ignore = {"run_id"} if by is By.run else {"metric", "metric_version", "metric_options", "metric_plugin",
+                                              *(f for f in lb.KEY_FIELDS if f.startswith("calib_")),
+                                              "sequential", "batch_size"}
     key_fields = [f for f in (*lb.KEY_FIELDS, "task", "score") if f not in ignore]
     if by is By.run:
         key_fields.insert(0, "cell_key")

@@ -85,43 +85,54 @@ def run(
     _run(suite, only or [], force, dry_run, leaderboard, show)
 
 
+def _dry_run(suite, folder: Path | None, only: list[str], force: bool) -> None:
+    from ..bench.plan import make_plan
+
+    plan = make_plan(suite, folder, only=only, force=force)
+    for note in plan.notes:
+        err.print(note)
+    table = Table("#", "model", "cell", "evaluations", title=f"{suite.name}: {len(plan.todo)} cell(s) to run, "
+                  f"{plan.skipped} already done")
+    for i, cell in enumerate(plan.todo, 1):
+        table.add_row(str(i), cell.model.id, cell.label, ", ".join(p.spec.name for p in cell.pending))
+    out.print(table)
+
+
+def _interrupted(folder: Path, run_id: str) -> typer.Exit:
+    from ..bench import leaderboard as lb
+
+    # Count from disk: a cell whose file landed just before the signal is saved too.
+    saved = lb.read(folder).select(["run_id", "cell_key"]).to_pylist()
+    cells = len({r["cell_key"] for r in saved if r["run_id"] == run_id})
+    err.print(f"interrupted: {cells} cell(s) finished and saved in {folder}; "
+              "run the same command again to continue")
+    return typer.Exit(int(ExitCode.INTERRUPTED))
+
+
 @handle_errors
 def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool) -> None:
-    from ..bench.runner import Runner
+    from ..bench.run import new_run_id, run_suite
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars; ours are on stderr
     suite = _load(path)
-    runner = Runner(suite, leaderboard_dir=folder, events=_Reporter(live=False))
     if dry_run:
-        todo = runner.plan(only, force)
-        table = Table("#", "model", "cell", "evaluations", title=f"{suite.name}: {len(todo)} cell(s) to run, "
-                      f"{runner.summary.skipped} already done")
-        for i, (cell, pending) in enumerate(todo, 1):
-            table.add_row(str(i), cell.model.id, cell.label, ", ".join(e.name for e in pending))
-        out.print(table)
-        return
+        return _dry_run(suite, folder, only, force)
+    folder, run_id = Path(folder or suite.leaderboard), new_run_id()
     with _Reporter(progress_enabled()) as reporter:
-        runner.events = reporter
         try:
-            summary = runner.run(only, force)
+            summary = run_suite(suite, only=only, force=force, events=reporter, leaderboard_dir=folder,
+                                run_id=run_id)
         except KeyboardInterrupt:
-            from ..bench import leaderboard as lb
-
-            # Count from disk: a cell whose file landed just before the signal is saved too.
-            saved = lb.read(runner.folder).select(["run_id", "cell_key"]).to_pylist()
-            cells = len({r["cell_key"] for r in saved if r["run_id"] == runner.summary.run_id})
-            err.print(f"interrupted: {cells} cell(s) finished and saved in {runner.folder}; "
-                      "run the same command again to continue")
-            raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+            raise _interrupted(folder, run_id) from None
     s = summary.seconds
     err.print(f"{len(summary.finished)} cell(s) ran, {summary.skipped} skipped, {len(summary.failed)} failed "
               f"in {s['total']:.1f} s (load {s['load']:.1f}, calibration {s['calibration']:.1f}, "
-              f"prune {s['prune']:.1f}, eval {s['eval']:.1f}, restore {s['restore']:.2f}, "
-              f"write {s['write']:.2f}); results in {runner.folder}", highlight=False)
+              f"statistics {s['statistics']:.1f}, prune {s['prune']:.1f}, eval {s['eval']:.1f}, "
+              f"restore {s['restore']:.2f}, write {s['write']:.2f}); results in {folder}", highlight=False)
     if show:
         from .board import show_leaderboard
 
-        show_leaderboard(runner.folder, suite=[suite.name])
+        show_leaderboard(folder, suite=[suite.name])
     if summary.failed:
         for label, message in summary.failed:
             err.print(f"[red]failed:[/] {label}: {message.splitlines()[0]}", highlight=False)

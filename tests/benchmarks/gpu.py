@@ -229,7 +229,7 @@ class Check:
         return time.perf_counter() - t0
 
     def prune(self, model, metric: str, pattern: str) -> dict[str, Any]:
-        from stadebench.core.engine import prune
+        from stadebench import prune
 
         self.reset_peak()  # prune resets it too; this also drops the previous row's
         t0 = time.perf_counter()
@@ -284,7 +284,7 @@ def environment(check: Check) -> dict[str, Any]:
     import transformers
 
     import stadebench
-    from stadebench.bench.runner import _git_commit as git_commit
+    from stadebench.bench.run import git_commit
 
     env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
            "stadebench": stadebench.__version__, "stadebench_path": str(Path(stadebench.__file__).parent),
@@ -300,7 +300,7 @@ def environment(check: Check) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> ExitCode:
-    from stadebench.core.engine import resolve
+    from stadebench.plugins import resolve
 
     check = Check(args)
     for metric in args.metrics:  # unknown names stop the check before any time is spent

@@ -12,10 +12,9 @@ import copy
 import pytest
 import torch
 
-from stadebench.core.engine import capture_inputs, prune
-from stadebench.core.models import find_blocks
+from stadebench import prune
 
-from .conftest import random_ids, record, smollm2_shaped
+from .conftest import capture_inputs, find_blocks, random_ids, record, smollm2_shaped
 
 BATCH = 8
 

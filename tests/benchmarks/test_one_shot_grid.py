@@ -12,8 +12,7 @@ import copy
 import pytest
 import torch
 
-from stadebench.core.engine import collect_statistics, prune
-from stadebench.plugins import get_plugins
+from stadebench import collect_statistics, get_plugins, prune
 
 from .conftest import random_ids, record, smollm2_shaped
 

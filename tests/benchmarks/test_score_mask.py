@@ -1,5 +1,5 @@
 """Score + mask of one linear layer, as the engine does it for every layer: the metric's
-``score`` then the pattern's ``select`` (SparseGPT: ``solve``), on Llama-7B shapes.
+``score`` then the pattern's ``select`` (SparseGPT: its own ``prune_layer``), on Llama-7B shapes.
 
 The weights and statistics are built once per module: a seeded W and the statistics of
 2048 random tokens whose channels have non-zero means (so that STADE's variance and
@@ -15,9 +15,9 @@ import math
 import pytest
 import torch
 
-from stadebench.base import LayerInfo
-from stadebench.core.engine import resolve
-from stadebench.core.statistics import Accumulator
+from stadebench import LayerInfo
+
+from .conftest import Accumulator, is_solver, resolve, solve
 
 TOKENS = 2048
 
@@ -32,7 +32,7 @@ CASES = [  # (id, metric, pattern, shapes)
     *[(m, m, "unstructured", SHAPES) for m in ("magnitude", "random", "wanda", "stade", "stade-w")],
     ("wanda-unstructured-layer", "wanda", "unstructured-layer", SHAPES),
     ("wanda-2:4", "wanda", "2:4", SHAPES),
-    # One solve at 4096x4096 takes ~3 s on one CPU thread: cheap enough to keep the real shape.
+    # One SparseGPT layer at 4096x4096 takes ~3 s on one CPU thread: cheap enough to keep the real shape.
     ("sparsegpt", "sparsegpt", "unstructured", ["4096x4096"]),
 ]
 PARAMS = [pytest.param(metric, pattern, shape, id=f"{case}-{shape}")
@@ -81,10 +81,9 @@ def test_score_mask(benchmark, phases, layers, metric_name, pattern_name, shape)
     benchmark.group = f"score+mask {shape}"
     benchmark.extra_info.update(metric=metric_name, pattern=pattern.spec, shape=shape)
 
-    if metric.solver:
+    if is_solver(metric):
         def run():
-            mask, new_weight, *_ = metric.solve(weight, stats, pattern, sparsity)
-            return mask, new_weight
+            return solve(metric, weight, stats, pattern, sparsity)
     else:
         def run():
             with phases("score"):

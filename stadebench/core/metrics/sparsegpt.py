@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from pydantic import Field
 
-from ...base import LayerStats, Metric, Options, Pattern
+from ...base import LayerResult, LayerStats, Metric, Options, Pattern
 from ...errors import ConfigError, NumericalError
 from ...hookspecs import hookimpl
 
@@ -23,7 +23,7 @@ class SparseGPTOptions(Options):
 
 
 class SparseGPT(Metric):
-    """A solver: picks the mask and updates the kept weights column by column.
+    """A solver: picks the mask and updates the kept weights column by column (``prune_layer``).
 
     H = (2/N)·XᵀX + λI with λ = percdamp·mean(diag H). Saliency w²/[H⁻¹]_jj², where
     [H⁻¹]_jj is the diagonal of the upper Cholesky factor of H⁻¹. The pattern decides
@@ -38,7 +38,6 @@ class SparseGPT(Metric):
     version = "1"
     Options = SparseGPTOptions
     statistics = frozenset({"gram"})
-    solver = True
 
     def inverse_hessian_factor(self, weight: torch.Tensor, stats: LayerStats) -> tuple[torch.Tensor, float]:
         """Upper Cholesky factor of the damped H⁻¹ and the percdamp it took; zeroes
@@ -63,7 +62,10 @@ class SparseGPT(Metric):
             f"percdamp={percdamp:g} ({self.options.damping_retries} retries from {self.options.percdamp:g}); "
             "check the calibration data or raise percdamp")
 
-    def solve(self, weight, stats, pattern: Pattern, sparsity):
+    def prune_layer(self, weight: torch.Tensor, stats: LayerStats, pattern: Pattern,
+                    sparsity: float) -> LayerResult:
+        """The OBS mask and the reconstructed weight (``update: false``: the dense weight,
+        masked); ``details`` holds the percdamp when it had to be raised."""
         opts = self.options
         group = pattern.group_size
         if group and opts.blocksize % group:
@@ -96,7 +98,7 @@ class SparseGPT(Metric):
         if not opts.update:
             w = weight.masked_fill(mask, 0.0)
         details = {"percdamp": percdamp} if percdamp != opts.percdamp else {}
-        return mask, w, details
+        return LayerResult(mask, w, None, details)
 
 
 @hookimpl

@@ -20,15 +20,6 @@ class StadeOptions(Options):
     reproduces that."""
 
 
-def add_bias(layer: torch.nn.Module, delta: torch.Tensor) -> None:
-    """Add ``delta`` to the layer's bias, creating a zero bias first if it has none."""
-    if getattr(layer, "bias", None) is None:
-        w = layer.weight
-        layer.bias = torch.nn.Parameter(torch.zeros(delta.numel(), dtype=w.dtype, device=w.device),
-                                        requires_grad=False)
-    layer.bias.data += delta.to(layer.bias.dtype)
-
-
 class Stade(Metric):
     """W_ij² · Var(x_j) (unbiased variance over tokens), with bias correction.
 
@@ -44,9 +35,11 @@ class Stade(Metric):
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         return weight.square() * stats.var.unsqueeze(0)
 
-    def update(self, layer, dense_weight, mask, stats) -> None:
-        if self.options.bias_correction:
-            add_bias(layer, (dense_weight * mask) @ stats.mean)
+    def bias_delta(self, dense_weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor | None:
+        """Σ_j M_ij W_ij μ_j, from the dense weights (None without ``bias_correction``)."""
+        if not self.options.bias_correction:
+            return None
+        return (dense_weight * mask) @ stats.mean
 
 
 class StadeW(Stade):
@@ -71,9 +64,11 @@ class StadeW(Stade):
             return weight.abs() * stats.norm.unsqueeze(0)
         raise ConfigError(f"stade-w needs the role of layer {stats.layer.name}, which is unknown")
 
-    def update(self, layer, dense_weight, mask, stats) -> None:
-        if stats.layer.role == "internal":
-            super().update(layer, dense_weight, mask, stats)
+    def bias_delta(self, dense_weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> torch.Tensor | None:
+        """STADE's bias correction for internal layers only; Wanda's layers keep their bias."""
+        if stats.layer.role != "internal":
+            return None
+        return super().bias_delta(dense_weight, mask, stats)
 
 
 @hookimpl

@@ -1,0 +1,78 @@
+"""Executors run a plan and yield typed cell results; only the driver writes them.
+
+An executor decides where cells run. ``LocalExecutor`` runs them in this process, model
+after model, one ``ModelSession`` each. A distributed executor implements the same
+``run`` on remote workers that each host sessions; because sessions return plain
+``CellResult`` objects and never touch the leaderboard, results do not depend on the
+executor and a cluster needs no shared file system.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+from .plan import Plan, PlannedCell
+from .session import CellResult, ModelSession, Windows, describe
+
+
+class Events:
+    """Progress callbacks; the CLI overrides them to draw progress bars."""
+
+    def plan(self, todo: int, skipped: int) -> None:
+        """The run starts: ``todo`` cells to run, ``skipped`` already finished."""
+
+    def cell_start(self, cell: PlannedCell, index: int, total: int) -> None:
+        """Cell number ``index`` of ``total`` starts."""
+
+    def blocks(self, done: int, total: int) -> None:
+        """``done`` of ``total`` decoder blocks of the running cell are pruned."""
+
+    def cell_end(self, cell: PlannedCell, error: str | None) -> None:
+        """A cell's rows are saved; ``error`` is None when it succeeded."""
+
+    def note(self, message: str) -> None:
+        """Something the user should know (e.g. an optional evaluation is skipped)."""
+
+
+class Executor(Protocol):
+    """Runs the cells of a plan and yields one result per cell, in any order."""
+
+    name: str
+    """Recorded in every row (``executor``)."""
+
+    def run(self, plan: Plan, device: torch.device, windows: Windows, events: Events) -> Iterator[CellResult]:
+        """Run every cell of ``plan`` on ``device``; ``windows`` are calibration windows
+        the preflight already cut. Announce each cell with ``events.cell_start``."""
+        ...
+
+
+class LocalExecutor:
+    """In this process: each model loaded once, its cells one after another."""
+
+    name = "local"
+
+    def run(self, plan: Plan, device: torch.device, windows: Windows, events: Events) -> Iterator[CellResult]:
+        total, index = len(plan.todo), 0
+        for model_plan in plan.models:
+            try:
+                session = ModelSession(model_plan, device, windows, progress=events.blocks)
+            except Exception as exc:  # a model that cannot be loaded fails its cells, not the run
+                for cell in model_plan.cells:
+                    index += 1
+                    events.cell_start(cell, index, total)
+                    yield CellResult(cell, error=describe(exc))
+                continue
+            load = session.seconds["load"]
+            for cell in model_plan.cells:
+                index += 1
+                events.cell_start(cell, index, total)
+                result = session.run(cell)
+                result.seconds["load"], load = load, 0.0
+                yield result
+            del session
+
+
+__all__ = ["Events", "Executor", "LocalExecutor"]

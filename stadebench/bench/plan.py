@@ -1,0 +1,254 @@
+"""From a suite to a plan: what runs, under which key, and what is shared.
+
+``plan`` is pure: given a validated suite (its plugins already resolved into instances),
+the identities of its models and the keys the leaderboard already holds, it returns every
+cell with the evaluations it still lacks, each evaluation's row template (whose key is
+the result's identity), the groups of one-shot cells that share one statistics pass, and
+a relative cost per cell. ``make_plan`` gathers those inputs (reads the leaderboard,
+fingerprints local weights, resolves Hub commits) and calls it. Executors run plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..base import Evaluator, Metric, Pattern
+from ..data.loading import ModelIdentity, identify
+from .record import Row
+from .suite import CalibrationSpec, Cell, DatasetSpec, EvaluationSpec, ModelSpec, Suite, expand, select
+
+
+@dataclass(frozen=True)
+class Pending:
+    """One evaluation a cell still lacks.
+
+    Attributes:
+        spec: the suite's evaluation entry.
+        evaluator: its evaluator instance (one per entry, shared by every cell).
+        template: the row every score of this evaluation starts from: key fields and
+            the plugins' provenance filled in; its ``key()`` is the result's identity.
+    """
+
+    spec: EvaluationSpec
+    evaluator: Evaluator
+    template: Row
+
+    @property
+    def key(self) -> str:
+        return self.template.key()
+
+
+@dataclass
+class PlannedCell:
+    """One cell to run: a model pruned one way, then the evaluations it lacks.
+
+    Attributes:
+        cell: the suite's cell (labels, specs).
+        metric: the metric instance; None for the dense baseline.
+        pattern: the pattern instance; None for the dense baseline.
+        calibration: the calibration protocol when the metric reads data, else None.
+        pending: the evaluations to run, in suite order.
+        group: key of the statistics group it shares (one-shot cells only), else None.
+        cost: relative cost for scheduling: calibration tokens times block passes
+            (0 for dense and data-free cells; one pass per group is split among its cells).
+    """
+
+    cell: Cell
+    metric: Metric | None
+    pattern: Pattern | None
+    calibration: CalibrationSpec | None
+    pending: list[Pending]
+    group: str | None = None
+    cost: float = 0.0
+
+    @property
+    def label(self) -> str:
+        return self.cell.label
+
+    @property
+    def model(self) -> ModelSpec:
+        return self.cell.model
+
+
+@dataclass(frozen=True)
+class SharingGroup:
+    """One-shot cells of one model and calibration: one dense statistics pass serves all.
+
+    Attributes:
+        calibration: the protocol they share.
+        needs: the union of their metrics' statistics.
+        cells: how many cells use it (the statistics are freed after the last).
+    """
+
+    calibration: CalibrationSpec
+    needs: frozenset[str]
+    cells: int
+
+
+@dataclass
+class ModelPlan:
+    """The cells of one model, loaded once."""
+
+    spec: ModelSpec
+    identity: ModelIdentity
+    cells: list[PlannedCell]
+    groups: dict[str, SharingGroup] = field(default_factory=dict)
+
+
+@dataclass
+class Plan:
+    """What a run will do. ``cells`` counts the suite's selected cells, ``skipped`` those
+    with nothing left to run; ``notes`` says which optional evaluations are skipped and why."""
+
+    suite: Suite
+    models: list[ModelPlan]
+    cells: int
+    skipped: int
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def todo(self) -> list[PlannedCell]:
+        return [c for m in self.models for c in m.cells]
+
+
+def calibration_key(calibration: CalibrationSpec) -> str:
+    """Identifies a calibration protocol within a run (windows and shared statistics)."""
+    return calibration.model_dump_json()
+
+
+def _model_fields(spec: ModelSpec, identity: ModelIdentity) -> dict[str, Any]:
+    return {"model": spec.id, "model_source": identity.source, "model_revision": identity.revision,
+            "model_file": identity.file, "model_tokenizer": identity.tokenizer,
+            "model_fingerprint": identity.fingerprint, "dtype": spec.dtype,
+            "model_revision_requested": spec.revision}
+
+
+def _evaluation_fields(evaluation: EvaluationSpec, fingerprint: str | None) -> dict[str, Any]:
+    options = evaluation.resolved.instance.options.model_dump(mode="json")
+    dataset = options.get("dataset")
+    return {"evaluator": evaluation.name, "evaluator_version": evaluation.resolved.version,
+            "eval_options": options, "eval_split": options.get("split"), "eval_seqlen": options.get("seqlen"),
+            "eval_dataset": dataset.get("name") if isinstance(dataset, dict) else dataset,
+            "eval_fingerprint": fingerprint}
+
+
+def _pruning_fields(cell: Cell) -> dict[str, Any]:
+    if cell.dense:
+        return {"metric": cell.metric, "metric_options": cell.metric_options, "sparsity": 0.0}
+    m, p = cell.metric_plugin, cell.pattern_plugin
+    return {"metric": cell.metric, "metric_version": m.version, "metric_options": cell.metric_options,
+            "metric_plugin": m.distribution, "metric_plugin_version": m.distribution_version,
+            "pattern": cell.pattern, "pattern_version": p.version, "pattern_options": cell.pattern_options or None,
+            "pattern_plugin": p.distribution, "pattern_plugin_version": p.distribution_version,
+            "sparsity": cell.sparsity}
+
+
+def _calibration_fields(c: CalibrationSpec, fingerprint: str) -> dict[str, Any]:
+    return {"calib_dataset": c.dataset.name, "calib_options": c.dataset.options, "calib_fingerprint": fingerprint,
+            "calib_n": c.n, "calib_seqlen": c.seqlen, "calib_seed": c.seed, "sequential": c.sequential,
+            "batch_size": c.batch_size}
+
+
+def _uses_data(cell: Cell) -> bool:
+    return not cell.dense and not cell.metric_plugin.instance.data_free()
+
+
+Fingerprints = Callable[[DatasetSpec | EvaluationSpec], str | None]
+"""The fingerprint of the data a resolved dataset or evaluation entry reads."""
+
+
+def _fingerprint(spec: DatasetSpec | EvaluationSpec) -> str | None:
+    return spec.resolved.instance.fingerprint()
+
+
+def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, done: set[str],
+             skip: set[str]) -> PlannedCell:
+    data = _uses_data(cell)
+    base = {**_model_fields(cell.model, identity), **_pruning_fields(cell)}
+    if data:
+        base.update(_calibration_fields(cell.calibration, fingerprints(cell.calibration.dataset)))
+    pending = []
+    for evaluation in cell.evaluations:
+        if evaluation.model_dump_json() in skip:
+            continue
+        row = Row(**base, **_evaluation_fields(evaluation, fingerprints(evaluation)))
+        item = Pending(evaluation, evaluation.resolved.instance, row)
+        if item.key not in done:
+            pending.append(item)
+    return PlannedCell(cell, None if cell.dense else cell.metric_plugin.instance,
+                       None if cell.dense else cell.pattern_plugin.instance,
+                       cell.calibration if data else None, pending)
+
+
+def _share(cells: list[PlannedCell]) -> dict[str, SharingGroup]:
+    """Groups of one-shot data cells with the same calibration (two or more), and costs."""
+    members: dict[str, list[PlannedCell]] = {}
+    for c in cells:
+        if c.calibration is not None:
+            c.cost = 2.0 * c.calibration.n * c.calibration.seqlen
+            if not c.calibration.sequential:
+                members.setdefault(calibration_key(c.calibration), []).append(c)
+    groups = {}
+    for key, group in members.items():
+        if len(group) < 2:
+            continue
+        needs = frozenset().union(*(c.metric.statistics for c in group))
+        groups[key] = SharingGroup(group[0].calibration, needs, len(group))
+        for c in group:
+            c.group, c.cost = key, c.calibration.n * c.calibration.seqlen / len(group)
+    return groups
+
+
+def plan(suite: Suite, identities: dict[ModelSpec, ModelIdentity], done: Iterable[str] = (), *,
+         only: list[str] | None = None, skip_evaluations: Iterable[str] = (),
+         fingerprints: Fingerprints = _fingerprint) -> Plan:
+    """The plan of ``suite``: cells selected by ``only`` (``--only`` items), minus the
+    (cell, evaluation) keys in ``done`` and the evaluations in ``skip_evaluations``
+    (their ``model_dump_json()``). ``fingerprints`` gives the fingerprint of the data a
+    calibration dataset or an evaluation reads (default: ask the plugin)."""
+    done, skip = set(done), set(skip_evaluations)
+    cells = select(expand(suite), only or [])
+    models: dict[ModelSpec, ModelPlan] = {}
+    for cell in cells:
+        planned = _planned(cell, identities[cell.model], fingerprints, done, skip)
+        if planned.pending:
+            models.setdefault(cell.model, ModelPlan(cell.model, identities[cell.model], [])).cells.append(planned)
+    for model in models.values():
+        model.groups = _share(model.cells)
+    todo = sum(len(m.cells) for m in models.values())
+    return Plan(suite, list(models.values()), len(cells), len(cells) - todo)
+
+
+def make_plan(suite: Suite, folder: str | Path | None = None, *, only: list[str] | None = None,
+              force: bool = False) -> Plan:
+    """``plan`` with its inputs gathered: the keys finished in the leaderboard ``folder``
+    (none with ``force``), the models' identities, and which optional evaluations cannot
+    run on this machine (each one noted in ``Plan.notes``)."""
+    from . import leaderboard
+
+    folder = Path(folder or suite.leaderboard)
+    done = set() if force else leaderboard.finished_cells(folder)
+    notes, skip = [], set()
+    for e in suite.evaluations:
+        reason = e.optional and e.resolved.instance.unavailable()
+        if reason:
+            skip.add(e.model_dump_json())
+            notes.append(f"skipping optional evaluation {e.name} {e.options}: {reason}")
+    identities = {m: identify(m) for m in suite.models}
+    memo: dict[str, str | None] = {}
+
+    def fingerprint(spec: DatasetSpec | EvaluationSpec) -> str | None:
+        key = f"{type(spec).__name__}:{spec.model_dump_json()}"
+        if key not in memo:
+            memo[key] = _fingerprint(spec)
+        return memo[key]
+
+    result = plan(suite, identities, done, only=only, skip_evaluations=skip, fingerprints=fingerprint)
+    result.notes = notes
+    return result
+
+
+__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "calibration_key", "make_plan", "plan"]

@@ -1,0 +1,226 @@
+"""The driver: suite -> plan -> preflight -> executor -> leaderboard.
+
+``run_suite`` plans the suite against its leaderboard, checks before the first cell
+what would fail every cell of a model (tokenizer, context length, pattern shapes,
+calibration text) and cuts the calibration windows, then lets an executor run the
+cells. Each result is written as soon as it arrives, one Parquet file per cell, by
+this process alone; a killed run loses at most the cells in flight, and the same
+command resumes.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core.models import check_context, iter_layers, text_config, weight_of
+from ..data.calibration import calibration_windows
+from ..data.loading import load_config_and_tokenizer
+from ..errors import ConfigError
+from ..util import package_version
+from ..version import __version__
+from . import leaderboard
+from .executor import Events, Executor, LocalExecutor
+from .plan import ModelPlan, Plan, calibration_key, make_plan
+from .record import Row
+from .session import CellResult, Windows
+from .suite import Suite
+
+PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "write", "total")
+
+
+@dataclass
+class Summary:
+    """What a run did."""
+
+    run_id: str
+    cells: int = 0
+    skipped: int = 0
+    finished: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    """Wall time by phase; ``statistics`` is shared one-shot passes, ``total`` the whole run."""
+
+
+@functools.cache
+def git_commit() -> str | None:
+    """The stadebench checkout's commit (``-dirty`` with uncommitted changes), if it is one."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=5, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return sha + ("-dirty" if dirty else "")
+
+
+def new_run_id() -> str:
+    """A sortable, unique run id: UTC time plus random hex."""
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + uuid.uuid4().hex[:6]
+
+
+def resolve_device(name: str) -> torch.device:
+    """The device a suite's ``device:`` names; ``auto`` is CUDA when available."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: CUDA is not available on this machine; use device: cpu or auto")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.machine()})"
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any cell runs when results could not be saved."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-check-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"leaderboard folder {str(folder)!r} is not writable ({exc.strerror}); "
+                          "set `leaderboard:` in the suite to a folder you can write") from None
+
+
+# --- preflight ------------------------------------------------------------------------
+
+
+def _check_shapes(where: str, config: Any, model_plan: ModelPlan) -> None:
+    """Every pattern fits every prunable layer (N:M needs widths divisible by M); the
+    layers come from a weightless copy of the model built on the meta device."""
+    from transformers import AutoModelForCausalLM
+
+    patterns = {c.cell.pattern: c.pattern for c in model_plan.cells if c.pattern is not None}
+    if not patterns:
+        return
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_plan.spec.trust_remote_code)
+    shapes = {tuple(weight_of(layer).shape): name for _, name, layer in iter_layers(skeleton)}
+    for _, pattern in sorted(patterns.items()):
+        for shape, name in shapes.items():
+            try:
+                pattern.check_shape(shape)
+            except ConfigError as exc:
+                raise ConfigError(f"{where}: layer {name} {list(shape)}: {exc}") from None
+
+
+def _preflight_model(suite: Suite, model_plan: ModelPlan, windows: Windows) -> None:
+    spec = model_plan.spec
+    try:
+        config, tokenizer = load_config_and_tokenizer(spec)
+    except Exception:  # a model that cannot be reached is left to fail its own cells
+        return
+    where = f"{suite.name}: model {spec.id!r}"
+    vocab = getattr(text_config(config), "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ConfigError(f"{where}: its tokenizer has {len(tokenizer)} tokens but the model embeds only "
+                          f"{vocab}; give the matching `tokenizer:`")
+    _check_shapes(where, config, model_plan)
+    calibrations = {calibration_key(c.calibration): c.calibration for c in model_plan.cells if c.calibration}
+    for key, c in calibrations.items():
+        check_context(config, c.seqlen, f"{where}: calibration.seqlen")
+        try:
+            windows[spec.model_dump_json(), key] = calibration_windows(
+                c.dataset.resolved.instance, tokenizer, c.seqlen, c.n, c.seed)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: calibration: {exc}") from None
+
+
+def preflight(plan: Plan) -> tuple[Windows, float]:
+    """Check what would fail every cell of a model, before any cell runs: the tokenizer's
+    ids fit the model's embedding, every pattern fits every layer, the calibration
+    windows fit the model's context and its text is long enough. Returns the windows
+    (cut now, once per model and protocol) and the seconds it took. Raises ConfigError."""
+    t0, windows = time.perf_counter(), {}
+    for model_plan in plan.models:
+        _preflight_model(plan.suite, model_plan, windows)
+    return windows, time.perf_counter() - t0
+
+
+# --- results to rows ------------------------------------------------------------------
+
+
+def rows_of(result: CellResult, provenance: dict[str, Any]) -> list[Row]:
+    """The leaderboard rows of one cell result: one per score, or one failed row per
+    pending evaluation. The only place rows are made."""
+    common = {"actual_sparsity": result.actual_sparsity, "prune_seconds": result.prune_seconds,
+              "peak_memory_bytes": result.peak_memory_bytes, **provenance}
+    pending = result.cell.pending
+    if result.error is not None:
+        return [p.template.replace(status="failed", error=result.error, **common) for p in pending]
+    rows = []
+    for p, evaluation in zip(pending, result.evaluations, strict=True):
+        for s in evaluation.scores:
+            rows.append(p.template.replace(
+                task=s.task, score=s.name, value=s.value, stderr=s.stderr, higher_is_better=s.higher_is_better,
+                status="ok", eval_seconds=evaluation.seconds, details={**result.details, "eval": s.details},
+                **common))
+    return rows
+
+
+def _provenance(suite: Suite, run_id: str, device: torch.device, executor: Executor) -> dict[str, Any]:
+    return {"run_id": run_id, "suite": suite.name, "stadebench_version": __version__,
+            "torch_version": torch.__version__, "transformers_version": package_version("transformers"),
+            "lm_eval_version": package_version("lm_eval"), "git_commit": git_commit(),
+            "device": device_name(device), "executor": executor.name}
+
+
+def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict[str, Any]) -> None:
+    t0 = time.perf_counter()
+    summary.files.append(leaderboard.write_rows(folder, rows_of(result, provenance)))
+    summary.seconds["write"] += time.perf_counter() - t0
+    for phase, seconds in result.seconds.items():
+        summary.seconds[phase] += seconds
+    if result.error is None:
+        summary.finished.append(result.cell.label)
+    else:
+        summary.failed.append((result.cell.label, result.error))
+
+
+def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = False, events: Events | None = None,
+              leaderboard_dir: str | Path | None = None, executor: Executor | None = None,
+              run_id: str | None = None) -> Summary:
+    """Run every pending cell of ``suite`` and write its results to the leaderboard
+    (``leaderboard_dir``, default the suite's). A failing cell is recorded as failed and
+    the rest go on; KeyboardInterrupt propagates after the finished cells are saved."""
+    t0 = time.perf_counter()
+    events, executor = events or Events(), executor or LocalExecutor()
+    folder = Path(leaderboard_dir or suite.leaderboard)
+    device = resolve_device(suite.device)
+    summary = Summary(run_id=run_id or new_run_id())
+    plan = make_plan(suite, folder, only=only, force=force)
+    for note in plan.notes:
+        events.note(note)
+    summary.cells, summary.skipped = plan.cells, plan.skipped
+    check_writable(folder)
+    windows, summary.seconds["calibration"] = preflight(plan)
+    # a run killed mid-write may have left superseded rows in view; old-schema files are rewritten
+    leaderboard.compact(folder, upgrade=True)
+    events.plan(len(plan.todo), plan.skipped)
+    provenance = _provenance(suite, summary.run_id, device, executor)
+    for result in executor.run(plan, device, windows, events):
+        _record(summary, result, folder, provenance)
+        events.cell_end(result.cell, result.error)
+    summary.seconds["total"] = time.perf_counter() - t0
+    return summary
+
+
+__all__ = ["Events", "Summary", "check_writable", "device_name", "new_run_id", "preflight", "resolve_device", "rows_of",
+           "run_suite"]

@@ -1,0 +1,248 @@
+"""A model session: one loaded model serving the cells of one model.
+
+The session loads the model once, keeps a copy of its dense prunable weights and puts
+them back (in memory) before each cell, cuts calibration windows once per protocol, and
+holds the one-shot statistics a sharing group collects until its last cell has used
+them. ``run(cell)`` prunes and evaluates one planned cell and returns a typed
+``CellResult``; it writes nothing, so any executor (in-process or remote) can host it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..base import Score
+from ..core import engine
+from ..core.engine import CalibrationStatistics
+from ..core.models import iter_layers, weight_of
+from ..data import loading
+from ..data.calibration import calibration_windows
+from ..errors import NumericalError, StadebenchError
+from .plan import ModelPlan, PlannedCell, SharingGroup, calibration_key
+
+Windows = dict[tuple[str, str], torch.Tensor]
+"""Calibration windows by (model spec JSON, calibration JSON)."""
+
+
+@dataclass
+class EvaluationResult:
+    """The scores of one pending evaluation and the seconds it took."""
+
+    key: str
+    scores: list[Score]
+    seconds: float
+
+
+@dataclass
+class CellResult:
+    """What running one cell produced; the driver turns it into leaderboard rows.
+
+    Attributes:
+        cell: the planned cell.
+        evaluations: one result per pending evaluation, in order (empty when it failed).
+        error: why the cell failed, else None (then no evaluation of it is recorded as ok).
+        actual_sparsity: realised sparsity over the prunable layers (0 for dense).
+        prune_seconds: wall time of this cell's pruning (a shared statistics pass is in
+            ``details["prune"]["shared_statistics"]``).
+        peak_memory_bytes: peak accelerator memory (CPU: process RSS) during the cell.
+        details: per-block errors, timings, solver notes, shared statistics.
+        seconds: phases of this cell: restore, calibration, statistics (a shared pass it
+            triggered), prune, eval.
+    """
+
+    cell: PlannedCell
+    evaluations: list[EvaluationResult] = field(default_factory=list)
+    error: str | None = None
+    actual_sparsity: float | None = None
+    prune_seconds: float | None = None
+    peak_memory_bytes: int | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+def _free_memory() -> int:
+    """Free CPU memory in bytes: shared statistics live there (a device holds one block's)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _prune_details(report: Any, shared: CalibrationStatistics | None) -> dict[str, Any]:
+    recon = [b for b in report.blocks if b.mse is not None]
+    details = {
+        "timings": report.timings, "block_passes": report.block_passes,
+        "block_mse": [b.mse for b in recon], "block_cosine": [b.cosine for b in recon],
+        "bias_added": sum(layer.bias_added for layer in report.layers),
+        "layers": {layer.name: layer.details for layer in report.layers if layer.details},
+    }
+    if shared is not None:  # prune_seconds is this cell's masking alone
+        details["shared_statistics"] = {
+            "seconds": shared.seconds, "block_passes": shared.block_passes, "needs": sorted(shared.needs),
+            "megabytes": round(shared.nbytes / 2**20, 1)}
+    return details
+
+
+class ModelSession:
+    """One model loaded for the cells of ``model_plan``; see the module docstring."""
+
+    def __init__(self, model_plan: ModelPlan, device: torch.device, windows: Windows | None = None,
+                 progress: Callable[[int, int], None] | None = None):
+        self.plan, self.device, self.progress = model_plan, device, progress
+        self.windows = windows if windows is not None else {}
+        self.seconds: dict[str, float] = {"load": 0.0, "restore": 0.0, "calibration": 0.0, "statistics": 0.0}
+        t0 = time.perf_counter()
+        # Weights stay on the CPU when pruning on a GPU: the engine moves one block at a time.
+        loaded = loading.load_model(model_plan.spec, "cpu" if device.type == "cuda" else device)
+        self.model, self.tokenizer = loaded.model, loaded.tokenizer
+        self.layers = [layer for _, _, layer in iter_layers(self.model)]
+        self.dense = [(layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+                      for layer in self.layers]
+        self.flags = {k: v for k, v in vars(self.model.config).items() if k.endswith("_bias")}
+        self.dirty = False
+        self.groups = self._affordable(model_plan.groups)
+        self.users = {key: group.cells for key, group in self.groups.items()}
+        self.shared: dict[str, CalibrationStatistics | StadebenchError] = {}
+        self.seconds["load"] += time.perf_counter() - t0
+
+    def _affordable(self, groups: dict[str, SharingGroup]) -> dict[str, SharingGroup]:
+        """The groups whose statistics fit: Gram matrices only in a quarter of free memory
+        (otherwise their solver cells run their own passes and the group shares the rest)."""
+        gram_bytes = sum(4 * weight_of(layer).shape[-1] ** 2 for layer in self.layers)  # an upper bound
+        if "gram" not in set().union(*(g.needs for g in groups.values())) or gram_bytes < 0.25 * _free_memory():
+            return dict(groups)
+        kept = {}
+        for key, group in groups.items():
+            cells = [c for c in self.plan.cells if c.group == key and "gram" not in c.metric.statistics]
+            for c in self.plan.cells:
+                if c.group == key and "gram" in c.metric.statistics:
+                    c.group = None
+            if len(cells) >= 2:
+                kept[key] = SharingGroup(group.calibration, frozenset().union(*(c.metric.statistics for c in cells)),
+                                         len(cells))
+            else:
+                for c in cells:
+                    c.group = None
+        return kept
+
+    def restore(self) -> None:
+        """Put the dense weights back (and drop biases that pruning added)."""
+        if not self.dirty:
+            return
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            for layer, (weight, bias) in zip(self.layers, self.dense):
+                layer.weight.copy_(weight)
+                if bias is None:
+                    layer.bias = None
+                else:
+                    layer.bias.copy_(bias)
+        for flag, value in self.flags.items():
+            setattr(self.model.config, flag, value)
+        self.dirty = False
+        self.seconds["restore"] += time.perf_counter() - t0
+
+    def calibration(self, cell: PlannedCell) -> torch.Tensor:
+        """The cell's calibration windows, cut once per protocol (the preflight usually has)."""
+        c = cell.calibration
+        key = (self.plan.spec.model_dump_json(), calibration_key(c))
+        if key not in self.windows:
+            t0 = time.perf_counter()
+            self.windows[key] = calibration_windows(c.dataset.resolved.instance, self.tokenizer, c.seqlen, c.n,
+                                                    c.seed)
+            self.seconds["calibration"] += time.perf_counter() - t0
+        return self.windows[key]
+
+    def statistics(self, cell: PlannedCell) -> CalibrationStatistics | None:
+        """The statistics ``cell`` shares with its group, collected on first use and freed
+        after the group's last cell; None when the cell runs its own passes."""
+        key = cell.group
+        if key not in self.groups:
+            return None
+        if key not in self.shared:
+            self.restore()
+            group = self.groups[key]
+            try:
+                self.shared[key] = engine.collect_statistics(self.model, self.calibration(cell), group.needs,
+                                                      batch_size=group.calibration.batch_size,
+                                                      device=self.device, progress=self.progress)
+            except StadebenchError as exc:  # every cell of the group fails the same way, without a retry
+                self.shared[key] = exc
+            else:
+                self.seconds["statistics"] += self.shared[key].seconds
+        stats = self.shared[key]
+        self.users[key] -= 1
+        if not self.users[key]:  # the group's last cell: free the memory
+            del self.shared[key], self.groups[key], self.users[key]
+        if isinstance(stats, StadebenchError):
+            raise stats
+        return stats
+
+    def _prune(self, cell: PlannedCell, result: CellResult) -> None:
+        if cell.metric is None:
+            result.actual_sparsity, result.prune_seconds = 0.0, 0.0
+            return
+        windows = None if cell.calibration is None else self.calibration(cell)
+        shared = None if cell.calibration is None else self.statistics(cell)
+        sequential = cell.calibration.sequential if cell.calibration else True
+        batch_size = cell.calibration.batch_size if cell.calibration else 8
+        self.dirty = True
+        report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity, sequential=sequential,
+                       batch_size=batch_size, device=self.device, progress=self.progress, statistics=shared)
+        result.actual_sparsity, result.prune_seconds = report.sparsity, report.seconds
+        result.peak_memory_bytes = report.peak_memory_bytes
+        result.details["prune"] = _prune_details(report, shared)
+        result.seconds["prune"] = report.seconds
+
+    def _evaluate(self, cell: PlannedCell, result: CellResult) -> None:
+        for pending in cell.pending:
+            t0 = time.perf_counter()
+            scores = pending.evaluator.evaluate(self.model, self.tokenizer, self.device)
+            elapsed = time.perf_counter() - t0
+            for score in scores:
+                if not math.isfinite(score.value):
+                    raise NumericalError(f"{pending.spec.name} gave {score.name}={score.value} on {score.task}")
+            result.evaluations.append(EvaluationResult(pending.key, scores, elapsed))
+            result.seconds["eval"] = result.seconds.get("eval", 0.0) + elapsed
+
+    def run(self, cell: PlannedCell) -> CellResult:
+        """Prune (from the dense weights) and evaluate one cell; errors become ``result.error``."""
+        result = CellResult(cell)
+        before = dict(self.seconds)
+        try:
+            if self.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.device)
+            self.restore()
+            self._prune(cell, result)
+            self._evaluate(cell, result)
+            if self.device.type == "cuda":
+                peak = torch.cuda.max_memory_allocated(self.device)
+                result.peak_memory_bytes = max(peak, result.peak_memory_bytes or 0)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            result.error = describe(exc)
+            result.evaluations = []
+        for phase in ("restore", "calibration", "statistics"):
+            result.seconds[phase] = self.seconds[phase] - before[phase]
+        return result
+
+
+def describe(exc: BaseException) -> str:
+    """The message recorded for a failed cell (with the traceback when STADEBENCH_DEBUG is set)."""
+    import traceback
+
+    message = str(exc) if isinstance(exc, StadebenchError) else f"{type(exc).__name__}: {exc}"
+    if os.environ.get("STADEBENCH_DEBUG"):
+        message += "\n" + "".join(traceback.format_exception(exc))
+    return message
+
+
+__all__ = ["CellResult", "EvaluationResult", "ModelSession", "describe"]

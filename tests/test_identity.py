@@ -1,0 +1,191 @@
+"""One result identity: the key holds every knob that changes the number, and nothing else.
+
+Each test runs (or plans) a suite over the tiny random Llama twice, changing one thing in
+between, and checks what re-runs: the weights, the GGUF file, the tokenizer, a plugin
+pattern's version, the calibration of a data-free metric, the Hub commit.
+"""
+
+from __future__ import annotations
+
+import shutil
+import types
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+import stadebench
+from stadebench.bench import leaderboard as lb
+from stadebench.bench.plan import make_plan
+from stadebench.bench.run import run_suite
+from stadebench.bench.suite import load_suite
+from stadebench.core.patterns import Unstructured
+from stadebench.data import loading
+from tinymodel import build_model, shared_assets, suite_dict, write_suite
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return shared_assets(tmp_path_factory)
+
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("STADEBENCH_CACHE", str(tmp_path / "cache"))
+
+
+def suite_at(tmp_path: Path, assets, file: str = "suite.yaml", **kwargs):
+    kwargs.setdefault("leaderboard", tmp_path / "lb")
+    return load_suite(write_suite(tmp_path / file, suite_dict(assets, **kwargs)))
+
+
+def keys(plan) -> set[str]:
+    return {p.key for cell in plan.todo for p in cell.pending}
+
+
+def test_two_models_differing_only_in_gguf_file_are_two_measurements(tmp_path, assets):
+    folder = tmp_path / "ggufs"
+    folder.mkdir()
+    (folder / "a.gguf").write_bytes(b"GGUF one")
+    (folder / "b.gguf").write_bytes(b"GGUF two")
+    models = [{"id": str(folder), "gguf_file": "a.gguf"}, {"id": str(folder), "gguf_file": "b.gguf"}]
+    plan = make_plan(suite_at(tmp_path, assets, models=models))
+    assert [m.identity.file for m in plan.models] == ["a.gguf", "b.gguf"]
+    a, b = ({p.key for c in m.cells for p in c.pending} for m in plan.models)
+    assert len(a) == len(b) == 3 and not a & b
+    rows = [p.template for m in plan.models for c in m.cells for p in c.pending]
+    assert {r.model_source for r in rows} == {"gguf"} and {r.model_file for r in rows} == {"a.gguf", "b.gguf"}
+
+
+def test_a_model_with_another_tokenizer_is_another_measurement(tmp_path, assets):
+    twin_tokenizer = tmp_path / "tok"
+    shutil.copytree(assets["model"], twin_tokenizer)
+    own = suite_at(tmp_path, assets, metrics=["magnitude"])
+    other = suite_at(tmp_path, assets, file="other.yaml", metrics=["magnitude"],
+                     models=[{"id": str(assets["model"]), "tokenizer": str(twin_tokenizer)}])
+    assert len(run_suite(own).finished) == 2
+    summary = run_suite(other)
+    assert len(summary.finished) == 2 and summary.skipped == 0
+    table = lb.read(tmp_path / "lb")
+    assert len(set(table["cell_key"].to_pylist())) == 4
+    assert set(table["model_tokenizer"].to_pylist()) == {None, str(twin_tokenizer)}
+    assert run_suite(own).skipped == 2 and run_suite(other).skipped == 2  # both are found again
+
+
+def test_rewriting_a_local_models_weights_reruns_its_cells(tmp_path, assets):
+    model = tmp_path / "model"
+    shutil.copytree(assets["model"], model)
+    suite = suite_at(tmp_path, assets, models=[str(model)], metrics=["magnitude"])
+    first = run_suite(suite)
+    assert len(first.finished) == 2
+    assert run_suite(suite).skipped == 2  # unchanged weights: nothing to do
+    build_model(vocab_size=first_vocab(model), seed=1).save_pretrained(model)  # new weights, same path
+    again = run_suite(suite)
+    assert again.skipped == 0 and len(again.finished) == 2
+    prints = {r["model_fingerprint"] for r in lb.read(tmp_path / "lb", history=True).to_pylist()}
+    assert len(prints) == 2 and None not in prints
+
+
+def first_vocab(folder: Path) -> int:
+    import json
+
+    return json.loads((folder / "config.json").read_text())["vocab_size"]
+
+
+def pattern_plugin(version: str) -> types.ModuleType:
+    """A plugin distribution's per-row pattern, at ``version``."""
+    cls = type("Rows", (Unstructured,), {"name": "rows-test", "version": version})
+    module = types.ModuleType("rows_plugin")
+
+    @stadebench.hookimpl
+    def register_patterns(register):
+        register(cls)
+
+    module.register_patterns = register_patterns
+    return module
+
+
+def test_bumping_a_plugin_patterns_version_reruns_its_cells(tmp_path, assets, isolated_plugins):
+    def suite_with(version: str):
+        from stadebench.plugins import reset_plugins
+
+        reset_plugins()
+        stadebench.get_plugins().register(pattern_plugin(version), name="rows_plugin",
+                                          distribution="stadebench-rows", version="0.3")
+        return suite_at(tmp_path, assets, patterns=["rows-test"], metrics=["magnitude"])
+
+    first = run_suite(suite_with("1"))
+    assert len(first.finished) == 2
+    rows = [r for r in lb.read(tmp_path / "lb").to_pylist() if r["metric"] == "magnitude"]
+    assert [(r["pattern_version"], r["pattern_plugin"], r["pattern_plugin_version"]) for r in rows] == \
+        [("1", "stadebench-rows", "0.3")]
+    assert run_suite(suite_with("1")).skipped == 2
+    bumped = run_suite(suite_with("2"))
+    assert bumped.finished == ["magnitude · rows-test · 0.5"] and bumped.skipped == 1  # dense stays
+
+
+def test_changing_calibration_does_not_rerun_data_free_cells(tmp_path, assets):
+    base = suite_dict(assets, metrics=["magnitude", "random", "wanda"])
+    run_suite(suite_at(tmp_path, assets, metrics=["magnitude", "random", "wanda"]))
+    other = suite_at(tmp_path, assets, file="other.yaml", metrics=["magnitude", "random", "wanda"],
+                     calibration={**base["calibration"], "n": 2, "seed": 5})
+    summary = run_suite(other)
+    assert summary.finished == ["wanda · unstructured · 0.5"] and summary.skipped == 3
+    magnitude = [r for r in lb.read(tmp_path / "lb").to_pylist() if r["metric"] == "magnitude"]
+    assert [(r["calib_dataset"], r["calib_n"], r["sequential"]) for r in magnitude] == [(None, None, None)]
+
+
+def test_a_force_rerun_leaves_one_row_per_measurement_for_plain_readers(tmp_path, assets):
+    suite = suite_at(tmp_path, assets)
+    first = run_suite(suite)
+    run_suite(suite, force=True)
+    frame = pd.read_parquet(tmp_path / "lb")
+    assert len(frame) == 3
+    assert frame.groupby(["cell_key", "task", "score"], dropna=False).size().max() == 1
+    history = lb.read(tmp_path / "lb", history=True)
+    assert len(history) == 6
+    assert sorted(set(lb.superseded(tmp_path / "lb")["run_id"].to_pylist())) == [first.run_id]
+
+
+def test_hub_revision_is_the_resolved_commit(monkeypatch, tmp_path):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    calls = []
+
+    class Api:
+        def model_info(self, repo, revision=None, timeout=None):
+            calls.append((repo, revision))
+            return types.SimpleNamespace(sha=commit)
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr("huggingface_hub.HfApi", Api)
+    assert loading.resolve_revision("org/model", "main") == commit
+    assert loading.resolve_revision("org/model", commit) == commit and len(calls) == 1  # a commit is final
+    # offline: the local Hugging Face cache says where the branch points
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cache = tmp_path / "hub"
+    repo = cache / "models--org--model"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    (repo / "snapshots" / commit / "config.json").write_text("{}")
+    monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(cache))
+    assert loading.resolve_revision("org/model", None) == commit
+    assert loading.resolve_revision("org/other", None) is None
+    spec = types.SimpleNamespace(id="org/model", revision=None, gguf_file=None, tokenizer=None)
+    assert loading.identify(spec) == loading.ModelIdentity("hub", commit, None, None, None)
+    assert len(calls) == 1
+
+
+def test_the_row_schema_key_and_labels_derive_from_one_record():
+    from stadebench.bench import record
+
+    names = [f.name for f in record.SCHEMA]
+    assert names[0] == "cell_key" and set(record.KEY_FIELDS) < set(names)
+    for knob in ("model_file", "model_tokenizer", "model_fingerprint", "model_revision", "metric_plugin",
+                 "pattern_version", "pattern_plugin", "calib_fingerprint"):
+        assert knob in record.KEY_FIELDS
+    assert all(f.metadata[b"doc"] for f in record.SCHEMA)
+    row = record.Row(model="m", metric="wanda", sparsity=1, metric_options={"b": 1, "a": 2})
+    assert row.key() == record.cell_key({"model": "m", "metric": "wanda", "sparsity": 1.0,
+                                         "metric_options": '{"a": 2, "b": 1}', "run_id": "ignored"})
+
