@@ -466,6 +466,22 @@ def test_a_schema_1_file_is_upgraded_on_read_with_a_recomputed_key(tmp_path):
     assert lb.superseded(tmp_path)["value"].to_pylist() == [7.0]
 
 
+def test_a_run_rewrites_old_schema_files_so_plain_readers_see_one_schema(tmp_path):
+    import pandas as pd
+
+    _schema_1_file(tmp_path / "old.parquet", value=7.0)
+    lb.write_rows(tmp_path, [_row(model="other", value=1.0)])
+    lb.compact(tmp_path, upgrade=True)
+    files = sorted(tmp_path.glob("*.parquet"))
+    assert [f.name for f in files if f.name.startswith("old")] == ["old_v2.parquet"]
+    assert {pq.read_schema(f).metadata[lb.VERSION_KEY.encode()] for f in files} == {b"2"}
+    frame = pd.read_parquet(tmp_path)
+    assert sorted(frame["value"]) == [1.0, 7.0] and list(frame.columns) == lb.SCHEMA.names
+    assert (tmp_path / "_history" / "old.parquet").exists()  # the original is kept, out of view
+    lb.compact(tmp_path, upgrade=True)  # nothing left to upgrade
+    assert sorted(tmp_path.glob("*.parquet")) == files
+
+
 _STR_KEYS = [f for f in lb.KEY_FIELDS
              if lb.SCHEMA.field(f).type == pa.string() and not f.endswith("_options")]
 _key_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
