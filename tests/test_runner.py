@@ -555,3 +555,28 @@ def test_a_model_that_fails_to_load_fails_its_cells_only(assets, tmp_path):
     rows = rows_of(tmp_path / "lb")
     assert {(r["model"], r["status"]) for r in rows} == {(str(broken), "failed"), (str(assets["model"]), "ok")}
     assert all("could not load model" in r["error"] for r in rows if r["status"] == "failed")
+
+
+def test_solver_cells_run_their_own_passes_when_gram_matrices_do_not_fit(assets, tmp_path, monkeypatch):
+    import stadebench.bench.session as session
+    import stadebench.core.engine as engine
+
+    collected, pruned = [], []
+    real_collect, real_prune = engine.collect_statistics, engine.prune
+    monkeypatch.setattr(session, "_free_memory", lambda: 0)  # no room for any Gram matrix
+    monkeypatch.setattr(engine, "collect_statistics",
+                        lambda *a, **k: collected.append(sorted(a[2])) or real_collect(*a, **k))
+
+    def prune(*args, **kwargs):
+        report = real_prune(*args, **kwargs)
+        pruned.append((report.metric, report.shared_statistics))
+        return report
+
+    monkeypatch.setattr(engine, "prune", prune)
+    data = suite_dict(assets, metrics=["wanda", "stade", "sparsegpt"], patterns=["unstructured"])
+    data["calibration"]["sequential"] = False
+    suite = make_suite(tmp_path, assets, **{k: v for k, v in data.items() if k != "leaderboard"})
+    summary = run_suite(suite)
+    assert len(summary.finished) == 4 and not summary.failed
+    assert collected == [["sum", "sumsq"]]  # shared by wanda and stade, without the Gram
+    assert sorted(pruned) == [("sparsegpt", False), ("stade", True), ("wanda", True)]

@@ -113,24 +113,19 @@ class ModelSession:
         self.seconds["load"] += time.perf_counter() - t0
 
     def _affordable(self, groups: dict[str, SharingGroup]) -> dict[str, SharingGroup]:
-        """The groups whose statistics fit: Gram matrices only in a quarter of free memory
-        (otherwise their solver cells run their own passes and the group shares the rest)."""
+        """The groups whose statistics fit, and in ``self.sharing`` the cells that use them.
+        Gram matrices are shared only when they fit in a quarter of free memory; otherwise
+        a group's solver cells run their own passes and the rest still share."""
         gram_bytes = sum(4 * weight_of(layer).shape[-1] ** 2 for layer in self.layers)  # an upper bound
-        if "gram" not in set().union(*(g.needs for g in groups.values())) or gram_bytes < 0.25 * _free_memory():
-            return dict(groups)
-        kept = {}
-        for key, group in groups.items():
-            cells = [c for c in self.plan.cells if c.group == key and "gram" not in c.metric.statistics]
-            for c in self.plan.cells:
-                if c.group == key and "gram" in c.metric.statistics:
-                    c.group = None
-            if len(cells) >= 2:
-                kept[key] = SharingGroup(group.calibration, frozenset().union(*(c.metric.statistics for c in cells)),
-                                         len(cells))
-            else:
-                for c in cells:
-                    c.group = None
-        return kept
+        gram_fits = gram_bytes < 0.25 * _free_memory()
+        members: dict[str, list[PlannedCell]] = {}
+        for c in self.plan.cells:
+            if c.group in groups and (gram_fits or "gram" not in c.metric.statistics):
+                members.setdefault(c.group, []).append(c)
+        members = {key: cells for key, cells in members.items() if len(cells) >= 2}
+        self.sharing = {id(c): key for key, cells in members.items() for c in cells}
+        return {key: SharingGroup(groups[key].calibration, frozenset().union(*(c.metric.statistics for c in cells)),
+                                  len(cells)) for key, cells in members.items()}
 
     def restore(self) -> None:
         """Put the dense weights back (and drop biases that pruning added)."""
@@ -163,7 +158,7 @@ class ModelSession:
     def statistics(self, cell: PlannedCell) -> CalibrationStatistics | None:
         """The statistics ``cell`` shares with its group, collected on first use and freed
         after the group's last cell; None when the cell runs its own passes."""
-        key = cell.group
+        key = self.sharing.get(id(cell))
         if key not in self.groups:
             return None
         if key not in self.shared:
