@@ -189,3 +189,18 @@ def test_the_row_schema_key_and_labels_derive_from_one_record():
     assert row.key() == record.cell_key({"model": "m", "metric": "wanda", "sparsity": 1.0,
                                          "metric_options": '{"a": 2, "b": 1}', "run_id": "ignored"})
 
+
+
+def test_changed_evaluation_text_reruns_even_the_dense_baseline(tmp_path, assets):
+    corpus = tmp_path / "corpus.txt"
+    shutil.copyfile(assets["corpus"], corpus)
+    text = {"name": "text", "options": {"path": str(corpus)}}
+    evaluation = {"name": "perplexity", "options": {"dataset": text, "seqlen": 16, "batch_size": 4, "max_windows": 4}}
+    suite = suite_at(tmp_path, assets, metrics=["magnitude"], evaluations=[evaluation])
+    assert len(run_suite(suite).finished) == 2
+    assert run_suite(suite).skipped == 2
+    corpus.write_text(corpus.read_text(encoding="utf-8") + "\n\nA new closing paragraph.\n", encoding="utf-8")
+    summary = run_suite(suite)  # the dense cell reads no calibration: only the evaluation text changed
+    assert summary.skipped == 0 and len(summary.finished) == 2
+    prints = {r["eval_fingerprint"] for r in lb.read(tmp_path / "lb", history=True).to_pylist()}
+    assert len(prints) == 2 and None not in prints
