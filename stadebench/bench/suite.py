@@ -67,6 +67,11 @@ from ..plugins import get_plugins
 from ..util import canonical_json, close_matches
 
 DENSE = "dense"
+# Integer knobs are bounded where storage (int32/int64 columns) and computation can hold them.
+MAX_WINDOWS = 65_536
+MAX_SEQLEN = 1 << 20
+MAX_SEED = (1 << 63) - 1
+MAX_DEVICE_INDEX = 255
 SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype")
 
 
@@ -179,12 +184,12 @@ class CalibrationSpec(_Spec):
     """How calibration windows are drawn and fed through the model."""
 
     dataset: _shorthand(DatasetSpec) = Field(DatasetSpec(name="c4"), description="Calibration dataset.")
-    n: int = Field(128, ge=1, description="Number of calibration windows.")
-    seqlen: int = Field(2048, ge=8, description="Tokens per calibration window.")
-    seed: int = Field(0, description="Seed for picking windows.")
+    n: int = Field(128, ge=1, le=MAX_WINDOWS, description="Number of calibration windows.")
+    seqlen: int = Field(2048, ge=8, le=MAX_SEQLEN, description="Tokens per calibration window.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for picking windows.")
     sequential: bool = Field(True, description="Feed each block the pruned previous block's outputs "
                                                 "(false: one-shot, dense inputs).")
-    batch_size: int = Field(8, ge=1, description="Windows per forward pass.")
+    batch_size: int = Field(8, ge=1, le=MAX_WINDOWS, description="Windows per forward pass.")
 
 
 class ExcludeRule(_Spec):
@@ -236,8 +241,11 @@ class Suite(_Spec):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        match = re.fullmatch(r"auto|cpu|cuda(?::(\d{1,8}))?", value)
+        if not match:
             raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        if match[1] is not None and int(match[1]) > MAX_DEVICE_INDEX:
+            raise ValueError(f"device index {int(match[1])} is over {MAX_DEVICE_INDEX}; use cuda:N with a GPU's index")
         return value
 
 
@@ -395,9 +403,21 @@ class _Problem(Exception):
         self.loc, self.message, self.kind = tuple(loc), message, kind
 
 
+MAX_BYTES = 1 << 20
+"""Largest suite file read (a grid of a few hundred cells is a few kilobytes)."""
+MAX_DEPTH = 32
+"""Deepest nesting of mappings and lists in a suite."""
+MAX_NODES = 100_000
+"""Most values a suite may hold once its YAML aliases are expanded."""
+
+
 def load_suite(path: str | Path) -> Suite:
     """Read, validate and resolve a suite file; any problem raises one ConfigError."""
     try:
+        size = Path(path).stat().st_size
+        if size > MAX_BYTES:
+            raise ConfigError(f"{path}: the suite file is {size:,} bytes, over the limit of {MAX_BYTES:,}; "
+                              "a suite lists models, metrics and patterns, and is a few kilobytes")
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         reason = getattr(exc, "strerror", None) or exc
@@ -405,8 +425,47 @@ def load_suite(path: str | Path) -> Suite:
     return parse_suite(text, source=str(path), default_name=Path(path).stem)
 
 
+def _check_size(text: str, source: str) -> None:
+    """Refuse, before anything is built, a document over MAX_BYTES, nested deeper than
+    MAX_DEPTH or holding more than MAX_NODES values once aliases are expanded. One pass
+    over the parser's events, counting each anchor's expanded size once, so neither a deep
+    document (which would overflow the recursive composer) nor an alias bomb costs more
+    than reading the text."""
+    if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
+        raise ConfigError(f"{source}: the suite is over the limit of {MAX_BYTES:,} bytes")
+    sizes: dict[str, int] = {}
+    stack: list[list] = [[None, 0]]  # [anchor, expanded values so far] per open collection
+    try:
+        for event in yaml.parse(text, Loader=_Loader):
+            if isinstance(event, yaml.CollectionStartEvent):
+                if len(stack) > MAX_DEPTH:
+                    mark = event.start_mark
+                    raise ConfigError(f"{source}:{mark.line + 1}: nested deeper than {MAX_DEPTH} levels; "
+                                      "a suite is a few levels deep")
+                stack.append([event.anchor, 0])
+                continue
+            if isinstance(event, yaml.CollectionEndEvent):
+                anchor, count = stack.pop()
+                count += 1
+            elif isinstance(event, yaml.AliasEvent):
+                anchor, count = None, sizes.get(event.anchor, 1)
+            elif isinstance(event, yaml.ScalarEvent):
+                anchor, count = event.anchor, 1
+            else:
+                continue
+            if anchor is not None:
+                sizes[anchor] = count
+            stack[-1][1] += count
+            if stack[-1][1] > MAX_NODES:
+                raise ConfigError(f"{source}: expands to more than {MAX_NODES:,} values (YAML aliases "
+                                  "repeat what they name); a suite holds a few hundred")
+    except yaml.YAMLError:
+        return  # the loader reports it with its line and column
+
+
 def parse_suite(text: str, source: str = "<suite>", default_name: str = "suite") -> Suite:
     """Validate a suite given as YAML text; ``source`` names it in error messages."""
+    _check_size(text, source)
     loader = _Loader(text)
     try:
         node = loader.get_single_node()

@@ -76,6 +76,9 @@ class NM(Pattern):
         super().__init__(options)
         if not 0 < n < m:
             raise ConfigError(f"pattern '{n}:{m}': N:M needs 0 < N < M (N weights pruned in every M)")
+        if m > 65_536:
+            raise ConfigError(f"pattern '{n}:{m}': M over 65536 is wider than any layer's group; use N:M with "
+                              "a small M (2:4, 4:8) or unstructured")
         self.n, self.m = n, m
         self.group_size = m
 

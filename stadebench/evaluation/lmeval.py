@@ -284,9 +284,10 @@ class LmEval(Evaluator):
     class Options(Options):
         tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1,
                                  description="lm-eval task names")
-        num_fewshot: int = Field(0, ge=0, description="few-shot examples per prompt")
-        limit: int | None = Field(None, ge=1, description="evaluate only each task's first k documents")
-        batch_size: int = Field(8, ge=1, description="requests per forward pass")
+        num_fewshot: int = Field(0, ge=0, le=1_000, description="few-shot examples per prompt")
+        limit: int | None = Field(None, ge=1, le=(1 << 31) - 1,
+                                  description="evaluate only each task's first k documents")
+        batch_size: int = Field(8, ge=1, le=65_536, description="requests per forward pass")
         source: Literal["auto", "hub", "offline"] = Field(
             "auto", description="task data: the Hugging Face Hub, the offline asset, or auto "
                                 "(offline when the Hub is unreachable)")

@@ -39,9 +39,9 @@ class Perplexity(Evaluator):
     class Options(Options):
         dataset: str | DatasetRef = Field("wikitext2", description="dataset name, or {name, options}")
         split: str | None = Field(None, description="split to evaluate; default the dataset's eval_split")
-        seqlen: int = Field(2048, ge=2, description="tokens per window")
-        batch_size: int = Field(8, ge=1, description="windows per forward pass")
-        max_windows: int | None = Field(None, ge=1, description="evaluate only the first k windows")
+        seqlen: int = Field(2048, ge=2, le=1 << 20, description="tokens per window")
+        batch_size: int = Field(8, ge=1, le=65_536, description="windows per forward pass")
+        max_windows: int | None = Field(None, ge=1, le=(1 << 31) - 1, description="evaluate only the first k windows")
 
     def dataset(self) -> Dataset:
         """The dataset the options name, built with its options."""

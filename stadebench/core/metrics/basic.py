@@ -5,6 +5,7 @@ from __future__ import annotations
 import zlib
 
 import torch
+from pydantic import Field
 
 from ...base import LayerStats, Metric, Options
 from ...hookspecs import hookimpl
@@ -21,7 +22,8 @@ class Magnitude(Metric):
 
 
 class RandomOptions(Options):
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=(1 << 32) - 1)
+    """Seed of the draws (each layer's generator mixes it with the layer's name)."""
 
 
 class Random(Metric):

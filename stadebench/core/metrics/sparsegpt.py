@@ -11,13 +11,13 @@ from ...hookspecs import hookimpl
 
 
 class SparseGPTOptions(Options):
-    blocksize: int = Field(128, ge=1)
+    blocksize: int = Field(128, ge=1, le=65_536)
     """Columns per lazy-update block; the mask is picked block by block."""
     percdamp: float = Field(0.01, gt=0)
     """Dampening λ as a fraction of mean(diag H)."""
     update: bool = True
     """Reconstruct the kept weights; false keeps the same mask but only zeroes weights."""
-    damping_retries: int = Field(3, ge=0)
+    damping_retries: int = Field(3, ge=0, le=10)
     """When H + λI is not positive definite, retry this many times with λ ten times larger
     (the damping used is recorded with the layer); then fail."""
 
