@@ -99,6 +99,14 @@ def package_version(distribution: str) -> str | None:
         return None
 
 
+def offline_variable() -> str | None:
+    """The first of OFFLINE_VARS that the environment sets true, else None."""
+    for var in OFFLINE_VARS:
+        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
+            return var
+    return None
+
+
 def hub_offline() -> bool:
     """Whether the environment asks Hugging Face libraries to stay offline."""
-    return any(os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on") for var in OFFLINE_VARS)
+    return offline_variable() is not None

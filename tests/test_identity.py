@@ -18,10 +18,9 @@ import stadebench
 from stadebench.bench import leaderboard as lb
 from stadebench.bench.plan import make_plan
 from stadebench.bench.run import run_suite
-from stadebench.bench.suite import load_suite
 from stadebench.core.patterns import Unstructured
 from stadebench.data import loading
-from tinymodel import build_model, shared_assets, suite_dict, write_suite
+from tinymodel import build_model, load_tiny_suite, shared_assets, suite_dict
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +33,6 @@ def token_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("STADEBENCH_CACHE", str(tmp_path / "cache"))
 
 
-def suite_at(tmp_path: Path, assets, file: str = "suite.yaml", **kwargs):
-    kwargs.setdefault("leaderboard", tmp_path / "lb")
-    return load_suite(write_suite(tmp_path / file, suite_dict(assets, **kwargs)))
-
-
 def keys(plan) -> set[str]:
     return {p.key for cell in plan.todo for p in cell.pending}
 
@@ -49,7 +43,7 @@ def test_two_models_differing_only_in_gguf_file_are_two_measurements(tmp_path, a
     (folder / "a.gguf").write_bytes(b"GGUF one")
     (folder / "b.gguf").write_bytes(b"GGUF two")
     models = [{"id": str(folder), "gguf_file": "a.gguf"}, {"id": str(folder), "gguf_file": "b.gguf"}]
-    plan = make_plan(suite_at(tmp_path, assets, models=models))
+    plan = make_plan(load_tiny_suite(tmp_path, assets, models=models))
     assert [m.identity.file for m in plan.models] == ["a.gguf", "b.gguf"]
     a, b = ({p.key for c in m.cells for p in c.pending} for m in plan.models)
     assert len(a) == len(b) == 3 and not a & b
@@ -60,8 +54,8 @@ def test_two_models_differing_only_in_gguf_file_are_two_measurements(tmp_path, a
 def test_a_model_with_another_tokenizer_is_another_measurement(tmp_path, assets):
     twin_tokenizer = tmp_path / "tok"
     shutil.copytree(assets["model"], twin_tokenizer)
-    own = suite_at(tmp_path, assets, metrics=["magnitude"])
-    other = suite_at(tmp_path, assets, file="other.yaml", metrics=["magnitude"],
+    own = load_tiny_suite(tmp_path, assets, metrics=["magnitude"])
+    other = load_tiny_suite(tmp_path, assets, file="other.yaml", metrics=["magnitude"],
                      models=[{"id": str(assets["model"]), "tokenizer": str(twin_tokenizer)}])
     assert len(run_suite(own).finished) == 2
     summary = run_suite(other)
@@ -75,7 +69,7 @@ def test_a_model_with_another_tokenizer_is_another_measurement(tmp_path, assets)
 def test_rewriting_a_local_models_weights_reruns_its_cells(tmp_path, assets):
     model = tmp_path / "model"
     shutil.copytree(assets["model"], model)
-    suite = suite_at(tmp_path, assets, models=[str(model)], metrics=["magnitude"])
+    suite = load_tiny_suite(tmp_path, assets, models=[str(model)], metrics=["magnitude"])
     first = run_suite(suite)
     assert len(first.finished) == 2
     assert run_suite(suite).skipped == 2  # unchanged weights: nothing to do
@@ -112,7 +106,7 @@ def test_bumping_a_plugin_patterns_version_reruns_its_cells(tmp_path, assets, is
         reset_plugins()
         stadebench.get_plugins().register(pattern_plugin(version), name="rows_plugin",
                                           distribution="stadebench-rows", version="0.3")
-        return suite_at(tmp_path, assets, patterns=["rows-test"], metrics=["magnitude"])
+        return load_tiny_suite(tmp_path, assets, patterns=["rows-test"], metrics=["magnitude"])
 
     first = run_suite(suite_with("1"))
     assert len(first.finished) == 2
@@ -126,8 +120,8 @@ def test_bumping_a_plugin_patterns_version_reruns_its_cells(tmp_path, assets, is
 
 def test_changing_calibration_does_not_rerun_data_free_cells(tmp_path, assets):
     base = suite_dict(assets, metrics=["magnitude", "random", "wanda"])
-    run_suite(suite_at(tmp_path, assets, metrics=["magnitude", "random", "wanda"]))
-    other = suite_at(tmp_path, assets, file="other.yaml", metrics=["magnitude", "random", "wanda"],
+    run_suite(load_tiny_suite(tmp_path, assets, metrics=["magnitude", "random", "wanda"]))
+    other = load_tiny_suite(tmp_path, assets, file="other.yaml", metrics=["magnitude", "random", "wanda"],
                      calibration={**base["calibration"], "n": 2, "seed": 5})
     summary = run_suite(other)
     assert summary.finished == ["wanda · unstructured · 0.5"] and summary.skipped == 3
@@ -136,7 +130,7 @@ def test_changing_calibration_does_not_rerun_data_free_cells(tmp_path, assets):
 
 
 def test_a_force_rerun_leaves_one_row_per_measurement_for_plain_readers(tmp_path, assets):
-    suite = suite_at(tmp_path, assets)
+    suite = load_tiny_suite(tmp_path, assets)
     first = run_suite(suite)
     run_suite(suite, force=True)
     frame = pd.read_parquet(tmp_path / "lb")
@@ -196,7 +190,7 @@ def test_changed_evaluation_text_reruns_even_the_dense_baseline(tmp_path, assets
     shutil.copyfile(assets["corpus"], corpus)
     text = {"name": "text", "options": {"path": str(corpus)}}
     evaluation = {"name": "perplexity", "options": {"dataset": text, "seqlen": 16, "batch_size": 4, "max_windows": 4}}
-    suite = suite_at(tmp_path, assets, metrics=["magnitude"], evaluations=[evaluation])
+    suite = load_tiny_suite(tmp_path, assets, metrics=["magnitude"], evaluations=[evaluation])
     assert len(run_suite(suite).finished) == 2
     assert run_suite(suite).skipped == 2
     corpus.write_text(corpus.read_text(encoding="utf-8") + "\n\nA new closing paragraph.\n", encoding="utf-8")

@@ -25,8 +25,7 @@ from stadebench.bench import leaderboard as lb
 from stadebench.errors import ConfigError
 from stadebench.bench.executor import Events
 from stadebench.bench.run import run_suite
-from stadebench.bench.suite import load_suite
-from tinymodel import shared_assets, suite_dict, write_suite
+from tinymodel import load_tiny_suite, shared_assets, suite_dict
 
 GRID_METRICS = ["magnitude", "wanda", "stade", "sparsegpt"]
 GRID_PATTERNS = ["unstructured", "2:4"]
@@ -44,11 +43,6 @@ def assets(tmp_path_factory):
 def token_cache(tmp_path, monkeypatch):
     """Tokenised text goes to a per-test cache, not the user's."""
     monkeypatch.setenv("STADEBENCH_CACHE", str(tmp_path / "cache"))
-
-
-def make_suite(folder: Path, assets, file: str = "suite.yaml", **kwargs):
-    kwargs.setdefault("leaderboard", folder / "lb")
-    return load_suite(write_suite(folder / file, suite_dict(assets, **kwargs)))
 
 
 class LoadSpy:
@@ -131,7 +125,7 @@ def grid(tmp_path_factory, assets):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("STADEBENCH_CACHE", str(root / "cache"))
         spy = LoadSpy(mp)
-        suite = make_suite(root, assets, name="grid", metrics=GRID_METRICS, patterns=GRID_PATTERNS)
+        suite = load_tiny_suite(root, assets, name="grid", metrics=GRID_METRICS, patterns=GRID_PATTERNS)
         events = Recorder()
         summary = run_suite(suite, events=events)
     folder = root / "lb"
@@ -324,7 +318,7 @@ def one_shot(tmp_path_factory, assets):
         mp.setattr(engine, "prune", prune)
         suite_data = suite_dict(assets, name="one-shot", metrics=ONE_SHOT_METRICS, patterns=GRID_PATTERNS)
         suite_data["calibration"]["sequential"] = False
-        suite = make_suite(root, assets, **{k: v for k, v in suite_data.items() if k != "leaderboard"})
+        suite = load_tiny_suite(root, assets, **{k: v for k, v in suite_data.items() if k != "leaderboard"})
         summary = run_suite(suite)
     return types.SimpleNamespace(folder=root / "lb", suite=suite, summary=summary, calls=calls,
                                  rows=rows_of(root / "lb"))
@@ -357,7 +351,7 @@ def test_restore_drops_stade_biases_and_puts_back_dense_weights(assets, tmp_path
     from stadebench import prune
     from stadebench.core.models import iter_layers
 
-    suite = make_suite(tmp_path, assets, metrics=["stade", "magnitude"], dense=False)
+    suite = load_tiny_suite(tmp_path, assets, metrics=["stade", "magnitude"], dense=False)
     summary = run_suite(suite)
     assert summary.finished == [cell_label("stade", "unstructured"), cell_label("magnitude", "unstructured")]
     stade = next(r for r in rows_of(tmp_path / "lb") if r["metric"] == "stade")
@@ -380,7 +374,7 @@ def test_restore_drops_stade_biases_and_puts_back_dense_weights(assets, tmp_path
 def test_each_model_is_loaded_once(assets, tmp_path, loads):
     twin = tmp_path / "twin"
     shutil.copytree(assets["model"], twin)
-    suite = make_suite(tmp_path, assets, metrics=["magnitude", "wanda"],
+    suite = load_tiny_suite(tmp_path, assets, metrics=["magnitude", "wanda"],
                        models=[{"id": str(assets["model"])}, {"id": str(twin)}])
     summary = run_suite(suite)
     assert len(summary.finished) == 6 and not summary.failed
@@ -403,7 +397,7 @@ def test_dense_is_evaluated_once_per_model_and_evaluation_config(assets, tmp_pat
     ppl8 = json.loads(json.dumps(base["evaluations"][0]))
     ppl8["options"]["seqlen"] = 8
     two_evals = [*base["evaluations"], ppl8]
-    suite = make_suite(tmp_path, assets, metrics=["wanda"], evaluations=two_evals)
+    suite = load_tiny_suite(tmp_path, assets, metrics=["wanda"], evaluations=two_evals)
     summary = run_suite(suite)
     assert summary.finished == ["dense", cell_label("wanda", "unstructured")]
     assert sorted(calls) == [8, 8, 16, 16]  # 2 cells × 2 evaluations
@@ -412,7 +406,7 @@ def test_dense_is_evaluated_once_per_model_and_evaluation_config(assets, tmp_pat
 
     # another calibration: the pruned cell is new, the dense baseline does not depend on it
     calls.clear()
-    other = make_suite(tmp_path, assets, file="other.yaml", metrics=["wanda"], evaluations=two_evals,
+    other = load_tiny_suite(tmp_path, assets, file="other.yaml", metrics=["wanda"], evaluations=two_evals,
                        calibration={**base["calibration"], "n": 2})
     summary = run_suite(other)
     assert summary.skipped == 1 and summary.finished == [cell_label("wanda", "unstructured")]
@@ -422,7 +416,7 @@ def test_dense_is_evaluated_once_per_model_and_evaluation_config(assets, tmp_pat
 @pytest.fixture
 def small(assets, tmp_path):
     """A 3-cell suite (dense, magnitude, wanda) already run once."""
-    suite = make_suite(tmp_path, assets)
+    suite = load_tiny_suite(tmp_path, assets)
     first = run_suite(suite)
     assert first.finished == ["dense", cell_label("magnitude", "unstructured"), cell_label("wanda", "unstructured")]
     return types.SimpleNamespace(suite=suite, folder=tmp_path / "lb", first=first)
@@ -466,7 +460,7 @@ def test_force_redoes_finished_cells(small):
 
 
 def test_only_selects_cells_and_a_later_run_fills_in_the_rest(assets, tmp_path):
-    suite = make_suite(tmp_path, assets)
+    suite = load_tiny_suite(tmp_path, assets)
     summary = run_suite(suite, only=["metric=wanda"])
     assert summary.cells == 1 and summary.finished == [cell_label("wanda", "unstructured")]
     assert {r["metric"] for r in rows_of(tmp_path / "lb")} == {"wanda"}
@@ -481,7 +475,7 @@ def test_only_selects_cells_and_a_later_run_fills_in_the_rest(assets, tmp_path):
 
 
 def test_an_interrupted_run_keeps_finished_cells_and_resumes(assets, tmp_path):
-    suite = make_suite(tmp_path, assets)
+    suite = load_tiny_suite(tmp_path, assets)
     with pytest.raises(KeyboardInterrupt):
         run_suite(suite, events=Recorder(interrupt_at=3))
     assert {r["metric"] for r in rows_of(tmp_path / "lb")} == {"dense", "magnitude"}
@@ -495,7 +489,7 @@ def test_an_interrupted_run_keeps_finished_cells_and_resumes(assets, tmp_path):
 
 
 def test_a_failing_cell_is_recorded_and_the_others_finish(assets, tmp_path, exploding):
-    suite = make_suite(tmp_path, assets, metrics=["magnitude", "explode", "wanda"])
+    suite = load_tiny_suite(tmp_path, assets, metrics=["magnitude", "explode", "wanda"])
     events = Recorder()
     summary = run_suite(suite, events=events)
     bad = cell_label("explode", "unstructured")
@@ -524,7 +518,7 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(assets, tmp_path, expl
 def test_rows_name_the_plugin_that_registered_the_metric(assets, tmp_path, exploding):
     # `stadebench list metrics` attributes `explode` to the plugin `explode-plugin`; a row
     # must not claim that the stadebench distribution provided it.
-    suite = make_suite(tmp_path, assets, metrics=["explode"], dense=False)
+    suite = load_tiny_suite(tmp_path, assets, metrics=["explode"], dense=False)
     run_suite(suite)
     (row,) = rows_of(tmp_path / "lb")
     assert row["metric_plugin"] == "explode-plugin"
@@ -533,7 +527,7 @@ def test_rows_name_the_plugin_that_registered_the_metric(assets, tmp_path, explo
 def test_unwritable_leaderboard_is_detected_before_any_cell_runs(assets, tmp_path, loads):
     blocker = tmp_path / "file.txt"
     blocker.write_text("a file, so nothing can be created below it\n")
-    suite = make_suite(tmp_path, assets, leaderboard=blocker / "lb")
+    suite = load_tiny_suite(tmp_path, assets, leaderboard=blocker / "lb")
     events = Recorder()
     with pytest.raises(ConfigError, match="not writable") as info:
         run_suite(suite, events=events)
@@ -544,7 +538,7 @@ def test_unwritable_leaderboard_is_detected_before_any_cell_runs(assets, tmp_pat
 def test_a_model_that_fails_to_load_fails_its_cells_only(assets, tmp_path):
     broken = tmp_path / "broken-model"
     broken.mkdir()  # exists, so the suite validates, but holds no model
-    suite = make_suite(tmp_path, assets, metrics=["magnitude"],
+    suite = load_tiny_suite(tmp_path, assets, metrics=["magnitude"],
                        models=[{"id": str(broken)}, {"id": str(assets["model"])}])
     events = Recorder()
     summary = run_suite(suite, events=events)
@@ -575,7 +569,7 @@ def test_solver_cells_run_their_own_passes_when_gram_matrices_do_not_fit(assets,
     monkeypatch.setattr(engine, "prune", prune)
     data = suite_dict(assets, metrics=["wanda", "stade", "sparsegpt"], patterns=["unstructured"])
     data["calibration"]["sequential"] = False
-    suite = make_suite(tmp_path, assets, **{k: v for k, v in data.items() if k != "leaderboard"})
+    suite = load_tiny_suite(tmp_path, assets, **{k: v for k, v in data.items() if k != "leaderboard"})
     summary = run_suite(suite)
     assert len(summary.finished) == 4 and not summary.failed
     assert collected == [["sum", "sumsq"]]  # shared by wanda and stade, without the Gram

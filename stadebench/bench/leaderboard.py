@@ -18,9 +18,9 @@ stadebench, and see each (cell_key, task, score) once::
 
 (pyarrow and pandas skip names that start with ``_`` or ``.``; the globs match top-level
 data files only). The schema version is in each file's metadata (``VERSION_KEY``); ``read``
-upgrades older files on the fly and refuses newer ones. (Files of an older stadebench keep
-their own columns on disk until superseded, so a plain reader of such a folder sees two
-schemas.)
+upgrades older files on the fly and refuses newer ones; ``compact(upgrade=True)``, which
+every run calls first, rewrites older files in the current schema (the originals go to
+``_history/``), so a plain reader sees one schema.
 
 Writing. ``write_rows`` validates the rows against ``record.SCHEMA`` and writes one new
 file with ``util.atomic_write`` (hidden temporary name, fsync, ``os.replace``): a reader or

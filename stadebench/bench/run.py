@@ -27,7 +27,7 @@ from ..core.models import check_context, iter_layers, text_config, weight_of
 from ..data.calibration import calibration_windows
 from ..data.loading import load_config_and_tokenizer
 from ..errors import ConfigError
-from ..util import package_version
+from ..util import canonical_json, package_version
 from ..version import __version__
 from . import leaderboard
 from .executor import Events, Executor, LocalExecutor
@@ -107,7 +107,8 @@ def _check_shapes(where: str, config: Any, model_plan: ModelPlan) -> None:
     layers come from a weightless copy of the model built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    patterns = {c.cell.pattern: c.pattern for c in model_plan.cells if c.pattern is not None}
+    patterns = {(c.cell.pattern, canonical_json(c.cell.pattern_options)): c.pattern
+                for c in model_plan.cells if c.pattern is not None}  # options may change what fits
     if not patterns:
         return
     with torch.device("meta"):

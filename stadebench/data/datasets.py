@@ -23,7 +23,7 @@ from pydantic import Field
 from ..base import Dataset, Options
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from ..util import OFFLINE_VARS, canonical_json, digest, file_sha256
+from ..util import canonical_json, digest, file_sha256, offline_variable
 
 
 def held_out(index: int, fraction: float | Fraction) -> bool:
@@ -98,9 +98,9 @@ WIKITEXT2_ENV = "STADEBENCH_WIKITEXT2"
 
 def hub_unreachable(repo: str) -> str | None:
     """Why the Hugging Face Hub cannot serve the dataset ``repo`` now (None: it can)."""
-    for var in OFFLINE_VARS:
-        if os.environ.get(var, "").strip().lower() in ("1", "true", "yes", "on"):
-            return f"{var} is set"
+    var = offline_variable()
+    if var:
+        return f"{var} is set"
     try:
         from huggingface_hub import HfApi
 
