@@ -300,6 +300,11 @@ class Dataset(_Named):
         """Why this data cannot be had on this machine (None: it can); cheap to call."""
         return None
 
+    def check(self) -> None:
+        """Raise ConfigError for what the options alone show to be wrong (a named local
+        file that does not exist); no network, no reading. Called when a suite is
+        validated, so that a typo fails before any model is loaded."""
+
     def fingerprint(self) -> str:
         """A string identifying the data (recorded with results; used as a cache key)."""
         return f"{self.name}:{self.version}:{self.options.model_dump_json()}"
@@ -339,6 +344,15 @@ class Evaluator(_Named):
     def unavailable(self) -> str | None:
         """Why this evaluation cannot run on this machine (None: it can); cheap to call."""
         return None
+
+    def check(self) -> None:
+        """Raise ConfigError for what the options alone show to be wrong (e.g. a missing
+        data file); no network. Called when a suite is validated."""
+
+    def check_model(self, config: Any) -> None:
+        """Raise ConfigError when this evaluation cannot run on a model with this
+        transformers ``config`` (e.g. windows longer than its context). Called before the
+        first cell, and by ``stadebench validate``, with no weights loaded."""
 
     def fingerprint(self) -> str | None:
         """Identifies the data this evaluation reads (part of every result's key, so

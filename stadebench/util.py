@@ -8,6 +8,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import uuid
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -110,3 +111,14 @@ def offline_variable() -> str | None:
 def hub_offline() -> bool:
     """Whether the environment asks Hugging Face libraries to stay offline."""
     return offline_variable() is not None
+
+
+# C0 and C1 controls (ESC and CSI start terminal sequences), DEL, and the bidirectional
+# overrides that reorder what is shown; newline and tab are layout, not commands.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def visible(text: str) -> str:
+    """``text`` with control characters shown as escapes (``\\x1b``, ``\\u202e``), so that text
+    from a suite, a model folder or a shared leaderboard cannot drive the terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)

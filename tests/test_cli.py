@@ -146,7 +146,7 @@ def test_exit_code_1_when_a_cell_failed(assets, tmp_path, exploding):
     r = invoke("run", suite, "--leaderboard", tmp_path / "lb", cache=tmp_path / "cache")
     assert r.exit_code == ExitCode.CELLS_FAILED, r.output
     assert "2 cell(s) ran, 0 skipped, 1 failed" in r.stderr
-    assert "failed: explode · unstructured · 0.5: RuntimeError: boom in the score" in r.stderr
+    assert "failed: explode · unstructured · 0.5: metric 'explode' (explode-plugin): RuntimeError: boom in the score" in r.stderr
     assert "Traceback" not in r.output
     assert "magnitude" in r.stdout  # the finished cells are still shown
     assert "failed row(s) not shown" in r.stderr

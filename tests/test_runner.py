@@ -495,8 +495,8 @@ def test_a_failing_cell_is_recorded_and_the_others_finish(assets, tmp_path, expl
     bad = cell_label("explode", "unstructured")
     assert summary.finished == ["dense", cell_label("magnitude", "unstructured"), cell_label("wanda", "unstructured")]
     assert [label for label, _ in summary.failed] == [bad]
-    assert summary.failed[0][1] == "RuntimeError: boom in the score"
-    assert (bad, "RuntimeError: boom in the score") in events.ended
+    assert summary.failed[0][1] == "metric 'explode' (explode-plugin): RuntimeError: boom in the score"
+    assert (bad, "metric 'explode' (explode-plugin): RuntimeError: boom in the score") in events.ended
 
     rows = rows_of(tmp_path / "lb")
     (failed,) = [r for r in rows if r["status"] == "failed"]

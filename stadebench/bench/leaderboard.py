@@ -140,6 +140,12 @@ def _to_table(rows: Iterable[Row | Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
+def check_rows(rows: Iterable[Row | Mapping[str, Any]]) -> None:
+    """Raise LeaderboardError when ``rows`` could not be stored (``write_rows``' checks);
+    nothing is written."""
+    _to_table(rows)
+
+
 def _safe_id(values: list[Any], fallback: str) -> str:
     """A file-name part: the one shared value reduced to ASCII letters and digits."""
     distinct = set(values)
@@ -605,6 +611,6 @@ def _column_names(columns: dict[str, dict]) -> dict[str, str]:
 
 __all__ = [
     "HISTORY", "KEY_FIELDS", "LOCK", "SCHEMA", "SCHEMA_VERSION", "VERSION_KEY", "LeaderboardError",
-    "LeaderboardWarning", "canonical_json", "cell_key", "compact", "current", "finished_cells", "pivot",
+    "LeaderboardWarning", "canonical_json", "cell_key", "check_rows", "compact", "current", "finished_cells", "pivot",
     "query", "read", "superseded", "write_rows",
 ]

@@ -152,7 +152,8 @@ def _calibration_fields(c: CalibrationSpec, fingerprint: str) -> dict[str, Any]:
             "batch_size": c.batch_size}
 
 
-def _uses_data(cell: Cell) -> bool:
+def uses_data(cell: Cell) -> bool:
+    """Whether the cell's metric reads calibration data (not dense, not data-free)."""
     return not cell.dense and not cell.metric_plugin.instance.data_free()
 
 
@@ -166,7 +167,7 @@ def _fingerprint(spec: DatasetSpec | EvaluationSpec) -> str | None:
 
 def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, done: set[str],
              skip: set[str]) -> PlannedCell:
-    data = _uses_data(cell)
+    data = uses_data(cell)
     base = {**_model_fields(cell.model, identity), **_pruning_fields(cell)}
     if data:
         base.update(_calibration_fields(cell.calibration, fingerprints(cell.calibration.dataset)))
@@ -251,4 +252,4 @@ def make_plan(suite: Suite, folder: str | Path | None = None, *, only: list[str]
     return result
 
 
-__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "calibration_key", "make_plan", "plan"]
+__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "calibration_key", "make_plan", "plan", "uses_data"]

@@ -25,16 +25,17 @@ import torch
 
 from ..core.models import check_context, iter_layers, text_config, weight_of
 from ..data.calibration import calibration_windows
-from ..data.loading import load_config_and_tokenizer
+from ..data.loading import check_files, load_config_and_tokenizer, on_this_machine
 from ..errors import ConfigError
 from ..util import canonical_json, package_version
 from ..version import __version__
 from . import leaderboard
 from .executor import Events, Executor, LocalExecutor
-from .plan import ModelPlan, Plan, calibration_key, make_plan
-from .record import Row
-from .session import CellResult, Windows
-from .suite import Suite
+from .plan import Plan, calibration_key, make_plan, uses_data
+from .leaderboard import LeaderboardError
+from .record import RecordError, Row
+from .session import CellResult, Windows, watch_ctrl_c
+from .suite import Cell, ModelSpec, Suite, expand
 
 PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "write", "total")
 
@@ -102,17 +103,17 @@ def check_writable(folder: Path) -> None:
 # --- preflight ------------------------------------------------------------------------
 
 
-def _check_shapes(where: str, config: Any, model_plan: ModelPlan) -> None:
+def _check_shapes(where: str, config: Any, spec: ModelSpec, cells: list[Cell]) -> None:
     """Every pattern fits every prunable layer (N:M needs widths divisible by M); the
     layers come from a weightless copy of the model built on the meta device."""
     from transformers import AutoModelForCausalLM
 
-    patterns = {(c.cell.pattern, canonical_json(c.cell.pattern_options)): c.pattern
-                for c in model_plan.cells if c.pattern is not None}  # options may change what fits
+    patterns = {(c.pattern, canonical_json(c.pattern_options)): c.pattern_plugin.instance
+                for c in cells if not c.dense}  # options may change what fits
     if not patterns:
         return
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=model_plan.spec.trust_remote_code)
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
     shapes = {tuple(weight_of(layer).shape): name for _, name, layer in iter_layers(skeleton)}
     for _, pattern in sorted(patterns.items()):
         for shape, name in shapes.items():
@@ -122,36 +123,63 @@ def _check_shapes(where: str, config: Any, model_plan: ModelPlan) -> None:
                 raise ConfigError(f"{where}: layer {name} {list(shape)}: {exc}") from None
 
 
-def _preflight_model(suite: Suite, model_plan: ModelPlan, windows: Windows) -> None:
-    spec = model_plan.spec
+def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windows | None = None) -> None:
+    """Check, with no weights loaded, what would fail every cell of one model: its weight
+    files are readable (and safe to load), the tokenizer's ids fit the embedding, every
+    pattern fits every layer, calibration windows and every evaluation fit the context, and
+    the calibration text is long enough. The windows it cuts go into ``windows``. A model
+    that cannot be reached is left to fail its own cells. Raises ConfigError."""
+    where = f"{suite.name}: models[{suite.models.index(spec)}] {spec.id!r}"
+    try:
+        check_files(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"{suite.name}: models[{suite.models.index(spec)}]: {exc}") from None
     try:
         config, tokenizer = load_config_and_tokenizer(spec)
-    except Exception:  # a model that cannot be reached is left to fail its own cells
+    except Exception:  # noqa: BLE001 -- unreachable or unknown: its cells fail with the loader's message
         return
-    where = f"{suite.name}: model {spec.id!r}"
     vocab = getattr(text_config(config), "vocab_size", None)
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ConfigError(f"{where}: its tokenizer has {len(tokenizer)} tokens but the model embeds only "
                           f"{vocab}; give the matching `tokenizer:`")
-    _check_shapes(where, config, model_plan)
-    calibrations = {calibration_key(c.calibration): c.calibration for c in model_plan.cells if c.calibration}
+    _check_shapes(where, config, spec, cells)
+    for i, evaluation in enumerate(suite.evaluations):
+        try:
+            evaluation.resolved.instance.check_model(config)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: evaluations[{i}].options.{exc}") from None
+    calibrations = {calibration_key(c.calibration): c.calibration for c in cells if uses_data(c)}
     for key, c in calibrations.items():
         check_context(config, c.seqlen, f"{where}: calibration.seqlen")
         try:
-            windows[spec.model_dump_json(), key] = calibration_windows(
-                c.dataset.resolved.instance, tokenizer, c.seqlen, c.n, c.seed)
+            cut = calibration_windows(c.dataset.resolved.instance, tokenizer, c.seqlen, c.n, c.seed)
         except ConfigError as exc:
             raise ConfigError(f"{where}: calibration: {exc}") from None
+        if windows is not None:
+            windows[spec.model_dump_json(), key] = cut
+
+
+def check_suite(suite: Suite) -> list[str]:
+    """What ``stadebench validate`` checks beyond the schema: ``check_model`` for every
+    model whose files are on this machine, over all of the suite's cells. Returns a note
+    for each model left for the run to check (a Hub model, an asset not yet fetched)."""
+    cells, notes = expand(suite), []
+    for i, spec in enumerate(suite.models):
+        if on_this_machine(spec):
+            check_model(suite, spec, [c for c in cells if c.model == spec])
+        else:
+            notes.append(f"models[{i}] {spec.id!r} is not on this machine yet: the run checks it once "
+                         "it is fetched")
+    return notes
 
 
 def preflight(plan: Plan) -> tuple[Windows, float]:
-    """Check what would fail every cell of a model, before any cell runs: the tokenizer's
-    ids fit the model's embedding, every pattern fits every layer, the calibration
-    windows fit the model's context and its text is long enough. Returns the windows
-    (cut now, once per model and protocol) and the seconds it took. Raises ConfigError."""
+    """``check_model`` for every model with cells to run, before any cell runs. Returns
+    the calibration windows (cut now, once per model and protocol) and the seconds it
+    took. Raises ConfigError."""
     t0, windows = time.perf_counter(), {}
     for model_plan in plan.models:
-        _preflight_model(plan.suite, model_plan, windows)
+        check_model(plan.suite, model_plan.spec, [c.cell for c in model_plan.cells], windows)
     return windows, time.perf_counter() - t0
 
 
@@ -183,9 +211,17 @@ def _provenance(suite: Suite, run_id: str, device: torch.device, executor: Execu
             "device": device_name(device), "executor": executor.name}
 
 
-def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict[str, Any]) -> None:
+def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict[str, Any]) -> CellResult:
+    """Write one result's rows (as a failed cell when what it holds cannot be stored);
+    returns the result recorded."""
     t0 = time.perf_counter()
-    summary.files.append(leaderboard.write_rows(folder, rows_of(result, provenance)))
+    try:
+        rows = rows_of(result, provenance)
+        leaderboard.check_rows(rows)
+    except (RecordError, LeaderboardError) as exc:  # what a plugin returned cannot be stored
+        result = CellResult(result.cell, error=f"cannot store the result: {exc}", seconds=result.seconds)
+        rows = rows_of(result, provenance)
+    summary.files.append(leaderboard.write_rows(folder, rows))
     summary.seconds["write"] += time.perf_counter() - t0
     for phase, seconds in result.seconds.items():
         summary.seconds[phase] += seconds
@@ -193,6 +229,7 @@ def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict
         summary.finished.append(result.cell.label)
     else:
         summary.failed.append((result.cell.label, result.error))
+    return result
 
 
 def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = False, events: Events | None = None,
@@ -216,9 +253,10 @@ def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = Fals
     leaderboard.compact(folder, upgrade=True)
     events.plan(len(plan.todo), plan.skipped)
     provenance = _provenance(suite, summary.run_id, device, executor)
-    for result in executor.run(plan, device, windows, events):
-        _record(summary, result, folder, provenance)
-        events.cell_end(result.cell, result.error)
+    with watch_ctrl_c():
+        for result in executor.run(plan, device, windows, events):
+            result = _record(summary, result, folder, provenance)
+            events.cell_end(result.cell, result.error)
     summary.seconds["total"] = time.perf_counter() - t0
     return summary
 

@@ -9,10 +9,14 @@ them. ``run(cell)`` prunes and evaluates one planned cell and returns a typed
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,8 +28,9 @@ from ..core.engine import CalibrationStatistics
 from ..core.models import iter_layers, weight_of
 from ..data import loading
 from ..data.calibration import calibration_windows
-from ..errors import NumericalError, StadebenchError
+from ..errors import NumericalError, PluginError, StadebenchError
 from .plan import ModelPlan, PlannedCell, SharingGroup, calibration_key
+from .record import RecordError, normalise
 
 Windows = dict[tuple[str, str], torch.Tensor]
 """Calibration windows by (model spec JSON, calibration JSON)."""
@@ -199,7 +204,7 @@ class ModelSession:
     def _evaluate(self, cell: PlannedCell, result: CellResult) -> None:
         for pending in cell.pending:
             t0 = time.perf_counter()
-            scores = pending.evaluator.evaluate(self.model, self.tokenizer, self.device)
+            scores = _checked(pending.spec.name, pending.evaluator.evaluate(self.model, self.tokenizer, self.device))
             elapsed = time.perf_counter() - t0
             for score in scores:
                 if not math.isfinite(score.value):
@@ -220,24 +225,103 @@ class ModelSession:
             if self.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.device)
                 result.peak_memory_bytes = max(peak, result.peak_memory_bytes or 0)
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:
-            result.error = describe(exc)
+        except BaseException as exc:  # plugin code runs here: its sys.exit and Ctrl-C-alikes fail the cell
+            if not isinstance(exc, Exception) and not _plugin_raised(exc):
+                raise
+            result.error = describe(exc, cell)
             result.evaluations = []
         for phase in ("restore", "calibration", "statistics"):
             result.seconds[phase] = self.seconds[phase] - before[phase]
         return result
 
 
-def describe(exc: BaseException) -> str:
-    """The message recorded for a failed cell (with the traceback when STADEBENCH_DEBUG is set)."""
-    import traceback
+def _checked(evaluator: str, scores: Any) -> list[Score]:
+    """An evaluator's scores, checked for what a row can store."""
+    if not isinstance(scores, list | tuple) or not all(isinstance(s, Score) for s in scores):
+        raise PluginError(f"evaluator {evaluator!r} returned {type(scores).__name__}, not a list of Score")
+    for s in scores:
+        if not isinstance(s.value, int | float) or isinstance(s.value, bool):
+            raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} is {s.value!r}, not a number")
+        try:
+            normalise("details", s.details)
+        except RecordError as exc:
+            raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} has details that cannot be "
+                              f"stored: {exc}") from None
+    return list(scores)
 
-    message = str(exc) if isinstance(exc, StadebenchError) else f"{type(exc).__name__}: {exc}"
+
+class _CtrlC:
+    """Whether the user pressed Ctrl-C, told apart from a KeyboardInterrupt that code raised."""
+
+    watching = False
+    pressed = False
+
+
+@contextlib.contextmanager
+def watch_ctrl_c() -> Iterator[None]:
+    """While active (main thread only), SIGINT is noted before it raises KeyboardInterrupt,
+    so that a session fails the cell whose plugin raised one but stops on a real Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGINT)
+
+    def noted(signum, frame):
+        if previous == signal.SIG_IGN:
+            return
+        _CtrlC.pressed = True
+        if callable(previous):
+            return previous(signum, frame)  # Python's own handler raises KeyboardInterrupt
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, noted)
+    _CtrlC.watching, _CtrlC.pressed = True, False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _CtrlC.watching = False
+
+
+def _plugin_raised(exc: BaseException) -> bool:
+    """A SystemExit, or a KeyboardInterrupt with no Ctrl-C behind it (only knowable while
+    ``watch_ctrl_c`` is active); GeneratorExit and the like always propagate."""
+    if isinstance(exc, SystemExit):
+        return True
+    return isinstance(exc, KeyboardInterrupt) and _CtrlC.watching and not _CtrlC.pressed
+
+
+def _culprit(exc: BaseException, cell: PlannedCell) -> str | None:
+    """``metric 'x' (dist 1.0)`` for the plugin whose code is innermost in the traceback."""
+    parts = [("metric", cell.cell.metric_label, cell.cell.metric_plugin) if cell.metric else None,
+             ("pattern", cell.cell.pattern, cell.cell.pattern_plugin) if cell.pattern else None,
+             *[("evaluator", p.spec.name, p.spec.resolved) for p in cell.pending],
+             ("dataset", cell.calibration.dataset.name, cell.calibration.dataset.resolved) if cell.calibration
+             else None]
+    modules = {type(r.instance).__module__: (kind, name, r) for kind, name, r in filter(None, parts) if r}
+    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
+        hit = modules.get(frame.f_globals.get("__name__"))
+        if hit:
+            kind, name, r = hit
+            return f"{kind} {name!r} ({r.distribution} {r.distribution_version or ''}".rstrip() + ")"
+    return None
+
+
+def describe(exc: BaseException, cell: PlannedCell | None = None) -> str:
+    """The message recorded for a failed cell: the error, and for an unexpected one the
+    plugin whose code raised it (the traceback too when STADEBENCH_DEBUG is set)."""
+    if isinstance(exc, StadebenchError):
+        message = str(exc)
+    else:
+        message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if isinstance(exc, SystemExit):
+            message = f"SystemExit({exc.code!r}): plugin code called sys.exit"
+        where = cell and _culprit(exc, cell)
+        if where:
+            message = f"{where}: {message}"
     if os.environ.get("STADEBENCH_DEBUG"):
         message += "\n" + "".join(traceback.format_exception(exc))
     return message
 
 
-__all__ = ["CellResult", "EvaluationResult", "ModelSession", "describe"]
+__all__ = ["CellResult", "EvaluationResult", "ModelSession", "describe", "watch_ctrl_c"]

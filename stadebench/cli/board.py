@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from .common import Format, FormatOption, err, fail, handle_errors, out, write_rows
+from .common import Format, FormatOption, err, fail, handle_errors, out, styled, write_rows
 
 app = typer.Typer(help="Show the leaderboard (metric rows × pattern/sparsity columns).")
 
@@ -25,11 +25,11 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
 
 
-def _relative(rel: float | None, higher_is_better: bool | None) -> str:
+def _relative(rel: float | None, higher_is_better: bool | None) -> Text:
     if rel is None:
-        return ""
+        return Text()
     worse = (rel < 0) if higher_is_better else (rel > 0)
-    return f" [{'red' if worse else 'green'}]({rel:+.0%})[/]"
+    return styled(" ", (f"({rel:+.0%})", "red" if worse else "green"))
 
 
 def show_leaderboard(folder: Path, *, suite=None, model=None, task=None, fmt: Format = Format.table) -> None:
@@ -71,7 +71,7 @@ def show_leaderboard(folder: Path, *, suite=None, model=None, task=None, fmt: Fo
             cells = []
             for column in grid["columns"]:
                 cell = row["values"].get(column)
-                cells.append("" if cell is None else _fmt(cell["value"])
+                cells.append("" if cell is None else styled(_fmt(cell["value"]))
                              + _relative(cell["relative"], grid["higher_is_better"]))
             view.add_row(row["model"], row["label"], _fmt(row["dense"]), *cells)
         out.print(view)
@@ -118,8 +118,7 @@ def show_history(folder: Path, *, suite=None, model=None, task=None, fmt: Format
         return
     view = Table(*HISTORY_COLUMNS, title=f"superseded results in {folder}", title_justify="left")
     for r in rows:
-        view.add_row(*[_fmt(v) if isinstance(v, float) else escape("" if v is None else str(v))
-                       for v in r.values()])
+        view.add_row(*[_fmt(v) if isinstance(v, float) else "" if v is None else str(v) for v in r.values()])
     out.print(view)
 
 

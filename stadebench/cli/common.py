@@ -7,16 +7,44 @@ import functools
 import os
 import sys
 import traceback
+import warnings
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from ..errors import ConfigError, StadebenchError
+from ..util import visible
+
+
+class PlainConsole(Console):
+    """A console that reads strings as plain text: no markup, no emoji codes, control
+    characters shown as escapes. Labels, paths, plugin texts and leaderboard values are
+    not ours, so nothing in them may style, crash or drive the terminal; our own styling
+    is built as ``rich.text.Text``."""
+
+    def __init__(self, **kwargs):
+        super().__init__(soft_wrap=True, markup=False, emoji=False, highlight=False, **kwargs)
+
+    def render_str(self, text: str, **kwargs) -> Text:
+        return super().render_str(visible(text), **kwargs)
+
 
 #: Results go to stdout; progress, warnings and errors to stderr.
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+out = PlainConsole()
+err = PlainConsole(stderr=True)
+
+
+def styled(*parts: str | tuple[str, str]) -> Text:
+    """Plain text with styled parts, e.g. ``styled(("failed", "red"), ": ", message)``;
+    every part has its control characters made visible."""
+    return Text.assemble(*[(visible(p[0]), p[1]) if isinstance(p, tuple) else visible(p) for p in parts])
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """``warnings.showwarning`` for the command line: one plain ``warning:`` line."""
+    err.print(styled(("warning:", "yellow"), " ", str(message)))
 
 
 class ExitCode(enum.IntEnum):
@@ -40,40 +68,40 @@ FormatOption = Annotated[Format, typer.Option("--format", "-f", help="Output for
 
 
 def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, markup=True)
+    err.print(styled(("error:", "bold red"), " ", message))
     return typer.Exit(int(code))
 
 
 def handle_errors(func):
-    """Known errors become one paragraph and an exit code; tracebacks only when debugging."""
+    """Known errors become one line and an exit code, warnings one line each; tracebacks
+    only when debugging."""
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         try:
-            return func(*args, **kwargs)
+            with warnings.catch_warnings():
+                warnings.showwarning = show_warning
+                return func(*args, **kwargs)
         except typer.Exit:
             raise
         except (ConfigError, StadebenchError) as exc:
             if os.environ.get("STADEBENCH_DEBUG"):
                 traceback.print_exc()
             code = ExitCode.USAGE if isinstance(exc, ConfigError) else ExitCode.ERROR
-            raise fail(_escape(str(exc)), code) from None
+            raise fail(str(exc), code) from None
+        except SystemExit as exc:  # our own exits are typer.Exit: this came from plugin code
+            raise fail(f"plugin code called sys.exit({exc.code!r}) outside a cell; the command stopped "
+                       "(`stadebench plugins` lists what is installed)", ExitCode.ERROR) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
         except Exception as exc:
             if os.environ.get("STADEBENCH_DEBUG"):
                 traceback.print_exc()
-            raise fail(f"{type(exc).__name__}: {_escape(str(exc))} (set STADEBENCH_DEBUG=1 for the traceback)",
+            raise fail(f"{type(exc).__name__}: {exc} (set STADEBENCH_DEBUG=1 for the traceback)",
                        ExitCode.ERROR) from None
 
     return wrapper
-
-
-def _escape(text: str) -> str:
-    from rich.markup import escape
-
-    return escape(text)
 
 
 def progress_enabled() -> bool:
@@ -81,7 +109,8 @@ def progress_enabled() -> bool:
 
 
 def write_rows(rows: list[dict], fmt: Format) -> None:
-    """Print plain rows as JSON, CSV or Markdown on stdout."""
+    """Print plain rows as JSON, CSV or Markdown on stdout (JSON escapes control
+    characters itself; CSV and Markdown show them as escapes)."""
     import csv
     import json
 
@@ -89,6 +118,7 @@ def write_rows(rows: list[dict], fmt: Format) -> None:
         sys.stdout.write(json.dumps(rows, indent=2, default=str) + "\n")
         return
     columns = list(rows[0]) if rows else []
+    rows = [{k: visible(v) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
     if fmt is Format.csv:
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()

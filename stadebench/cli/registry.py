@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import Format, FormatOption, handle_errors, out, write_rows
+from .common import Format, FormatOption, handle_errors, out, styled, write_rows
 
 
 class Kind(str, enum.Enum):
@@ -76,5 +76,5 @@ def _plugins(fmt: Format) -> None:
     table = Table("plugin", "distribution", "hooks", "registered", "problem", title="plugins")
     for r in rows:
         table.add_row(r["plugin"], f"{r['distribution'] or ''} {r['version'] or ''}".strip(), r["hooks"],
-                      r["registered"], f"[red]{r['problem']}[/]" if r["problem"] else "")
+                      r["registered"], styled((r["problem"], "red")) if r["problem"] else "")
     out.print(table)

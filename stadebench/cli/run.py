@@ -13,7 +13,8 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from .common import ExitCode, err, fail, handle_errors, out, progress_enabled
+from ..util import visible
+from .common import ExitCode, err, fail, handle_errors, out, progress_enabled, styled
 
 SuiteArg = Annotated[Path, typer.Argument(help="Suite YAML file.", show_default=False)]
 
@@ -26,12 +27,16 @@ def _load(path: Path):
     return load_suite(path)
 
 
+def _first_line(message: str) -> str:
+    return message.splitlines()[0] if message.strip() else message
+
+
 class _Reporter:
     """Draws the runner's progress on stderr: bars on a terminal, one line per cell otherwise."""
 
     def __init__(self, live: bool):
         self.live = live
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        self.progress = Progress(TextColumn("{task.description}", markup=False), BarColumn(), MofNCompleteColumn(),
                                  TimeElapsedColumn(), console=err, disable=not live, transient=False)
         self.cells = self.block_task = None
         self.t0 = 0.0
@@ -51,7 +56,7 @@ class _Reporter:
     def cell_start(self, cell, index: int, total: int) -> None:
         self.t0 = time.perf_counter()
         self.prefix = f"[{index}/{total}] {cell.label}"
-        self.progress.update(self.cells, description=f"cells: {cell.label}")
+        self.progress.update(self.cells, description=visible(f"cells: {cell.label}"))  # drawn as plain text
         if self.block_task is not None:
             self.progress.remove_task(self.block_task)
             self.block_task = None
@@ -63,9 +68,9 @@ class _Reporter:
 
     def cell_end(self, cell, error: str | None) -> None:
         self.progress.advance(self.cells)
-        status = "ok" if error is None else f"[red]failed[/]: {error.splitlines()[0]}"
+        status = ("ok",) if error is None else (("failed", "red"), f": {_first_line(error)}")
         if not self.live or error:
-            err.print(f"{self.prefix} … {status} ({time.perf_counter() - self.t0:.1f} s)", highlight=False)
+            err.print(styled(f"{self.prefix} … ", *status, f" ({time.perf_counter() - self.t0:.1f} s)"))
 
     def note(self, message: str) -> None:
         err.print(message)
@@ -128,19 +133,20 @@ def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path |
     err.print(f"{len(summary.finished)} cell(s) ran, {summary.skipped} skipped, {len(summary.failed)} failed "
               f"in {s['total']:.1f} s (load {s['load']:.1f}, calibration {s['calibration']:.1f}, "
               f"statistics {s['statistics']:.1f}, prune {s['prune']:.1f}, eval {s['eval']:.1f}, "
-              f"restore {s['restore']:.2f}, write {s['write']:.2f}); results in {folder}", highlight=False)
+              f"restore {s['restore']:.2f}, write {s['write']:.2f}); results in {folder}")
     if show:
         from .board import show_leaderboard
 
         show_leaderboard(folder, suite=[suite.name])
     if summary.failed:
         for label, message in summary.failed:
-            err.print(f"[red]failed:[/] {label}: {message.splitlines()[0]}", highlight=False)
+            err.print(styled(("failed:", "red"), f" {label}: {_first_line(message)}"))
         raise typer.Exit(int(ExitCode.CELLS_FAILED))
 
 
 def validate(suite: SuiteArg) -> None:
-    """Check a suite without running it: schema, names, options, sparsities, paths."""
+    """Check a suite without running it or loading weights: schema, names, options,
+    sparsities, data files, and for models on this machine their files, context and shapes."""
     _validate(suite)
 
 
@@ -148,11 +154,16 @@ def validate(suite: SuiteArg) -> None:
 def _validate(path: Path) -> None:
     from ..bench.suite import expand
 
+    os.environ.setdefault("TQDM_DISABLE", "1")
     suite = _load(path)
     cells = expand(suite)
+    from ..bench.run import check_suite  # torch: only once the file itself is known to be sane
+
+    for note in check_suite(suite):
+        err.print(f"note: {note}")
     models = len(suite.models)
     out.print(f"{path}: ok — {len(cells)} cell(s) over {models} model(s), "
-              f"{len(suite.evaluations)} evaluation(s) each", highlight=False)
+              f"{len(suite.evaluations)} evaluation(s) each")
 
 
 def schema() -> None:

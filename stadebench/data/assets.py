@@ -29,14 +29,14 @@ from typing import Literal
 
 from filelock import FileLock
 from rich.console import Console
-from rich.markup import escape
+from rich.text import Text
 from rich.progress import (
     BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
 )
 
 from .cache import CACHE_ENV, cache_dir as cache_root
 from ..errors import StadebenchError, UnknownNameError
-from ..util import atomic_write, file_sha256
+from ..util import atomic_write, file_sha256, visible
 
 PIP_ARGS_ENV = "STADEBENCH_PIP_ARGS"
 STAMP = "stadebench-asset.json"
@@ -192,11 +192,17 @@ def fetch(
             return out
         if out.exists():
             msg = f"asset {asset.name!r} in {out}: {problem}; fetching it again"
-            _console().print(f"[yellow]warning:[/] {escape(msg)}")
+            _console().print(Text.assemble(("warning:", "yellow"), " ", visible(msg)))
         for stale in root.glob(f".tmp-{asset.name}-*"):  # left by a killed fetch; we hold the lock
             shutil.rmtree(stale, ignore_errors=True)
         _build(asset, root, out, progress, pip_args)
     return out
+
+
+def cached(name: str, cache_dir: str | os.PathLike | None = None) -> bool:
+    """Whether the asset ``name`` is in the cache (its files have their recorded sizes)."""
+    asset = _lookup(name)
+    return _problem(_assets_root(cache_dir) / asset.name, asset, "size") is None
 
 
 def list_assets(cache_dir: str | os.PathLike | None = None) -> list[dict]:
@@ -222,13 +228,11 @@ def _lookup(name: str) -> Asset:
 
 
 def _assets_root(override) -> Path:
-    root = cache_root(override) / "assets"
-    root.mkdir(exist_ok=True)
-    return root
+    return cache_root(override, sub="assets") / "assets"
 
 
 def _console() -> Console:
-    return Console(stderr=True)
+    return Console(stderr=True, markup=False, highlight=False)
 
 
 def _build(asset: Asset, root: Path, out: Path, progress: bool, pip_args: Sequence[str]) -> None:

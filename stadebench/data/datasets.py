@@ -133,6 +133,11 @@ class WikiText2(Dataset):
         self._rows: dict[str, Sequence[str]] = {}
         self.path = self.options.path or os.environ.get(WIKITEXT2_ENV) or None
 
+    def check(self) -> None:
+        """A ``path`` given in the options names a file."""
+        if self.options.path and not Path(self.options.path).expanduser().is_file():
+            raise ConfigError(f"dataset 'wikitext2': path {self.options.path!r} is not a file")
+
     def unavailable(self) -> str | None:
         if self.path:
             return None if Path(self.path).expanduser().is_file() else f"no file {self.path}"
@@ -245,6 +250,10 @@ class TextFiles(Dataset):
                 raise ConfigError(f"dataset 'text': {entry!r} is not a file (give a file, a glob or a list)")
             out += [p for p in found if p not in out]
         return out
+
+    def check(self) -> None:
+        """Every path or glob names at least one file."""
+        self.files()
 
     def _all_documents(self) -> list[str]:
         docs: list[str] = []

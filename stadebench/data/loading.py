@@ -73,6 +73,16 @@ class ModelIdentity:
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
+def on_this_machine(spec: Any) -> bool:
+    """Whether ``spec``'s files are here without fetching: a local folder or GGUF file, or
+    an asset already in the cache (a Hub model is asked of the Hub when it is loaded)."""
+    from . import assets
+
+    if spec.id in assets.CATALOGUE:
+        return assets.cached(spec.id)
+    return Path(spec.id).expanduser().exists()
+
+
 def identify(spec: Any) -> ModelIdentity:
     """The identity of ``spec``'s weights, found without loading them (local files are
     hashed once and then remembered by size and modification time)."""
@@ -106,17 +116,83 @@ def fingerprint(files: list[Path], root: Path) -> str:
 def _content_hash(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime, inode) so a re-run hashes nothing."""
     st = path.stat()
-    memo = cache_dir() / "fingerprints"
-    memo.mkdir(exist_ok=True)
+    memo = cache_dir(sub="fingerprints") / "fingerprints"
     entry = memo / digest(str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), str(st.st_ino),
                           length=32)
     try:
-        return json.loads(entry.read_text())["sha256"]
-    except (OSError, ValueError, KeyError):
-        pass
+        sha = json.loads(entry.read_text())["sha256"]
+        if isinstance(sha, str) and _SHA256.fullmatch(sha):
+            return sha
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # a damaged entry is recomputed and replaced
     sha = file_sha256(path)
-    atomic_write(entry, json.dumps({"path": str(path), "sha256": sha}).encode())
+    try:
+        atomic_write(entry, json.dumps({"path": str(path), "sha256": sha}).encode())
+    except OSError:
+        pass  # an unwritable memo costs a re-hash next time, not a wrong answer
     return sha
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def check_files(spec: Any) -> None:
+    """Refuse, naming the file, local weights that cannot be read as they are: a GGUF or
+    safetensors file that is truncated or not what its name says, and a PyTorch pickle
+    that holds more than tensors (which the safe loader refuses on purpose). Reads headers
+    and a pickle's object graph (tensors memory-mapped), never the weights. Hub models
+    are left to the loader."""
+    source, where, gguf = _where(spec)
+    if source == "hub":
+        return
+    folder = Path(where)
+    if gguf:
+        _check_gguf(folder / gguf, spec.id)
+        return
+    tensors = sorted(folder.glob("*.safetensors"))
+    for path in tensors:
+        _check_safetensors(path, spec.id)
+    if not tensors:  # transformers reads .bin weights only when there is no safetensors file
+        for path in sorted(folder.glob("pytorch_model*.bin")):
+            _check_pickle(path, spec.id)
+
+
+def _check_gguf(path: Path, model: str) -> None:
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except Exception as exc:  # struct, numpy and value errors alike mean "not a whole GGUF file"
+        raise ConfigError(f"model {model!r}: {path} is not a readable GGUF file ({type(exc).__name__}: "
+                          f"{exc}); it may be truncated: download it again") from None
+
+
+def _check_safetensors(path: Path, model: str) -> None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:
+        raise ConfigError(f"model {model!r}: {path} is not a readable safetensors file ({exc}); it may be "
+                          "truncated: download or save it again") from None
+
+
+def _check_pickle(path: Path, model: str) -> None:
+    import pickle
+    import zipfile
+
+    try:  # only the zip format can be memory-mapped; legacy pickles are read whole
+        torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"model {model!r}: refused to load {path}: it holds Python objects other than "
+                          f"tensors ({first}), and stadebench loads weights only with torch's safe "
+                          "loader (weights_only=True), on purpose. Convert it to safetensors where you "
+                          "trust it, or use a safetensors copy") from None
+    except Exception as exc:
+        raise ConfigError(f"model {model!r}: {path} is not a readable PyTorch weights file "
+                          f"({type(exc).__name__}: {exc}); it may be truncated: download it again") from None
 
 
 def resolve_revision(repo: str, revision: str | None) -> str | None:
@@ -170,6 +246,7 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
 
     hf_logging.disable_progress_bar()  # our own progress bars are on stderr
 
+    check_files(spec)
     source, where, common, tok_where, tok_common = _sources(spec)
     gguf = common.get("gguf_file")
     try:

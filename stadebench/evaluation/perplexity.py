@@ -59,6 +59,14 @@ class Perplexity(Evaluator):
     def unavailable(self) -> str | None:
         return self.dataset().unavailable()
 
+    def check(self) -> None:
+        """The dataset's own check."""
+        self.dataset().check()
+
+    def check_model(self, config: Any) -> None:
+        """Windows of ``seqlen`` tokens fit the model's context."""
+        check_context(config, self.options.seqlen, "seqlen")
+
     def fingerprint(self) -> str | None:
         """The evaluated dataset's fingerprint."""
         return self.dataset().fingerprint()
