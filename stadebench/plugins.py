@@ -164,7 +164,7 @@ class Plugins:
             try:
                 module = ep.load()
                 self.register(module, name=ep.name, distribution=dist, version=version)
-            except Exception as exc:  # a broken plugin is reported, never fatal
+            except (Exception, SystemExit) as exc:  # a broken plugin is reported, never fatal
                 self.info[ep.name] = PluginInfo(ep.name, dist, version, load_error=f"{type(exc).__name__}: {exc}")
 
     @property
@@ -190,7 +190,7 @@ class Plugins:
                         self.info[_plugin].registered.append(f"{_kind} {cls.name}")
                 try:
                     impl.function(register=register)
-                except Exception as exc:
+                except (Exception, SystemExit) as exc:
                     regs[kind].problems.append((impl.plugin_name, f"register_{kind}s failed: {exc!r}"))
         for reg in regs.values():
             for plugin, message in reg.problems:

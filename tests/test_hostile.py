@@ -108,3 +108,73 @@ def test_integer_knobs_out_of_range_are_refused_by_the_schema(case, tmp_path):
     path.write_text(text, encoding="utf-8")
     done, _, _ = validate(path, tmp_path)
     assert_refused(done, str(path), field)
+
+
+# --- checks that must happen before the first cell --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from tinymodel import shared_assets
+
+    return shared_assets(tmp_path_factory)
+
+
+def _text(path: str) -> dict:
+    return {"name": "text", "options": {"path": path}}
+
+
+def _perplexity(**options) -> list[dict]:
+    return [{"name": "perplexity", "options": {"dataset": "CORPUS", "seqlen": 16, "max_windows": 2, **options}}]
+
+
+# (suite changes, words of the error). "CORPUS" stands for the tiny corpus; the model's
+# context is 64 tokens and its layers are 32 and 64 wide.
+LATE_CASES = {
+    "evaluation seqlen over the context": ({"evaluations": _perplexity(seqlen=128)},
+                                           ("evaluations[0].options.seqlen=128", "context", "64")),
+    "evaluation text file misspelt": ({"evaluations": _perplexity(dataset=_text("corpsu.txt"))},
+                                      ("evaluations[0].options", "corpsu.txt", "not a file")),
+    "evaluation glob matching nothing": ({"evaluations": _perplexity(dataset=_text("texts/*.md"))},
+                                         ("evaluations[0].options", "no file matches", "texts/*.md")),
+    "calibration text file misspelt": ({"calibration": {"dataset": _text("corpsu.txt"), "n": 4, "seqlen": 16}},
+                                       ("calibration.dataset.options", "corpsu.txt")),
+    "calibration seqlen over the context": ({"calibration": {"dataset": "CORPUS", "n": 2, "seqlen": 96}},
+                                            ("calibration.seqlen=96", "context")),
+    "N:M width that does not divide a layer": ({"patterns": ["2:3"]}, ("layer", "3")),
+}
+
+
+def _late_suite(tmp_path: Path, assets: dict, change: dict) -> Path:
+    from tinymodel import suite_dict, write_suite
+
+    suite = suite_dict(assets, metrics=["wanda"], leaderboard=tmp_path / "lb")
+    corpus = {"name": "text", "options": {"path": str(assets["corpus"])}}
+    for key, value in change.items():
+        if key == "patterns":
+            suite.pop("sparsities")
+        suite[key] = _replace(value, corpus)
+    return write_suite(tmp_path / "late.yaml", suite)
+
+
+def _replace(value, corpus):
+    if value == "CORPUS":
+        return corpus
+    if isinstance(value, dict):
+        return {k: _replace(v, corpus) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace(v, corpus) for v in value]
+    return value
+
+
+@pytest.mark.parametrize("case", list(LATE_CASES))
+def test_what_would_fail_every_cell_is_refused_by_validate_and_before_the_first_cell(case, tmp_path, assets):
+    change, words = LATE_CASES[case]
+    path = _late_suite(tmp_path, assets, change)
+    done, _, _ = validate(path, tmp_path)
+    assert_refused(done, *words)
+    env = {**os.environ, "COLUMNS": "1000", "STADEBENCH_CACHE": str(tmp_path / "cache")}
+    env.pop("STADEBENCH_DEBUG", None)
+    ran = subprocess.run([EXE, "run", str(path)], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert_refused(ran, *words)
+    assert not (tmp_path / "lb").exists() or not list((tmp_path / "lb").glob("*.parquet"))

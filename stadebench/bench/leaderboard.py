@@ -222,6 +222,22 @@ def _check_version(version: str | None) -> None:
         v = str(int(v) + 1)
 
 
+_REQUIRED = ("cell_key", "status", "created_at")
+"""Columns every row written by ``write_rows`` has; a file without them is not ours."""
+
+
+def _check_required(table: pa.Table) -> pa.Table:
+    for name in _REQUIRED:
+        if name in table.column_names and table[name].null_count:
+            raise LeaderboardError(f"{table[name].null_count} row(s) have no {name!r}: not written by "
+                                   "stadebench (or damaged)")
+    if "status" in table.column_names:
+        bad = pc.invert(pc.is_in(table["status"], pa.array(STATUSES)))
+        if pc.any(bad).as_py():
+            raise LeaderboardError(f"status must be 'ok' or 'failed', not {table.filter(bad)['status'][0].as_py()!r}")
+    return table
+
+
 def _read_file(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
     """One file under the current schema (only ``columns``, if given). FileNotFoundError
     when it is gone (moved by a compaction); LeaderboardError when it is not readable."""
@@ -236,11 +252,12 @@ def _read_file(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
         _check_version(version)
         if columns is not None and version == SCHEMA_VERSION:
             wanted = pa.schema([SCHEMA.field(n) for n in columns])
-            return _conform(file.read(columns=[n for n in wanted.names if n in schema.names]), wanted)
+            return _check_required(_conform(file.read(columns=[n for n in wanted.names if n in schema.names]),
+                                            wanted))
         table = file.read()
     while version != SCHEMA_VERSION:
         table, version = _UPGRADES[version](table), str(int(version) + 1)
-    table = _conform(table)
+    table = _check_required(_conform(table))
     return table.select(list(columns)) if columns is not None else table
 
 

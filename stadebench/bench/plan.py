@@ -252,4 +252,5 @@ def make_plan(suite: Suite, folder: str | Path | None = None, *, only: list[str]
     return result
 
 
-__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "calibration_key", "make_plan", "plan", "uses_data"]
+__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "calibration_key", "make_plan", "plan",
+           "uses_data"]

@@ -133,7 +133,7 @@ def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windo
     try:
         check_files(spec)
     except ConfigError as exc:
-        raise ConfigError(f"{suite.name}: models[{suite.models.index(spec)}]: {exc}") from None
+        raise ConfigError(f"{where}: {exc}") from None
     try:
         config, tokenizer = load_config_and_tokenizer(spec)
     except Exception:  # noqa: BLE001 -- unreachable or unknown: its cells fail with the loader's message

@@ -38,7 +38,7 @@ from .cache import cache_dir
 from ..errors import ConfigError
 from ..util import atomic_write, canonical_json, digest
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: entries carry their ids' sha256
 # Consecutive too-short draws before every document of the split is measured, to
 # tell "unlucky" from "impossible". It never changes which windows are drawn.
 SCAN_AFTER = 1000
@@ -98,7 +98,7 @@ def calibration_windows(dataset: Dataset, tokenizer: Any, seqlen: int, n: int, s
     if seqlen < 1 or n < 0:
         raise ConfigError(f"calibration needs seqlen ≥ 1 and n ≥ 0, got seqlen={seqlen}, n={n}")
     key = _key("windows", dataset, tokenizer, split, seqlen=seqlen, n=n, seed=seed)
-    cached = _load(key)
+    cached = _load(key, numel=n * seqlen)
     if cached is not None:
         return cached.view(n, seqlen)
     windows = _draw(dataset, tokenizer, split, seqlen, n, seed)
@@ -146,7 +146,7 @@ def _draw(dataset: Dataset, tokenizer: Any, split: str, seqlen: int, n: int, see
 
 def _document_lengths(dataset: Dataset, tokenizer: Any, split: str, docs: Sequence[str]) -> list[int]:
     key = _key("lengths", dataset, tokenizer, split)
-    cached = _load(key)
+    cached = _load(key, numel=len(docs))
     if cached is not None:
         return cached.tolist()
     lengths = []
@@ -176,22 +176,34 @@ def _path(key: dict[str, Any]) -> Path:
     return cache_dir() / "tokens" / f"{key['kind']}-{digest(canonical_json(key), length=32)}.pt"
 
 
-def _load(key: dict[str, Any]) -> torch.Tensor | None:
+def _ids_sha(ids: torch.Tensor) -> str:
+    return hashlib.sha256(ids.to(torch.int32).contiguous().numpy().tobytes()).hexdigest()
+
+
+def _load(key: dict[str, Any], numel: int | None = None) -> torch.Tensor | None:
+    """The cached ids of ``key`` (``numel`` of them when given), or None. An entry that is
+    not a whole, matching one (truncated, edited, another key's) is rebuilt, with a warning."""
     path = _path(key)
     if not path.exists():
         return None
     try:
         blob = torch.load(path, weights_only=True)
-        if blob["key"] == canonical_json(key):
-            return blob["ids"].long()
-    except Exception:  # a damaged or foreign file is recomputed and replaced
-        pass
+        ids = blob["ids"]
+        whole = (blob["key"] == canonical_json(key) and isinstance(ids, torch.Tensor) and ids.dim() == 1
+                 and ids.dtype == torch.int32 and (numel is None or ids.numel() == numel)
+                 and blob["sha256"] == _ids_sha(ids))
+    except Exception:  # noqa: BLE001 -- not a readable torch file, or not one of ours
+        whole = False
+    if whole:
+        return ids.long()
+    warnings.warn(f"token cache file {path} is damaged or not the entry it is named for; rebuilding it",
+                  stacklevel=3)
     return None
 
 
 def _store(key: dict[str, Any], ids: torch.Tensor) -> None:
     path = _path(key)
-    blob = {"key": canonical_json(key), "ids": ids.to(torch.int32)}
+    blob = {"key": canonical_json(key), "ids": ids.to(torch.int32), "sha256": _ids_sha(ids)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(blob, f))

@@ -147,51 +147,51 @@ def check_files(spec: Any) -> None:
         return
     folder = Path(where)
     if gguf:
-        _check_gguf(folder / gguf, spec.id)
+        _check_gguf(folder / gguf)
         return
     tensors = sorted(folder.glob("*.safetensors"))
     for path in tensors:
-        _check_safetensors(path, spec.id)
+        _check_safetensors(path)
     if not tensors:  # transformers reads .bin weights only when there is no safetensors file
         for path in sorted(folder.glob("pytorch_model*.bin")):
-            _check_pickle(path, spec.id)
+            _check_pickle(path)
 
 
-def _check_gguf(path: Path, model: str) -> None:
+def _check_gguf(path: Path) -> None:
     from gguf import GGUFReader
 
     try:
         GGUFReader(path)
     except Exception as exc:  # struct, numpy and value errors alike mean "not a whole GGUF file"
-        raise ConfigError(f"model {model!r}: {path} is not a readable GGUF file ({type(exc).__name__}: "
+        raise ConfigError(f"{path} is not a readable GGUF file ({type(exc).__name__}: "
                           f"{exc}); it may be truncated: download it again") from None
 
 
-def _check_safetensors(path: Path, model: str) -> None:
+def _check_safetensors(path: Path) -> None:
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as f:
             f.keys()
     except Exception as exc:
-        raise ConfigError(f"model {model!r}: {path} is not a readable safetensors file ({exc}); it may be "
+        raise ConfigError(f"{path} is not a readable safetensors file ({exc}); it may be "
                           "truncated: download or save it again") from None
 
 
-def _check_pickle(path: Path, model: str) -> None:
+def _check_pickle(path: Path) -> None:
     import pickle
     import zipfile
 
     try:  # only the zip format can be memory-mapped; legacy pickles are read whole
         torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"model {model!r}: refused to load {path}: it holds Python objects other than "
-                          f"tensors ({first}), and stadebench loads weights only with torch's safe "
-                          "loader (weights_only=True), on purpose. Convert it to safetensors where you "
-                          "trust it, or use a safetensors copy") from None
+        found = re.search(r"GLOBAL ([\w.]+)", str(exc))  # torch names the first class it refused
+        what = f"an object of class {found[1]}" if found else "Python objects other than tensors"
+        raise ConfigError(f"refused to load {path}: it holds {what}, and stadebench loads weights only "
+                          "with torch's safe loader (weights_only=True), on purpose. Convert it to "
+                          "safetensors where you trust its source, or use a safetensors copy") from None
     except Exception as exc:
-        raise ConfigError(f"model {model!r}: {path} is not a readable PyTorch weights file "
+        raise ConfigError(f"{path} is not a readable PyTorch weights file "
                           f"({type(exc).__name__}: {exc}); it may be truncated: download it again") from None
 
 
@@ -246,7 +246,10 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
 
     hf_logging.disable_progress_bar()  # our own progress bars are on stderr
 
-    check_files(spec)
+    try:
+        check_files(spec)
+    except ConfigError as exc:
+        raise ConfigError(f"model {spec.id!r}: {exc}") from None
     source, where, common, tok_where, tok_common = _sources(spec)
     gguf = common.get("gguf_file")
     try:

@@ -1,0 +1,83 @@
+"""A plugin that misbehaves on purpose, installed for the fault tests as a real
+distribution (``stadebench-hostile``, found through its dist-info on PYTHONPATH).
+
+Each item fails one way a third-party plugin can: leaving the process, raising
+KeyboardInterrupt with no Ctrl-C behind it, returning what a row cannot store, or
+printing markup and terminal escapes in its error.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import stadebench
+
+
+class ExitZero(stadebench.Metric):
+    """Calls sys.exit(0) while scoring."""
+
+    name = "exit-zero"
+
+    def score(self, weight, stats):
+        sys.exit(0)
+
+
+class FakeInterrupt(stadebench.Metric):
+    """Raises KeyboardInterrupt while scoring, though nobody pressed Ctrl-C."""
+
+    name = "fake-interrupt"
+
+    def score(self, weight, stats):
+        raise KeyboardInterrupt
+
+
+class Slow(stadebench.Metric):
+    """Writes a marker file, then sleeps in the score: a real Ctrl-C lands in plugin code."""
+
+    name = "slow"
+
+    def score(self, weight, stats):
+        open(os.environ["HOSTILE_MARKER"], "w").close()
+        time.sleep(60)
+        return weight.abs()
+
+
+class SetDetails(stadebench.Evaluator):
+    """Returns a score whose details hold a set (not JSON)."""
+
+    name = "set-details"
+
+    def evaluate(self, model, tokenizer, device=None):
+        return [stadebench.Score(task="t", name="s", value=1.0, details={"seen": {1, 2}})]
+
+
+class TextValue(stadebench.Evaluator):
+    """Returns a score whose value is text."""
+
+    name = "text-value"
+
+    def evaluate(self, model, tokenizer, device=None):
+        return [stadebench.Score(task="t", name="s", value="high")]
+
+
+class Shouting(stadebench.Evaluator):
+    """Raises an error whose text holds rich markup and terminal escapes."""
+
+    name = "shouting"
+
+    def evaluate(self, model, tokenizer, device=None):
+        raise ValueError("[/] [bold]closed\x1b]0;owned\x07\x1b[2J\x9b31m")
+
+
+@stadebench.hookimpl
+def register_metrics(register):
+    for cls in (ExitZero, FakeInterrupt, Slow):
+        register(cls)
+
+
+@stadebench.hookimpl
+def register_evaluators(register):
+    for cls in (SetDetails, TextValue, Shouting):
+        register(cls)
