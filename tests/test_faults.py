@@ -324,6 +324,16 @@ def test_an_evaluator_returning_what_a_row_cannot_hold_fails_the_cell_not_the_ru
     assert all(f"evaluator {evaluator!r}" in e and words in e for e in errors.values()), errors
 
 
+def test_a_dataset_that_raises_fails_the_cells_that_read_it_and_the_others_finish(world):
+    suite = world.suite("bad-data.yaml", metrics=["magnitude", "wanda"], leaderboard=world.boards / "bad-data",
+                        calibration={"dataset": "broken-text", "n": 4, "seqlen": 16})
+    done = world.run("run", suite, "--no-show")
+    world.check(done, 1, error_line=False)
+    assert failed_cells(world.boards / "bad-data") == {
+        "wanda": "dataset 'broken-text' (stadebench-hostile 1.0): RuntimeError: disk on fire"}
+    assert ok_metrics(world.boards / "bad-data") == {"dense", "magnitude"}
+
+
 def test_a_plugin_that_exits_on_import_is_reported_and_the_others_work(world):
     listed = world.run("plugins")
     world.check(listed, 0, error_line=False)

@@ -17,6 +17,7 @@ from typing import Any
 
 from ..base import Evaluator, Metric, Pattern
 from ..data.loading import ModelIdentity, identify
+from ..errors import PluginError, StadebenchError
 from .record import Row
 from .suite import CalibrationSpec, Cell, DatasetSpec, EvaluationSpec, ModelSpec, Suite, expand, select
 
@@ -162,7 +163,15 @@ Fingerprints = Callable[[DatasetSpec | EvaluationSpec], str | None]
 
 
 def _fingerprint(spec: DatasetSpec | EvaluationSpec) -> str | None:
-    return spec.resolved.instance.fingerprint()
+    try:
+        return spec.resolved.instance.fingerprint()
+    except StadebenchError:
+        raise
+    except Exception as exc:  # plugin code: say whose
+        kind = "dataset" if isinstance(spec, DatasetSpec) else "evaluator"
+        r = spec.resolved
+        raise PluginError(f"{kind} {spec.name!r} ({r.distribution} {r.distribution_version or ''}".rstrip()
+                          + f"): fingerprint() raised {type(exc).__name__}: {exc}") from None
 
 
 def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, done: set[str],

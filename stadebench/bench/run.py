@@ -26,7 +26,7 @@ import torch
 from ..core.models import check_context, iter_layers, text_config, weight_of
 from ..data.calibration import calibration_windows
 from ..data.loading import check_files, load_config_and_tokenizer, on_this_machine
-from ..errors import ConfigError
+from ..errors import ConfigError, PluginError
 from ..util import canonical_json, package_version
 from ..version import __version__
 from . import leaderboard
@@ -148,6 +148,9 @@ def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windo
             evaluation.resolved.instance.check_model(config)
         except ConfigError as exc:
             raise ConfigError(f"{where}: evaluations[{i}].options.{exc}") from None
+        except Exception as exc:  # plugin code: say whose
+            raise PluginError(f"{where}: evaluator {evaluation.name!r} ({evaluation.resolved.distribution}): "
+                              f"check_model() raised {type(exc).__name__}: {exc}") from None
     calibrations = {calibration_key(c.calibration): c.calibration for c in cells if uses_data(c)}
     for key, c in calibrations.items():
         check_context(config, c.seqlen, f"{where}: calibration.seqlen")
@@ -155,6 +158,8 @@ def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windo
             cut = calibration_windows(c.dataset.resolved.instance, tokenizer, c.seqlen, c.n, c.seed)
         except ConfigError as exc:
             raise ConfigError(f"{where}: calibration: {exc}") from None
+        except Exception:  # noqa: BLE001 -- dataset plugin code: its cells fail, naming it
+            continue
         if windows is not None:
             windows[spec.model_dump_json(), key] = cut
 

@@ -298,13 +298,15 @@ def _culprit(exc: BaseException, cell: PlannedCell) -> str | None:
              *[("evaluator", p.spec.name, p.spec.resolved) for p in cell.pending],
              ("dataset", cell.calibration.dataset.name, cell.calibration.dataset.resolved) if cell.calibration
              else None]
-    modules = {type(r.instance).__module__: (kind, name, r) for kind, name, r in filter(None, parts) if r}
-    for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__))):
-        hit = modules.get(frame.f_globals.get("__name__"))
-        if hit:
-            kind, name, r = hit
-            return f"{kind} {name!r} ({r.distribution} {r.distribution_version or ''}".rstrip() + ")"
-    return None
+    parts = [p for p in parts if p and p[2]]
+    frames = [frame for frame, _ in reversed(list(traceback.walk_tb(exc.__traceback__)))]
+    # the innermost frame of a part's own object, else of its module (one module may hold several)
+    hit = next((p for f in frames for p in parts if f.f_locals.get("self") is p[2].instance), None) or next(
+        (p for f in frames for p in parts if f.f_globals.get("__name__") == type(p[2].instance).__module__), None)
+    if hit is None:
+        return None
+    kind, name, r = hit
+    return f"{kind} {name!r} ({r.distribution} {r.distribution_version or ''}".rstrip() + ")"
 
 
 def describe(exc: BaseException, cell: PlannedCell | None = None) -> str:

@@ -81,3 +81,17 @@ def register_metrics(register):
 def register_evaluators(register):
     for cls in (SetDetails, TextValue, Shouting):
         register(cls)
+
+
+class BrokenText(stadebench.Dataset):
+    """A dataset whose documents cannot be read."""
+
+    name = "broken-text"
+
+    def documents(self, split):
+        raise RuntimeError("disk on fire")
+
+
+@stadebench.hookimpl
+def register_datasets(register):
+    register(BrokenText)
