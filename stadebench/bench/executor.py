@@ -14,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import ConfigError
 from .plan import Plan, PlannedCell
 from .session import CellResult, ModelSession, Windows, describe
 
@@ -75,4 +76,21 @@ class LocalExecutor:
             del session
 
 
-__all__ = ["Events", "Executor", "LocalExecutor"]
+EXECUTORS = ("local", "ray")
+
+
+def executor_named(name: str, address: str | None = None, **options) -> Executor:
+    """The executor ``name`` (``local`` or ``ray``); ``address`` and options go to Ray."""
+    if name == "local":
+        if address or options:
+            raise ConfigError("--address and --workers are for the Ray executor; add --executor ray")
+        return LocalExecutor()
+    if name == "ray":
+        from .ray_executor import RayExecutor, import_ray
+
+        import_ray()  # say what to install before anything runs
+        return RayExecutor(address, **options)
+    raise ConfigError(f"unknown executor {name!r}; use one of {', '.join(EXECUTORS)}")
+
+
+__all__ = ["EXECUTORS", "Events", "Executor", "LocalExecutor", "executor_named"]

@@ -112,9 +112,7 @@ class ModelSession:
                       for layer in self.layers]
         self.flags = {k: v for k, v in vars(self.model.config).items() if k.endswith("_bias")}
         self.dirty = False
-        self.groups = self._affordable(model_plan.groups)
-        self.users = {key: group.cells for key, group in self.groups.items()}
-        self.shared: dict[str, CalibrationStatistics | StadebenchError] = {}
+        self.replan(model_plan)
         self.seconds["load"] += time.perf_counter() - t0
 
     def _affordable(self, groups: dict[str, SharingGroup]) -> dict[str, SharingGroup]:
@@ -131,6 +129,14 @@ class ModelSession:
         self.sharing = {id(c): key for key, cells in members.items() for c in cells}
         return {key: SharingGroup(groups[key].calibration, frozenset().union(*(c.metric.statistics for c in cells)),
                                   len(cells)) for key, cells in members.items()}
+
+    def replan(self, model_plan: ModelPlan) -> None:
+        """Serve the cells of another plan of the same model; the loaded weights stay."""
+        self.restore()
+        self.plan = model_plan
+        self.groups = self._affordable(model_plan.groups)
+        self.users = {key: group.cells for key, group in self.groups.items()}
+        self.shared: dict[str, CalibrationStatistics | StadebenchError] = {}
 
     def restore(self) -> None:
         """Put the dense weights back (and drop biases that pruning added)."""

@@ -131,6 +131,8 @@ class ModelSpec(_Spec):
     trust_remote_code: bool = Field(False, description="Allow running model code from the Hub.")
     gguf_file: str | None = Field(None, description="GGUF file inside `id` to load weights from.")
     tokenizer: str | None = Field(None, description="Tokenizer id or path (default: `id`).")
+    num_gpus: float | None = Field(None, ge=0, le=64, description="GPUs a Ray worker holding this model "
+                                   "reserves (default 1 on CUDA, 0 on CPU); the local executor ignores it.")
 
     @field_validator("id")
     @classmethod

@@ -85,9 +85,16 @@ def run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells that would run; run nothing.")] = False,
     leaderboard: Annotated[Path | None, typer.Option(help="Results folder (default: the suite's).")] = None,
     show: Annotated[bool, typer.Option("--show/--no-show", help="Print the leaderboard at the end.")] = True,
+    executor: Annotated[str, typer.Option(
+        envvar="STADEBENCH_EXECUTOR", help="Where cells run: local (this process) or ray (actors on a Ray "
+                                           "cluster; pip install 'stadebench[ray]').")] = "local",
+    address: Annotated[str | None, typer.Option(
+        envvar="RAY_ADDRESS", help="Ray cluster to join (default: start a local Ray instance).")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="Ray executor: at most this many actors (default: as many as the resources hold).")] = None,
 ) -> None:
     """Run a suite: prune and evaluate every cell not yet in the leaderboard."""
-    _run(suite, only or [], force, dry_run, leaderboard, show)
+    _run(suite, only or [], force, dry_run, leaderboard, show, executor, address, workers)
 
 
 def _dry_run(suite, folder: Path | None, only: list[str], force: bool) -> None:
@@ -115,18 +122,21 @@ def _interrupted(folder: Path, run_id: str) -> typer.Exit:
 
 
 @handle_errors
-def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool) -> None:
+def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool,
+         executor: str = "local", address: str | None = None, workers: int | None = None) -> None:
+    from ..bench.executor import executor_named
     from ..bench.run import new_run_id, run_suite
 
     os.environ.setdefault("TQDM_DISABLE", "1")  # lm-eval's and datasets' bars; ours are on stderr
     suite = _load(path)
     if dry_run:
         return _dry_run(suite, folder, only, force)
+    runner = executor_named(executor, address, **({"actors": workers} if workers else {}))
     folder, run_id = Path(folder or suite.leaderboard), new_run_id()
     with _Reporter(progress_enabled()) as reporter:
         try:
             summary = run_suite(suite, only=only, force=force, events=reporter, leaderboard_dir=folder,
-                                run_id=run_id)
+                                run_id=run_id, executor=runner)
         except KeyboardInterrupt:
             raise _interrupted(folder, run_id) from None
     s = summary.seconds

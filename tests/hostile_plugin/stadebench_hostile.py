@@ -3,7 +3,8 @@ distribution (``stadebench-hostile``, found through its dist-info on PYTHONPATH)
 
 Each item fails one way a third-party plugin can: leaving the process, raising
 KeyboardInterrupt with no Ctrl-C behind it, returning what a row cannot store, or
-printing markup and terminal escapes in its error.
+printing markup and terminal escapes in its error, or killing its own process (for the
+Ray executor's retries).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class Shouting(stadebench.Evaluator):
 
 @stadebench.hookimpl
 def register_metrics(register):
-    for cls in (ExitZero, FakeInterrupt, Slow):
+    for cls in (ExitZero, FakeInterrupt, Slow, DieOnce, DieAlways, Boom):
         register(cls)
 
 
@@ -95,3 +96,34 @@ class BrokenText(stadebench.Dataset):
 @stadebench.hookimpl
 def register_datasets(register):
     register(BrokenText)
+
+
+class DieOnce(stadebench.Metric):
+    """Kills its own process the first time it scores (as the OOM killer would), then works."""
+
+    name = "die-once"
+
+    def score(self, weight, stats):
+        try:  # only the first process to get here creates the marker, and dies
+            os.close(os.open(os.environ["HOSTILE_MARKER"] + ".died", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            return weight.abs()
+        os._exit(137)
+
+
+class DieAlways(stadebench.Metric):
+    """Kills its own process every time it scores."""
+
+    name = "die-always"
+
+    def score(self, weight, stats):
+        os._exit(137)
+
+
+class Boom(stadebench.Metric):
+    """Raises an ordinary error while scoring."""
+
+    name = "boom"
+
+    def score(self, weight, stats):
+        raise RuntimeError("boom in the score")

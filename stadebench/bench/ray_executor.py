@@ -1,0 +1,278 @@
+"""Run a plan on Ray: actors that each hold one model session.
+
+A model's cells are cut into units: the one-shot cells that share statistics stay in one
+unit, the rest are spread so that a model with more free slots than models is split over
+several actors. An actor loads a unit's model once (and keeps it for the next unit of
+the same model), restores the dense weights in memory between cells as the local
+executor does, and returns one ``CellResult`` per call; only the driver writes the
+leaderboard, so workers need no shared file system.
+
+What travels: the planned cells (specs, plugin instances, row templates) and the
+calibration windows the preflight cut (once, through the object store). Evaluation
+token streams are rebuilt on the worker: deterministic, and cached on each node.
+
+An actor that dies (out of memory, a lost node, ``ray.kill``) has its unfinished cells
+retried on a fresh actor, up to ``max_retries`` times, then recorded as failed with the
+reason; the other actors go on. On any exit, Ctrl-C included, the driver kills its
+actors, and shuts Ray down if it started it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from .executor import Events
+from .plan import ModelPlan, Plan, PlannedCell
+from .session import CellResult, ModelSession, Windows, describe
+
+ADDRESS_ENV = "RAY_ADDRESS"
+
+
+def import_ray():
+    """The ``ray`` module, or a ConfigError saying how to install it."""
+    try:
+        import ray
+    except ImportError:
+        raise ConfigError("the Ray executor needs Ray: pip install 'stadebench[ray]' "
+                          "(or run without --executor ray)") from None
+    return ray
+
+
+@dataclass
+class Unit:
+    """Cells of one model that one actor runs in order; ``attempts`` counts actor deaths."""
+
+    model: ModelPlan
+    attempts: int = 0
+
+
+def units(plan: Plan, slots: int) -> list[Unit]:
+    """Cut each model's cells into units: a sharing group is one atom, every other cell
+    its own; a model gets ``max(1, slots // models)`` units, atoms dealt out by cost so
+    the units of a model take about equally long."""
+    per_model = max(1, slots // max(1, len(plan.models)))
+    out = []
+    for model in plan.models:
+        atoms: dict[str, list[PlannedCell]] = {}
+        for i, c in enumerate(model.cells):
+            atoms.setdefault(c.group or f"cell {i}", []).append(c)
+        bins: list[list[PlannedCell]] = [[] for _ in range(min(per_model, len(atoms)))]
+        loads = [0.0] * len(bins)
+        for atom in sorted(atoms.values(), key=lambda a: -sum(1.0 + c.cost for c in a)):
+            k = loads.index(min(loads))
+            bins[k] += atom
+            loads[k] += sum(1.0 + c.cost for c in atom)
+        order = {id(c): i for i, c in enumerate(model.cells)}
+        for cells in bins:
+            cells.sort(key=lambda c: order[id(c)])  # the plan's order inside a unit
+            out.append(Unit(_subplan(model, cells)))
+    return out
+
+
+class Worker:
+    """A Ray actor's state: one model session at a time."""
+
+    def __init__(self, device_type: str, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = torch.device(device_type)  # Ray makes the actor's GPUs cuda:0, cuda:1, ...
+        self.session: ModelSession | None = None
+        self.held: str | None = None
+
+    def load(self, model: ModelPlan, windows: Windows) -> dict[str, Any]:
+        """Hold ``model``'s session: loaded, or re-planned when this actor holds it already."""
+        key = model.spec.model_dump_json()
+        t0 = time.perf_counter()
+        if self.session is not None and self.held == key:
+            self.session.replan(model)
+            load = 0.0
+        else:
+            self.session = None  # free the previous model first
+            self.session = ModelSession(model, self.device, windows)
+            self.held, load = key, self.session.seconds["load"]
+        return {"load": load, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
+                "node": _node_id()}
+
+    def run(self, index: int) -> CellResult:
+        """Run cell ``index`` of the held plan."""
+        return self.session.run(self.session.plan.cells[index])
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # noqa: BLE001 -- only a label for progress notes
+        return None
+
+
+class RayExecutor:
+    """Cells on Ray actors; see the module docstring.
+
+    Args:
+        address: a running cluster (``ray://…`` or ``host:port``; default ``$RAY_ADDRESS``);
+            None starts a local Ray instance for this run.
+        actors: how many actors at most (default: as many as the cluster's resources hold).
+        num_gpus: GPUs per actor when a model does not say (default 1 on CUDA, else 0).
+        num_cpus: CPUs per actor (and torch threads in it); default 1.
+        max_retries: fresh actors a unit gets after its actor died.
+        init: extra ``ray.init`` arguments for a local instance (e.g. ``num_cpus=2``).
+    """
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, *, actors: int | None = None, num_gpus: float | None = None,
+                 num_cpus: float = 1, max_retries: int = 2, init: dict[str, Any] | None = None):
+        self.address = address or os.environ.get(ADDRESS_ENV) or None
+        self.actors, self.num_gpus, self.num_cpus = actors, num_gpus, num_cpus
+        self.max_retries, self.init = max_retries, dict(init or {})
+        self.last: dict[str, Any] = {}
+        """What the last run did: actors started, actor deaths, seconds to start Ray."""
+
+    def _gpus(self, model: ModelPlan, device: torch.device) -> float:
+        if model.spec.num_gpus is not None:
+            return model.spec.num_gpus
+        if self.num_gpus is not None:
+            return self.num_gpus
+        return 1.0 if device.type == "cuda" else 0.0
+
+    def _slots(self, ray, plan: Plan, device: torch.device) -> int:
+        total = ray.cluster_resources()
+        cpus = int(total.get("CPU", 1) // self.num_cpus) if self.num_cpus else len(plan.todo)
+        gpus = min((self._gpus(m, device) for m in plan.models), default=0.0)
+        slots = min(cpus, int(total.get("GPU", 0) // gpus)) if gpus else cpus
+        if self.actors:
+            slots = min(slots, self.actors)
+        return max(1, slots)
+
+    def run(self, plan: Plan, device: torch.device, windows: Windows, events: Events) -> Iterator[CellResult]:
+        """Run every cell of ``plan`` on actors; results arrive in completion order."""
+        ray = import_ray()
+        t0 = time.perf_counter()
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, **self.init)
+        self.last = {"start_seconds": time.perf_counter() - t0, "actors": 0, "deaths": 0}
+        actor_class = ray.remote(Worker)
+        live: list[Any] = []
+        try:
+            yield from self._schedule(ray, actor_class, live, plan, device, windows, events)
+        finally:
+            for actor in live:
+                ray.kill(actor)
+            if started:
+                ray.shutdown()
+
+    def _schedule(self, ray, actor_class, live: list, plan: Plan, device: torch.device, windows: Windows,
+                  events: Events) -> Iterator[CellResult]:
+        total, index, slots = len(plan.todo), 0, self._slots(ray, plan, device)
+        queue = deque(units(plan, slots))
+        windows_ref = ray.put(windows)  # once, whatever the number of actors
+        inflight: dict[Any, tuple[_Running, int]] = {}  # ref -> (unit on its actor, cell index; -1: load)
+        idle: list[tuple[Any, str, str | None]] = []  # (actor, its name, the model spec it holds)
+
+        def dispatch() -> None:
+            while queue and (idle or len(live) < slots):
+                unit = queue.popleft()
+                key = unit.model.spec.model_dump_json()
+                held = next((a for a in idle if a[2] == key), idle[0] if idle else None)
+                if held is not None:
+                    idle.remove(held)
+                    actor, name = held[0], held[1]
+                else:
+                    gpus = self._gpus(unit.model, device)
+                    actor = actor_class.options(num_cpus=self.num_cpus, num_gpus=gpus).remote(
+                        device.type, max(1, int(self.num_cpus)))
+                    live.append(actor)
+                    self.last["actors"] += 1
+                    name = f"worker {self.last['actors']}"
+                events.note(f"{name}: {unit.model.spec.id}, {len(unit.model.cells)} cell(s)"
+                            + (f" (retry {unit.attempts})" if unit.attempts else ""))
+                run = _Running(actor, name, unit, set(range(len(unit.model.cells))))
+                inflight[actor.load.remote(unit.model, windows_ref)] = (run, -1)
+                for i in run.left:  # an actor runs its calls in order
+                    inflight[actor.run.remote(i)] = (run, i)
+
+        def drop(run: _Running) -> list[PlannedCell]:
+            for ref in [r for r, (other, _) in inflight.items() if other is run]:
+                del inflight[ref]
+            return [run.unit.model.cells[i] for i in sorted(run.left)]
+
+        dispatch()
+        while inflight:
+            [ref], _ = ray.wait(list(inflight), num_returns=1)
+            run, i = inflight.pop(ref)
+            try:
+                value = ray.get(ref)
+            except ray.exceptions.RayActorError as exc:  # the actor died: every call it held fails alike
+                live.remove(run.actor)
+                self.last["deaths"] += 1
+                cells, unit = drop(run), run.unit
+                reason = _first_line(str(exc))
+                # calls run in order: the first unfinished cell was running (or, before the load
+                # returned, the load was); only that one is blamed, the others go on unblamed
+                blamed, spared = (cells, []) if not run.loaded else (cells[:1], cells[1:])
+                events.note(f"{run.name} died ({reason}); {len(cells)} unfinished cell(s) go to fresh workers")
+                if spared:
+                    queue.appendleft(Unit(_subplan(unit.model, spared), unit.attempts))
+                if unit.attempts < self.max_retries:
+                    queue.appendleft(Unit(_subplan(unit.model, blamed), unit.attempts + 1))
+                else:
+                    for cell in blamed:
+                        index += 1
+                        events.cell_start(cell, index, total)
+                        yield CellResult(cell, error=f"the Ray worker died {unit.attempts + 1} time(s) running "
+                                                     f"this cell; last: {reason}")
+            except ray.exceptions.RayTaskError as exc:  # loading failed (a cell never raises): its cells fail
+                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+                for cell in drop(run):
+                    index += 1
+                    events.cell_start(cell, index, total)
+                    yield CellResult(cell, error=describe(cause))
+                idle.append((run.actor, run.name, None))
+            else:
+                if i < 0:
+                    run.load, run.loaded = value["load"], True
+                    if value["load"]:
+                        events.note(f"{run.name}: loaded {run.unit.model.spec.id} in {value['load']:.1f} s")
+                else:
+                    run.left.discard(i)
+                    index += 1
+                    events.cell_start(value.cell, index, total)
+                    value.seconds["load"], run.load = run.load, 0.0
+                    yield value
+                    if not run.left:
+                        idle.append((run.actor, run.name, run.unit.model.spec.model_dump_json()))
+            dispatch()
+
+
+@dataclass
+class _Running:
+    actor: Any
+    name: str
+    unit: Unit
+    left: set[int]
+    load: float = 0.0
+    loaded: bool = False
+
+
+def _subplan(model: ModelPlan, cells: list[PlannedCell]) -> ModelPlan:
+    groups = {key: g for key, g in model.groups.items() if any(c.group == key for c in cells)}
+    return ModelPlan(model.spec, model.identity, cells, groups)
+
+
+def _first_line(text: str) -> str:
+    return text.strip().splitlines()[0] if text.strip() else "no reason given"
+
+
+__all__ = ["RayExecutor", "Unit", "Worker", "import_ray", "units"]
