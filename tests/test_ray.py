@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ import ray
 
 from stadebench.bench import leaderboard as lb
 from stadebench.bench.plan import make_plan
-from stadebench.bench.ray_executor import RayExecutor, units
+from stadebench.bench.ray_executor import RayExecutor, pick, simulate, units
 from stadebench.bench.run import run_suite
 from stadebench.bench.suite import load_suite
 from stadebench.plugins import get_plugins, reset_plugins
@@ -97,16 +97,31 @@ def test_the_grid_gives_the_local_executors_keys_and_values(cluster, assets, tmp
     assert {r["executor"] for r in lb.read(tmp_path / "ray").to_pylist()} == {"ray"}
 
 
-def test_units_keep_sharing_groups_together_and_spread_a_model_over_free_slots(assets, tmp_path):
-    suite = grid(tmp_path, assets, metrics=("magnitude", "wanda", "stade", "stade-w"))
-    plan = make_plan(suite, tmp_path / "lb")
-    for slots, per_model in ((1, 1), (2, 1), (4, 2), (8, 3)):  # a model has 3 atoms: dense, magnitude, the group
-        cut = units(plan, slots)
-        assert Counter(u.model.spec.id for u in cut) == {m.spec.id: per_model for m in plan.models}
-        for u in cut:
-            groups = {c.group for c in u.model.cells if c.group}
-            assert all(sum(c.group == g for c in u.model.cells) == 3 for g in groups)  # never split
-        assert sorted(c.cell.label for u in cut for c in u.model.cells) == sorted(c.cell.label for c in plan.todo)
+def test_units_keep_sharing_groups_together_and_cover_every_cell(assets, tmp_path):
+    plan = make_plan(grid(tmp_path, assets, metrics=("magnitude", "wanda", "stade", "stade-w")), tmp_path / "lb")
+    queues = units(plan)
+    assert [len(q) for q in queues.values()] == [3, 3]  # dense, magnitude, the one-shot group of three
+    for q in queues.values():
+        for u in q:
+            groups = {c.group for c in u.model.cells}
+            assert len(groups) == 1 and (len(u.model.cells) == 3) == (None not in groups)
+    assert sorted(c.cell.label for q in queues.values() for u in q for c in u.model.cells) == sorted(
+        c.cell.label for c in plan.todo)
+
+
+def test_an_idle_actor_keeps_its_model_then_helps_the_model_with_most_work_per_actor(assets, tmp_path):
+    queues = {"a": deque([1]), "b": deque([1, 2, 3, 4]), "c": deque([1, 2, 3])}
+    assert pick(queues, "a", Counter()) == "a"
+    assert pick(queues, None, Counter({"b": 3, "c": 0})) == "c"  # 4/4 < 3/1
+    assert pick({"a": deque()}, "a", Counter()) is None
+
+
+def test_the_simulated_schedule_spreads_two_models_over_four_slots(assets, tmp_path):
+    plan = make_plan(grid(tmp_path, assets, metrics=("magnitude", "random")), tmp_path / "lb")  # 3 cells each
+    one = simulate(plan, 1, lambda c: 10.0, lambda m: 1.0)
+    assert one == {"makespan": 62.0, "cell_seconds": 60.0, "load_seconds": 2.0, "efficiency": 60 / 62}
+    four = simulate(plan, 4, lambda c: 10.0, lambda m: 1.0)
+    assert four["makespan"] == 21.0 and four["load_seconds"] == 4.0  # 6 cells, 4 actors: two rounds
 
 
 def test_an_actor_killed_mid_cell_is_retried_and_the_grid_completes(cluster, assets, tmp_path):

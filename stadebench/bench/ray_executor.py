@@ -1,9 +1,11 @@
 """Run a plan on Ray: actors that each hold one model session.
 
-A model's cells are cut into units: the one-shot cells that share statistics stay in one
-unit, the rest are spread so that a model with more free slots than models is split over
-several actors. An actor loads a unit's model once (and keeps it for the next unit of
-the same model), restores the dense weights in memory between cells as the local
+A model's cells are cut into units: the one-shot cells that share statistics form one
+unit, every other cell is its own. An idle actor takes the next unit of the model it
+holds, and when that model has none left, a unit of the model with the most units left
+per actor (so more GPUs than models spread a model over several actors, and actors
+whose model is done help with the longest one). An actor loads a model once and keeps
+it for the next unit of the same model, restores the dense weights in memory between cells as the local
 executor does, and returns one ``CellResult`` per call; only the driver writes the
 leaderboard, so workers need no shared file system.
 
@@ -21,8 +23,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections import deque
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,33 +50,55 @@ def import_ray():
 
 @dataclass
 class Unit:
-    """Cells of one model that one actor runs in order; ``attempts`` counts actor deaths."""
+    """Cells of one model that one actor runs in order: a sharing group, or one cell.
+    ``attempts`` counts the actor deaths it has been blamed for."""
 
     model: ModelPlan
     attempts: int = 0
 
 
-def units(plan: Plan, slots: int) -> list[Unit]:
-    """Cut each model's cells into units: a sharing group is one atom, every other cell
-    its own; a model gets ``max(1, slots // models)`` units, atoms dealt out by cost so
-    the units of a model take about equally long."""
-    per_model = max(1, slots // max(1, len(plan.models)))
-    out = []
+def units(plan: Plan) -> dict[str, deque[Unit]]:
+    """Each model's units in plan order, by model spec JSON: the one-shot cells that share
+    statistics form one unit (they must meet on one actor), every other cell is its own."""
+    out: dict[str, deque[Unit]] = {}
     for model in plan.models:
         atoms: dict[str, list[PlannedCell]] = {}
         for i, c in enumerate(model.cells):
             atoms.setdefault(c.group or f"cell {i}", []).append(c)
-        bins: list[list[PlannedCell]] = [[] for _ in range(min(per_model, len(atoms)))]
-        loads = [0.0] * len(bins)
-        for atom in sorted(atoms.values(), key=lambda a: -sum(1.0 + c.cost for c in a)):
-            k = loads.index(min(loads))
-            bins[k] += atom
-            loads[k] += sum(1.0 + c.cost for c in atom)
-        order = {id(c): i for i, c in enumerate(model.cells)}
-        for cells in bins:
-            cells.sort(key=lambda c: order[id(c)])  # the plan's order inside a unit
-            out.append(Unit(_subplan(model, cells)))
+        out[model.spec.model_dump_json()] = deque(Unit(_subplan(model, cells)) for cells in atoms.values())
     return out
+
+
+def pick(queues: dict[str, deque[Unit]], held: str | None, holders: Counter) -> str | None:
+    """The model whose next unit an idle actor takes: the one it holds while that has work
+    (no reload), else the one with the most units left per actor holding it."""
+    if held is not None and queues.get(held):
+        return held
+    left = [(len(q) / (1 + holders[key]), key) for key, q in queues.items() if q]
+    return max(left)[1] if left else None
+
+
+def simulate(plan: Plan, slots: int, cell_seconds: Callable[[PlannedCell], float],
+             load_seconds: Callable[[ModelPlan], float], actor_start: float = 0.0) -> dict[str, float]:
+    """The schedule this executor makes of ``plan`` on ``slots`` actors, given each cell's
+    cost and each model's load time (e.g. from a leaderboard's recorded seconds): the
+    actor free first takes the next unit that ``pick`` gives it, loading when it changes
+    model. Returns the makespan, the summed cell seconds, the loads, and the efficiency:
+    cell seconds over slots × makespan."""
+    queues = units(plan)
+    free, held = [actor_start] * max(1, slots), [None] * max(1, slots)
+    work = loads = 0.0
+    while any(queues.values()):
+        k = free.index(min(free))
+        key = pick(queues, held[k], Counter(h for i, h in enumerate(held) if i != k))
+        unit = queues[key].popleft()
+        cells = sum(cell_seconds(c) for c in unit.model.cells)
+        load = load_seconds(unit.model) if held[k] != key else 0.0
+        free[k] += cells + load
+        held[k], work, loads = key, work + cells, loads + load
+    makespan = max(free)
+    return {"makespan": makespan, "cell_seconds": work, "load_seconds": loads,
+            "efficiency": work / (len(free) * makespan) if makespan else 1.0}
 
 
 class Worker:
@@ -176,32 +200,41 @@ class RayExecutor:
     def _schedule(self, ray, actor_class, live: list, plan: Plan, device: torch.device, windows: Windows,
                   events: Events) -> Iterator[CellResult]:
         total, index, slots = len(plan.todo), 0, self._slots(ray, plan, device)
-        queue = deque(units(plan, slots))
+        queues = units(plan)
         windows_ref = ray.put(windows)  # once, whatever the number of actors
         inflight: dict[Any, tuple[_Running, int]] = {}  # ref -> (unit on its actor, cell index; -1: load)
-        idle: list[tuple[Any, str, str | None]] = []  # (actor, its name, the model spec it holds)
+        idle: dict[Any, tuple[str, str | None]] = {}  # actor -> (its name, the model spec it holds)
+        holding: dict[Any, str] = {}  # every live actor -> the model it holds or loads
+        needs = {m.spec.model_dump_json(): self._gpus(m, device) for m in plan.models}
+        gpus_of: dict[Any, float] = {}  # an actor only takes models that need what it reserved
+
+        def fits(actor: Any | None) -> dict[str, deque[Unit]]:
+            return {k: q for k, q in queues.items() if actor is None or needs[k] == gpus_of[actor]}
+
+        def give(actor: Any, name: str, key: str) -> None:
+            unit = queues[key].popleft()
+            holding[actor] = key
+            events.note(f"{name}: {unit.model.spec.id}, {len(unit.model.cells)} cell(s)"
+                        + (f" (retry {unit.attempts})" if unit.attempts else ""))
+            run = _Running(actor, name, unit, set(range(len(unit.model.cells))))
+            inflight[actor.load.remote(unit.model, windows_ref)] = (run, -1)
+            for i in sorted(run.left):  # an actor runs its calls in order
+                inflight[actor.run.remote(i)] = (run, i)
 
         def dispatch() -> None:
-            while queue and (idle or len(live) < slots):
-                unit = queue.popleft()
-                key = unit.model.spec.model_dump_json()
-                held = next((a for a in idle if a[2] == key), idle[0] if idle else None)
-                if held is not None:
-                    idle.remove(held)
-                    actor, name = held[0], held[1]
-                else:
-                    gpus = self._gpus(unit.model, device)
-                    actor = actor_class.options(num_cpus=self.num_cpus, num_gpus=gpus).remote(
-                        device.type, max(1, int(self.num_cpus)))
-                    live.append(actor)
-                    self.last["actors"] += 1
-                    name = f"worker {self.last['actors']}"
-                events.note(f"{name}: {unit.model.spec.id}, {len(unit.model.cells)} cell(s)"
-                            + (f" (retry {unit.attempts})" if unit.attempts else ""))
-                run = _Running(actor, name, unit, set(range(len(unit.model.cells))))
-                inflight[actor.load.remote(unit.model, windows_ref)] = (run, -1)
-                for i in run.left:  # an actor runs its calls in order
-                    inflight[actor.run.remote(i)] = (run, i)
+            for actor, (name, held) in list(idle.items()):
+                key = pick(fits(actor), held, Counter(v for a, v in holding.items() if a is not actor))
+                if key is not None:
+                    del idle[actor]
+                    give(actor, name, key)
+            while len(live) < slots and any(queues.values()):
+                key = pick(queues, None, Counter(holding.values()))
+                actor = actor_class.options(num_cpus=self.num_cpus, num_gpus=needs[key]).remote(
+                    device.type, max(1, int(self.num_cpus)))
+                live.append(actor)
+                gpus_of[actor] = needs[key]
+                self.last["actors"] += 1
+                give(actor, f"worker {self.last['actors']}", key)
 
         def drop(run: _Running) -> list[PlannedCell]:
             for ref in [r for r, (other, _) in inflight.items() if other is run]:
@@ -212,10 +245,12 @@ class RayExecutor:
         while inflight:
             [ref], _ = ray.wait(list(inflight), num_returns=1)
             run, i = inflight.pop(ref)
+            key = run.unit.model.spec.model_dump_json()
             try:
                 value = ray.get(ref)
             except ray.exceptions.RayActorError as exc:  # the actor died: every call it held fails alike
                 live.remove(run.actor)
+                holding.pop(run.actor, None)
                 self.last["deaths"] += 1
                 cells, unit = drop(run), run.unit
                 reason = _first_line(str(exc))
@@ -224,9 +259,9 @@ class RayExecutor:
                 blamed, spared = (cells, []) if not run.loaded else (cells[:1], cells[1:])
                 events.note(f"{run.name} died ({reason}); {len(cells)} unfinished cell(s) go to fresh workers")
                 if spared:
-                    queue.appendleft(Unit(_subplan(unit.model, spared), unit.attempts))
+                    queues[key].appendleft(Unit(_subplan(unit.model, spared), unit.attempts))
                 if unit.attempts < self.max_retries:
-                    queue.appendleft(Unit(_subplan(unit.model, blamed), unit.attempts + 1))
+                    queues[key].appendleft(Unit(_subplan(unit.model, blamed), unit.attempts + 1))
                 else:
                     for cell in blamed:
                         index += 1
@@ -239,7 +274,8 @@ class RayExecutor:
                     index += 1
                     events.cell_start(cell, index, total)
                     yield CellResult(cell, error=describe(cause))
-                idle.append((run.actor, run.name, None))
+                idle[run.actor] = (run.name, None)
+                holding.pop(run.actor, None)
             else:
                 if i < 0:
                     run.load, run.loaded = value["load"], True
@@ -252,7 +288,7 @@ class RayExecutor:
                     value.seconds["load"], run.load = run.load, 0.0
                     yield value
                     if not run.left:
-                        idle.append((run.actor, run.name, run.unit.model.spec.model_dump_json()))
+                        idle[run.actor] = (run.name, key)
             dispatch()
 
 
@@ -275,4 +311,4 @@ def _first_line(text: str) -> str:
     return text.strip().splitlines()[0] if text.strip() else "no reason given"
 
 
-__all__ = ["RayExecutor", "Unit", "Worker", "import_ray", "units"]
+__all__ = ["RayExecutor", "Unit", "Worker", "import_ray", "pick", "simulate", "units"]
