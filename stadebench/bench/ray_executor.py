@@ -213,9 +213,9 @@ class RayExecutor:
 
         def give(actor: Any, name: str, key: str) -> None:
             unit = queues[key].popleft()
+            if holding.get(actor) != key or unit.attempts:  # say who holds which model when it changes
+                events.note(f"{name}: {unit.model.spec.id}" + (f" (retry {unit.attempts})" if unit.attempts else ""))
             holding[actor] = key
-            events.note(f"{name}: {unit.model.spec.id}, {len(unit.model.cells)} cell(s)"
-                        + (f" (retry {unit.attempts})" if unit.attempts else ""))
             run = _Running(actor, name, unit, set(range(len(unit.model.cells))))
             inflight[actor.load.remote(unit.model, windows_ref)] = (run, -1)
             for i in sorted(run.left):  # an actor runs its calls in order
