@@ -144,12 +144,14 @@ def test_a_cell_whose_actor_always_dies_is_failed_after_the_retries_and_the_rest
 
 
 def test_a_cell_that_raises_is_recorded_failed_and_the_rest_finish(cluster, assets, tmp_path):
-    summary = run_suite(grid(tmp_path, assets, metrics=("magnitude", "boom")), executor=RayExecutor())
-    assert [error for _, error in summary.failed] == [
-        "metric 'boom' (stadebench-hostile): RuntimeError: boom in the score"] * 2
+    summary = run_suite(grid(tmp_path, assets, metrics=("magnitude", "boom", "fake-interrupt")),
+                        executor=RayExecutor())
+    assert sorted(error for _, error in summary.failed) == [
+        "metric 'boom' (stadebench-hostile): RuntimeError: boom in the score"] * 2 + [
+        "metric 'fake-interrupt' (stadebench-hostile): KeyboardInterrupt"] * 2
     assert len(summary.finished) == 4
     failed = [r for r in lb.read(tmp_path / "lb").to_pylist() if r["status"] == "failed"]
-    assert len(failed) == 2 and {r["metric"] for r in failed} == {"boom"}
+    assert len(failed) == 4 and {r["metric"] for r in failed} == {"boom", "fake-interrupt"}
 
 
 def test_a_killed_driver_resumes_without_losing_or_duplicating_a_cell(assets, tmp_path):

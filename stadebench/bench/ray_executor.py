@@ -33,7 +33,7 @@ import torch
 from ..errors import ConfigError
 from .executor import Events
 from .plan import ModelPlan, Plan, PlannedCell
-from .session import CellResult, ModelSession, Windows, describe
+from .session import CellResult, ModelSession, Windows, describe, headless
 
 ADDRESS_ENV = "RAY_ADDRESS"
 
@@ -107,6 +107,7 @@ class Worker:
     def __init__(self, device_type: str, threads: int | None = None):
         if threads:
             torch.set_num_threads(threads)
+        headless()
         self.device = torch.device(device_type)  # Ray makes the actor's GPUs cuda:0, cuda:1, ...
         self.session: ModelSession | None = None
         self.held: str | None = None

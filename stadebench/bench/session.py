@@ -289,6 +289,12 @@ def watch_ctrl_c() -> Iterator[None]:
         _CtrlC.watching = False
 
 
+def headless() -> None:
+    """Declare this process one with no user at its terminal (a remote worker): every
+    KeyboardInterrupt in a cell then comes from code and fails that cell."""
+    _CtrlC.watching, _CtrlC.pressed = True, False
+
+
 def _plugin_raised(exc: BaseException) -> bool:
     """A SystemExit, or a KeyboardInterrupt with no Ctrl-C behind it (only knowable while
     ``watch_ctrl_c`` is active); GeneratorExit and the like always propagate."""
@@ -332,4 +338,4 @@ def describe(exc: BaseException, cell: PlannedCell | None = None) -> str:
     return message
 
 
-__all__ = ["CellResult", "EvaluationResult", "ModelSession", "describe", "watch_ctrl_c"]
+__all__ = ["CellResult", "EvaluationResult", "ModelSession", "describe", "headless", "watch_ctrl_c"]
