@@ -174,6 +174,10 @@ class RayExecutor:
         total = ray.cluster_resources()
         cpus = int(total.get("CPU", 1) // self.num_cpus) if self.num_cpus else len(plan.todo)
         gpus = min((self._gpus(m, device) for m in plan.models), default=0.0)
+        most = max((self._gpus(m, device) for m in plan.models), default=0.0)
+        if most > total.get("GPU", 0):
+            raise ConfigError(f"a Ray worker needs {most:g} GPU(s) but the cluster has {total.get('GPU', 0):g}; "
+                              "lower the models' num_gpus or use a larger cluster")
         slots = min(cpus, int(total.get("GPU", 0) // gpus)) if gpus else cpus
         if self.actors:
             slots = min(slots, self.actors)
@@ -182,11 +186,19 @@ class RayExecutor:
     def run(self, plan: Plan, device: torch.device, windows: Windows, events: Events) -> Iterator[CellResult]:
         """Run every cell of ``plan`` on actors; results arrive in completion order."""
         ray = import_ray()
+        if not plan.todo:
+            return
         t0 = time.perf_counter()
         started = not ray.is_initialized()
         if started:
-            ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, **self.init)
+            try:
+                ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
+                         configure_logging=False, **self.init)
+            except (Exception, SystemExit) as exc:  # Ray exits when its head cannot be reached
+                where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray instance"
+                reason = f"exit code {exc.code}" if isinstance(exc, SystemExit) else _first_line(str(exc))
+                raise ConfigError(f"cannot start or reach {where} ({reason}); check --address "
+                                  f"or ${ADDRESS_ENV}") from None
         self.last = {"start_seconds": time.perf_counter() - t0, "actors": 0, "deaths": 0}
         actor_class = ray.remote(Worker)
         live: list[Any] = []
@@ -228,6 +240,12 @@ class RayExecutor:
                 if key is not None:
                     del idle[actor]
                     give(actor, name, key)
+            if any(queues.values()) and idle and len(live) >= slots:  # nothing fits an idle actor:
+                actor = next(iter(idle))                             # free its resources for one that fits
+                del idle[actor]
+                holding.pop(actor, None)
+                live.remove(actor)
+                ray.kill(actor)
             while len(live) < slots and any(queues.values()):
                 key = pick(queues, None, Counter(holding.values()))
                 actor = actor_class.options(num_cpus=self.num_cpus, num_gpus=needs[key]).remote(
@@ -291,6 +309,11 @@ class RayExecutor:
                     if not run.left:
                         idle[run.actor] = (run.name, key)
             dispatch()
+        for unit in [u for q in queues.values() for u in q]:  # never silently: what could not be placed fails
+            for cell in unit.model.cells:
+                index += 1
+                events.cell_start(cell, index, total)
+                yield CellResult(cell, error="no Ray worker could be placed for this model's resources")
 
 
 @dataclass

@@ -89,9 +89,9 @@ def handle_errors(func):
                 traceback.print_exc()
             code = ExitCode.USAGE if isinstance(exc, ConfigError) else ExitCode.ERROR
             raise fail(str(exc), code) from None
-        except SystemExit as exc:  # our own exits are typer.Exit: this came from plugin code
-            raise fail(f"plugin code called sys.exit({exc.code!r}) outside a cell; the command stopped "
-                       "(`stadebench plugins` lists what is installed)", ExitCode.ERROR) from None
+        except SystemExit as exc:  # our own exits are typer.Exit: this came from a plugin or a library
+            raise fail(f"code outside stadebench (a plugin or a library) called sys.exit({exc.code!r}); the "
+                       "command stopped (`stadebench plugins` lists what is installed)", ExitCode.ERROR) from None
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
