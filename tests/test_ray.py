@@ -197,3 +197,14 @@ def test_asking_for_ray_without_it_installed_says_what_to_install(assets, tmp_pa
 def test_the_core_never_imports_ray():
     code = "import sys, stadebench, stadebench.bench.run, stadebench.cli; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+
+
+def test_an_address_where_nothing_answers_is_one_error_before_any_cell(assets, tmp_path):
+    path = write_suite(tmp_path / "s.yaml", suite_dict(assets, leaderboard=tmp_path / "lb"))
+    env = {**os.environ, "STADEBENCH_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([EXE, "run", str(path), "--executor", "ray", "--address", "127.0.0.1:1"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2, done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "127.0.0.1:1" in errors[0] and "ray start --head" in errors[0]
+    assert not list((tmp_path / "lb").glob("*.parquet"))

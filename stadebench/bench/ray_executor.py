@@ -21,7 +21,9 @@ actors, and shuts Ray down if it started it.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
@@ -191,12 +193,15 @@ class RayExecutor:
         t0 = time.perf_counter()
         started = not ray.is_initialized()
         if started:
+            _check_reachable(self.address)
             try:
                 ray.init(address=self.address, include_dashboard=False, log_to_driver=False,
                          configure_logging=False, **self.init)
             except (Exception, SystemExit) as exc:  # Ray exits when its head cannot be reached
                 where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray instance"
                 reason = f"exit code {exc.code}" if isinstance(exc, SystemExit) else _first_line(str(exc))
+                with contextlib.suppress(Exception):
+                    ray.shutdown()  # a half-made connection keeps threads that would hold the process
                 raise ConfigError(f"cannot start or reach {where} ({reason}); check --address "
                                   f"or ${ADDRESS_ENV}") from None
         self.last = {"start_seconds": time.perf_counter() - t0, "actors": 0, "deaths": 0}
@@ -329,6 +334,21 @@ class _Running:
 def _subplan(model: ModelPlan, cells: list[PlannedCell]) -> ModelPlan:
     groups = {key: g for key, g in model.groups.items() if any(c.group == key for c in cells)}
     return ModelPlan(model.spec, model.identity, cells, groups)
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse a ``host:port`` (or ``ray://host:port``) that does not accept a connection
+    within 5 s: Ray itself waits minutes for an absent head, then exits."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address {address!r} is not host:port or ray://host:port")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ConfigError(f"nothing answers at the Ray address {address!r} ({exc.strerror or exc}); start the "
+                          f"head (`ray start --head`) or fix --address / ${ADDRESS_ENV}") from None
 
 
 def _first_line(text: str) -> str:
