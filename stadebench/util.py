@@ -113,6 +113,11 @@ def hub_offline() -> bool:
     return offline_variable() is not None
 
 
+def first_line(text: str | None) -> str:
+    """The first line of ``text`` once stripped ("" for none): a docstring's summary, an error's headline."""
+    return text.strip().splitlines()[0] if text and text.strip() else ""
+
+
 # C0 and C1 controls (ESC and CSI start terminal sequences), DEL, and the bidirectional
 # overrides that reorder what is shown; newline and tab are layout, not commands.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")

@@ -140,12 +140,6 @@ def _to_table(rows: Iterable[Row | Mapping[str, Any]]) -> pa.Table:
     return pa.Table.from_arrays(arrays, schema=SCHEMA)
 
 
-def check_rows(rows: Iterable[Row | Mapping[str, Any]]) -> None:
-    """Raise LeaderboardError when ``rows`` could not be stored (``write_rows``' checks);
-    nothing is written."""
-    _to_table(rows)
-
-
 def _safe_id(values: list[Any], fallback: str) -> str:
     """A file-name part: the one shared value reduced to ASCII letters and digits."""
     distinct = set(values)
@@ -162,7 +156,8 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[Row | Mapping[str, Any]
     (computed; a given one must match), ``created_at`` (now, one time for the batch) and
     ``status`` (required: 'ok' or 'failed'). ``metadata`` goes into the file's key-value
     metadata (non-string values as JSON). The folder is then compacted (see the module
-    docstring). Returns the new file.
+    docstring). Returns the new file. A LeaderboardError is raised before anything is
+    written.
     """
     folder = Path(folder)
     table = _to_table(rows)
@@ -234,7 +229,8 @@ def _check_required(table: pa.Table) -> pa.Table:
     if "status" in table.column_names:
         bad = pc.invert(pc.is_in(table["status"], pa.array(STATUSES)))
         if pc.any(bad).as_py():
-            raise LeaderboardError(f"status must be 'ok' or 'failed', not {table.filter(bad)['status'][0].as_py()!r}")
+            first = table.filter(bad)["status"][0].as_py()
+            raise LeaderboardError(f"status must be 'ok' or 'failed', not {first!r}")
     return table
 
 
@@ -628,6 +624,6 @@ def _column_names(columns: dict[str, dict]) -> dict[str, str]:
 
 __all__ = [
     "HISTORY", "KEY_FIELDS", "LOCK", "SCHEMA", "SCHEMA_VERSION", "VERSION_KEY", "LeaderboardError",
-    "LeaderboardWarning", "canonical_json", "cell_key", "check_rows", "compact", "current", "finished_cells", "pivot",
+    "LeaderboardWarning", "canonical_json", "cell_key", "compact", "current", "finished_cells", "pivot",
     "query", "read", "superseded", "write_rows",
 ]

@@ -168,10 +168,8 @@ def _fingerprint(spec: DatasetSpec | EvaluationSpec) -> str | None:
     except StadebenchError:
         raise
     except Exception as exc:  # plugin code: say whose
-        kind = "dataset" if isinstance(spec, DatasetSpec) else "evaluator"
-        r = spec.resolved
-        raise PluginError(f"{kind} {spec.name!r} ({r.distribution} {r.distribution_version or ''}".rstrip()
-                          + f"): fingerprint() raised {type(exc).__name__}: {exc}") from None
+        who = spec.resolved.who("dataset" if isinstance(spec, DatasetSpec) else "evaluator", spec.name)
+        raise PluginError(f"{who}: fingerprint() raised {type(exc).__name__}: {exc}") from None
 
 
 def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, done: set[str],

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigError
+from ..util import first_line
 from .executor import Events
 from .plan import ModelPlan, Plan, PlannedCell
 from .session import CellResult, ModelSession, Windows, describe, headless
@@ -114,32 +115,21 @@ class Worker:
         self.session: ModelSession | None = None
         self.held: str | None = None
 
-    def load(self, model: ModelPlan, windows: Windows) -> dict[str, Any]:
-        """Hold ``model``'s session: loaded, or re-planned when this actor holds it already."""
+    def load(self, model: ModelPlan, windows: Windows) -> float:
+        """Hold ``model``'s session: loaded, or re-planned when this actor holds it already.
+        Returns the seconds spent loading (0 for a re-plan)."""
         key = model.spec.model_dump_json()
-        t0 = time.perf_counter()
         if self.session is not None and self.held == key:
             self.session.replan(model)
-            load = 0.0
-        else:
-            self.session = None  # free the previous model first
-            self.session = ModelSession(model, self.device, windows)
-            self.held, load = key, self.session.seconds["load"]
-        return {"load": load, "seconds": time.perf_counter() - t0, "pid": os.getpid(),
-                "node": _node_id()}
+            return 0.0
+        self.session = None  # free the previous model first
+        self.session = ModelSession(model, self.device, windows)
+        self.held = key
+        return self.session.seconds["load"]
 
     def run(self, index: int) -> CellResult:
         """Run cell ``index`` of the held plan."""
         return self.session.run(self.session.plan.cells[index])
-
-
-def _node_id() -> str | None:
-    try:
-        import ray
-
-        return ray.get_runtime_context().get_node_id()
-    except Exception:  # noqa: BLE001 -- only a label for progress notes
-        return None
 
 
 class RayExecutor:
@@ -199,7 +189,8 @@ class RayExecutor:
                          configure_logging=False, **self.init)
             except (Exception, SystemExit) as exc:  # Ray exits when its head cannot be reached
                 where = f"the Ray cluster at {self.address!r}" if self.address else "a local Ray instance"
-                reason = f"exit code {exc.code}" if isinstance(exc, SystemExit) else _first_line(str(exc))
+                reason = (f"exit code {exc.code}" if isinstance(exc, SystemExit)
+                          else first_line(str(exc)) or "no reason given")
                 with contextlib.suppress(Exception):
                     ray.shutdown()  # a half-made connection keeps threads that would hold the process
                 raise ConfigError(f"cannot start or reach {where} ({reason}); check --address "
@@ -277,7 +268,7 @@ class RayExecutor:
                 holding.pop(run.actor, None)
                 self.last["deaths"] += 1
                 cells, unit = drop(run), run.unit
-                reason = _first_line(str(exc))
+                reason = first_line(str(exc)) or "no reason given"
                 # calls run in order: the first unfinished cell was running (or, before the load
                 # returned, the load was); only that one is blamed, the others go on unblamed
                 blamed, spared = (cells, []) if not run.loaded else (cells[:1], cells[1:])
@@ -302,9 +293,9 @@ class RayExecutor:
                 holding.pop(run.actor, None)
             else:
                 if i < 0:
-                    run.load, run.loaded = value["load"], True
-                    if value["load"]:
-                        events.note(f"{run.name}: loaded {run.unit.model.spec.id} in {value['load']:.1f} s")
+                    run.load, run.loaded = value, True
+                    if value:
+                        events.note(f"{run.name}: loaded {run.unit.model.spec.id} in {value:.1f} s")
                 else:
                     run.left.discard(i)
                     index += 1
@@ -349,10 +340,6 @@ def _check_reachable(address: str | None) -> None:
     except OSError as exc:
         raise ConfigError(f"nothing answers at the Ray address {address!r} ({exc.strerror or exc}); start the "
                           f"head (`ray start --head`) or fix --address / ${ADDRESS_ENV}") from None
-
-
-def _first_line(text: str) -> str:
-    return text.strip().splitlines()[0] if text.strip() else "no reason given"
 
 
 __all__ = ["RayExecutor", "Unit", "Worker", "import_ray", "pick", "simulate", "units"]

@@ -31,8 +31,8 @@ from ..util import canonical_json, package_version
 from ..version import __version__
 from . import leaderboard
 from .executor import Events, Executor, LocalExecutor
-from .plan import Plan, calibration_key, make_plan, uses_data
 from .leaderboard import LeaderboardError
+from .plan import Plan, calibration_key, make_plan, uses_data
 from .record import RecordError, Row
 from .session import CellResult, Windows, watch_ctrl_c
 from .suite import Cell, ModelSpec, Suite, expand
@@ -149,7 +149,7 @@ def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windo
         except ConfigError as exc:
             raise ConfigError(f"{where}: evaluations[{i}].options.{exc}") from None
         except Exception as exc:  # plugin code: say whose
-            raise PluginError(f"{where}: evaluator {evaluation.name!r} ({evaluation.resolved.distribution}): "
+            raise PluginError(f"{where}: {evaluation.resolved.who('evaluator', evaluation.name)}: "
                               f"check_model() raised {type(exc).__name__}: {exc}") from None
     calibrations = {calibration_key(c.calibration): c.calibration for c in cells if uses_data(c)}
     for key, c in calibrations.items():
@@ -221,12 +221,11 @@ def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict
     returns the result recorded."""
     t0 = time.perf_counter()
     try:
-        rows = rows_of(result, provenance)
-        leaderboard.check_rows(rows)
-    except (RecordError, LeaderboardError) as exc:  # what a plugin returned cannot be stored
+        path = leaderboard.write_rows(folder, rows_of(result, provenance))
+    except (RecordError, LeaderboardError) as exc:  # nothing written: what a plugin returned cannot be stored
         result = CellResult(result.cell, error=f"cannot store the result: {exc}", seconds=result.seconds)
-        rows = rows_of(result, provenance)
-    summary.files.append(leaderboard.write_rows(folder, rows))
+        path = leaderboard.write_rows(folder, rows_of(result, provenance))
+    summary.files.append(path)
     summary.seconds["write"] += time.perf_counter() - t0
     for phase, seconds in result.seconds.items():
         summary.seconds[phase] += seconds

@@ -318,7 +318,7 @@ def _culprit(exc: BaseException, cell: PlannedCell) -> str | None:
     if hit is None:
         return None
     kind, name, r = hit
-    return f"{kind} {name!r} ({r.distribution} {r.distribution_version or ''}".rstrip() + ")"
+    return r.who(kind, name)
 
 
 def describe(exc: BaseException, cell: PlannedCell | None = None) -> str:

@@ -94,6 +94,10 @@ class Resolved:
     distribution: str
     distribution_version: str | None
 
+    def who(self, kind: str, name: str) -> str:
+        """``metric 'wanda' (stadebench 0.3.0)``: how errors name the plugin behind an entry."""
+        return f"{kind} {name!r} ({self.distribution} {self.distribution_version or ''}".rstrip() + ")"
+
 
 class _Spec(BaseModel):
     # strict: a YAML `yes` or "16" must not silently become True or 16

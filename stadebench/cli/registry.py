@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..util import first_line
 from .common import Format, FormatOption, handle_errors, out, styled, write_rows
 
 
@@ -16,10 +17,6 @@ class Kind(str, enum.Enum):
     patterns = "patterns"
     datasets = "datasets"
     evaluators = "evaluators"
-
-
-def _first_line(doc: str | None) -> str:
-    return (doc or "").strip().splitlines()[0] if doc and doc.strip() else ""
 
 
 def list_items(kind: Annotated[Kind, typer.Argument(help="What to list.")],
@@ -41,7 +38,7 @@ def _list(kind: Kind, fmt: Format) -> None:
             "name": reg.name, "version": reg.version, "plugin": dist, "plugin_version": version,
             "statistics": ",".join(sorted(getattr(reg.cls, "statistics", ()))) if kind is Kind.metrics else None,
             "options": ", ".join(reg.cls.Options.model_fields),
-            "description": _first_line(reg.cls.__doc__),
+            "description": first_line(reg.cls.__doc__),
         })
     if fmt is not Format.table:
         write_rows(rows, fmt)

@@ -13,7 +13,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ..util import visible
+from ..util import first_line, visible
 from .common import ExitCode, err, fail, handle_errors, out, progress_enabled, styled
 
 SuiteArg = Annotated[Path, typer.Argument(help="Suite YAML file.", show_default=False)]
@@ -25,10 +25,6 @@ def _load(path: Path):
     if not path.is_file():
         raise fail(f"{path}: no such suite file (see the suites/ folder for examples)")
     return load_suite(path)
-
-
-def _first_line(message: str) -> str:
-    return message.splitlines()[0] if message.strip() else message
 
 
 class _Reporter:
@@ -68,7 +64,7 @@ class _Reporter:
 
     def cell_end(self, cell, error: str | None) -> None:
         self.progress.advance(self.cells)
-        status = ("ok",) if error is None else (("failed", "red"), f": {_first_line(error)}")
+        status = ("ok",) if error is None else (("failed", "red"), f": {first_line(error)}")
         if not self.live or error:
             err.print(styled(f"{self.prefix} … ", *status, f" ({time.perf_counter() - self.t0:.1f} s)"))
 
@@ -150,7 +146,7 @@ def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path |
         show_leaderboard(folder, suite=[suite.name])
     if summary.failed:
         for label, message in summary.failed:
-            err.print(styled(("failed:", "red"), f" {label}: {_first_line(message)}"))
+            err.print(styled(("failed:", "red"), f" {label}: {first_line(message)}"))
         raise typer.Exit(int(ExitCode.CELLS_FAILED))
 
 

@@ -228,7 +228,7 @@ def _lookup(name: str) -> Asset:
 
 
 def _assets_root(override) -> Path:
-    return cache_root(override, sub="assets") / "assets"
+    return cache_root(override, sub="assets")
 
 
 def _console() -> Console:

@@ -13,7 +13,7 @@ CACHE_ENV = "STADEBENCH_CACHE"
 
 
 def cache_dir(override: str | os.PathLike | None = None, sub: str | None = None) -> Path:
-    """The cache root (or its folder ``sub``), created if needed: ``override``, else
+    """The cache root, or its folder ``sub``, created if needed: ``override``, else
     ``$STADEBENCH_CACHE``, else the platform default. ConfigError, naming the folder and
     where it was set, when it cannot be created."""
     if override:
@@ -31,4 +31,4 @@ def cache_dir(override: str | os.PathLike | None = None, sub: str | None = None)
                   else exc.strerror or str(exc))
         raise ConfigError(f"cache folder {str(target)!r} (from {origin}) cannot be created: {reason}; "
                           f"set {CACHE_ENV} to a folder you can write") from None
-    return path
+    return target

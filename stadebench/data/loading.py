@@ -116,7 +116,7 @@ def fingerprint(files: list[Path], root: Path) -> str:
 def _content_hash(path: Path) -> str:
     """sha256 of a file, remembered by (path, size, mtime, inode) so a re-run hashes nothing."""
     st = path.stat()
-    memo = cache_dir(sub="fingerprints") / "fingerprints"
+    memo = cache_dir(sub="fingerprints")
     entry = memo / digest(str(path.resolve()), str(st.st_size), str(st.st_mtime_ns), str(st.st_ino),
                           length=32)
     try:
