@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from .base import Dataset, Evaluator, LayerInfo, LayerResult, LayerStats, Metric, Options, Pattern, Score
+from .base import (AllocationLayer, Allocator, Dataset, Evaluator, LayerInfo, LayerResult, LayerStats, Metric,
+                   Options, Pattern, Score)
 from .errors import ConfigError, NumericalError, PluginError, StadebenchError, UnknownNameError
 from .hookspecs import hookimpl
 from .plugins import get_plugins
@@ -34,8 +35,12 @@ def prune(
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     statistics: CalibrationStatistics | None = None,
+    allocation: str | Allocator = "uniform",
+    allocation_options: dict[str, Any] | None = None,
+    targets: Iterable[str] = (),
+    ignore: Iterable[str] = (),
 ) -> PruneReport:
-    """Prune every linear layer of ``model``'s decoder blocks in place; returns a ``PruneReport``.
+    """Prune the linear layers of ``model``'s decoder blocks in place; returns a ``PruneReport``.
 
     Args:
         model: a Hugging Face decoder-only causal LM (any family).
@@ -61,14 +66,26 @@ def prune(
         statistics: one-shot statistics from ``collect_statistics`` on this (dense)
             model, used instead of calibration passes (``sequential`` must be False; no
             reconstruction error is measured). Data-free metrics ignore them.
+        allocation: a registered allocator name (``uniform``, ``owl``) or an
+            ``Allocator`` instance: how the target is shared out among the layers.
+            One that reads statistics gets them from ``statistics`` when they cover
+            it, else from one dense pass over ``calibration``.
+        allocation_options: options of an allocator name.
+        targets, ignore: regexes over module paths (``re.search``): prune only the
+            layers a ``targets`` regex finds (default: all), minus those an ``ignore``
+            regex finds; the others stay dense and the target is over the pruned ones.
     """
+    from .core import allocation as allocating
     from .core import engine
-    from .plugins import resolve
+    from .plugins import resolve, resolve_allocator
 
     metric, pattern = resolve(metric, pattern, metric_options, pattern_options)
+    allocator = resolve_allocator(allocation, allocation_options)
+    shares = allocating.layer_sparsities(model, allocator, pattern, sparsity, list(targets), list(ignore),
+                                         calibration, statistics, batch_size=batch_size, device=device)
     return engine.prune(model, calibration, metric, pattern, sparsity, sequential=sequential,
                         batch_size=batch_size, device=device, reconstruction=reconstruction, offload=offload,
-                        progress=progress, statistics=statistics)
+                        progress=progress, statistics=statistics, allocation=shares)
 
 
 def collect_statistics(
@@ -101,7 +118,7 @@ def collect_statistics(
 
 
 __all__ = [
-    "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerResult", "LayerStats", "Metric", "NumericalError",
-    "Options", "Pattern", "PluginError", "Score", "StadebenchError", "UnknownNameError",
+    "AllocationLayer", "Allocator", "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerResult", "LayerStats",
+    "Metric", "NumericalError", "Options", "Pattern", "PluginError", "Score", "StadebenchError", "UnknownNameError",
     "__version__", "collect_statistics", "get_plugins", "hookimpl", "prune",
 ]

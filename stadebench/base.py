@@ -1,4 +1,4 @@
-"""Base classes that plugins subclass: Metric, Pattern, Dataset, Evaluator.
+"""Base classes that plugins subclass: Metric, Pattern, Allocator, Dataset, Evaluator.
 
 Each has a class-level ``name`` (unique within its kind), a ``version`` that is
 recorded with every result, and an ``Options`` pydantic model (unknown keys rejected).
@@ -224,11 +224,15 @@ class Pattern(_Named):
     """A sparsity pattern: turns scores into a boolean mask (True = pruned).
 
     ``name`` is the spelling in suites. A parametric pattern (``N:M``) overrides
-    ``matches`` and ``from_spec`` so that one class serves every spelling.
+    ``matches`` and ``from_spec`` so that one class serves every spelling. ``select``
+    receives the sparsity of the layer at hand, which an allocator (``Allocator``) may
+    set per layer.
     """
 
     kind: ClassVar[str] = "pattern"
     default_sparsity: ClassVar[float | None] = 0.5
+    #: Whether layers may be given sparsities of their own (False for N:M: always N/M).
+    per_layer_sparsity: ClassVar[bool] = True
     #: Columns decided independently of the rest of the row (M for N:M), else None.
     group_size: int | None = None
 
@@ -259,7 +263,63 @@ class Pattern(_Named):
         """Raise ConfigError when a ``[out, in]`` matrix cannot take this pattern."""
 
     def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-        """Boolean mask of ``scores``' shape, True where pruned."""
+        """Boolean mask of ``scores``' shape, True where pruned, at this layer's ``sparsity``;
+        lower scores are pruned first."""
+        raise NotImplementedError
+
+
+@dataclass
+class AllocationLayer:
+    """What an allocator sees of one layer to be pruned.
+
+    Attributes:
+        layer: where the layer sits (its role is known when statistics were collected).
+        module: the linear module itself; read ``weight`` rather than its parameters.
+        stats: the dense model's input statistics of the layer (those the allocator
+            declared in ``statistics``), None for a data-free allocator.
+    """
+
+    layer: LayerInfo
+    module: Any
+    stats: LayerStats | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense float32 ``[out, in]`` weight (a copy when the layer is not float32; never modify it)."""
+        from .core.models import weight_of
+
+        return weight_of(self.module).detach().float()
+
+    @property
+    def numel(self) -> int:
+        """Number of weights."""
+        return self.module.weight.numel()
+
+
+class Allocator(_Named):
+    """Decides each layer's sparsity from the target (non-uniform, layer-wise sparsity).
+
+    ``allocate(layers, sparsity)`` gets every layer to be pruned, in model order, and
+    returns one sparsity per layer. The host checks the answer: each value lies in
+    [0, 1), and the mean weighted by each layer's number of weights equals the target,
+    so the model as a whole is pruned as asked. ``statistics`` names the input
+    statistics of the dense model it reads (as ``Metric.statistics``); they come from one
+    dense pass over the calibration windows, shared with one-shot statistics. ``uniform``
+    marks an allocator that always returns the target for every layer, which patterns
+    with a fixed sparsity (N:M) accept.
+    """
+
+    kind: ClassVar[str] = "allocator"
+    statistics: ClassVar[frozenset[str]] = frozenset()
+    uniform: ClassVar[bool] = False
+
+    @classmethod
+    def data_free(cls) -> bool:
+        """Whether this allocator reads no input statistics."""
+        return not cls.statistics
+
+    def allocate(self, layers: list[AllocationLayer], sparsity: float) -> list[float]:
+        """The sparsity of each layer in ``layers`` (same order) for a target ``sparsity``."""
         raise NotImplementedError
 
 

@@ -32,6 +32,15 @@ def register_patterns(register):
 
 
 @hookspec
+def register_allocators(register):
+    """Register layer-wise sparsity allocators: call ``register(AllocatorSubclass)`` for each.
+
+    An allocator turns the target sparsity into one sparsity per layer (OWL gives layers
+    with more outlier activations fewer pruned weights); see ``stadebench.Allocator``.
+    """
+
+
+@hookspec
 def register_datasets(register):
     """Register text datasets: call ``register(DatasetSubclass)`` for each one.
 

@@ -25,7 +25,7 @@ from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownNameError
 
 if TYPE_CHECKING:
-    from .base import Metric, Pattern
+    from .base import Allocator, Metric, Pattern
 
 ENTRY_POINT_GROUP = "stadebench"
 
@@ -34,12 +34,13 @@ DEFAULT_PLUGINS = (
     "stadebench.core.metrics.stade",
     "stadebench.core.metrics.sparsegpt",
     "stadebench.core.patterns",
+    "stadebench.core.allocation",
     "stadebench.data.datasets",
     "stadebench.evaluation.perplexity",
     "stadebench.evaluation.lmeval",
 )
 
-KINDS = ("metric", "pattern", "dataset", "evaluator")
+KINDS = ("metric", "pattern", "allocator", "dataset", "evaluator")
 
 
 @dataclass(frozen=True)
@@ -174,9 +175,10 @@ class Plugins:
         return self._registries
 
     def _collect(self) -> dict[str, Registry]:
-        from .base import Dataset, Evaluator, Metric, Pattern
+        from .base import Allocator, Dataset, Evaluator, Metric, Pattern
 
-        bases = {"metric": Metric, "pattern": Pattern, "dataset": Dataset, "evaluator": Evaluator}
+        bases = {"metric": Metric, "pattern": Pattern, "allocator": Allocator, "dataset": Dataset,
+                 "evaluator": Evaluator}
         regs = {kind: Registry(kind, bases[kind]) for kind in KINDS}
         for info in self.info.values():
             info.registered, info.error = [], info.load_error
@@ -221,6 +223,10 @@ class Plugins:
     @property
     def patterns(self) -> Registry:
         return self.registries["pattern"]
+
+    @property
+    def allocators(self) -> Registry:
+        return self.registries["allocator"]
 
     @property
     def datasets(self) -> Registry:
@@ -271,6 +277,16 @@ def resolve_pattern(pattern: str | Pattern, options: dict[str, Any] | None = Non
     if options:
         raise ConfigError("pattern_options go with a pattern spec, not a Pattern instance")
     return pattern
+
+
+def resolve_allocator(allocator: str | Allocator, options: dict[str, Any] | None = None) -> Allocator:
+    """The registered allocator ``allocator`` names, built with ``options``; an instance is
+    returned as it is (passing options with it is an error)."""
+    if isinstance(allocator, str):
+        return get_plugins().allocators.get(allocator).cls(options)
+    if options:
+        raise ConfigError("allocation_options go with an allocator name, not an Allocator instance")
+    return allocator
 
 
 def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict[str, Any] | None = None,

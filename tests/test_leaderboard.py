@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from stadebench.bench import leaderboard as lb
+from stadebench.bench.record import JSON_FIELDS
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -137,7 +138,7 @@ def test_upgrade_hook_runs_registered_steps(tmp_path, monkeypatch):
 def test_schema_metadata_is_readable_by_plain_pyarrow(tmp_path):
     path = lb.write_rows(tmp_path, [_row()], metadata={"suite_yaml": "grid: {}", "n": 1})
     table = pq.read_table(path)
-    assert table.schema.metadata[b"stadebench.schema_version"] == b"2"
+    assert table.schema.metadata[b"stadebench.schema_version"] == lb.SCHEMA_VERSION.encode()
     assert table.schema.metadata[b"suite_yaml"] == b"grid: {}"
     assert table.schema.metadata[b"n"] == b"1"
     assert table.schema.field("created_at").type == pa.timestamp("us", tz="UTC")
@@ -461,7 +462,11 @@ def test_a_schema_1_file_is_upgraded_on_read_with_a_recomputed_key(tmp_path):
     row = table.to_pylist()[0]
     assert row["value"] == 7.0 and row["metric_plugin"] == "stadebench"
     assert row["model_revision_requested"] == row["model_revision"] == "main"
-    assert all(row[n] is None for n in set(lb.SCHEMA.names) - set(_SCHEMA_1) - {"model_revision_requested"})
+    upgraded = {"model_revision_requested", "allocation", "allocation_version", "allocation_options",
+                "allocation_plugin"}
+    assert all(row[n] is None for n in set(lb.SCHEMA.names) - set(_SCHEMA_1) - upgraded)
+    # a pruned row of schema 1 or 2 was pruned uniformly: the upgrade says so
+    assert (row["allocation"], row["allocation_options"], row["allocation_plugin"]) == ("uniform", "{}", "stadebench")
     assert {"model_file", "pattern_version", "calib_fingerprint", "executor"} <= set(lb.SCHEMA.names) - set(_SCHEMA_1)
     assert row["cell_key"] == lb.cell_key(row) != "0" * 64  # a stored key matches its fields
     assert lb.finished_cells(tmp_path) == {row["cell_key"]}
@@ -480,8 +485,8 @@ def test_a_run_rewrites_old_schema_files_so_plain_readers_see_one_schema(tmp_pat
     lb.write_rows(tmp_path, [_row(model="other", value=1.0)])
     lb.compact(tmp_path, upgrade=True)
     files = sorted(tmp_path.glob("*.parquet"))
-    assert [f.name for f in files if f.name.startswith("old")] == ["old_v2.parquet"]
-    assert {pq.read_schema(f).metadata[lb.VERSION_KEY.encode()] for f in files} == {b"2"}
+    assert [f.name for f in files if f.name.startswith("old")] == [f"old_v{lb.SCHEMA_VERSION}.parquet"]
+    assert {pq.read_schema(f).metadata[lb.VERSION_KEY.encode()] for f in files} == {lb.SCHEMA_VERSION.encode()}
     frame = pd.read_parquet(tmp_path)
     assert sorted(frame["value"]) == [1.0, 7.0] and list(frame.columns) == lb.SCHEMA.names
     assert (tmp_path / "_history" / "old.parquet").exists()  # the original is kept, out of view
@@ -490,7 +495,7 @@ def test_a_run_rewrites_old_schema_files_so_plain_readers_see_one_schema(tmp_pat
 
 
 _STR_KEYS = [f for f in lb.KEY_FIELDS
-             if lb.SCHEMA.field(f).type == pa.string() and not f.endswith("_options")]
+             if lb.SCHEMA.field(f).type == pa.string() and f not in JSON_FIELDS]
 _key_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
                         st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False))
 
@@ -573,3 +578,19 @@ def test_pivot_labels_only_what_varies_within_a_metric_and_names_pattern_options
     assert [r["label"] for r in grid["rows"]] == ["magnitude", "wanda"]
     assert grid["columns"] == ["n:m(m=4, n=2) 0.5", "n:m(m=8, n=4) 0.5", "unstructured 0.5"]
     assert set(grid["rows"][1]["values"]) == set(grid["columns"])  # one row across pattern versions
+
+
+def test_a_schema_2_file_is_read_as_uniformly_pruned_under_the_same_key_a_new_run_computes(tmp_path):
+    # what this release writes for a uniform cell over every layer ...
+    now = _row(allocation="uniform", allocation_version="1", allocation_options={}, allocation_plugin="stadebench")
+    dense = _row(metric="dense", pattern=None, sparsity=0.0, value=9.0)
+    # ... as the previous release wrote it: no allocation columns, schema 2, its own key
+    added = {"allocation", "allocation_version", "allocation_options", "allocation_plugin", "layer_targets",
+             "layer_ignore", "allocation_plugin_version", "dense_layers", "layers"}
+    v2 = pa.schema([f for f in lb.SCHEMA if f.name not in added], metadata={lb.VERSION_KEY: "2"})
+    rows = [{n: r[n] for n in v2.names} | {"cell_key": "f" * 64} for r in lb._to_table([now, dense]).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=v2), tmp_path / "v2.parquet")
+    table = lb.read(tmp_path)
+    assert sorted(table["cell_key"].to_pylist()) == sorted([lb.cell_key(now), lb.cell_key(dense)])
+    by_metric = {r["metric"]: r for r in table.to_pylist()}
+    assert by_metric["dense"]["allocation"] is None and by_metric["wanda"]["allocation"] == "uniform"

@@ -131,6 +131,13 @@ class FakePlugin:
             register(cls)
 
     @stadebench.hookimpl
+    def register_allocators(self, register):
+        from stadebench.core.allocation import OWL, Uniform
+
+        register(Uniform)
+        register(OWL)
+
+    @stadebench.hookimpl
     def register_datasets(self, register):
         for cls in (C4, Wikitext2, Enwiki):
             register(cls)
@@ -217,7 +224,9 @@ def test_docstring_example_is_a_valid_suite():
     text = S.__doc__.split("::\n\n", 1)[1].split("\nRules", 1)[0]
     s = S.parse_suite(textwrap.dedent(text), "docstring")
     assert [p.name for p in s.patterns] == ["unstructured", "2:4"]  # unquoted 2:4 stays a string
-    assert len(S.expand(s)) == 1 + 3 * 2 - 1
+    # dense + 3 metrics x 2 patterns x 2 allocations, minus stade-released on 2:4 (both allocations)
+    # and owl on 2:4 for the other two metrics
+    assert len(S.expand(s)) == 1 + 3 * 2 * 2 - 2 - 2
 
 
 def test_defaults_and_name_from_file_stem(tmp_path):

@@ -191,7 +191,20 @@ def _upgrade_from_1(table: pa.Table) -> pa.Table:
     return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
 
 
-_UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1}
+def _upgrade_from_2(table: pa.Table) -> pa.Table:
+    """Schema 2 -> 3: every pruned row was pruned uniformly over all prunable layers (the
+    built-in ``uniform`` allocator, recorded as such); ``cell_key`` is recomputed."""
+    table = _conform(table)
+    pruned = pc.is_valid(table["pattern"])
+    for name, value in (("allocation", "uniform"), ("allocation_version", "1"), ("allocation_options", "{}"),
+                        ("allocation_plugin", "stadebench")):
+        table = table.set_column(table.schema.get_field_index(name), SCHEMA.field(name),
+                                 pc.if_else(pruned, pa.scalar(value), pa.scalar(None, pa.string())))
+    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
+    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+
+
+_UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2}
 """``_UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
 with the same rows in the same order (compaction splits files by row position)."""
 
@@ -360,7 +373,8 @@ def superseded(folder: str | os.PathLike, **filters: Any) -> pa.Table:
     folder = Path(folder)
     old = _concat([t for _, t in _read_folders([folder / HISTORY])])
     top = _concat([t for _, t in _read_folders([folder], warn=False)])
-    copies = pc.is_in(_identity(old, SCHEMA.names), value_set=_identity(top, SCHEMA.names).combine_chunks())
+    scalars = [f.name for f in SCHEMA if not pa.types.is_list(f.type)]  # a row's copy matches on these alone
+    copies = pc.is_in(_identity(old, scalars), value_set=_identity(top, scalars).combine_chunks())
     return query(old.filter(pc.invert(copies)), **filters)
 
 
@@ -526,8 +540,9 @@ def _move_to_history(folder: Path, path: Path) -> None:
 _COLUMN_FIELDS = ("pattern", "pattern_version", "pattern_options", "pattern_plugin", "sparsity")
 _ROW_FIELDS = tuple(f for f in KEY_FIELDS if f not in _COLUMN_FIELDS)
 _NAMED = ("model", "metric", "metric_options")  # always in a row's label
+_ALLOCATION = ("allocation", "allocation_options")  # in the label unless uniform
 # Fields shown when they vary, calibration and the like first, then the rest of the key.
-_VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in _NAMED))
+_VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in (*_NAMED, *_ALLOCATION)))
 
 
 def _identity(table: pa.Table, fields: Iterable[str]) -> pa.ChunkedArray:
@@ -550,6 +565,14 @@ def _options_label(options: str | None) -> str:
     return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in parsed.items())
 
 
+def _allocation_label(name: str | None, options: str | None) -> str:
+    """``· owl(M=5.0, lambda=0.08)``; nothing for the uniform allocation."""
+    if name is None or name == "uniform":
+        return ""
+    text = _options_label(options)
+    return f"· {name}({text})" if text else f"· {name}"
+
+
 def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
     """A metrics × "pattern sparsity" grid of the current ok values of one task and score.
 
@@ -565,6 +588,7 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
                                   _is(table["status"], "ok")))
     higher = pc.unique(picked["higher_is_better"].drop_null()).to_pylist()
     is_dense = _is(picked["metric"], "dense")
+    picked = picked.drop_columns([f.name for f in SCHEMA if pa.types.is_list(f.type)])
     dense, pruned = picked.filter(is_dense), picked.filter(pc.invert(is_dense))
 
     base = pa.table({"_base": _identity(dense, BASELINE_FIELDS), "dense": dense["value"],
@@ -587,12 +611,13 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
     columns: dict[str, dict] = {}  # column identity -> its fields
     rows: dict[str, dict] = {}
     for r in pruned.select(["_row", "_column", "model", "metric", "metric_options", "value", "stderr",
-                            "dense", "relative", *_COLUMN_FIELDS, *varying]).to_pylist():
+                            "dense", "relative", *_ALLOCATION, *_COLUMN_FIELDS, *varying]).to_pylist():
         columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
         row = rows.setdefault(r["_row"], {
             "model": r["model"], "metric": r["metric"],
             "label": " ".join(filter(None, [
                 r["metric"], f"({o})" if (o := _options_label(r["metric_options"])) else "",
+                _allocation_label(r["allocation"], r["allocation_options"]),
                 *(f"{f}={r[f]}" for f in varying)])),
             "dense": r["dense"], "values": {}})
         row["values"][r["_column"]] = {"value": r["value"], "stderr": r["stderr"], "relative": r["relative"]}

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base import Evaluator, Metric, Pattern
+from ..base import Allocator, Evaluator, Metric, Pattern
 from ..data.loading import ModelIdentity, identify
 from ..errors import PluginError, StadebenchError
 from .record import Row
@@ -50,9 +50,11 @@ class PlannedCell:
         cell: the suite's cell (labels, specs).
         metric: the metric instance; None for the dense baseline.
         pattern: the pattern instance; None for the dense baseline.
-        calibration: the calibration protocol when the metric reads data, else None.
+        calibration: the calibration protocol when the metric or the allocator reads data,
+            else None.
         pending: the evaluations to run, in suite order.
         group: key of the statistics group it shares (one-shot cells only), else None.
+        allocator: the allocator instance; None for the dense baseline.
         cost: relative cost for scheduling: calibration tokens times block passes
             (0 for dense and data-free cells; one pass per group is split among its cells).
     """
@@ -64,6 +66,7 @@ class PlannedCell:
     pending: list[Pending]
     group: str | None = None
     cost: float = 0.0
+    allocator: Allocator | None = None
 
     @property
     def label(self) -> str:
@@ -139,12 +142,15 @@ def _evaluation_fields(evaluation: EvaluationSpec, fingerprint: str | None) -> d
 def _pruning_fields(cell: Cell) -> dict[str, Any]:
     if cell.dense:
         return {"metric": cell.metric, "metric_options": cell.metric_options, "sparsity": 0.0}
-    m, p = cell.metric_plugin, cell.pattern_plugin
+    m, p, a = cell.metric_plugin, cell.pattern_plugin, cell.allocation_plugin
     return {"metric": cell.metric, "metric_version": m.version, "metric_options": cell.metric_options,
             "metric_plugin": m.distribution, "metric_plugin_version": m.distribution_version,
             "pattern": cell.pattern, "pattern_version": p.version, "pattern_options": cell.pattern_options or None,
             "pattern_plugin": p.distribution, "pattern_plugin_version": p.distribution_version,
-            "sparsity": cell.sparsity}
+            "sparsity": cell.sparsity, "allocation": cell.allocation, "allocation_version": a.version,
+            "allocation_options": cell.allocation_options, "allocation_plugin": a.distribution,
+            "allocation_plugin_version": a.distribution_version, "layer_targets": list(cell.targets) or None,
+            "layer_ignore": list(cell.ignore) or None}
 
 
 def _calibration_fields(c: CalibrationSpec, fingerprint: str) -> dict[str, Any]:
@@ -154,8 +160,9 @@ def _calibration_fields(c: CalibrationSpec, fingerprint: str) -> dict[str, Any]:
 
 
 def uses_data(cell: Cell) -> bool:
-    """Whether the cell's metric reads calibration data (not dense, not data-free)."""
-    return not cell.dense and not cell.metric_plugin.instance.data_free()
+    """Whether the cell reads calibration data: its metric or its allocator does."""
+    return not cell.dense and not (cell.metric_plugin.instance.data_free()
+                                   and cell.allocation_plugin.instance.data_free())
 
 
 Fingerprints = Callable[[DatasetSpec | EvaluationSpec], str | None]
@@ -188,7 +195,8 @@ def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, do
             pending.append(item)
     return PlannedCell(cell, None if cell.dense else cell.metric_plugin.instance,
                        None if cell.dense else cell.pattern_plugin.instance,
-                       cell.calibration if data else None, pending)
+                       cell.calibration if data else None, pending,
+                       allocator=None if cell.dense else cell.allocation_plugin.instance)
 
 
 def _share(cells: list[PlannedCell]) -> dict[str, SharingGroup]:
@@ -197,7 +205,7 @@ def _share(cells: list[PlannedCell]) -> dict[str, SharingGroup]:
     for c in cells:
         if c.calibration is not None:
             c.cost = 2.0 * c.calibration.n * c.calibration.seqlen
-            if not c.calibration.sequential:
+            if not c.calibration.sequential and c.metric.statistics:
                 members.setdefault(calibration_key(c.calibration), []).append(c)
     groups = {}
     for key, group in members.items():

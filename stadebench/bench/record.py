@@ -28,7 +28,7 @@ import pyarrow as pa
 from ..errors import StadebenchError
 from ..util import canonical_json
 
-SCHEMA_VERSION = "2"
+SCHEMA_VERSION = "3"
 VERSION_KEY = "stadebench.schema_version"
 STATUSES = ("ok", "failed")
 
@@ -39,6 +39,26 @@ class RecordError(StadebenchError, ValueError):
 
 _str, _f64, _i32, _i64, _bool = pa.string(), pa.float64(), pa.int32(), pa.int64(), pa.bool_()
 _time = pa.timestamp("us", "UTC")
+
+LAYER_TYPE = pa.struct([
+    pa.field("name", _str, metadata={"doc": "Module path, e.g. model.layers.3.mlp.down_proj."}),
+    pa.field("block", _i32, metadata={"doc": "Index of the decoder block."}),
+    pa.field("role", _str, metadata={"doc": "normed (input is a norm's output), internal, or null when unknown."}),
+    pa.field("rows", _i32, metadata={"doc": "Output features."}),
+    pa.field("columns", _i32, metadata={"doc": "Input features."}),
+    pa.field("dense", _bool, metadata={"doc": "Left dense: not selected by targets/ignore."}),
+    pa.field("allocated", _f64, metadata={"doc": "Sparsity the layer was asked for (null when left dense)."}),
+    pa.field("sparsity", _f64, metadata={"doc": "Realised sparsity: pruned weights / weights."}),
+    pa.field("pruned", _i64, metadata={"doc": "Weights pruned."}),
+    pa.field("bias_added", _bool, metadata={"doc": "A bias was created for a bias correction."}),
+    pa.field("block_mse", _f64, metadata={"doc": "Reconstruction error (MSE) of the layer's block outputs on "
+                                                 "the calibration inputs; null when not measured."}),
+    pa.field("output_mse", _f64, metadata={"doc": "MSE of this layer's outputs, pruned against dense, on the "
+                                                  "calibration inputs (exact, from their Gram matrix); null when "
+                                                  "the metric collected none."}),
+])
+"""One prunable layer of a pruned cell (``Row.layers`` holds a list of them)."""
+LAYER_FIELDS = tuple(LAYER_TYPE.field(i).name for i in range(LAYER_TYPE.num_fields))
 
 
 def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool = False,
@@ -82,7 +102,16 @@ class Row:
     pattern_options: str | None = _col(_str, "Pattern options as canonical JSON; null when it has none.",
                                        "key", json=True)
     pattern_plugin: str | None = _col(_str, "Distribution that registered the pattern.", "key")
-    sparsity: float | None = _col(_f64, "Target sparsity in [0, 1); 0 for dense.", "key")
+    sparsity: float | None = _col(_f64, "Target sparsity in [0, 1) over the pruned layers; 0 for dense.", "key")
+    allocation: str | None = _col(_str, "Allocator that shared the target out among layers (uniform, owl, "
+                                  "...); null for dense.", "key")
+    allocation_version: str | None = _col(_str, "Version the allocator plugin declares.", "key")
+    allocation_options: str | None = _col(_str, "Allocator options as canonical JSON.", "key", json=True)
+    allocation_plugin: str | None = _col(_str, "Distribution that registered the allocator.", "key")
+    layer_targets: str | None = _col(_str, "Regexes (JSON list) selecting the layers to prune; null: all "
+                                     "prunable layers.", "key", json=True, label=True)
+    layer_ignore: str | None = _col(_str, "Regexes (JSON list) of layers left dense; null: none.", "key",
+                                    json=True, label=True)
     calib_dataset: str | None = _col(_str, "Calibration dataset name; null when the metric reads no data.",
                                      "key", label=True)
     calib_options: str | None = _col(_str, "Calibration dataset options as canonical JSON.", "key",
@@ -128,10 +157,14 @@ class Row:
     metric_plugin_version: str | None = _col(_str, "Version of the distribution that registered the metric.")
     pattern_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
                                               "pattern.")
+    allocation_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
+                                                 "allocator.")
     git_commit: str | None = _col(_str, "Git commit of the stadebench checkout, if it is one.")
     device: str | None = _col(_str, "Device name, e.g. 'NVIDIA H200' or 'cpu (x86_64)'.")
     executor: str | None = _col(_str, "Executor that ran the cell, e.g. local.")
-    actual_sparsity: float | None = _col(_f64, "Fraction of prunable weights that are zero once pruned.")
+    actual_sparsity: float | None = _col(_f64, "Realised sparsity over the pruned layers (pruned / their "
+                                         "weights); layers left dense are in dense_layers.")
+    dense_layers: int | None = _col(_i32, "Prunable layers left dense by layer_targets / layer_ignore.")
     prune_seconds: float | None = _col(_f64, "Wall time spent pruning this cell, incl. its own calibration "
                                        "passes (a one-shot statistics pass shared by several cells is in "
                                        "details.prune.shared_statistics).")
@@ -139,6 +172,9 @@ class Row:
     peak_memory_bytes: int | None = _col(_i64, "Peak accelerator memory (CPU: process RSS) during the cell.")
     details: str | None = _col(_str, "Extra output (per-block errors, task versions, ...) as JSON.",
                                json=True)
+    layers: list[dict[str, Any]] | None = _col(pa.list_(LAYER_TYPE), "Every prunable layer of a pruned cell: "
+                                               "name, block, role, allocated and realised sparsity, errors "
+                                               "(see LAYER_TYPE); null for dense.")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -221,7 +257,24 @@ def normalise(name: str, value: Any) -> Any:
         return int(value)
     if pa.types.is_timestamp(kind) and isinstance(value, datetime) and value.tzinfo is None:
         return value.replace(tzinfo=timezone.utc)  # naive times are taken as UTC
+    if pa.types.is_list(kind):
+        return _layers(name, value)
     return value
+
+
+def _layers(name: str, value: Any) -> tuple[dict[str, Any], ...]:
+    """Per-layer records checked against LAYER_TYPE (a tuple, so a Row stays hashable)."""
+    if isinstance(value, str | bytes | Mapping) or not isinstance(value, list | tuple):
+        raise RecordError(f"{name} must be a list of per-layer records, not {type(value).__name__}")
+    out = []
+    for i, entry in enumerate(value):
+        if not isinstance(entry, Mapping):
+            raise RecordError(f"{name}[{i}] must be a mapping, not {type(entry).__name__}")
+        unknown = sorted(set(entry) - set(LAYER_FIELDS))
+        if unknown:
+            raise RecordError(f"{name}[{i}]: unknown field(s) {unknown}; the fields are {list(LAYER_FIELDS)}")
+        out.append({f: _plain(entry.get(f)) for f in LAYER_FIELDS})
+    return tuple(out)
 
 
 def cell_key(fields: Mapping[str, Any]) -> str:
@@ -230,5 +283,5 @@ def cell_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()
 
 
-__all__ = ["BASELINE_FIELDS", "KEY_FIELDS", "LABEL_FIELDS", "SCHEMA", "SCHEMA_VERSION", "STATUSES",
-           "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]
+__all__ = ["BASELINE_FIELDS", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "SCHEMA", "SCHEMA_VERSION",
+           "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from ..core.models import check_context, iter_layers, text_config, weight_of
+from ..core.models import check_context, iter_layers, select_layers, text_config, weight_of
 from ..data.calibration import calibration_windows
 from ..data.loading import check_files, load_config_and_tokenizer, on_this_machine
 from ..errors import ConfigError, PluginError
@@ -104,8 +104,9 @@ def check_writable(folder: Path) -> None:
 
 
 def _check_shapes(where: str, config: Any, spec: ModelSpec, cells: list[Cell]) -> None:
-    """Every pattern fits every prunable layer (N:M needs widths divisible by M); the
-    layers come from a weightless copy of the model built on the meta device."""
+    """Every pattern fits every prunable layer (N:M needs widths divisible by M) and every
+    ``targets`` / ``ignore`` regex finds a layer; the layers come from a weightless copy of
+    the model built on the meta device."""
     from transformers import AutoModelForCausalLM
 
     patterns = {(c.pattern, canonical_json(c.pattern_options)): c.pattern_plugin.instance
@@ -114,6 +115,11 @@ def _check_shapes(where: str, config: Any, spec: ModelSpec, cells: list[Cell]) -
         return
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    for targets, ignore in sorted({(c.targets, c.ignore) for c in cells if not c.dense}):
+        try:
+            select_layers(skeleton, targets, ignore)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     shapes = {tuple(weight_of(layer).shape): name for _, name, layer in iter_layers(skeleton)}
     for _, pattern in sorted(patterns.items()):
         for shape, name in shapes.items():
@@ -195,7 +201,8 @@ def rows_of(result: CellResult, provenance: dict[str, Any]) -> list[Row]:
     """The leaderboard rows of one cell result: one per score, or one failed row per
     pending evaluation. The only place rows are made."""
     common = {"actual_sparsity": result.actual_sparsity, "prune_seconds": result.prune_seconds,
-              "peak_memory_bytes": result.peak_memory_bytes, **provenance}
+              "peak_memory_bytes": result.peak_memory_bytes, "layers": result.layers,
+              "dense_layers": result.dense_layers, **provenance}
     pending = result.cell.pending
     if result.error is not None:
         return [p.template.replace(status="failed", error=result.error, **common) for p in pending]

@@ -23,12 +23,14 @@ from typing import Any
 import torch
 
 from ..base import Score
+from ..core import allocation as allocating
 from ..core import engine
 from ..core.engine import CalibrationStatistics
 from ..core.models import iter_layers, weight_of
 from ..data import loading
 from ..data.calibration import calibration_windows
 from ..errors import NumericalError, PluginError, StadebenchError
+from ..util import canonical_json
 from .plan import ModelPlan, PlannedCell, SharingGroup, calibration_key
 from .record import RecordError, normalise
 
@@ -59,7 +61,9 @@ class CellResult:
         peak_memory_bytes: peak accelerator memory (CPU: process RSS) during the cell.
         details: per-block errors, timings, solver notes, shared statistics.
         seconds: phases of this cell: restore, calibration, statistics (a shared pass it
-            triggered), prune, eval.
+            triggered, or the dense pass its allocator read), prune, eval.
+        layers: one record per prunable layer (``layer_records``); None for dense.
+        dense_layers: prunable layers left dense by the suite's targets / ignore.
     """
 
     cell: PlannedCell
@@ -70,6 +74,17 @@ class CellResult:
     peak_memory_bytes: int | None = None
     details: dict[str, Any] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
+    layers: list[dict[str, Any]] | None = None
+    dense_layers: int | None = None
+
+
+def layer_records(report: Any) -> list[dict[str, Any]]:
+    """``Row.layers`` of a ``PruneReport``: one record per prunable layer (record.LAYER_TYPE)."""
+    mse = {b.index: b.mse for b in report.blocks}
+    return [{"name": l.name, "block": l.block, "role": l.role, "rows": l.shape[0], "columns": l.shape[1],
+             "dense": l.excluded, "allocated": l.allocated, "sparsity": l.sparsity, "pruned": l.pruned,
+             "bias_added": l.bias_added, "block_mse": mse.get(l.block), "output_mse": l.output_mse}
+            for l in report.layers]
 
 
 def _free_memory() -> int:
@@ -137,6 +152,8 @@ class ModelSession:
         self.groups = self._affordable(model_plan.groups)
         self.users = {key: group.cells for key, group in self.groups.items()}
         self.shared: dict[str, CalibrationStatistics | StadebenchError] = {}
+        self.allocations: dict[str, dict[str, float] | None] = {}
+        self.allocation_stats: dict[str, CalibrationStatistics] = {}
 
     def restore(self) -> None:
         """Put the dense weights back (and drop biases that pruning added)."""
@@ -191,18 +208,50 @@ class ModelSession:
             raise stats
         return stats
 
+    def allocation(self, cell: PlannedCell, shared: CalibrationStatistics | None) -> dict[str, float] | None:
+        """Each layer's sparsity for ``cell`` (None: every layer at the target), from the dense
+        model: computed once per allocation, sparsity and layer selection. An allocator's
+        statistics come from the cell's shared ones when they cover it, else from one dense
+        pass per calibration protocol, kept for the model's other cells."""
+        c, allocator = cell.cell, cell.allocator
+        data = not allocator.data_free()
+        key = canonical_json([calibration_key(cell.calibration) if data else None, c.allocation,
+                              c.allocation_options, c.sparsity, c.targets, c.ignore])
+        if key not in self.allocations:
+            stats = shared if shared is not None and allocator.statistics <= shared.needs else None
+            if data and stats is None:
+                stats_key = calibration_key(cell.calibration)
+                if stats_key not in self.allocation_stats:
+                    self.restore()
+                    self.allocation_stats[stats_key] = engine.collect_statistics(
+                        self.model, self.calibration(cell), allocator.statistics,
+                        batch_size=cell.calibration.batch_size, device=self.device, progress=self.progress)
+                    self.seconds["statistics"] += self.allocation_stats[stats_key].seconds
+                stats = self.allocation_stats[stats_key]
+            who = c.allocation_plugin.who("allocator", c.allocation_label) if c.allocation_plugin else None
+            self.allocations[key] = allocating.layer_sparsities(self.model, allocator, cell.pattern, c.sparsity,
+                                                                list(c.targets), list(c.ignore), statistics=stats,
+                                                                who=who)
+        return self.allocations[key]
+
     def _prune(self, cell: PlannedCell, result: CellResult) -> None:
         if cell.metric is None:
             result.actual_sparsity, result.prune_seconds = 0.0, 0.0
             return
         windows = None if cell.calibration is None else self.calibration(cell)
         shared = None if cell.calibration is None else self.statistics(cell)
+        shares = self.allocation(cell, shared)
+        if cell.metric.data_free():
+            windows = shared = None
         sequential = cell.calibration.sequential if cell.calibration else True
         batch_size = cell.calibration.batch_size if cell.calibration else 8
         self.dirty = True
         report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity, sequential=sequential,
-                       batch_size=batch_size, device=self.device, progress=self.progress, statistics=shared)
+                       batch_size=batch_size, device=self.device, progress=self.progress, statistics=shared,
+                       allocation=shares)
         result.actual_sparsity, result.prune_seconds = report.sparsity, report.seconds
+        result.layers = layer_records(report)
+        result.dense_layers = sum(layer.excluded for layer in report.layers)
         result.peak_memory_bytes = report.peak_memory_bytes
         result.details["prune"] = _prune_details(report, shared)
         result.seconds["prune"] = report.seconds

@@ -19,8 +19,14 @@ A suite is a YAML file; every key below is optional unless marked *required*::
       - {name: stade, options: {bias_correction: false}, label: stade-released}
     patterns: [unstructured, 2:4]    # required: a name, or {name, sparsities, options}
     sparsities: [0.5]                # for patterns without their own
+    allocations:                     # how a sparsity is shared out among layers (default [uniform])
+      - uniform
+      - {name: owl, options: {M: 5, lambda: 0.08}}
+    targets: []                      # regexes over module paths: prune only the layers they find
+    ignore: []                       # regexes: layers left dense, e.g. ['layers[.]0[.]', self_attn]
     exclude:                         # drop pruned cells matching every field given
       - {metric: stade-released, pattern: 2:4}
+      - {allocation: owl, pattern: 2:4}
     calibration:
       dataset: enwiki-2016           # a name or {name, options}
       n: 16                          # windows
@@ -43,7 +49,12 @@ Rules beyond the field types:
 - Models (id, revision, dtype, gguf_file), metric labels, patterns and evaluations
   must be distinct; a model id that looks like a local path must exist.
 - ``exclude`` applies to pruned cells only, and each value must name something in the
-  suite (model id or its last path part, metric name or label, pattern, sparsity).
+  suite (model id or its last path part, metric name or label, pattern, sparsity,
+  allocation name or label).
+- An allocation other than ``uniform`` gives layers sparsities of their own, which an
+  N:M pattern refuses: exclude such pairs. ``targets`` and ``ignore`` are Python
+  regexes matched anywhere in a layer's path (``re.search``); each must find a linear
+  layer of every model, and the sparsity is over the layers left to prune.
 
 ``expand`` turns a suite into cells grouped by model: the dense cell first, then
 metric × pattern × sparsity in the order written, minus the excluded ones.
@@ -72,7 +83,8 @@ MAX_WINDOWS = 65_536
 MAX_SEQLEN = 1 << 20
 MAX_SEED = (1 << 63) - 1
 MAX_DEVICE_INDEX = 255
-SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype")
+SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype", "allocation")
+UNIFORM = "uniform"
 
 
 # --- schema ----------------------------------------------------------------------
@@ -170,6 +182,30 @@ class PatternSpec(_Spec):
     options: OptionsDict
 
 
+class AllocationSpec(_Spec):
+    """A layer-wise allocator with its options; ``label`` tells variants apart."""
+
+    name: str = Field(min_length=1, description="Registered allocator name, e.g. owl.")
+    options: OptionsDict
+    label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
+
+    @property
+    def display(self) -> str:
+        """The label, or the name when no label is given."""
+        return self.label or self.name
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    return value
+
+
+LayerRegex = Annotated[str, Field(min_length=1), BeforeValidator(lambda v: _regex(v) if isinstance(v, str) else v)]
+
+
 class DatasetSpec(_Spec):
     """A registered text dataset with its options."""
 
@@ -205,11 +241,12 @@ class ExcludeRule(_Spec):
     metric: str | None = Field(None, description="Metric name or label.")
     pattern: str | None = Field(None, description="Pattern spec, e.g. 2:4.")
     sparsity: float | None = Field(None, description="Sparsity.")
+    allocation: str | None = Field(None, description="Allocation name or label.")
 
     @model_validator(mode="after")
     def _not_empty(self) -> ExcludeRule:
-        if not any(v is not None for v in (self.model, self.metric, self.pattern, self.sparsity)):
-            raise ValueError("an exclude rule needs at least one of: model, metric, pattern, sparsity")
+        if not any(v is not None for v in (self.model, self.metric, self.pattern, self.sparsity, self.allocation)):
+            raise ValueError("an exclude rule needs at least one of: model, metric, pattern, sparsity, allocation")
         return self
 
 
@@ -225,6 +262,12 @@ class Suite(_Spec):
     patterns: list[_shorthand(PatternSpec)] = Field(min_length=1, description="Sparsity patterns.")
     sparsities: list[Sparsity] | None = Field(
         None, min_length=1, description="Sparsities for patterns without their own.")
+    allocations: list[_shorthand(AllocationSpec)] = Field(
+        default_factory=lambda: [AllocationSpec(name=UNIFORM)], min_length=1,
+        description="How each sparsity is shared out among layers.")
+    targets: list[LayerRegex] = Field(default_factory=list, description="Regexes: prune only the layers they "
+                                                                        "find (default: all).")
+    ignore: list[LayerRegex] = Field(default_factory=list, description="Regexes: layers left dense.")
     exclude: list[ExcludeRule] = Field(default_factory=list, description="Pruned cells to drop.")
     calibration: CalibrationSpec = Field(CalibrationSpec(), description="Calibration protocol.")
     evaluations: list[_shorthand(EvaluationSpec)] = Field(
@@ -237,7 +280,8 @@ class Suite(_Spec):
         # `models:` with nothing under it is YAML null: report it as an empty list
         if isinstance(data, dict):
             data = dict(data)
-            for key in ("models", "metrics", "patterns", "evaluations", "exclude"):
+            for key in ("models", "metrics", "patterns", "evaluations", "exclude", "allocations", "targets",
+                        "ignore"):
                 if key in data and data[key] is None:
                     data[key] = []
             if "calibration" in data and data["calibration"] is None:
@@ -273,11 +317,18 @@ class Cell(BaseModel):
     pattern: str | None = Field(None, description="Pattern spec; None for dense.")
     pattern_options: dict[str, Any] = Field(default_factory=dict,
                                             description="Pattern options, with defaults.")
-    sparsity: float = Field(0.0, description="Target sparsity; 0 for dense.")
+    sparsity: float = Field(0.0, description="Target sparsity over the pruned layers; 0 for dense.")
+    allocation: str | None = Field(None, description="Allocator name; None for dense.")
+    allocation_label: str | None = Field(None, description="Allocation label in results.")
+    allocation_options: dict[str, Any] = Field(default_factory=dict, description="Allocator options, with "
+                                                                                 "defaults.")
+    targets: tuple[str, ...] = Field((), description="Regexes of the layers to prune (empty: all).")
+    ignore: tuple[str, ...] = Field((), description="Regexes of the layers left dense.")
     calibration: CalibrationSpec = Field(description="Calibration protocol (unused by dense cells).")
     evaluations: tuple[EvaluationSpec, ...] = Field((), description="Evaluations to run.")
     _metric: Resolved | None = PrivateAttr(None)
     _pattern: Resolved | None = PrivateAttr(None)
+    _allocation: Resolved | None = PrivateAttr(None)
 
     @property
     def dense(self) -> bool:
@@ -286,8 +337,11 @@ class Cell(BaseModel):
 
     @property
     def label(self) -> str:
-        """Short human label, e.g. ``wanda · unstructured · 0.5``."""
-        return DENSE if self.dense else f"{self.metric_label} · {self.pattern} · {self.sparsity:g}"
+        """Short human label, e.g. ``wanda · unstructured · 0.5`` (``· owl`` when not uniform)."""
+        if self.dense:
+            return DENSE
+        label = f"{self.metric_label} · {self.pattern} · {self.sparsity:g}"
+        return label if self.allocation == UNIFORM else f"{label} · {self.allocation_label}"
 
     @property
     def metric_plugin(self) -> Resolved | None:
@@ -299,6 +353,11 @@ class Cell(BaseModel):
         """The resolved pattern (None for dense)."""
         return self._pattern
 
+    @property
+    def allocation_plugin(self) -> Resolved | None:
+        """The resolved allocator (None for dense)."""
+        return self._allocation
+
 
 def _model_names(model: ModelSpec) -> set[str]:
     return {model.id, model.id.rstrip("/").rsplit("/", 1)[-1]}
@@ -308,7 +367,8 @@ def _excluded(rule: ExcludeRule, cell: Cell) -> bool:
     return ((rule.model is None or rule.model in _model_names(cell.model))
             and (rule.metric is None or rule.metric in (cell.metric, cell.metric_label))
             and (rule.pattern is None or rule.pattern == cell.pattern)
-            and (rule.sparsity is None or math.isclose(rule.sparsity, cell.sparsity)))
+            and (rule.sparsity is None or math.isclose(rule.sparsity, cell.sparsity))
+            and (rule.allocation is None or rule.allocation in (cell.allocation, cell.allocation_label)))
 
 
 def expand(suite: Suite) -> list[Cell]:
@@ -321,12 +381,16 @@ def expand(suite: Suite) -> list[Cell]:
         for metric in suite.metrics:
             for pattern in suite.patterns:
                 for sparsity in pattern.sparsities or suite.sparsities or ():
-                    cell = Cell(metric=metric.name, metric_label=metric.display, metric_options=metric.options,
-                                pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
-                                **common)
-                    cell._metric, cell._pattern = metric._resolved, pattern._resolved
-                    if not any(_excluded(rule, cell) for rule in suite.exclude):
-                        cells.append(cell)
+                    for allocation in suite.allocations:
+                        cell = Cell(metric=metric.name, metric_label=metric.display, metric_options=metric.options,
+                                    pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
+                                    allocation=allocation.name, allocation_label=allocation.display,
+                                    allocation_options=allocation.options, targets=tuple(suite.targets),
+                                    ignore=tuple(suite.ignore), **common)
+                        cell._metric, cell._pattern = metric._resolved, pattern._resolved
+                        cell._allocation = allocation._resolved
+                        if not any(_excluded(rule, cell) for rule in suite.exclude):
+                            cells.append(cell)
     return cells
 
 
@@ -375,6 +439,8 @@ def _selected(cell: Cell, field: str, value: Any) -> bool:
         return math.isclose(value, cell.sparsity)
     if field == "dtype":
         return value == cell.model.dtype
+    if field == "allocation":
+        return value in (cell.allocation, cell.allocation_label)
     return value == cell.pattern
 
 
@@ -694,6 +760,19 @@ def _resolve(suite: Suite) -> Suite:
     for i, spec in enumerate(suite.patterns):
         patterns.append(_pattern(plugins, suite, spec, ("patterns", i), specs))
 
+    allocations, labels = [], {}
+    for i, spec in enumerate(suite.allocations):
+        loc = ("allocations", i)
+        reg, options = _plugin(plugins.allocators, spec, loc)
+        if spec.display in labels:
+            raise _Problem((*loc, "label" if spec.label else "name"),
+                           f"allocation label {spec.display!r} is already used by allocations[{labels[spec.display]}]; "
+                           f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
+        labels[spec.display] = i
+        allocation = spec.model_copy(update={"options": options})
+        allocation._resolved = reg
+        allocations.append(allocation)
+
     calibration = suite.calibration
     dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
     _check(dataset, ("calibration", "dataset", "options"))
@@ -714,12 +793,26 @@ def _resolve(suite: Suite) -> Suite:
         evaluation._resolved = evaluator
         evaluations.append(evaluation)
 
-    resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns,
+    resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns, "allocations": allocations,
                                         "calibration": calibration, "evaluations": evaluations})
     _check_exclude(resolved)
-    if not expand(resolved):
+    cells = expand(resolved)
+    if not cells:
         raise _Problem(("exclude",), "every cell is excluded and `dense` is false: nothing would run")
+    _check_allocations(resolved, cells)
     return resolved
+
+
+def _check_allocations(suite: Suite, cells: list[Cell]) -> None:
+    """A pattern with a fixed sparsity (N:M) takes only the uniform allocation."""
+    for cell in cells:
+        if cell.dense or cell.allocation_plugin.instance.uniform or cell.pattern_plugin.instance.per_layer_sparsity:
+            continue
+        i = next(k for k, a in enumerate(suite.allocations) if a.display == cell.allocation_label)
+        raise _Problem(("allocations", i), f"allocation {cell.allocation_label!r} gives layers sparsities of their "
+                                           f"own, but pattern {cell.pattern!r} prunes every layer at "
+                                           f"{cell.sparsity:g}; add `exclude: [{{allocation: {cell.allocation_label}, "
+                                           f"pattern: '{cell.pattern}'}}]`")
 
 
 def _pattern(plugins: Any, suite: Suite, spec: PatternSpec, loc: Loc, specs: dict[tuple, int]
@@ -779,10 +872,11 @@ def _check_exclude(suite: Suite) -> None:
         "model": set().union(*(_model_names(m) for m in suite.models)),
         "metric": {m.name for m in suite.metrics} | {m.display for m in suite.metrics},
         "pattern": {p.name for p in suite.patterns},
+        "allocation": {a.name for a in suite.allocations} | {a.display for a in suite.allocations},
     }
     sparsities = {s for p in suite.patterns for s in p.sparsities}
     for i, rule in enumerate(suite.exclude):
-        for field in ("model", "metric", "pattern"):
+        for field in ("model", "metric", "pattern", "allocation"):
             value = getattr(rule, field)
             if value is not None and value not in known[field]:
                 close = close_matches(value, known[field], n=1)

@@ -22,10 +22,11 @@ call, ``metric.prune_layer``, and the ``LayerResult`` it returns is applied here
 from __future__ import annotations
 
 import contextlib
+import math
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -41,17 +42,27 @@ from .statistics import BlockCollector
 
 @dataclass
 class LayerReport:
-    """Realised sparsity of one layer."""
+    """What happened to one prunable layer."""
 
     name: str
     block: int
     role: str | None
     shape: tuple[int, int]
     pruned: int
+    """Weights pruned (0 for a layer left dense)."""
     sparsity: float
+    """Realised sparsity: pruned / weights."""
     bias_added: bool = False
     details: dict[str, Any] = field(default_factory=dict)
     """What a solver reported for this layer, e.g. ``{"percdamp": 0.1}`` after a retry."""
+    allocated: float | None = None
+    """The sparsity this layer was asked for (the target, or its allocator's share); None
+    for a layer left dense."""
+    excluded: bool = False
+    """Left dense: outside the layers selected for pruning."""
+    output_mse: float | None = None
+    """Mean squared error of the layer's outputs, pruned against dense, on the calibration
+    inputs, computed exactly from their Gram matrix when the metric collected it; else None."""
 
 
 @dataclass
@@ -76,7 +87,8 @@ class PruneReport:
     pattern: str
     target_sparsity: float
     sparsity: float
-    """Realised sparsity over all prunable layers (pruned / total weights)."""
+    """Realised sparsity over the pruned layers (pruned / their weights); layers left dense
+    by an allocation are not counted."""
     sequential: bool
     n_windows: int
     seqlen: int
@@ -300,6 +312,7 @@ def prune(
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     statistics: CalibrationStatistics | None = None,
+    allocation: Mapping[str, float] | None = None,
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place with ``metric`` and
     ``pattern`` (instances: ``stadebench.prune`` takes registered names and documents
@@ -308,12 +321,15 @@ def prune(
     Each layer is decided by one call, ``metric.prune_layer``, whose ``LayerResult`` is
     applied to the layer (``_Pruning.apply``). Data-free metrics and shared one-shot
     ``statistics`` run no forward pass; other metrics run the calibrated protocol.
+    ``allocation`` maps the full name of each layer to prune to its sparsity (an
+    allocator's answer); layers it does not name stay dense. None prunes every layer at
+    the target ``sparsity``.
     """
     t_start = time.perf_counter()
     if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
         raise TypeError("the engine takes Metric and Pattern instances; stadebench.prune also takes "
                         f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
-    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress)
+    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, allocation)
     shared = statistics if statistics is not None and not metric.data_free() else None
     n, seqlen, batch_size = _protocol(metric, calibration, shared, sequential, batch_size)
     if run.device.type == "cuda":
@@ -368,21 +384,41 @@ class _Pruning:
     pattern: Pattern
     sparsity: float
     device: torch.device
+    targets: dict[str, float]
+    """Sparsity of every layer to prune, by full name; the others stay dense."""
     progress: Callable[[int, int], None] | None = None
     report: PruneReport | None = None
 
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
-              device: str | torch.device | None, progress: Callable[[int, int], None] | None) -> _Pruning:
-        """Check the sparsity and every layer's shape against the pattern before anything runs."""
+              device: str | torch.device | None, progress: Callable[[int, int], None] | None,
+              allocation: Mapping[str, float] | None = None) -> _Pruning:
+        """Check the sparsity, the allocation and every pruned layer's shape against the
+        pattern before anything runs."""
         target = pattern.resolve_sparsity(sparsity)
         dev = _device(device, model)
         prefix, blocks = find_blocks(model)
         layers = [prunable_layers(b) for b in blocks]
-        for block_layers in layers:
-            for _, layer in block_layers:
-                pattern.check_shape(tuple(weight_of(layer).shape))
-        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, progress)
+        names = {f"{prefix}.{i}.{short}": layer for i, block_layers in enumerate(layers)
+                 for short, layer in block_layers}
+        targets = dict.fromkeys(names, target) if allocation is None else _allocated(allocation, names, pattern,
+                                                                                      target)
+        for name in targets:
+            pattern.check_shape(tuple(weight_of(names[name]).shape))
+        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, targets, progress)
+
+    def pruned(self, i: int) -> list[tuple[str, nn.Module]]:
+        """The layers of block ``i`` to prune."""
+        return [(short, layer) for short, layer in self.layers[i] if f"{self.prefix}.{i}.{short}" in self.targets]
+
+    def leave_dense(self, i: int, roles: Mapping[str, str] | None = None) -> None:
+        """Report the layers of block ``i`` that stay dense."""
+        for short, layer in self.layers[i]:
+            name = f"{self.prefix}.{i}.{short}"
+            if name not in self.targets:
+                self.report.layers.append(LayerReport(name=name, block=i, role=(roles or {}).get(short),
+                                                      shape=tuple(weight_of(layer).shape), pruned=0, sparsity=0.0,
+                                                      excluded=True))
 
     def prune_layer(self, layer: nn.Module, stats: LayerStats) -> None:
         """Decide one layer with the metric, apply the result and report it."""
@@ -390,13 +426,16 @@ class _Pruning:
         dense = weight_of(layer).detach().float()
         check_finite(dense, "weights", name, self.metric.name)
         had_bias = getattr(layer, "bias", None) is not None
-        result = self.metric.prune_layer(dense, stats, self.pattern, self.sparsity)
+        sparsity = self.targets[name]
+        result = self.metric.prune_layer(dense, stats, self.pattern, sparsity)
+        error = _output_mse(dense, result, stats)
         self.apply(layer, name, result)
         pruned = int(result.mask.count_nonzero())
         self.report.layers.append(LayerReport(
             name=name, block=stats.layer.block, role=stats.layer.role, shape=tuple(weight_of(layer).shape),
             pruned=pruned, sparsity=pruned / result.mask.numel(),
             bias_added=not had_bias and getattr(layer, "bias", None) is not None, details=result.details,
+            allocated=sparsity, output_mse=error,
         ))
 
     def apply(self, layer: nn.Module, name: str, result: LayerResult) -> None:
@@ -417,12 +456,13 @@ class _Pruning:
 
     def without_passes(self, shared: CalibrationStatistics | None) -> None:
         """Data-free metrics (no statistics at all), or one-shot metrics from shared statistics."""
-        for i, (block, block_layers) in enumerate(zip(self.blocks, self.layers)):
+        for i, block in enumerate(self.blocks):
             t0 = time.perf_counter()
             home = module_device(block)
             block.to(self.device)
             on_device: dict[int, torch.Tensor] = {}
-            for short, layer in block_layers:
+            self.leave_dense(i)
+            for short, layer in self.pruned(i):
                 name = f"{self.prefix}.{i}.{short}"
                 if shared is None:
                     stats = LayerStats(LayerInfo(name, i, short))
@@ -455,12 +495,13 @@ class _Pruning:
         home = module_device(block)
         block.to(self.device)
         t0 = time.perf_counter()
-        collector, dense_out, flow.input_normed = _statistics_pass(block, self.layers[i], self.metric.statistics,
+        collector, dense_out, flow.input_normed = _statistics_pass(block, self.pruned(i), self.metric.statistics,
                                                                    flow)
         self.report.block_passes += 1
         t1 = time.perf_counter()
         timings["stats"] += t1 - t0
-        for short, layer in self.layers[i]:
+        self.leave_dense(i)
+        for short, layer in self.pruned(i):
             info = LayerInfo(f"{self.prefix}.{i}.{short}", i, short, collector.roles.get(short))
             _received(collector, short, info.name)
             stats = collector.stats(short, info)
@@ -483,11 +524,52 @@ class _Pruning:
         report = self.report
         if any(layer.bias_added for layer in report.layers):
             report.config_flags = enable_bias_flags(self.model)
-        total = sum(l.shape[0] * l.shape[1] for l in report.layers)
-        report.sparsity = sum(l.pruned for l in report.layers) / max(total, 1)
+        pruned = [l for l in report.layers if not l.excluded]
+        total = sum(l.shape[0] * l.shape[1] for l in pruned)
+        report.sparsity = sum(l.pruned for l in pruned) / max(total, 1)
         report.peak_memory_bytes = _peak_memory(self.device)
         report.seconds = time.perf_counter() - t_start
         return report
+
+
+def _allocated(allocation: Mapping[str, float], names: Mapping[str, nn.Module], pattern: Pattern,
+               target: float) -> dict[str, float]:
+    """An allocation checked against the model's layers and the pattern."""
+    unknown = sorted(set(allocation) - set(names))
+    if unknown:
+        raise ConfigError(f"the allocation names {unknown[0]!r}, which is not a prunable layer of this model "
+                          f"(they look like {next(iter(names), '?')!r})")
+    if not allocation:
+        raise ConfigError("the allocation selects no layer: nothing would be pruned")
+    out = {}
+    for name in names:  # model order
+        if name not in allocation:
+            continue
+        value = float(allocation[name])
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"layer {name}: allocated sparsity {value:g} is outside [0, 1)")
+        if not pattern.per_layer_sparsity and not math.isclose(value, target, abs_tol=1e-9):
+            raise ConfigError(f"pattern {pattern.spec!r} prunes every layer at sparsity {target:g}, but the "
+                              f"allocation gives layer {name} {value:.4g}: use a uniform allocation with "
+                              f"{pattern.spec}, or an unstructured pattern with a non-uniform one")
+        out[name] = value
+    return out
+
+
+def _output_mse(dense: torch.Tensor, result: LayerResult, stats: LayerStats) -> float | None:
+    """Mean squared output error of the decided layer on the calibration inputs, from their
+    Gram matrix (exact, no activations kept): E‖ΔW x − b‖² / out over tokens, with ΔW the
+    weight change and b the bias delta. None without a Gram matrix (or without the mean,
+    when a bias delta must be accounted for)."""
+    if stats.gram is None or (result.bias_delta is not None and stats.sum is None):
+        return None
+    new = dense.masked_fill(result.mask, 0) if result.weight is None else result.weight.masked_fill(result.mask, 0)
+    delta = (dense - new).to(stats.gram.dtype)
+    second = ((delta @ stats.gram) * delta).sum(dtype=torch.float64) / stats.count
+    if result.bias_delta is not None:
+        b = result.bias_delta.double()
+        second = second - 2 * (b * (delta.double() @ (stats.sum.double() / stats.count))).sum() + b.square().sum()
+    return max(float(second), 0.0) / dense.shape[0]
 
 
 # --- one-shot statistics shared by several prune calls -------------------------------

@@ -8,7 +8,8 @@ block. Embeddings and the LM head are outside the blocks and never pruned.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import re
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -141,6 +142,31 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
     for i, block in enumerate(blocks):
         for name, layer in prunable_layers(block):
             yield i, name, layer
+
+
+def layer_names(model: nn.Module) -> list[str]:
+    """Full names of every prunable layer, in model order."""
+    prefix, _ = find_blocks(model)
+    return [f"{prefix}.{i}.{name}" for i, name, _ in iter_layers(model)]
+
+
+def select_layers(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str] = ()) -> list[str]:
+    """Full names of the prunable layers to prune, in model order: those a ``targets``
+    regex finds (``re.search``; all of them when there is none), minus those an
+    ``ignore`` regex finds. Every regex must find some linear module of the model (the
+    LM head counts, although it is never pruned), so that a misspelt one is an error."""
+    linears = [name for name, mod in model.named_modules() if is_prunable(mod)]
+    for key, patterns in (("targets", targets), ("ignore", ignore)):
+        for k, pattern in enumerate(patterns):
+            if not any(re.search(pattern, name) for name in linears):
+                raise ConfigError(f"{key}[{k}] {pattern!r} matches no linear layer of {type(model).__name__} "
+                                  f"(names look like {linears[0]!r} … {linears[-1]!r})")
+    names = [n for n in layer_names(model)
+             if (not targets or any(re.search(t, n) for t in targets)) and not any(re.search(i, n) for i in ignore)]
+    if not names:
+        raise ConfigError(f"targets {list(targets)} and ignore {list(ignore)} leave no layer of "
+                          f"{type(model).__name__} to prune")
+    return names
 
 
 def check_context(config, seqlen: int, what: str) -> None:

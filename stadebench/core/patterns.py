@@ -71,6 +71,7 @@ class NM(Pattern):
     name = "N:M"
     version = "1"
     default_sparsity: ClassVar[None] = None
+    per_layer_sparsity: ClassVar[bool] = False
 
     def __init__(self, options=None, n: int = 2, m: int = 4):
         super().__init__(options)
