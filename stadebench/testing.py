@@ -13,6 +13,9 @@ Plugin authors subclass a suite in their own tests and name what they registered
         def expected_pruned(self, shape, sparsity):   # optional: the exact count rule
             return shape[0] * math.floor(shape[1] * sparsity)
 
+    class TestDepth(AllocatorConformance):
+        allocator = "depth"
+
 Each test checks one rule of ``RULES``; a failure starts with the rule's name, e.g.
 ``conformance rule 'score-shape': ria returned [40, 24] for a weight of [24, 40]``.
 Set ``plugin = my_module`` to have the suite register your plugin for its tests when it
@@ -35,7 +38,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from .base import STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Pattern
+from .base import STATISTICS, Allocator, LayerInfo, LayerResult, LayerStats, Metric, Pattern
 from .errors import ConfigError, StadebenchError
 from .plugins import get_plugins
 
@@ -73,6 +76,22 @@ RULES: dict[str, str] = {
     "exact-count": "select prunes exactly expected_pruned(shape, sparsity) weights; without that rule, a "
                    "count that depends only on shape and sparsity, within one row or column of numel·s",
     "ties-deterministic": "tied scores give the same mask every time, whatever the global RNG state",
+    "scores-used": "select prunes the low scores: on random scores the pruned weights score lower on average than "
+                   "the kept ones, and negating the scores changes the mask",
+    "allocated-sparsity": "stadebench.prune with a non-uniform allocation prunes, in every layer, the pattern's "
+                          "count at that layer's own sparsity (N:M refuses it with a ConfigError)",
+    # allocators (also: registered, metadata, statistics-declared, statistics-unrequested, options-*, no-mutation)
+    "allocation-length": "allocate returns one number per layer it was given, in order",
+    "allocation-range": "every allocated sparsity lies in [0, 1), or allocate raises ConfigError for a target it "
+                        "cannot serve",
+    "allocation-mean": "the allocation's mean weighted by each layer's size is the target (within 1e-6): the "
+                       "model is pruned as much as asked",
+    "allocation-deterministic": "the same model, statistics and target give the same allocation, whatever the "
+                                "global RNG state",
+    "uniform-declared": "an allocator that declares uniform = True gives every layer the target",
+    "allocation-realised": "stadebench.prune with the allocator prunes each layer at its allocated sparsity; over "
+                           "the model the realised sparsity is the target within one weight per layer "
+                           "(unstructured-layer)",
 }
 
 # Which declared statistic fills each LayerStats field (m2 comes with the mean).
@@ -826,6 +845,57 @@ class PatternConformance(_Conformance):
                 fail("no-mutation", f"{pattern.spec}.select changed the scores it was given ({list(shape)}, "
                                     f"sparsity {s:g})")
 
+    def test_scores_used(self):
+        pattern = self.make()
+        for shape, s in self.cases(pattern):
+            scores = self.scores(shape, seed=7)
+            mask = self.select(pattern, scores, s, "scores-used")
+            if not 0 < int(mask.sum()) < mask.numel():
+                continue
+            pruned, kept = float(scores[mask].mean()), float(scores[~mask].mean())
+            if not pruned < kept:
+                fail("scores-used", f"{pattern.spec} on random scores of {list(shape)} at sparsity {s:g}: the "
+                                    f"pruned weights' mean score {pruned:.3f} is not below the kept ones' "
+                                    f"{kept:.3f}; prune the lowest scores")
+            if bool((self.select(pattern, -scores, s, "scores-used") == mask).all()):
+                fail("scores-used", f"{pattern.spec} picked the same mask of {list(shape)} at sparsity {s:g} for "
+                                    f"negated scores: the mask must follow the scores")
+
+    def test_allocated_sparsity(self):
+        import stadebench
+
+        from .core.models import layer_names
+
+        pattern = self.make()
+        model = make_tiny_model(layers=2)
+        names = layer_names(model)
+        shares = {name: (0.25, 0.5, 0.75)[i % 3] for i, name in enumerate(names)}
+        if not pattern.per_layer_sparsity:
+            from .core import engine
+            from .plugins import resolve_metric
+
+            try:
+                engine.prune(model, None, resolve_metric("magnitude"), pattern, allocation=shares)
+            except ConfigError:
+                return
+            fail("allocated-sparsity", f"{pattern.spec} declares per_layer_sparsity = False but pruned layers at "
+                                       f"sparsities other than its own without a ConfigError")
+        from .core import engine
+        from .plugins import resolve_metric
+
+        try:
+            report = engine.prune(model, None, resolve_metric("magnitude"), pattern, 0.5, allocation=shares,
+                                  device=self.device)
+        except ConfigError as exc:
+            pytest.skip(f"pattern {pattern.spec!r} does not fit the tiny model: {exc}")
+        for layer in report.layers:
+            want = self.expected(pattern, tuple(layer.shape), shares[layer.name])
+            if layer.pruned != want:
+                fail("allocated-sparsity", f"{pattern.spec}: layer {layer.name} {list(layer.shape)} allocated "
+                                           f"{shares[layer.name]:g} pruned {layer.pruned} weights; at that "
+                                           f"sparsity the pattern prunes {want}")
+        del stadebench
+
     def test_ties_deterministic(self):
         import torch
 
@@ -859,6 +929,218 @@ class PatternConformance(_Conformance):
                                           f"{type(exc).__name__}: {exc}")
             _check_realised(report, model, pattern, s, f"{pattern.spec} with {metric}",
                             lambda shape, s: self.expected(pattern, shape, s))
+
+
+# --- allocators --------------------------------------------------------------------
+
+
+@_checks
+class AllocatorConformance(_Conformance):
+    """Subclass as ``TestMyAllocator`` and set ``allocator``: every method checks one rule.
+
+    Attributes to set: ``allocator`` (a registered name or the class), optionally
+    ``options``, ``plugin``, ``sparsities`` (targets to test) and ``blocks`` (decoder blocks
+    of the tiny Llama the allocations are computed on; OWL needs several to differ).
+    """
+
+    allocator: ClassVar[str | type[Allocator]]
+    sparsities: ClassVar[tuple[float, ...]] = (0.1, 0.5, 0.7)
+    blocks: ClassVar[int] = 4
+
+    @property
+    def name(self) -> str:
+        return self.allocator if isinstance(self.allocator, str) else self.allocator.name
+
+    def allocator_class(self) -> type[Allocator]:
+        return _registered("allocator", self.allocator)
+
+    def make(self) -> Allocator:
+        try:
+            return self.allocator_class()(dict(self.options))
+        except ConfigError as exc:
+            fail("options-roundtrip", f"allocator {self.name!r} rejects the options under test {self.options}: {exc}")
+
+    def layers(self, allocator: Allocator, strict: bool = True):
+        """The tiny model's layers as an allocator sees them, with strict statistics."""
+        from .core import allocation
+        from .core.engine import collect_statistics
+        from .core.models import layer_names
+
+        model = make_tiny_model(layers=self.blocks)
+        statistics = None
+        if not allocator.data_free():
+            statistics = collect_statistics(model, make_windows(8, 32), STATISTICS, batch_size=4)
+            if strict:
+                for stats in statistics.layers.values():
+                    object.__setattr__(stats, "__class__", StrictLayerStats)
+                    object.__setattr__(stats, "_allowed", allocator.statistics)
+                    object.__setattr__(stats, "_reads", [])
+        return model, allocation.allocation_layers(model, layer_names(model), statistics)
+
+    def allocate(self, allocator: Allocator, layers, sparsity: float, rule: str):
+        try:
+            return allocator.allocate(layers, sparsity)
+        except ConfigError:
+            raise
+        except UnrequestedStatistic as exc:
+            fail("statistics-unrequested", f"allocator {self.name!r}: {exc}")
+        except Exception as exc:  # noqa: BLE001
+            fail(rule, f"allocator {self.name!r}.allocate at sparsity {sparsity:g} raised {type(exc).__name__}: {exc}")
+
+    def each(self, rule: str, strict: bool = True):
+        """(layers, sparsity, values) for every target the allocator serves."""
+        allocator = self.make()
+        _, layers = self.layers(allocator, strict)
+        for s in self.sparsities:
+            try:
+                values = self.allocate(allocator, layers, s, rule)
+            except ConfigError:
+                continue
+            yield layers, s, values
+
+    # rules
+
+    def test_registered(self):
+        try:
+            reg = get_plugins().allocators.get(self.name)
+        except ConfigError as exc:
+            fail("registered", f"{exc} Register it in a `register_allocators(register)` hook of an installed "
+                               f"plugin, or set `plugin = <your module>` on this test class.")
+        if not isinstance(self.allocator, str) and reg.cls is not self.allocator:
+            fail("registered", f"allocator {self.name!r} resolves to {reg.cls.__qualname__} registered by "
+                               f"{reg.plugin}, not to {self.allocator.__qualname__}")
+
+    def test_metadata(self):
+        cls = self.allocator_class()
+        for attr in ("name", "version"):
+            value = getattr(cls, attr, None)
+            if not isinstance(value, str) or not value:
+                fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
+        if not (cls.__doc__ or "").strip():
+            fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
+        if cls.allocate is Allocator.allocate:
+            fail("metadata", f"{cls.__qualname__} must implement allocate()")
+
+    def test_statistics_declared(self):
+        declared = getattr(self.allocator_class(), "statistics", None)
+        if not isinstance(declared, frozenset | set) or not set(declared) <= STATISTICS:
+            fail("statistics-declared", f"allocator {self.name!r} declares statistics {declared!r}; use a set drawn "
+                                        f"from {sorted(STATISTICS)}")
+
+    def test_statistics_unrequested(self):
+        for layers, _, _ in self.each("statistics-unrequested"):
+            reads = sorted({r for entry in layers if entry.stats is not None
+                            for r in object.__getattribute__(entry.stats, "_reads")})
+            if reads:
+                fail("statistics-unrequested", f"allocator {self.name!r} read {reads} without declaring them "
+                                               f"in statistics")
+
+    def test_options_unknown_key(self):
+        try:
+            self.allocator_class()({**self.options, "no_such_option_xyz": 1})
+        except ConfigError:
+            return
+        except Exception as exc:  # noqa: BLE001
+            fail("options-unknown-key", f"allocator {self.name!r} raised {type(exc).__name__} for an unknown option "
+                                        f"key, not stadebench.ConfigError")
+        fail("options-unknown-key", f"allocator {self.name!r} accepted the unknown option 'no_such_option_xyz'; "
+                                    f"make its Options subclass stadebench.Options")
+
+    def test_options_roundtrip(self):
+        allocator = self.make()
+        dumped = json.loads(json.dumps(allocator.options.model_dump(mode="json")))
+        again = self.allocator_class()(dumped)
+        if again.options != allocator.options:
+            fail("options-roundtrip", f"allocator {self.name!r} {allocator.options!r} came back as {again.options!r}")
+
+    def test_no_mutation(self):
+        allocator = self.make()
+        _, layers = self.layers(allocator, strict=False)
+        before = [(entry.module.weight.detach().clone(), {k: v.clone() for k, v in _stat_tensors(entry.stats).items()}
+                   if entry.stats is not None else {}) for entry in layers]
+        for s in self.sparsities:
+            try:
+                self.allocate(allocator, layers, s, "no-mutation")
+            except ConfigError:
+                continue
+        for entry, (weight, stats) in zip(layers, before):
+            now = _stat_tensors(entry.stats) if entry.stats is not None else {}
+            if not _same(entry.module.weight.detach(), weight) or any(not _same(now[k], v) for k, v in stats.items()):
+                fail("no-mutation", f"allocator {self.name!r} changed the weight or statistics of {entry.layer.name}")
+
+    def test_allocation_length(self):
+        for layers, s, values in self.each("allocation-length"):
+            if not isinstance(values, list | tuple) or len(values) != len(layers) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                fail("allocation-length", f"allocator {self.name!r} at sparsity {s:g} returned {values!r:.80}; "
+                                          f"expected a list of {len(layers)} numbers")
+
+    def test_allocation_range(self):
+        for layers, s, values in self.each("allocation-range"):
+            bad = [(entry.layer.name, v) for entry, v in zip(layers, values) if not 0.0 <= float(v) < 1.0]
+            if bad:
+                fail("allocation-range", f"allocator {self.name!r} at sparsity {s:g} gave {bad[0][0]} "
+                                         f"{bad[0][1]!r}, outside [0, 1); raise ConfigError for a target it cannot "
+                                         f"serve")
+
+    def test_allocation_mean(self):
+        served = 0
+        for layers, s, values in self.each("allocation-mean"):
+            served += 1
+            total = sum(entry.numel for entry in layers)
+            mean = sum(float(v) * entry.numel for entry, v in zip(layers, values)) / total
+            if abs(mean - s) > 1e-6:
+                fail("allocation-mean", f"allocator {self.name!r}: size-weighted mean {mean:.6g} for a target of "
+                                        f"{s:g}")
+        if not served:
+            fail("allocation-mean", f"allocator {self.name!r} refused every target {list(self.sparsities)}")
+
+    def test_allocation_deterministic(self):
+        import torch
+
+        allocator = self.make()
+        _, layers = self.layers(allocator, strict=False)
+        for s in self.sparsities:
+            runs = []
+            for seed in (0, 12345):
+                torch.manual_seed(seed)
+                try:
+                    runs.append([float(v) for v in self.allocate(allocator, layers, s, "allocation-deterministic")])
+                except ConfigError:
+                    break
+            if len(runs) == 2 and runs[0] != runs[1]:
+                fail("allocation-deterministic", f"allocator {self.name!r} gave two allocations at sparsity {s:g}")
+
+    def test_uniform_declared(self):
+        if not getattr(self.allocator_class(), "uniform", False):
+            return
+        for _, s, values in self.each("uniform-declared"):
+            if any(float(v) != s for v in values):
+                fail("uniform-declared", f"allocator {self.name!r} declares uniform = True but gave "
+                                         f"{sorted(set(map(float, values)))[:3]} at sparsity {s:g}")
+
+    def test_allocation_realised(self):
+        import stadebench
+
+        allocator = self.make()
+        for s in self.sparsities:
+            model = make_tiny_model(layers=self.blocks)
+            try:
+                report = stadebench.prune(model, make_windows(8, 32), "wanda", "unstructured-layer", s,
+                                          allocation=allocator, batch_size=4, device=self.device)
+            except ConfigError:
+                continue
+            total = 0
+            for layer in report.layers:
+                want = math.floor(layer.shape[0] * layer.shape[1] * layer.allocated)
+                if layer.pruned != want:
+                    fail("allocation-realised", f"allocator {self.name!r}: layer {layer.name} allocated "
+                                                f"{layer.allocated:g} pruned {layer.pruned}, not {want}")
+                total += layer.shape[0] * layer.shape[1]
+            pruned = sum(layer.pruned for layer in report.layers)
+            if abs(pruned - s * total) > len(report.layers) + 1e-6 * total:
+                fail("allocation-realised", f"allocator {self.name!r}: {pruned} of {total} weights pruned for a "
+                                            f"target of {s:g}, more than one weight per layer away")
 
 
 # --- pytest plugin: fixtures -----------------------------------------------------
@@ -899,7 +1181,7 @@ def pytest_report_header(config):
 
 
 __all__ = [
-    "BUILTIN_PATTERNS", "RULES", "MetricConformance", "PatternConformance", "StrictLayerStats",
+    "AllocatorConformance", "BUILTIN_PATTERNS", "RULES", "MetricConformance", "PatternConformance", "StrictLayerStats",
     "UnrequestedStatistic", "calibration_windows", "documented_count", "expected_count", "fail",
     "isolated_plugins", "layer_inputs", "make_tiny_model", "make_windows", "tiny_model",
 ]

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from stadebench.testing import RULES, MetricConformance, PatternConformance
+from stadebench.testing import RULES, AllocatorConformance, MetricConformance, PatternConformance
 
 pytest_plugins = ["pytester"]
 
@@ -83,8 +83,23 @@ class Test1of4(PatternConformance):
     pattern = "1:4"
 
 
+class TestUniform(AllocatorConformance):
+    allocator = "uniform"
+
+
+class TestOWL(AllocatorConformance):
+    allocator = "owl"
+
+
+class TestOWLWide(AllocatorConformance):
+    allocator = "owl"
+    options = {"M": 3, "lambda": 0.2}
+    sparsities = (0.3, 0.85)  # 0.85 + 0.2 leaves [0, 1): refused with a ConfigError, not served
+
+
 def test_every_rule_has_a_check():
-    checks = {name[len("test_"):].replace("_", "-") for cls in (MetricConformance, PatternConformance)
+    checks = {name[len("test_"):].replace("_", "-")
+              for cls in (MetricConformance, PatternConformance, AllocatorConformance)
               for name in vars(cls) if name.startswith("test_")}
     assert checks == set(RULES)
 
@@ -96,7 +111,7 @@ import pydantic
 import torch
 
 import stadebench
-from stadebench.testing import MetricConformance, PatternConformance
+from stadebench.testing import AllocatorConformance, MetricConformance, PatternConformance
 
 
 class Plugin:
@@ -113,6 +128,11 @@ class Plugin:
     @stadebench.hookimpl
     def register_patterns(self, register):
         if self.kind == "pattern":
+            register(self.cls)
+
+    @stadebench.hookimpl
+    def register_allocators(self, register):
+        if self.kind == "allocator":
             register(self.cls)
 '''
 
@@ -166,6 +186,75 @@ BROKEN_PATTERNS = {
             return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order[:, :k], True)
     ''',
 }
+
+BROKEN_PATTERNS["scores-used"] = '''
+        def select(self, scores, sparsity):   # prunes the first columns, whatever the scores
+            k = int(scores.shape[-1] * sparsity)
+            mask = torch.zeros_like(scores, dtype=torch.bool)
+            mask[:, :k] = True
+            return mask
+    '''
+BROKEN_PATTERNS["allocated-sparsity"] = '''
+        def __init__(self, options=None):
+            super().__init__(options)
+            self.first = None
+
+        def select(self, scores, sparsity):   # keeps the first sparsity it saw: one count for every layer
+            self.first = sparsity if self.first is None else self.first
+            k = int(scores.shape[-1] * self.first)
+            order = torch.argsort(scores, dim=-1, stable=True)
+            return torch.zeros_like(scores, dtype=torch.bool).scatter(-1, order[:, :k], True)
+    '''
+
+BROKEN_ALLOCATORS = {
+    "allocation-mean": '''
+        def allocate(self, layers, sparsity):   # deeper layers pruned harder, never rebalanced
+            return [min(sparsity + 0.01 * entry.layer.block, 0.99) for entry in layers]
+    ''',
+    "allocation-range": '''
+        def allocate(self, layers, sparsity):   # the first half at 0, the rest above the target, even past 1
+            half = len(layers) // 2
+            return [0.0] * half + [2 * sparsity] * (len(layers) - half)
+    ''',
+    "allocation-length": '''
+        def allocate(self, layers, sparsity):   # one per block, not per layer
+            return [sparsity] * len({entry.layer.block for entry in layers})
+    ''',
+    "allocation-deterministic": '''
+        def allocate(self, layers, sparsity):   # jitter from the global RNG
+            jitter = torch.rand(len(layers)) * 1e-3
+            return [sparsity + float(j - jitter.mean()) for j in jitter]
+    ''',
+    "statistics-unrequested": '''
+        def allocate(self, layers, sparsity):   # reads sum, declares only sumsq
+            return [sparsity + 0.0 * float(entry.stats.mean.sum()) for entry in layers]
+    ''',
+    "uniform-declared": '''
+        uniform = True
+
+        def allocate(self, layers, sparsity):   # claims uniform, alternates
+            return [sparsity + (0.05 if i % 2 else -0.05) for i in range(len(layers))]
+    ''',
+}
+
+
+def allocator_file(name: str, body: str) -> str:
+    return HEADER + f'''
+
+class UnderTest(stadebench.Allocator):
+    """An allocator under test."""
+
+    name = "{name}"
+    statistics = frozenset({{"sumsq"}})
+
+{_class_body(body)}
+
+
+class TestIt(AllocatorConformance):
+    allocator = "{name}"
+    plugin = Plugin("allocator", UnderTest)
+'''
+
 
 GOOD_METRIC = '''
     def score(self, weight, stats):
@@ -272,6 +361,15 @@ def test_score_shape_message_gives_both_shapes(pytester):
 @pytest.mark.parametrize("rule", sorted(BROKEN_PATTERNS))
 def test_kit_catches_a_broken_pattern(pytester, rule):
     result = run_kit(pytester, pattern_file(f"broken-{rule}", BROKEN_PATTERNS[rule]))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    failures = failed_rules(result)
+    test = "test_" + rule.replace("-", "_")
+    assert test in failures and f"conformance rule '{rule}': " in failures[test], result.stdout.str()
+
+
+@pytest.mark.parametrize("rule", sorted(BROKEN_ALLOCATORS))
+def test_kit_catches_a_broken_allocator(pytester, rule):
+    result = run_kit(pytester, allocator_file(f"broken-{rule}", BROKEN_ALLOCATORS[rule]))
     assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
     failures = failed_rules(result)
     test = "test_" + rule.replace("-", "_")

@@ -84,7 +84,17 @@ class OWL(Allocator):
         spread = {b: (r - low) / (high - low) * 2 * self.options.lambda_ for b, r in ratios.items()}
         centre = sum(spread[b] * sizes[b] for b in spread) / sum(sizes.values())
         density = {b: v - centre + (1 - sparsity) for b, v in spread.items()}
-        return [1 - density[entry.layer.block] for entry in layers]
+        values = [1 - density[entry.layer.block] for entry in layers]
+        for entry, value in zip(layers, values):
+            if not 0.0 <= value < 1.0:
+                raise outside(f"allocator {self.name!r}", entry.layer.name, value, sparsity)
+        return values
+
+
+def outside(who: str, layer: str, value: float, sparsity: float) -> ConfigError:
+    """The error for an allocation that leaves [0, 1)."""
+    return ConfigError(f"{who} would prune layer {layer} at sparsity {value:.4g}, outside [0, 1), for a target "
+                       f"of {sparsity:g}; lower the target or the allocator's spread (e.g. owl's lambda)")
 
 
 def checked(allocator: Allocator, layers: list[AllocationLayer], sparsity: float, who: str | None = None
@@ -104,9 +114,7 @@ def checked(allocator: Allocator, layers: list[AllocationLayer], sparsity: float
         if not math.isfinite(value):
             raise PluginError(f"{who} gave layer {entry.layer.name} sparsity {value}")
         if not 0.0 <= value < 1.0:
-            raise ConfigError(f"{who} would prune layer {entry.layer.name} at sparsity {value:.4g}, outside "
-                              f"[0, 1), for a target of {sparsity:g}; lower the target or the allocator's spread "
-                              f"(e.g. owl's lambda)")
+            raise outside(who, entry.layer.name, value, sparsity)
     total = sum(entry.numel for entry in layers)
     mean = sum(v * entry.numel for entry, v in zip(layers, values)) / max(total, 1)
     if layers and abs(mean - sparsity) > MEAN_TOLERANCE:
