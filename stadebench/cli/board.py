@@ -122,6 +122,66 @@ def show_history(folder: Path, *, suite=None, model=None, task=None, fmt: Format
     out.print(view)
 
 
+LAYER_COLUMNS = ("name", "role", "rows", "columns", "allocated", "sparsity", "pruned", "bias_added", "block_mse",
+                 "output_mse")
+
+
+def _cell_label(r: dict) -> str:
+    label = f"{r['model']} · {r['metric']} · {r['pattern']} · {r['sparsity']:g}"
+    return label if r["allocation"] in (None, "uniform") else f"{label} · {r['allocation']}"
+
+
+@app.command()
+def show(
+    cell: Annotated[str, typer.Argument(help="A cell key (or its first characters) or part of a cell label, "
+                                             "e.g. 'wanda · unstructured · 0.7 · owl'.")],
+    folder: DirOption = Path("leaderboard"),
+    fmt: FormatOption = Format.table,
+) -> None:
+    """One pruned cell, layer by layer: allocated and realised sparsity, reconstruction errors."""
+    _show(cell, folder, fmt)
+
+
+@handle_errors
+def _show(cell: str, folder: Path, fmt: Format) -> None:
+    import pyarrow.compute as pc
+
+    from ..bench import leaderboard as lb
+
+    table = lb.current(lb.read(folder))
+    rows = [r for r in table.filter(pc.is_valid(table["layers"])).to_pylist() if r["status"] == "ok"]
+    if not rows:
+        raise fail(f"no pruned cell with per-layer records in {folder}")
+    # the evaluations of one pruned model share its layers: one entry per model pruned
+    found: dict[str, dict] = {}
+    for r in rows:
+        if r["cell_key"].startswith(cell) or cell in _cell_label(r):
+            found.setdefault(_cell_label(r) + " " + lb.canonical_json(r["layers"]), r)
+    if not found:
+        close = sorted({_cell_label(r) for r in rows})
+        raise fail(f"no cell matches {cell!r} in {folder}; cells: " + "; ".join(close[:8])
+                   + (" …" if len(close) > 8 else ""))
+    if len(found) > 1:
+        listed = "; ".join(f"{_cell_label(r)} [{r['cell_key'][:12]}]" for r in found.values())
+        raise fail(f"{cell!r} matches {len(found)} pruned cells: {listed}; give more of the label or a key")
+    r = next(iter(found.values()))
+    layers = [{k: layer[k] for k in ("block", *LAYER_COLUMNS)} | {"dense": layer["dense"]} for layer in r["layers"]]
+    if fmt is not Format.table:
+        write_rows(layers, fmt)
+        return
+    pruned = [layer for layer in layers if not layer["dense"]]
+    title = (f"{_cell_label(r)} — target {r['sparsity']:g} over {len(pruned)} pruned layer(s), realised "
+             f"{r['actual_sparsity']:.4f}; {r['dense_layers'] or 0} left dense")
+    view = Table("block", *LAYER_COLUMNS, title=title, title_justify="left")
+    for layer in layers:
+        values = [layer["block"], layer["name"].rsplit(".", 2)[-2] + "." + layer["name"].rsplit(".", 1)[-1],
+                  *(layer[c] for c in LAYER_COLUMNS[1:])]
+        if layer["dense"]:
+            values[5:8] = ["dense", "0", "0"]
+        view.add_row(*[_fmt(v) if isinstance(v, float) else "" if v is None else str(v) for v in values])
+    out.print(view)
+
+
 class By(str, enum.Enum):
     run = "run"
     metric = "metric"

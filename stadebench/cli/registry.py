@@ -15,13 +15,14 @@ from .common import Format, FormatOption, handle_errors, out, styled, write_rows
 class Kind(str, enum.Enum):
     metrics = "metrics"
     patterns = "patterns"
+    allocators = "allocators"
     datasets = "datasets"
     evaluators = "evaluators"
 
 
 def list_items(kind: Annotated[Kind, typer.Argument(help="What to list.")],
                fmt: FormatOption = Format.table) -> None:
-    """List registered metrics, patterns, datasets or evaluators."""
+    """List registered metrics, patterns, allocators, datasets or evaluators."""
     _list(kind, fmt)
 
 
@@ -36,7 +37,8 @@ def _list(kind: Kind, fmt: Format) -> None:
         dist, version = plugins.provenance(reg.plugin)
         rows.append({
             "name": reg.name, "version": reg.version, "plugin": dist, "plugin_version": version,
-            "statistics": ",".join(sorted(getattr(reg.cls, "statistics", ()))) if kind is Kind.metrics else None,
+            "statistics": (",".join(sorted(getattr(reg.cls, "statistics", ())))
+                           if kind in (Kind.metrics, Kind.allocators) else None),
             "options": ", ".join(reg.cls.Options.model_fields),
             "description": first_line(reg.cls.__doc__),
         })
