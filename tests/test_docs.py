@@ -68,7 +68,8 @@ def blocks(page: Path):
 
 
 def test_hookspecs_are_found():
-    assert hook_names() == ["register_datasets", "register_evaluators", "register_metrics", "register_patterns"]
+    assert hook_names() == ["register_allocators", "register_datasets", "register_evaluators", "register_metrics",
+                            "register_patterns"]
 
 
 def test_plugin_hooks_are_documented():
