@@ -48,7 +48,8 @@ RULES: dict[str, str] = {
     "registered": "the name is registered by a plugin, resolves to the class under test, and "
                   "stadebench.plugins.resolve builds it",
     "metadata": "name and version are non-empty strings; the class has a docstring (its first line is "
-                "what `stadebench list` shows); a metric implements score or prune_layer, a pattern select",
+                "what `stadebench list` shows); a metric implements score or prune_layer, a pattern select, an "
+                "allocator allocate",
     "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram'}",
     "options-unknown-key": "an unknown option key raises stadebench.ConfigError (subclass stadebench.Options)",
     "options-roundtrip": "options survive JSON: the class rebuilt from options.model_dump(mode='json') has "
@@ -60,10 +61,10 @@ RULES: dict[str, str] = {
     "score-finite": "scores are finite, also for a zero weight row or column and an input that is always 0",
     "score-deterministic": "the same inputs give the same scores, whatever the global RNG state (seed a "
                            "torch.Generator from the options and stats.layer.name, as the 'random' metric does)",
-    "statistics-unrequested": "score, bias_delta and prune_layer read no statistic the metric did not declare: "
-                              "the engine leaves those None",
-    "no-mutation": "score, bias_delta and prune_layer (a pattern: select) leave their input tensors (weight, "
-                   "statistics, mask; scores) unchanged",
+    "statistics-unrequested": "score, bias_delta and prune_layer (an allocator: allocate) read no statistic the "
+                              "plugin did not declare: the engine leaves those None",
+    "no-mutation": "score, bias_delta and prune_layer (a pattern: select; an allocator: allocate) leave their "
+                   "input tensors (weight, statistics, mask; scores) unchanged",
     "update-shape": "the layer update is well-formed: a bias delta (bias_delta, or prune_layer's) is None or a "
                     "finite float [out] on the weight's device; prune_layer's details is a dict",
     "update-mask": "prune_layer's new weight, when it returns one, is zero wherever its mask prunes: an update "
