@@ -37,6 +37,7 @@ DEFAULT_PLUGINS = (
     "stadebench.core.allocation",
     "stadebench.data.datasets",
     "stadebench.evaluation.perplexity",
+    "stadebench.evaluation.speed",
     "stadebench.evaluation.lmeval",
 )
 

@@ -295,8 +295,9 @@ def test_schema_is_json_schema_of_a_suite():
 BUILT_INS = {
     "metrics": {"magnitude", "random", "wanda", "stade", "stade-w", "sparsegpt"},
     "patterns": {"unstructured", "unstructured-layer", "N:M"},
+    "allocators": {"uniform", "owl"},
     "datasets": {"wikitext2", "c4", "text", "enwiki-2016"},
-    "evaluators": {"perplexity"},
+    "evaluators": {"perplexity", "speed"},
 }
 
 

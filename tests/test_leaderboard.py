@@ -594,3 +594,15 @@ def test_a_schema_2_file_is_read_as_uniformly_pruned_under_the_same_key_a_new_ru
     assert sorted(table["cell_key"].to_pylist()) == sorted([lb.cell_key(now), lb.cell_key(dense)])
     by_metric = {r["metric"]: r for r in table.to_pylist()}
     assert by_metric["dense"]["allocation"] is None and by_metric["wanda"]["allocation"] == "uniform"
+
+
+def test_a_schema_3_file_written_before_the_saved_columns_reads_them_as_null(tmp_path):
+    early = pa.schema([f for f in lb.SCHEMA if f.name not in ("saved_path", "saved_sha256")],
+                      metadata={lb.VERSION_KEY: lb.SCHEMA_VERSION})
+    pq.write_table(lb._to_table([_row()]).select(early.names).cast(early), tmp_path / "early.parquet")
+    lb.write_rows(tmp_path, [_row(metric="magnitude", saved_path="/m/x", saved_sha256="a" * 64)])
+    rows = {r["metric"]: r for r in lb.read(tmp_path).to_pylist()}
+    assert rows["wanda"]["saved_path"] is None and rows["wanda"]["saved_sha256"] is None
+    assert rows["magnitude"]["saved_path"] == "/m/x" and rows["wanda"]["cell_key"] == lb.cell_key(_row())
+    lb.compact(tmp_path, upgrade=True)
+    assert lb.read(tmp_path).num_rows == 2

@@ -55,6 +55,8 @@ class PlannedCell:
         pending: the evaluations to run, in suite order.
         group: key of the statistics group it shares (one-shot cells only), else None.
         allocator: the allocator instance; None for the dense baseline.
+        prune_key: the key of the pruned model itself (model, pruning and calibration
+            fields, no evaluation): names its saved folder and goes into its model card.
         cost: relative cost for scheduling: calibration tokens times block passes
             (0 for dense and data-free cells; one pass per group is split among its cells).
     """
@@ -67,10 +69,25 @@ class PlannedCell:
     group: str | None = None
     cost: float = 0.0
     allocator: Allocator | None = None
+    prune_key: str | None = None
 
     @property
     def label(self) -> str:
         return self.cell.label
+
+    @property
+    def save_folder(self) -> Path | None:
+        """Where the pruned model is saved: ``save`` itself (``save_exact``) or a subfolder
+        named after the cell (``bench.save.folder_name``); None when it is not saved."""
+        c = self.cell
+        if c.dense or not c.save:
+            return None
+        if c.save_exact:
+            return Path(c.save)
+        from .save import folder_name
+
+        return Path(c.save) / folder_name(c.model.id, c.metric_label, c.pattern, c.sparsity, c.allocation_label,
+                                          self.prune_key)
 
     @property
     def model(self) -> ModelSpec:
@@ -196,7 +213,7 @@ def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, do
     return PlannedCell(cell, None if cell.dense else cell.metric_plugin.instance,
                        None if cell.dense else cell.pattern_plugin.instance,
                        cell.calibration if data else None, pending,
-                       allocator=None if cell.dense else cell.allocation_plugin.instance)
+                       allocator=None if cell.dense else cell.allocation_plugin.instance, prune_key=Row(**base).key())
 
 
 def _share(cells: list[PlannedCell]) -> dict[str, SharingGroup]:
@@ -230,7 +247,7 @@ def plan(suite: Suite, identities: dict[ModelSpec, ModelIdentity], done: Iterabl
     models: dict[ModelSpec, ModelPlan] = {}
     for cell in cells:
         planned = _planned(cell, identities[cell.model], fingerprints, done, skip)
-        if planned.pending:
+        if planned.pending or (cell.save and not cell.evaluations):  # prune-and-save cells re-run every time
             models.setdefault(cell.model, ModelPlan(cell.model, identities[cell.model], [])).cells.append(planned)
     for model in models.values():
         model.groups = _share(model.cells)

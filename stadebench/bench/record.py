@@ -61,6 +61,34 @@ LAYER_TYPE = pa.struct([
 LAYER_FIELDS = tuple(LAYER_TYPE.field(i).name for i in range(LAYER_TYPE.num_fields))
 
 
+def _doc(name: str, type_: pa.DataType, doc: str) -> pa.Field:
+    return pa.field(name, type_, metadata={"doc": doc})
+
+
+DIAGNOSTIC_TYPE = pa.struct([
+    _doc("name", _str, "Module path of the layer."),
+    _doc("block", _i32, "Index of the decoder block."),
+    _doc("role", _str, "normed, internal, or null when unknown."),
+    _doc("regime_median", _f64, "Median over input channels of |mu_j|/sigma_j (calibration statistics)."),
+    _doc("regime_p90", _f64, "90th percentile over input channels of |mu_j|/sigma_j."),
+    _doc("output_energy", _f64, "E|Wx|^2 per token of the dense layer on the held-out windows."),
+    _doc("candidate", _str, "'applied' (the cell's own decision) or the metric whose mask is diagnosed."),
+    _doc("applied", _bool, "Whether this is the decision the cell applied."),
+    _doc("bias_corrected", _bool, "Whether the decision moved the error's mean into the bias."),
+    _doc("predicted_diagonal", _f64, "Predicted E|e|^2 per token, independent channels, mean term kept."),
+    _doc("predicted_diagonal_corrected", _f64, "Predicted E|e|^2, independent channels, mean term removed."),
+    _doc("predicted_gram", _f64, "Predicted E|e|^2 from the full covariance (Gram matrix), matching "
+                                 "bias_corrected."),
+    _doc("predicted", _f64, "The prediction for the decision as applied (Gram form)."),
+    _doc("measured", _f64, "Measured E|e|^2 per token on held-out windows, inputs from the dense model."),
+    _doc("relative_predicted", _f64, "predicted / output_energy."),
+    _doc("relative_measured", _f64, "measured / output_energy."),
+    _doc("predicted_winner", _bool, "This candidate has the layer's lowest predicted error."),
+    _doc("measured_winner", _bool, "This candidate has the layer's lowest measured error."),
+])
+"""One (layer, candidate decision) of a ``diagnostics`` evaluation (``Row.layer_diagnostics``)."""
+
+
 def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool = False,
          label: bool = False, baseline: bool = False) -> Any:
     """A Row field: its Arrow type, what it holds, and which derived lists it joins."""
@@ -170,11 +198,18 @@ class Row:
                                        "details.prune.shared_statistics).")
     eval_seconds: float | None = _col(_f64, "Wall time spent evaluating.")
     peak_memory_bytes: int | None = _col(_i64, "Peak accelerator memory (CPU: process RSS) during the cell.")
+    saved_path: str | None = _col(_str, "Absolute folder the pruned model was saved to (`save:` or `stadebench "
+                                  "prune --out`); null when it was not saved.")
+    saved_sha256: str | None = _col(_str, "Content hash of the saved folder (save.weights_sha256: config, "
+                                    "sparsity.json and weights); null when not saved.")
     details: str | None = _col(_str, "Extra output (per-block errors, task versions, ...) as JSON.",
                                json=True)
     layers: list[dict[str, Any]] | None = _col(pa.list_(LAYER_TYPE), "Every prunable layer of a pruned cell: "
                                                "name, block, role, allocated and realised sparsity, errors "
                                                "(see LAYER_TYPE); null for dense.")
+    layer_diagnostics: list[dict[str, Any]] | None = _col(
+        pa.list_(DIAGNOSTIC_TYPE), "Per (layer, candidate mask): predicted and measured output error "
+        "(see DIAGNOSTIC_TYPE); on the diagnostics evaluation's `layers` row only.")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -203,6 +238,8 @@ BASELINE_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["baseline"])
 LABEL_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["label"])
 """Key fields beyond model, metric, pattern and sparsity that name a row in tables when they vary."""
 JSON_FIELDS = frozenset(n for n, f in _FIELDS.items() if f.metadata["json"])
+_STRUCT_FIELDS = {n: tuple(f.metadata["type"].value_type.names) for n, f in _FIELDS.items()
+                  if pa.types.is_list(f.metadata["type"])}
 
 SCHEMA = pa.schema(
     [pa.field("cell_key", _str, nullable=False, metadata={"doc": "sha256 hex of the canonical JSON of "
@@ -263,17 +300,18 @@ def normalise(name: str, value: Any) -> Any:
 
 
 def _layers(name: str, value: Any) -> tuple[dict[str, Any], ...]:
-    """Per-layer records checked against LAYER_TYPE (a tuple, so a Row stays hashable)."""
+    """Per-layer records checked against the column's struct (a tuple, so a Row stays hashable)."""
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, list | tuple):
         raise RecordError(f"{name} must be a list of per-layer records, not {type(value).__name__}")
     out = []
     for i, entry in enumerate(value):
         if not isinstance(entry, Mapping):
             raise RecordError(f"{name}[{i}] must be a mapping, not {type(entry).__name__}")
-        unknown = sorted(set(entry) - set(LAYER_FIELDS))
+        fields = _STRUCT_FIELDS[name]
+        unknown = sorted(set(entry) - set(fields))
         if unknown:
-            raise RecordError(f"{name}[{i}]: unknown field(s) {unknown}; the fields are {list(LAYER_FIELDS)}")
-        out.append({f: _plain(entry.get(f)) for f in LAYER_FIELDS})
+            raise RecordError(f"{name}[{i}]: unknown field(s) {unknown}; the fields are {list(fields)}")
+        out.append({f: _plain(entry.get(f)) for f in fields})
     return tuple(out)
 
 
@@ -283,5 +321,5 @@ def cell_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()
 
 
-__all__ = ["BASELINE_FIELDS", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "SCHEMA", "SCHEMA_VERSION",
+__all__ = ["BASELINE_FIELDS", "DIAGNOSTIC_TYPE", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "SCHEMA", "SCHEMA_VERSION",
            "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]

@@ -37,7 +37,17 @@ from .record import RecordError, Row
 from .session import CellResult, Windows, watch_ctrl_c
 from .suite import Cell, ModelSpec, Suite, expand
 
-PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "write", "total")
+PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "save", "write", "total")
+
+
+@dataclass(frozen=True)
+class SavedCell:
+    """A pruned cell saved by the run (``save:``)."""
+
+    label: str
+    path: str
+    sha256: str
+    actual_sparsity: float | None
 
 
 @dataclass
@@ -50,6 +60,7 @@ class Summary:
     finished: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     files: list[Path] = field(default_factory=list)
+    saved: list[SavedCell] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     """Wall time by phase; ``statistics`` is shared one-shot passes, ``total`` the whole run."""
 
@@ -170,11 +181,25 @@ def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windo
             windows[spec.model_dump_json(), key] = cut
 
 
+def check_save_folders(folders: list[tuple[Path, bool]]) -> None:
+    """Every ``(folder, exact)`` a pruned model will be saved to can be made and written;
+    one that exists is replaced when its cell runs (re-running a cell is explicit).
+    ``exact``: the folder of ``stadebench prune --out``. Raises ConfigError."""
+    from .save import check_out_dir
+
+    for folder, exact in sorted(set(folders)):
+        check_out_dir(folder, force=True, option="--out" if exact else "`save:` in the suite")
+
+
 def check_suite(suite: Suite) -> list[str]:
     """What ``stadebench validate`` checks beyond the schema: ``check_model`` for every
-    model whose files are on this machine, over all of the suite's cells. Returns a note
-    for each model left for the run to check (a Hub model, an asset not yet fetched)."""
+    model whose files are on this machine, over all of the suite's cells, and the ``save:``
+    folders. Returns a note for each model left for the run to check (a Hub model, an
+    asset not yet fetched)."""
     cells, notes = expand(suite), []
+    # a cell's own folder is named after its key, which needs the model's identity: any child stands in
+    check_save_folders([(Path(c.save) if c.save_exact else Path(c.save) / "cell", c.save_exact)
+                        for c in cells if c.save and not c.dense])
     for i, spec in enumerate(suite.models):
         if on_this_machine(spec):
             check_model(suite, spec, [c for c in cells if c.model == spec])
@@ -185,10 +210,11 @@ def check_suite(suite: Suite) -> list[str]:
 
 
 def preflight(plan: Plan) -> tuple[Windows, float]:
-    """``check_model`` for every model with cells to run, before any cell runs. Returns
-    the calibration windows (cut now, once per model and protocol) and the seconds it
-    took. Raises ConfigError."""
+    """``check_model`` for every model with cells to run, and ``check_save_folders``, before
+    any cell runs. Returns the calibration windows (cut now, once per model and protocol)
+    and the seconds it took. Raises ConfigError."""
     t0, windows = time.perf_counter(), {}
+    check_save_folders([(c.save_folder, c.cell.save_exact) for c in plan.todo if c.save_folder is not None])
     for model_plan in plan.models:
         check_model(plan.suite, model_plan.spec, [c.cell for c in model_plan.cells], windows)
     return windows, time.perf_counter() - t0
@@ -202,7 +228,8 @@ def rows_of(result: CellResult, provenance: dict[str, Any]) -> list[Row]:
     pending evaluation. The only place rows are made."""
     common = {"actual_sparsity": result.actual_sparsity, "prune_seconds": result.prune_seconds,
               "peak_memory_bytes": result.peak_memory_bytes, "layers": result.layers,
-              "dense_layers": result.dense_layers, **provenance}
+              "dense_layers": result.dense_layers, "saved_path": result.saved_path,
+              "saved_sha256": result.saved_sha256, **provenance}
     pending = result.cell.pending
     if result.error is not None:
         return [p.template.replace(status="failed", error=result.error, **common) for p in pending]
@@ -227,12 +254,17 @@ def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict
     """Write one result's rows (as a failed cell when what it holds cannot be stored);
     returns the result recorded."""
     t0 = time.perf_counter()
-    try:
-        path = leaderboard.write_rows(folder, rows_of(result, provenance))
-    except (RecordError, LeaderboardError) as exc:  # nothing written: what a plugin returned cannot be stored
-        result = CellResult(result.cell, error=f"cannot store the result: {exc}", seconds=result.seconds)
-        path = leaderboard.write_rows(folder, rows_of(result, provenance))
-    summary.files.append(path)
+    if result.cell.pending:  # a cell that only prunes and saves (no evaluations) has no rows
+        try:
+            path = leaderboard.write_rows(folder, rows_of(result, provenance))
+        except (RecordError, LeaderboardError) as exc:  # nothing written: what a plugin returned cannot be stored
+            result = CellResult(result.cell, error=f"cannot store the result: {exc}", seconds=result.seconds,
+                                saved_path=result.saved_path, saved_sha256=result.saved_sha256)
+            path = leaderboard.write_rows(folder, rows_of(result, provenance))
+        summary.files.append(path)
+    if result.saved_path is not None:
+        summary.saved.append(SavedCell(result.cell.label, result.saved_path, result.saved_sha256,
+                                       result.actual_sparsity))
     summary.seconds["write"] += time.perf_counter() - t0
     for phase, seconds in result.seconds.items():
         summary.seconds[phase] += seconds
@@ -272,5 +304,5 @@ def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = Fals
     return summary
 
 
-__all__ = ["Events", "Summary", "check_writable", "device_name", "new_run_id", "preflight", "resolve_device", "rows_of",
-           "run_suite"]
+__all__ = ["Events", "SavedCell", "Summary", "check_save_folders", "check_writable", "device_name", "new_run_id",
+           "preflight", "resolve_device", "rows_of", "run_suite"]

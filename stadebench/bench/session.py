@@ -64,6 +64,8 @@ class CellResult:
             triggered, or the dense pass its allocator read), prune, eval.
         layers: one record per prunable layer (``layer_records``); None for dense.
         dense_layers: prunable layers left dense by the suite's targets / ignore.
+        saved_path: the absolute folder the pruned model was saved to (``save:``), else None.
+        saved_sha256: that folder's ``bench.save.weights_sha256``.
     """
 
     cell: PlannedCell
@@ -76,6 +78,8 @@ class CellResult:
     seconds: dict[str, float] = field(default_factory=dict)
     layers: list[dict[str, Any]] | None = None
     dense_layers: int | None = None
+    saved_path: str | None = None
+    saved_sha256: str | None = None
 
 
 def layer_records(report: Any) -> list[dict[str, Any]]:
@@ -234,10 +238,11 @@ class ModelSession:
                                                                 who=who)
         return self.allocations[key]
 
-    def _prune(self, cell: PlannedCell, result: CellResult) -> None:
+    def _prune(self, cell: PlannedCell, result: CellResult) -> Any:
+        """Prune ``cell`` into the loaded model; returns the PruneReport (None for dense)."""
         if cell.metric is None:
             result.actual_sparsity, result.prune_seconds = 0.0, 0.0
-            return
+            return None
         windows = None if cell.calibration is None else self.calibration(cell)
         shared = None if cell.calibration is None else self.statistics(cell)
         shares = self.allocation(cell, shared)
@@ -255,6 +260,30 @@ class ModelSession:
         result.peak_memory_bytes = report.peak_memory_bytes
         result.details["prune"] = _prune_details(report, shared)
         result.seconds["prune"] = report.seconds
+        return report
+
+    def _save(self, cell: PlannedCell, result: CellResult, report: Any) -> None:
+        """Save the pruned model, its card holding the scores just measured; a cell re-run
+        replaces its folder. Any failure fails the cell, naming the folder."""
+        from . import save
+
+        t0, c, folder = time.perf_counter(), cell.cell, cell.save_folder
+        calibration = None if cell.calibration is None else {
+            "dataset": cell.calibration.dataset.name, "options": cell.calibration.dataset.options,
+            "seed": cell.calibration.seed}
+        card = save.card_from_report(report, c.model.id, calibration=calibration,
+                                     scores=[s for e in result.evaluations for s in e.scores],
+                                     allocation=c.allocation, allocation_options=c.allocation_options,
+                                     cell_key=cell.prune_key)
+        try:
+            saved = save.save_pruned(self.model, self.tokenizer, folder, card, force=True)
+        except Exception as exc:  # noqa: BLE001 -- disk full, permissions, a model transformers cannot save
+            raise StadebenchError(f"cannot save the pruned model to {folder}: "
+                                  f"{exc if isinstance(exc, StadebenchError) else f'{type(exc).__name__}: {exc}'}"
+                                  ) from None
+        result.saved_path, result.saved_sha256 = str(saved.path), saved.weights_sha256
+        result.details["save"] = {"path": str(saved.path), "warnings": list(saved.warnings)}
+        result.seconds["save"] = time.perf_counter() - t0
 
     def _evaluate(self, cell: PlannedCell, result: CellResult) -> None:
         for pending in cell.pending:
@@ -275,8 +304,10 @@ class ModelSession:
             if self.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.device)
             self.restore()
-            self._prune(cell, result)
+            report = self._prune(cell, result)
             self._evaluate(cell, result)
+            if report is not None and cell.save_folder is not None:
+                self._save(cell, result, report)
             if self.device.type == "cuda":
                 peak = torch.cuda.max_memory_allocated(self.device)
                 result.peak_memory_bytes = max(peak, result.peak_memory_bytes or 0)
@@ -285,6 +316,7 @@ class ModelSession:
                 raise
             result.error = describe(exc, cell)
             result.evaluations = []
+            result.saved_path = result.saved_sha256 = None
         for phase in ("restore", "calibration", "statistics"):
             result.seconds[phase] = self.seconds[phase] - before[phase]
         return result
@@ -356,6 +388,7 @@ def _culprit(exc: BaseException, cell: PlannedCell) -> str | None:
     """``metric 'x' (dist 1.0)`` for the plugin whose code is innermost in the traceback."""
     parts = [("metric", cell.cell.metric_label, cell.cell.metric_plugin) if cell.metric else None,
              ("pattern", cell.cell.pattern, cell.cell.pattern_plugin) if cell.pattern else None,
+             ("allocator", cell.cell.allocation_label, cell.cell.allocation_plugin) if cell.allocator else None,
              *[("evaluator", p.spec.name, p.spec.resolved) for p in cell.pending],
              ("dataset", cell.calibration.dataset.name, cell.calibration.dataset.resolved) if cell.calibration
              else None]

@@ -6,6 +6,7 @@ A suite is a YAML file; every key below is optional unless marked *required*::
     leaderboard: leaderboard         # folder for results, relative to the current directory
     device: auto                     # auto | cpu | cuda | cuda:N
     dense: true                      # evaluate the unpruned baseline (metric "dense") once per model
+    save: null                       # a folder: save every pruned cell under it (docs/saving.md)
     models:                          # required: a Hub id / local path, or a mapping
       - id: smollm2-135m             # Hub id, local folder, GGUF file, or asset name
         revision: null               # branch, tag or commit on the Hub
@@ -17,6 +18,7 @@ A suite is a YAML file; every key below is optional unless marked *required*::
       - magnitude
       - wanda
       - {name: stade, options: {bias_correction: false}, label: stade-released}
+      # - {name: sparsegpt, save: pruned/sparsegpt}   # a metric's own `save` overrides the suite's
     patterns: [unstructured, 2:4]    # required: a name, or {name, sparsities, options}
     sparsities: [0.5]                # for patterns without their own
     allocations:                     # how a sparsity is shared out among layers (default [uniform])
@@ -42,6 +44,10 @@ Rules beyond the field types:
 - Metric, pattern, dataset and evaluator names come from the plugin registries, and
   their ``options`` are checked by the plugin's ``Options`` model (defaults filled in).
 - ``dense`` is the baseline, switched by ``dense:``; it is not a metric name.
+- ``save: DIR`` (top level, or per metric, which overrides it) saves each pruned cell
+  as a plain Hugging Face folder ``DIR/<model>--<metric>--<pattern>--<sparsity>--<key>``
+  (``bench.save.folder_name``); a re-run cell replaces its folder. Where a model is saved
+  does not change its numbers: ``save`` is not part of any key. The dense cell is never saved.
 - A sparsity lies strictly between 0 and 1. A pattern without sparsities of its own
   uses the top-level ``sparsities``, or its default (0.5; N/M for N:M). An N:M pattern
   prunes N of every M weights, so it admits no sparsity other than N/M.
@@ -166,6 +172,8 @@ class MetricSpec(_Spec):
     name: str = Field(min_length=1, description="Registered metric name, e.g. wanda.")
     options: OptionsDict
     label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
+    save: str | None = Field(None, min_length=1, description="Folder to save this metric's pruned cells under "
+                                                             "(default: the suite's `save`).")
 
     @property
     def display(self) -> str:
@@ -257,6 +265,9 @@ class Suite(_Spec):
     leaderboard: str = Field("leaderboard", description="Results folder, relative to the working directory.")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     dense: bool = Field(True, description="Evaluate the unpruned model (metric `dense`) once per model.")
+    save: str | None = Field(None, min_length=1, description="Folder to save every pruned cell under, one "
+                                                             "subfolder each, relative to the working directory "
+                                                             "(default: not saved).")
     models: list[_shorthand(ModelSpec, "id")] = Field(min_length=1, description="Models to prune.")
     metrics: list[_shorthand(MetricSpec)] = Field(min_length=1, description="Pruning metrics.")
     patterns: list[_shorthand(PatternSpec)] = Field(min_length=1, description="Sparsity patterns.")
@@ -271,8 +282,11 @@ class Suite(_Spec):
     exclude: list[ExcludeRule] = Field(default_factory=list, description="Pruned cells to drop.")
     calibration: CalibrationSpec = Field(CalibrationSpec(), description="Calibration protocol.")
     evaluations: list[_shorthand(EvaluationSpec)] = Field(
-        default_factory=lambda: [EvaluationSpec(name="perplexity")], min_length=1,
-        description="Evaluations run on every cell.")
+        default_factory=lambda: [EvaluationSpec(name="perplexity")],
+        description="Evaluations run on every cell; empty only to prune and save (`save:` set).")
+    # Set by `exact_save` (stadebench prune --out), never by a file: the one pruned cell
+    # goes to `save` itself rather than to a subfolder of it.
+    _save_exact: bool = PrivateAttr(False)
 
     @model_validator(mode="before")
     @classmethod
@@ -326,6 +340,9 @@ class Cell(BaseModel):
     ignore: tuple[str, ...] = Field((), description="Regexes of the layers left dense.")
     calibration: CalibrationSpec = Field(description="Calibration protocol (unused by dense cells).")
     evaluations: tuple[EvaluationSpec, ...] = Field((), description="Evaluations to run.")
+    save: str | None = Field(None, description="Absolute folder to save the pruned model under (None: not "
+                                               "saved); not part of the key.")
+    save_exact: bool = Field(False, description="Save to `save` itself, not to a subfolder named after the cell.")
     _metric: Resolved | None = PrivateAttr(None)
     _pattern: Resolved | None = PrivateAttr(None)
     _allocation: Resolved | None = PrivateAttr(None)
@@ -359,6 +376,21 @@ class Cell(BaseModel):
         return self._allocation
 
 
+def _absolute(folder: str | None) -> str | None:
+    return None if folder is None else str(Path(folder).expanduser().absolute())
+
+
+def exact_save(suite: Suite) -> Suite:
+    """``suite`` (one pruned cell, ``save`` set) with that cell saved to exactly ``save``
+    rather than to a subfolder named after it: what ``stadebench prune --out DIR`` runs."""
+    cells = [c for c in expand(suite) if not c.dense]
+    if len(cells) != 1 or not cells[0].save:
+        raise ConfigError(f"exact_save takes a suite of one pruned cell with `save:` set, not {len(cells)} cells")
+    exact = suite.model_copy()
+    exact._save_exact = True
+    return exact
+
+
 def _model_names(model: ModelSpec) -> set[str]:
     return {model.id, model.id.rstrip("/").rsplit("/", 1)[-1]}
 
@@ -382,11 +414,13 @@ def expand(suite: Suite) -> list[Cell]:
             for pattern in suite.patterns:
                 for sparsity in pattern.sparsities or suite.sparsities or ():
                     for allocation in suite.allocations:
+                        save = metric.save or suite.save
                         cell = Cell(metric=metric.name, metric_label=metric.display, metric_options=metric.options,
                                     pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
                                     allocation=allocation.name, allocation_label=allocation.display,
                                     allocation_options=allocation.options, targets=tuple(suite.targets),
-                                    ignore=tuple(suite.ignore), **common)
+                                    ignore=tuple(suite.ignore), save=_absolute(save),
+                                    save_exact=suite._save_exact, **common)
                         cell._metric, cell._pattern = metric._resolved, pattern._resolved
                         cell._allocation = allocation._resolved
                         if not any(_excluded(rule, cell) for rule in suite.exclude):
@@ -467,6 +501,15 @@ _Loader.add_implicit_resolver(
 
 Loc = tuple[str | int, ...]
 Lines = dict[Loc, int]  # path in the file -> 1-based line
+
+
+def parse_value(text: str) -> Any:
+    """A value given on the command line, read as a suite file would read it: ``true``,
+    ``0.5``, ``128``, ``[1, 2]``; ``2:4`` stays a string, and text YAML cannot read too."""
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+    except yaml.YAMLError:
+        return text
 
 
 class _Problem(Exception):
@@ -772,6 +815,10 @@ def _resolve(suite: Suite) -> Suite:
         allocation = spec.model_copy(update={"options": options})
         allocation._resolved = reg
         allocations.append(allocation)
+
+    if not suite.evaluations and not (suite.save or all(m.save for m in suite.metrics)):
+        raise _Problem(("evaluations",), "needs at least one entry (an empty list only prunes and saves: set "
+                                         "`save:` to keep the pruned models)")
 
     calibration = suite.calibration
     dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))

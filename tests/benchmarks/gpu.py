@@ -8,6 +8,13 @@ and the engine moves one block at a time to the GPU, as ``stadebench run`` does;
 evaluator moves the whole model there for the eval and back. Every prune starts from a
 fresh copy of the dense model.
 
+Then, per dtype, the speed check (``--no-speed`` skips it): the model pruned 2:4 by
+magnitude and measured by the ``speed`` evaluator, dense against PyTorch's
+semi-structured kernel (matmul sweep over the model's layer shapes, prefill and decode).
+On CUDA sm80+ in float16/bfloat16 that kernel must apply (``kernel: semi-structured``);
+elsewhere the row must say ``dense`` with a reason and claim no speedup. Either way the
+evaluator must leave the pruned model's weights exactly as they were.
+
     python tests/benchmarks/gpu.py                      # CUDA, float16 + bfloat16: ~3 min on an H200
     python tests/benchmarks/gpu.py --quick              # small calibration, 16 eval windows: ~2 min
     python tests/benchmarks/gpu.py --device cpu --dtypes float32 --quick   # a CPU smoke run
@@ -36,10 +43,11 @@ GGUF file (that needs the ``gguf`` package). Needs only torch, transformers and 
 stadebench imports (pydantic, pluggy, platformdirs, filelock, rich, pyyaml); stadebench
 is imported from this checkout when it is not installed.
 
-Results: a Markdown table on stdout; progress and errors on stderr; everything as JSON
-in ``--out``, rewritten after every row so that a killed run keeps what it finished.
-Exit status 0 when every row ran with a finite perplexity and its sparsity within 1e-3
-of the target, 1 otherwise, 2 when the check could not start.
+Results: Markdown tables on stdout (perplexity rows, then speed rows); progress and
+errors on stderr; everything as JSON in ``--out``, rewritten after every row so that a
+killed run keeps what it finished. Exit status 0 when every row ran with a finite
+perplexity and its sparsity within 1e-3 of the target and every speed row passed its
+checks, 1 otherwise, 2 when the check could not start.
 """
 
 from __future__ import annotations
@@ -73,6 +81,14 @@ PRESETS = {
     ("cpu", False): (16, 256, 8),
     ("cpu", True): (4, 128, 8),
 }
+# (device type, quick) -> options of the speed evaluator (CUDA full: its defaults)
+SPEED_PRESETS = {
+    ("cuda", False): {},
+    ("cuda", True): {"prefill_tokens": 256, "decode_tokens": 16, "repeats": 3, "warmup": 1},
+    ("cpu", False): {"token_counts": [1, 16, 128], "prefill_tokens": 64, "decode_tokens": 8, "repeats": 3},
+    ("cpu", True): {"token_counts": [1, 16], "prefill_tokens": 32, "decode_tokens": 4, "repeats": 2, "warmup": 1},
+}
+SPEED_PATTERN = "2:4"
 
 
 class ExitCode(enum.IntEnum):
@@ -109,6 +125,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512, help="tokens per eval window (default: 512)")
     p.add_argument("--eval-batch-size", type=int, default=8, help="eval windows per forward pass (default: 8)")
     p.add_argument("--max-windows", type=int, help="eval windows, 0 for all (by device)")
+    p.add_argument("--no-speed", dest="speed", action="store_false",
+                   help="skip the speed check (2:4 semi-structured kernel against dense)")
     p.add_argument("--out", default="gpu-check.json", help="JSON results (default: gpu-check.json)")
     args = p.parse_args(argv)
     for name in ("dtypes", "metrics", "patterns"):
@@ -124,6 +142,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.calib_n = n if args.calib_n is None else args.calib_n
     args.calib_seqlen = seqlen if args.calib_seqlen is None else args.calib_seqlen
     args.max_windows = windows if args.max_windows is None else (args.max_windows or None)
+    args.speed_options = SPEED_PRESETS.get((kind, args.quick), SPEED_PRESETS["cpu", args.quick])
     return args
 
 
@@ -245,6 +264,70 @@ class Check:
                 "offloaded": report.offloaded, "metric_version": report.metric_version,
                 "bias_added": sum(layer.bias_added for layer in report.layers)}
 
+    def speed(self, model, tokenizer, dtype: str) -> dict[str, Any]:
+        """The speed evaluator on a 2:4 magnitude-pruned copy: its scores, kernel and checks."""
+        from stadebench import prune
+        from stadebench.evaluation.speed import Speed
+
+        pruned = copy.deepcopy(model)
+        prune(pruned, None, metric="magnitude", pattern=SPEED_PATTERN, device=self.dev)
+        before = {k: v.clone() for k, v in pruned.state_dict().items()}
+        t0 = time.perf_counter()
+        scores = Speed(self.args.speed_options).evaluate(pruned, tokenizer, self.dev)
+        seconds = time.perf_counter() - t0
+        after = pruned.state_dict()
+        details = scores[0].details
+        row = {"dtype": dtype, "pattern": SPEED_PATTERN, "speed_seconds": seconds, "kernel": details["kernel"],
+               "reason": details.get("reason"), "backend": details.get("backend"), "device": details["device"],
+               "options": self.args.speed_options, "scores": {s.name: s.value for s in scores},
+               "spread": {s.name: s.details["spread"] for s in scores},
+               "unchanged": after.keys() == before.keys() and all(torch_equal(after[k], v) for k, v in before.items())}
+        if self.cuda:
+            props = self.torch.cuda.get_device_properties(self.dev)
+            row["kernel_expected"] = (props.major, props.minor) >= (8, 0) and dtype in ("float16", "bfloat16")
+        else:
+            row["kernel_expected"] = False
+        return row
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return torch.equal(a, b)
+
+
+def speed_problems(row: dict) -> list[str]:
+    """What makes a finished speed row fail the check."""
+    out = []
+    scores = row["scores"]
+    speedups = {k: v for k, v in scores.items() if "speedup" in k}
+    if row["kernel_expected"] and row["kernel"] != "semi-structured":
+        out.append(f"the semi-structured kernel should apply here, got dense: {row['reason']}")
+    if row["kernel"] == "dense" and (speedups or not row["reason"]):
+        out.append("a dense row must give a reason and claim no speedup")
+    if row["kernel"] == "semi-structured" and not speedups:
+        out.append("the semi-structured kernel ran but no speedup was reported")
+    if not all(math.isfinite(v) and v > 0 for v in scores.values()):
+        out.append("a timing is not a positive finite number")
+    if not row["unchanged"]:
+        out.append("the evaluator changed the model's weights")
+    return out
+
+
+def speed_table(rows: list[dict]) -> str:
+    ts = sorted({int(k.split("=")[1]) for r in rows for k in r.get("scores", {}) if k.startswith("dense_ms@t=")})
+    head = (["dtype", "kernel"] + [f"speedup t={t}" for t in ts]
+            + ["prefill speedup", "decode speedup", "dense prefill ms", "dense decode ms/token", "status"])
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in rows:
+        sc = r.get("scores", {})
+        cells = ([r["dtype"], r.get("kernel") or "-"] + [fmt(sc.get(f"speedup@t={t}"), ".2f") for t in ts]
+                 + [fmt(sc.get("prefill_speedup"), ".2f"), fmt(sc.get("decode_speedup"), ".2f"),
+                    fmt(sc.get("dense_prefill_ms"), ".2f"), fmt(sc.get("dense_decode_ms"), ".2f"), r["status"]])
+        lines.append("| " + " | ".join(cells) + " |")
+    reasons = sorted({f"{r['dtype']}: {r['reason']}" for r in rows if r.get("reason")})
+    return "\n".join(lines + [f"dense because {why}" for why in reasons])
+
 
 def problems(row: dict) -> list[str]:
     """What makes a finished row fail the check."""
@@ -329,6 +412,7 @@ def run(args: argparse.Namespace) -> ExitCode:
     results: dict[str, Any] = {
         "schema": 1, "check": "gpu", "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "finished": None, "environment": environment(check), "options": vars(args), "loads": {}, "rows": [],
+        "speed": [],
     }
     rows = results["rows"]
     write_json(out, results)
@@ -353,6 +437,8 @@ def run(args: argparse.Namespace) -> ExitCode:
             for metric, pattern in plan:
                 rows.append({"dtype": dtype, "metric": metric, "pattern": pattern, "status": "error",
                              "error": f"load: {message}"})
+            if args.speed:
+                results["speed"].append({"dtype": dtype, "status": "error", "error": f"load: {message}"})
             write_json(out, results)
             continue
 
@@ -386,19 +472,48 @@ def run(args: argparse.Namespace) -> ExitCode:
             write_json(out, results)
             if check.cuda:
                 check.torch.cuda.empty_cache()
+        if args.speed:
+            results["speed"].append(speed_row(check, loaded, dtype))
+            write_json(out, results)
         del loaded
         gc.collect()
 
     results["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     write_json(out, results)
     print(table(rows), flush=True)
+    if results["speed"]:
+        print("\n" + speed_table(results["speed"]), flush=True)
     bad = [r for r in rows if r["status"] != "ok"]
+    bad_speed = [r for r in results["speed"] if r["status"] != "ok"]
     if bad:
         log(f"{len(bad)} of {len(rows)} rows failed: "
             + "; ".join(f"{r['dtype']} {r['metric']} {r['pattern'] or ''}: "
                         f"{(r.get('error') or ', '.join(r['problems'])).splitlines()[0]}" for r in bad))
-        return ExitCode.FAILED
-    return ExitCode.OK
+    if bad_speed:
+        log(f"{len(bad_speed)} speed rows failed: "
+            + "; ".join(f"{r['dtype']}: {(r.get('error') or ', '.join(r['problems'])).splitlines()[0]}"
+                        for r in bad_speed))
+    return ExitCode.FAILED if bad or bad_speed else ExitCode.OK
+
+
+def speed_row(check: Check, loaded, dtype: str) -> dict[str, Any]:
+    """One speed row for a dtype; an error becomes the row's status, never the run's."""
+    label = f"speed {dtype} {SPEED_PATTERN}"
+    try:
+        row = check.speed(loaded.model, loaded.tokenizer, dtype)
+        found = speed_problems(row)
+        row.update(status="ok" if not found else "check failed", problems=found)
+        sc = row["scores"]
+        gains = ", ".join(f"{k} {v:.2f}" for k, v in sc.items() if "speedup" in k) or f"none ({row['reason']})"
+        log(f"{label}: kernel {row['kernel']} in {row['speed_seconds']:.1f} s; speedups: {gains}"
+            + "".join(f"; FAILED: {p}" for p in found))
+    except Exception as exc:
+        row = {"dtype": dtype, "status": "error", "error": f"{type(exc).__name__}: {exc}",
+               "traceback": traceback.format_exc()}
+        log(f"{label}: ERROR {row['error']}\n{row['traceback']}")
+    if check.cuda:
+        check.torch.cuda.empty_cache()
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:

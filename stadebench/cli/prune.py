@@ -1,0 +1,183 @@
+"""`stadebench prune`: prune one model one way and save it, as a one-cell suite.
+
+The command builds the suite a file would hold (``dense: false``, one metric, pattern,
+sparsity and allocation, ``save: OUT``) and runs it through ``bench.run.run_suite``, so
+the model is loaded, calibrated, pruned, evaluated, recorded and saved exactly as a suite
+cell is; only the folder differs: the model goes to ``--out`` itself, not to a subfolder.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from ..errors import ConfigError
+from ..util import first_line
+from .common import ExitCode, err, handle_errors, out, progress_enabled, styled
+
+DEFAULT_CALIBRATION = "enwiki-2016:16x256"
+"""The embedded suite's calibration (suites/smollm2.yaml): offline, no Hub needed."""
+PERPLEXITY = {"seqlen": 512, "batch_size": 4, "max_windows": 8}
+"""Perplexity options beyond the dataset, as in suites/smollm2.yaml; --eval-option overrides them."""
+SUITE_NAME = "stadebench-prune"
+
+
+
+def _options(what: str) -> Any:
+    return Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help=f"{what} option, repeatable; "
+                                                                              "the value is read as YAML.")]
+
+
+def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
+    """``KEY=VALUE`` items as a dict, each value read as YAML (``true``, ``0.5``, ``128``)."""
+    from ..bench.suite import parse_value
+
+    options = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"{flag} {item!r}: expected KEY=VALUE, e.g. {flag} bias_correction=false")
+        options[key.strip()] = parse_value(value)
+    return options
+
+
+def parse_calibration(text: str) -> dict[str, Any]:
+    """``DATASET[:NxSEQLEN]`` as a suite's ``calibration`` (``n`` and ``seqlen`` only when
+    given). DATASET is a registered dataset name, or a text file (the ``text`` dataset)."""
+    match = re.fullmatch(r"(.+?)(?::(\d+)x(\d+))?", text.strip())
+    if not match:
+        raise ConfigError(f"--calibration {text!r}: expected DATASET or DATASET:NxSEQLEN, e.g. {DEFAULT_CALIBRATION}")
+    name, n, seqlen = match.groups()
+    path = Path(name).expanduser()
+    dataset: Any = name
+    if path.is_file() or "/" in name or os.sep in name:
+        dataset = {"name": "text", "options": {"path": str(path.absolute())}}
+    calibration: dict[str, Any] = {"dataset": dataset}
+    if n is not None:
+        calibration.update(n=int(n), seqlen=int(seqlen))
+    return calibration
+
+
+def suite_data(model: str, metric: str, out_dir: Path, *, options: dict[str, Any], pattern: str,
+               sparsity: float | None, allocation: str, allocation_options: dict[str, Any], targets: list[str],
+               ignore: list[str], calibration: dict[str, Any], evaluation: str, eval_options: dict[str, Any],
+               dtype: str, device: str, leaderboard: Path) -> dict[str, Any]:
+    """The one-cell suite `stadebench prune` runs, as a suite file would give it."""
+    pattern_entry: dict[str, Any] = {"name": pattern}
+    if sparsity is not None:
+        pattern_entry["sparsities"] = [sparsity]
+    evaluations = []
+    if evaluation != "none":
+        if evaluation == "perplexity":  # on the calibration dataset's held-out split
+            eval_options = {"dataset": calibration["dataset"], **PERPLEXITY, **eval_options}
+        evaluations.append({"name": evaluation, "options": eval_options})
+    return {"name": SUITE_NAME, "leaderboard": str(leaderboard), "device": device, "dense": False,
+            "save": str(out_dir), "models": [{"id": model, "dtype": dtype}],
+            "metrics": [{"name": metric, "options": options}], "patterns": [pattern_entry],
+            "allocations": [{"name": allocation, "options": allocation_options}], "targets": targets,
+            "ignore": ignore, "calibration": calibration, "evaluations": evaluations}
+
+
+def prune(
+    model: Annotated[str, typer.Argument(help="Hub id, local folder, GGUF file or asset name.", show_default=False)],
+    metric: Annotated[str, typer.Option("--metric", "-m", help="Pruning metric, e.g. wanda or stade.",
+                                        show_default=False)],
+    out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to save the pruned model to (it must not "
+                                                             "exist, or be empty, unless --force).",
+                                          show_default=False)],
+    option: _options("Metric") = None,
+    pattern: Annotated[str, typer.Option(help="Sparsity pattern: unstructured, 2:4, ...")] = "unstructured",
+    sparsity: Annotated[float | None, typer.Option(help="Target sparsity (default: the pattern's own; "
+                                                        "0.5 unstructured, N/M for N:M).")] = None,
+    calibration: Annotated[str, typer.Option(help="DATASET[:NxSEQLEN]: a dataset name or a text file, "
+                                                  "N windows of SEQLEN tokens.")] = DEFAULT_CALIBRATION,
+    seed: Annotated[int, typer.Option(help="Seed that picks the calibration windows.")] = 0,
+    one_shot: Annotated[bool, typer.Option("--one-shot", help="Calibrate every block on dense inputs "
+                                                               "(default: sequential).")] = False,
+    allocation: Annotated[str, typer.Option(help="How the sparsity is shared among layers: uniform, owl, "
+                                                 "...")] = "uniform",
+    allocation_option: _options("Allocator") = None,
+    target: Annotated[list[str] | None, typer.Option(metavar="REGEX", help="Prune only the layers this "
+                                                                           "finds (repeatable).")] = None,
+    ignore: Annotated[list[str] | None, typer.Option(metavar="REGEX", help="Leave these layers dense "
+                                                                           "(repeatable).")] = None,
+    evaluation: Annotated[str, typer.Option("--eval", help="Evaluator to run on the pruned model (perplexity: "
+                                                           "on the calibration dataset's held-out split), or "
+                                                           "none.")] = "perplexity",
+    eval_option: _options("Evaluator") = None,
+    dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    leaderboard: Annotated[Path, typer.Option(help="Results folder: the cell's rows go here.")] = Path("leaderboard"),
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+) -> None:
+    """Prune one model with one metric, pattern and sparsity, evaluate it, and save it as a
+    plain Hugging Face folder (--out) that transformers loads with no stadebench installed.
+    Metric, allocation and evaluator options are KEY=VALUE, e.g. --option bias_correction=false."""
+    _prune(model, metric, out_dir, force, leaderboard, options=option, pattern=pattern, sparsity=sparsity,
+           calibration=calibration, seed=seed, one_shot=one_shot, allocation=allocation,
+           allocation_options=allocation_option, targets=target, ignore=ignore, evaluation=evaluation,
+           eval_options=eval_option, dtype=dtype, device=device)
+
+
+@handle_errors
+def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Path, *, options, pattern, sparsity,
+           calibration, seed, one_shot, allocation, allocation_options, targets, ignore, evaluation, eval_options,
+           dtype, device) -> None:
+    from ..bench.save import check_out_dir
+
+    # before anything is loaded: a folder the model cannot go to costs nothing
+    target = check_out_dir(out_dir, force)
+    calib = {**parse_calibration(calibration), "seed": seed, "sequential": not one_shot}
+    data = suite_data(model, metric, target, options=parse_options(options, "--option"), pattern=pattern,
+                      sparsity=sparsity, allocation=allocation,
+                      allocation_options=parse_options(allocation_options, "--allocation-option"),
+                      targets=targets or [], ignore=ignore or [], calibration=calib, evaluation=evaluation,
+                      eval_options=parse_options(eval_options, "--eval-option"), dtype=dtype, device=device,
+                      leaderboard=leaderboard)
+    from ..bench.suite import exact_save, validate_suite
+
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    suite = exact_save(validate_suite(data, source="stadebench prune", default_name=SUITE_NAME))
+    summary = _run(suite, leaderboard)
+    if summary.failed:
+        for label, message in summary.failed:
+            err.print(styled(("failed:", "red"), f" {label}: {first_line(message)}"))
+        raise typer.Exit(int(ExitCode.CELLS_FAILED))
+    _report(summary, leaderboard)
+
+
+def _run(suite, leaderboard: Path):
+    from ..bench.run import new_run_id, run_suite
+    from .run import _interrupted, _Reporter
+
+    run_id = new_run_id()
+    with _Reporter(progress_enabled()) as reporter:
+        try:
+            # force: the user asked for this model now, even if the leaderboard has its numbers
+            return run_suite(suite, force=True, events=reporter, leaderboard_dir=leaderboard, run_id=run_id)
+        except KeyboardInterrupt:
+            raise _interrupted(leaderboard, run_id) from None
+
+
+def _report(summary, leaderboard: Path) -> None:
+    """Where the model went, its hash, its realised sparsity and the scores of this run."""
+    from ..bench import leaderboard as lb
+
+    if not summary.saved:
+        raise ConfigError(f"nothing was pruned or saved (see {leaderboard})")
+    saved = summary.saved[0]
+    out.print(f"saved: {saved.path}")
+    out.print(f"weights sha256: {saved.sha256}")
+    if saved.actual_sparsity is not None:
+        out.print(f"realised sparsity: {saved.actual_sparsity:.4f}")
+    rows = [r for r in lb.read(leaderboard, suite=[SUITE_NAME]).to_pylist()
+            if r["run_id"] == summary.run_id and r["status"] == "ok"]
+    for r in rows:
+        err_text = "" if r["stderr"] is None else f" ± {r['stderr']:.3g}"
+        out.print(f"{r['task']} {r['score']}: {r['value']:.6g}{err_text}")
+    if rows:
+        err.print(f"results in {leaderboard}")
