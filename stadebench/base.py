@@ -381,6 +381,8 @@ class Score:
         stderr: its standard error when the evaluator knows it.
         higher_is_better: direction of the score.
         details: extra provenance (number of windows/docs, split, seqlen, …).
+        layers: per-layer records behind the score, stored as typed Arrow data with its
+            row (``record.DIAGNOSTIC_TYPE``); None for most scores.
     """
 
     task: str
@@ -389,16 +391,47 @@ class Score:
     stderr: float | None = None
     higher_is_better: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    layers: list[dict[str, Any]] | None = None
+
+
+@dataclass
+class CellContext:
+    """What an evaluator that sets ``needs_cell = True`` receives besides the pruned model.
+
+    Attributes:
+        dense: ``with cell.dense():`` the model holds its dense weights and biases, and
+            its pruned ones again afterwards.
+        calibration: the suite's calibration windows for this model (LongTensor
+            ``[n, seqlen]``), also for a data-free metric; None for the dense baseline.
+        metric: the Metric instance that pruned the model; None for the dense baseline.
+        pattern: the Pattern instance; None for the dense baseline.
+        layers: the engine's ``LayerReport`` of every prunable layer (allocated sparsity,
+            left dense or not).
+        batch_size: calibration windows per forward pass.
+    """
+
+    dense: Any
+    calibration: torch.Tensor | None = None
+    metric: Metric | None = None
+    pattern: Pattern | None = None
+    layers: list[Any] = field(default_factory=list)
+    batch_size: int = 8
 
 
 class Evaluator(_Named):
-    """Measures an in-memory model (never saved and reloaded) and returns scores."""
+    """Measures an in-memory model (never saved and reloaded) and returns scores.
+
+    An evaluator that needs more than the pruned model (its dense weights, the calibration
+    windows, what the engine did per layer) sets ``needs_cell = True`` and receives a
+    ``CellContext`` as ``cell``.
+    """
 
     kind: ClassVar[str] = "evaluator"
+    needs_cell: ClassVar[bool] = False
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
-                 ) -> list[Score]:
-        """Evaluate ``model`` as it is now."""
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None,
+                 cell: CellContext | None = None) -> list[Score]:
+        """Evaluate ``model`` as it is now (``cell``: only when ``needs_cell`` is set)."""
         raise NotImplementedError
 
     def unavailable(self) -> str | None:

@@ -38,6 +38,7 @@ DEFAULT_PLUGINS = (
     "stadebench.data.datasets",
     "stadebench.evaluation.perplexity",
     "stadebench.evaluation.speed",
+    "stadebench.evaluation.diagnostics",
     "stadebench.evaluation.lmeval",
 )
 

@@ -321,5 +321,5 @@ def cell_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()
 
 
-__all__ = ["BASELINE_FIELDS", "DIAGNOSTIC_TYPE", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "SCHEMA", "SCHEMA_VERSION",
-           "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]
+__all__ = ["BASELINE_FIELDS", "DIAGNOSTIC_TYPE", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "SCHEMA",
+           "SCHEMA_VERSION", "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]

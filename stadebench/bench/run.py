@@ -239,7 +239,7 @@ def rows_of(result: CellResult, provenance: dict[str, Any]) -> list[Row]:
             rows.append(p.template.replace(
                 task=s.task, score=s.name, value=s.value, stderr=s.stderr, higher_is_better=s.higher_is_better,
                 status="ok", eval_seconds=evaluation.seconds, details={**result.details, "eval": s.details},
-                **common))
+                layer_diagnostics=s.layers, **common))
     return rows
 
 

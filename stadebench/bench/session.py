@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..base import Score
+from ..base import CellContext, Score
 from ..core import allocation as allocating
 from ..core import engine
 from ..core.engine import CalibrationStatistics
@@ -285,10 +285,56 @@ class ModelSession:
         result.details["save"] = {"path": str(saved.path), "warnings": list(saved.warnings)}
         result.seconds["save"] = time.perf_counter() - t0
 
-    def _evaluate(self, cell: PlannedCell, result: CellResult) -> None:
+    @contextlib.contextmanager
+    def dense_weights(self) -> Iterator[None]:
+        """While active the model holds its dense weights, biases and config flags; the
+        pruned ones are put back afterwards (an evaluator's ``CellContext.dense``)."""
+        pruned = [(layer.weight.detach().clone(), None if layer.bias is None else layer.bias.detach().clone())
+                  for layer in self.layers]
+        flags = {k: v for k, v in vars(self.model.config).items() if k.endswith("_bias")}
+        dirty, self.dirty = self.dirty, True
+        self.restore()
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for layer, (weight, bias) in zip(self.layers, pruned):
+                    layer.weight.copy_(weight)
+                    if bias is None:
+                        layer.bias = None
+                    elif layer.bias is None:
+                        layer.bias = torch.nn.Parameter(bias, requires_grad=False)
+                    else:
+                        layer.bias.copy_(bias)
+            for flag, value in flags.items():
+                setattr(self.model.config, flag, value)
+            self.dirty = dirty
+
+    def _context(self, cell: PlannedCell, report: Any) -> CellContext:
+        """What an evaluator with ``needs_cell`` gets: the suite's calibration windows (also
+        for a data-free metric), the metric, pattern and per-layer report, the dense weights."""
+        if cell.metric is None:
+            return CellContext(self.dense_weights)
+        c = cell.cell.calibration
+        key = (self.plan.spec.model_dump_json(), calibration_key(c))
+        if key not in self.windows:
+            t0 = time.perf_counter()
+            self.windows[key] = calibration_windows(c.dataset.resolved.instance, self.tokenizer, c.seqlen, c.n,
+                                                    c.seed)
+            self.seconds["calibration"] += time.perf_counter() - t0
+        return CellContext(self.dense_weights, self.windows[key], cell.metric, cell.pattern, report.layers,
+                           c.batch_size)
+
+    def _evaluate(self, cell: PlannedCell, result: CellResult, report: Any = None) -> None:
+        context = None
         for pending in cell.pending:
             t0 = time.perf_counter()
-            scores = _checked(pending.spec.name, pending.evaluator.evaluate(self.model, self.tokenizer, self.device))
+            if pending.evaluator.needs_cell:
+                context = context or self._context(cell, report)
+                scores = pending.evaluator.evaluate(self.model, self.tokenizer, self.device, cell=context)
+            else:
+                scores = pending.evaluator.evaluate(self.model, self.tokenizer, self.device)
+            scores = _checked(pending.spec.name, scores)
             elapsed = time.perf_counter() - t0
             for score in scores:
                 if not math.isfinite(score.value):
@@ -305,7 +351,7 @@ class ModelSession:
                 torch.cuda.reset_peak_memory_stats(self.device)
             self.restore()
             report = self._prune(cell, result)
-            self._evaluate(cell, result)
+            self._evaluate(cell, result, report)
             if report is not None and cell.save_folder is not None:
                 self._save(cell, result, report)
             if self.device.type == "cuda":
@@ -331,8 +377,9 @@ def _checked(evaluator: str, scores: Any) -> list[Score]:
             raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} is {s.value!r}, not a number")
         try:
             normalise("details", s.details)
+            normalise("layer_diagnostics", s.layers)
         except RecordError as exc:
-            raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} has details that cannot be "
+            raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} has details or layers that cannot be "
                               f"stored: {exc}") from None
     return list(scores)
 

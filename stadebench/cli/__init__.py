@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from . import assets, board, prune, registry, run
+from . import assets, board, diagnose, prune, registry, run
 from .common import ExitCode
 
 app = typer.Typer(
@@ -15,6 +15,7 @@ app = typer.Typer(
 )
 app.command("run")(run.run)
 app.command("prune")(prune.prune)
+app.command("diagnose")(diagnose.diagnose)
 app.command("validate")(run.validate)
 app.command("schema")(run.schema)
 app.command("list")(registry.list_items)
