@@ -366,7 +366,7 @@ def test_leaderboard_table(board):
 
 
 def test_leaderboard_json_matches_the_parquet_rows(board):
-    r = invoke("leaderboard", "--dir", board.folder, "--format", "json")
+    r = invoke("leaderboard", "--dir", board.folder, "--long", "--format", "json")
     assert r.exit_code == ExitCode.OK, r.output
     rows = json.loads(r.stdout)
     assert sorted(row["metric"] for row in rows) == ["magnitude", "wanda"]
@@ -379,8 +379,8 @@ def test_leaderboard_json_matches_the_parquet_rows(board):
         assert row["relative"] == pytest.approx(row["value"] / dense - 1, rel=1e-9)
 
 
-def test_leaderboard_csv_and_markdown(board):
-    r = invoke("leaderboard", "--dir", board.folder, "--format", "csv")
+def test_leaderboard_long_csv_is_the_tidy_rows(board):
+    r = invoke("leaderboard", "--dir", board.folder, "--long", "--format", "csv")
     assert r.exit_code == ExitCode.OK, r.output
     parsed = list(csv.DictReader(io.StringIO(r.stdout)))
     assert r.stdout.splitlines()[0].split(",") == CSV_HEADER
@@ -388,12 +388,27 @@ def test_leaderboard_csv_and_markdown(board):
     assert float(next(row for row in parsed if row["metric"] == "wanda")["value"]) == \
         pytest.approx(_value(board.rows, "wanda"), rel=1e-12)
 
-    r = invoke("leaderboard", "--dir", board.folder, "--format", "markdown")
+
+def test_leaderboard_exports_are_the_table_shown(board):
+    wanda, dense = _value(board.rows, "wanda"), _value(board.rows, "dense", None)
+    r = invoke("leaderboard", "--dir", board.folder, "--format", "markdown", "--precision", "3")
     assert r.exit_code == ExitCode.OK, r.output
     lines = r.stdout.splitlines()
-    assert lines[0] == "| " + " | ".join(CSV_HEADER) + " |"
-    assert lines[1] == "|" + "---|" * len(CSV_HEADER)
-    assert len(lines) == 4 and all(ln.startswith("| ") for ln in lines[2:])
+    assert lines[0] == "**text · ppl ↓**" and lines[2] == "| model | metric | dense | unstructured 0.5 |"
+    assert lines[3] == "|---|---|---:|---:|" and len(lines) == 6
+    row = next(ln for ln in lines if "| wanda |" in ln)
+    assert f"| {dense:.3g} | {wanda:.3g} ({wanda / dense - 1:+.0%}) |" in row
+
+    r = invoke("leaderboard", "--dir", board.folder, "--format", "latex")
+    assert r.exit_code == ExitCode.OK, r.output
+    assert "\\begin{tabular}{llrr}" in r.stdout and "model & metric & dense & unstructured 0.5 \\\\" in r.stdout
+    assert r.stdout.count("\\\\") == 3  # header and two rows
+
+    r = invoke("leaderboard", "--dir", board.folder, "--format", "csv", "--precision", "5")
+    assert r.exit_code == ExitCode.OK, r.output
+    parsed = {row["metric"]: row for row in csv.DictReader(io.StringIO(r.stdout))}
+    assert float(parsed["wanda"]["unstructured 0.5"]) == float(f"{wanda:.5g}")
+    assert float(parsed["wanda"]["unstructured 0.5 Δ"]) == pytest.approx(wanda / dense - 1, abs=1e-4)
 
 
 @pytest.mark.parametrize(("option", "match"), [
@@ -405,8 +420,20 @@ def test_leaderboard_filters(board, option, match):
     assert r.exit_code == ExitCode.OK, r.output
     assert len(json.loads(r.stdout)) == 2
     r = invoke("leaderboard", "--dir", board.folder, option, "nothing-like-this", "--format", "json")
+    assert r.exit_code == ExitCode.USAGE and r.stdout == ""
+    assert f"no results in {board.folder} for {option} nothing-like-this; it holds suites: tiny" in flat(r.stderr)
+
+
+@pytest.mark.parametrize(("option", "value", "metrics"), [
+    ("--metric", "wanda", ["wanda"]), ("--pattern", "unstructured", ["magnitude", "wanda"]),
+    ("--sparsity", "0.5", ["magnitude", "wanda"]),
+])
+def test_leaderboard_metric_pattern_sparsity_filters_keep_the_dense_baseline(board, option, value, metrics):
+    r = invoke("leaderboard", "--dir", board.folder, option, value, "--format", "json")
     assert r.exit_code == ExitCode.OK, r.output
-    assert r.stdout == "" and "no results" in r.stderr
+    rows = json.loads(r.stdout)
+    assert sorted(row["metric"] for row in rows) == metrics
+    assert all(row["dense"] == pytest.approx(_value(board.rows, "dense", None), rel=1e-3) for row in rows)
 
 
 def test_leaderboard_compare_metrics_side_by_side(board):
@@ -418,6 +445,8 @@ def test_leaderboard_compare_metrics_side_by_side(board):
     assert row["wanda"] == pytest.approx(wanda, rel=1e-12)
     assert row["magnitude"] == pytest.approx(magnitude, rel=1e-12)
     assert row["delta"] == pytest.approx(magnitude - wanda, rel=1e-9)
+    assert row["better"] == ("wanda" if wanda < magnitude else "magnitude")  # perplexity: lower is better
+    assert row["evaluation"] == "perplexity(text, test, seqlen=16)" and row["allocation"] == "uniform"
 
     r = invoke("leaderboard", "compare", "wanda", "magnitude", "--dir", board.folder)
     assert r.exit_code == ExitCode.OK, r.output
@@ -427,6 +456,9 @@ def test_leaderboard_compare_metrics_side_by_side(board):
 
     r = invoke("leaderboard", "compare", "wanda", "nope", "--dir", board.folder)
     assert r.exit_code == ExitCode.USAGE and "no results with metric = 'nope'" in r.stderr
+    r = invoke("leaderboard", "compare", "wandaa", "magnitude", "--dir", board.folder)
+    assert r.exit_code == ExitCode.USAGE and "did you mean 'wanda'?" in flat(r.stderr)
+    assert "metrics: dense, magnitude, wanda" in flat(r.stderr)
 
 
 def test_leaderboard_compare_two_runs(board):

@@ -46,7 +46,7 @@ def test_the_allocation_axis_runs_and_labels_its_rows(run):
     assert mag["uniform"]["calib_dataset"] is None and mag["owl"]["calib_dataset"] == "text"
     assert all(json.loads(r["layer_ignore"]) == [r"layers\.0\.", "lm_head"] for r in rows if r["metric"] != "dense")
     table = result.stdout
-    assert "wanda · owl(M=5.0, lambda=0.1)" in table and "magnitude · owl(M=5.0, lambda=0.1)" in table
+    assert "wanda · owl(lambda=0.1)" in table and "magnitude · owl(lambda=0.1)" in table  # M is the default
 
 
 def test_ignored_layers_stay_dense_and_the_rest_meet_the_target(run):

@@ -551,7 +551,7 @@ def test_pivot_small_grid(tmp_path):
     wanda = rows["wanda"]
     assert wanda["model"] == "tiny-llama" and wanda["dense"] == 10.0
     assert wanda["values"]["unstructured 0.5"] == {"value": 11.0, "stderr": None,
-                                                   "relative": pytest.approx(0.1)}
+                                                   "relative": pytest.approx(0.1), "significant": None}
     assert wanda["values"]["2:4 0.5"]["relative"] == pytest.approx(0.5)
     assert list(rows["stade (bias_correction=false)"]["values"]) == ["unstructured 0.5"]
     json.dumps(grid)  # plain data, ready for any renderer
@@ -606,3 +606,18 @@ def test_a_schema_3_file_written_before_the_saved_columns_reads_them_as_null(tmp
     assert rows["magnitude"]["saved_path"] == "/m/x" and rows["wanda"]["cell_key"] == lb.cell_key(_row())
     lb.compact(tmp_path, upgrade=True)
     assert lb.read(tmp_path).num_rows == 2
+
+
+def test_pivot_marks_a_change_inside_the_standard_error_and_drops_default_options():
+    acc = {"task": "arc_easy", "score": "acc", "higher_is_better": True, "evaluator": "lm-eval"}
+    rows = [_row(metric="dense", pattern=None, sparsity=0.0, value=0.68, stderr=0.07, **acc),
+            _row(metric="stade", metric_options={"bias_correction": True}, value=0.70, stderr=0.07, **acc),
+            _row(metric="wanda", value=0.40, stderr=0.07, **acc),
+            _row(metric="magnitude", value=0.5, stderr=None, sparsity=0.6, **acc)]
+    grid = lb.pivot(lb._to_table(rows), "arc_easy", "acc")
+    cells = {r["label"]: next(iter(r["values"].values())) for r in grid["rows"]}
+    assert set(cells) == {"stade", "wanda", "magnitude"}  # stade's default option is not in its label
+    assert cells["stade"]["significant"] is False and cells["wanda"]["significant"] is True
+    assert cells["magnitude"]["significant"] is True  # the dense stderr alone: 0.18 away is outside 0.07
+    assert lb.pivot(lb._to_table([_row(metric="stade", metric_options={"bias_correction": False})]), "wikitext2",
+                    "perplexity")["rows"][0]["label"] == "stade (bias_correction=false)"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import math
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -19,49 +20,168 @@ DirOption = Annotated[Path, typer.Option("--dir", "-d", help="Leaderboard folder
 Filter = Annotated[list[str] | None, typer.Option(help="Keep only these (repeatable).")]
 
 
-def _fmt(value: float | None) -> str:
+def _fmt(value: float | None, precision: int = 4) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "—"
-    return f"{value:.4g}" if abs(value) < 1e4 else f"{value:.3e}"
+    return f"{value:.{precision}g}" if abs(value) < 10 ** max(precision, 4) else f"{value:.{max(precision - 1, 1)}e}"
 
 
-def _relative(rel: float | None, higher_is_better: bool | None) -> Text:
+def _relative(cell: dict, higher_is_better: bool | None) -> Text:
+    """``(+3%)``, red when worse and green when better than dense, plain when the change is
+    inside the combined standard error (noise, not a ranking)."""
+    rel = cell["relative"]
     if rel is None:
         return Text()
+    if cell.get("significant") is False:
+        return styled(" ", (f"(~{rel:+.0%})", "dim"))
     worse = (rel < 0) if higher_is_better else (rel > 0)
     return styled(" ", (f"({rel:+.0%})", "red" if worse else "green"))
 
 
-def show_leaderboard(folder: Path, *, suite=None, model=None, task=None, fmt: Format = Format.table) -> None:
-    """Print one pivot table per (task, score) of the current results."""
+def _value_text(cell: dict, precision: int) -> str:
+    text = _fmt(cell["value"], precision)
+    return text if cell.get("stderr") is None else f"{text} ±{_fmt(cell['stderr'], 2)}"
+
+
+def _available(table) -> str:
+    """What a leaderboard holds, for an error when a filter matched nothing."""
+    parts = []
+    for field in ("suite", "model", "task", "metric", "pattern"):
+        values = sorted({str(v) for v in table[field].to_pylist() if v is not None})
+        if values:
+            parts.append(f"{field}s: {', '.join(values[:12])}{' …' if len(values) > 12 else ''}")
+    sparsities = sorted({v for v in table["sparsity"].to_pylist() if v})
+    if sparsities:
+        parts.append("sparsities: " + ", ".join(f"{v:g}" for v in sparsities))
+    return "; ".join(parts)
+
+
+def _grids(folder: Path, filters: dict) -> tuple[list[tuple[str | None, dict]], int]:
+    """``(suite or None, pivot)`` per suite (when several are shown) and (task, score), and
+    the number of failed rows; an error listing what exists when nothing matches."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     from ..bench import leaderboard as lb
 
-    table = lb.query(lb.current(lb.read(folder)), suite=suite, model=model, task=task)
+    everything = lb.current(lb.read(folder))
+    if everything.num_rows == 0:
+        raise fail(f"no results in {folder}; run a suite first (stadebench run suites/smoke.yaml)")
+    table = lb.query(everything, **filters)
+    if any(filters.get(k) for k in ("metric", "pattern", "sparsity")) and table.num_rows:
+        # the dense baseline stays: every change is against it
+        cell = {k: v for k, v in filters.items() if k not in ("metric", "pattern", "sparsity")}
+        dense = lb.query(lb.query(everything, **cell), metric=["dense"])
+        table = pa.concat_tables([dense, table.filter(pc.invert(pc.fill_null(pc.equal(table["metric"], "dense"),
+                                                                             False)))])
     if table.num_rows == 0:
-        err.print(f"no results in {folder}" + (" for these filters" if any((suite, model, task)) else ""))
-        return
-    ok = [r for r in table.to_pylist() if r["status"] == "ok"]
-    pairs = sorted({(r["task"], r["score"]) for r in ok})
-    if fmt is not Format.table:
+        given = ", ".join(f"--{k} {' '.join(map(str, v))}" for k, v in filters.items() if v)
+        raise fail(f"no results in {folder} for {given}; it holds {_available(everything)}")
+    ok = table.filter(pc.equal(table["status"], "ok"))
+    suites = sorted({s for s in ok["suite"].to_pylist() if s is not None})
+    split = len(suites) > 1  # rows of two suites would merge into labels of every knob they differ in
+    grids = []
+    for suite in suites if split else [None]:
+        part = lb.query(ok, suite=suite) if split else ok
+        for task_name, score in sorted({(r["task"], r["score"]) for r in part.select(["task", "score"]).to_pylist()
+                                        if r["task"] is not None}):
+            grid = lb.pivot(part, task_name, score)
+            if grid["rows"]:
+                grids.append((suite, grid))
+    return grids, table.num_rows - ok.num_rows
+
+
+def _pivot_rows(grids: list[tuple[str | None, dict]], precision: int) -> list[dict]:
+    """The tables as shown, one flat row per table row (for csv, json, markdown, latex)."""
+    rows = []
+    for suite, grid in grids:
+        for row in grid["rows"]:
+            flat = {"suite": suite, "task": grid["task"], "score": grid["score"], "model": row["model_label"],
+                    "metric": row["label"], "dense": _round(row["dense"], precision)}
+            if suite is None:
+                del flat["suite"]
+            for column in grid["columns"]:
+                cell = row["values"].get(column) or {}
+                flat[column] = _round(cell.get("value"), precision)
+                flat[f"{column} ±"] = _round(cell.get("stderr"), 2)
+                flat[f"{column} Δ"] = None if cell.get("relative") is None else round(cell["relative"], 4)
+            rows.append(flat)
+    return rows
+
+
+def _round(value: float | None, precision: int) -> float | None:
+    return None if value is None else float(f"{value:.{precision}g}")
+
+
+def _markdown(grids: list[tuple[str | None, dict]], precision: int, latex: bool) -> str:
+    """One table per grid, as shown: value ± stderr (change vs dense, ~ inside the error)."""
+    blocks = []
+    for suite, grid in grids:
+        arrow = "↑" if grid["higher_is_better"] else "↓"
+        title = " · ".join(filter(None, [suite, grid["task"], grid["score"]])) + f" {arrow}"
+        header = ["model", "metric", "dense", *grid["columns"]]
+        body = []
+        for row in grid["rows"]:
+            cells = []
+            for column in grid["columns"]:
+                cell = row["values"].get(column)
+                if cell is None:
+                    cells.append("")
+                    continue
+                text = _value_text(cell, precision)
+                if cell["relative"] is not None:
+                    mark = "~" if cell.get("significant") is False else ""
+                    text += f" ({mark}{cell['relative']:+.0%})"
+                cells.append(text)
+            body.append([row["model_label"], row["label"], _fmt(row["dense"], precision), *cells])
+        if latex:
+            esc = [[_tex(c) for c in r] for r in [header, *body]]
+            lines = [f"% {title}", "\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", "\\toprule",
+                     " & ".join(esc[0]) + " \\\\", "\\midrule", *(" & ".join(r) + " \\\\" for r in esc[1:]),
+                     "\\bottomrule", "\\end{tabular}"]
+        else:
+            lines = [f"**{title}**", "", "| " + " | ".join(header) + " |",
+                     "|" + "|".join(["---", "---"] + ["---:"] * (len(header) - 2)) + "|",
+                     *("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in body)]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks) + "\n"
+
+
+def _tex(text: str) -> str:
+    for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#"),
+                 ("±", "$\\pm$"), ("~", "$\\sim$"), ("→", "$\\to$")):
+        text = text.replace(a, b)
+    return text
+
+
+def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int = 4, long: bool = False,
+                     **filters) -> None:
+    """Print one pivot table per (suite when several, task, score) of the current results,
+    or the same tables as Markdown, LaTeX, CSV or JSON; ``long``: the tidy rows."""
+    grids, failed = _grids(folder, filters)
+    if long:
         rows = []
-        for task_name, score in pairs:
-            grid = lb.pivot(table, task_name, score)
+        for _, grid in grids:
             for row in grid["rows"]:
                 for column in grid["columns"]:
                     cell = row["values"].get(column)
                     if cell:
-                        rows.append({"model": row["model"], "metric": row["label"], "task": task_name,
-                                     "score": score, "column": column, "value": cell["value"],
+                        rows.append({"model": row["model"], "metric": row["label"], "task": grid["task"],
+                                     "score": grid["score"], "column": column, "value": cell["value"],
                                      "stderr": cell["stderr"], "dense": row["dense"],
                                      "relative": cell["relative"]})
-        write_rows(rows, fmt)
+        write_rows(rows, Format.csv if fmt in (Format.table, Format.latex) else fmt)
         return
-    for task_name, score in pairs:
-        grid = lb.pivot(table, task_name, score)
-        if not grid["rows"]:
-            continue
+    if fmt in (Format.markdown, Format.latex):
+        sys.stdout.write(_markdown(grids, precision, fmt is Format.latex))
+        return
+    if fmt is not Format.table:
+        write_rows(_pivot_rows(grids, precision), fmt)
+        return
+    for suite, grid in grids:
         arrow = "↑" if grid["higher_is_better"] else "↓"
-        view = Table(title=f"{task_name} · {score} {arrow}", title_justify="left")
+        title = " · ".join(filter(None, [suite, grid["task"], grid["score"]])) + f" {arrow}"
+        view = Table(title=title, title_justify="left")
         view.add_column("model")
         view.add_column("metric")
         view.add_column("dense", justify="right")
@@ -71,14 +191,22 @@ def show_leaderboard(folder: Path, *, suite=None, model=None, task=None, fmt: Fo
             cells = []
             for column in grid["columns"]:
                 cell = row["values"].get(column)
-                cells.append("" if cell is None else styled(_fmt(cell["value"]))
-                             + _relative(cell["relative"], grid["higher_is_better"]))
-            view.add_row(row["model"], row["label"], _fmt(row["dense"]), *cells)
+                cells.append("" if cell is None else styled(_value_text(cell, precision))
+                             + _relative(cell, grid["higher_is_better"]))
+            view.add_row(row["model"], row["label"], _fmt(row["dense"], precision), *cells)
+        named = sorted({row["model_label"] for row in grid["rows"] if row["model_label"] != row["model"]})
+        if named:
+            view.caption, view.caption_justify = "; ".join(named), "left"
         out.print(view)
-    failed = table.num_rows - len(ok)
     if failed:
-        err.print(f"{failed} failed row(s) not shown; see `stadebench leaderboard --format json` "
+        err.print(f"{failed} failed row(s) not shown; see `stadebench leaderboard --long --format json` "
                   "or the error column")
+
+
+Precision = Annotated[int, typer.Option(min=1, max=12, help="Significant digits of values in tables and exports.")]
+Long = Annotated[bool, typer.Option("--long", help="The tidy rows (one per model, metric, column) at full "
+                                                   "precision, instead of the tables.")]
+SparsityFilter = Annotated[list[float] | None, typer.Option(help="Keep only these sparsities (repeatable).")]
 
 
 @app.callback(invoke_without_command=True)
@@ -88,16 +216,24 @@ def leaderboard(
     suite: Filter = None,
     model: Filter = None,
     task: Filter = None,
+    metric: Filter = None,
+    pattern: Filter = None,
+    sparsity: SparsityFilter = None,
     fmt: FormatOption = Format.table,
+    precision: Precision = 4,
+    long: Long = False,
     history: Annotated[bool, typer.Option("--history", help="List the superseded rows (moved under "
                                                               "_history/ by re-runs) instead.")] = False,
 ) -> None:
-    """Show the current results: one table per task and score, dense baseline and change."""
+    """Show the current results: one table per task and score, dense baseline and change
+    (± standard error where known; a change inside it is marked ~)."""
     if ctx.invoked_subcommand is None:
+        filters = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern,
+                   "sparsity": sparsity}
         if history:
             handle_errors(show_history)(folder, suite=suite, model=model, task=task, fmt=fmt)
         else:
-            handle_errors(show_leaderboard)(folder, suite=suite, model=model, task=task, fmt=fmt)
+            handle_errors(show_leaderboard)(folder, fmt=fmt, precision=precision, long=long, **filters)
 
 
 HISTORY_COLUMNS = ("created_at", "run_id", "model", "metric", "pattern", "sparsity", "task", "score", "value",
@@ -182,6 +318,26 @@ def _show(cell: str, folder: Path, fmt: Format) -> None:
     out.print(view)
 
 
+def _evaluation(r: dict) -> str:
+    """What tells two evaluations of one task apart: ``perplexity(enwiki-2016, seqlen=512)``."""
+    parts = [p for p in (r["eval_dataset"], r["eval_split"]) if p]
+    if r["eval_seqlen"] is not None:
+        parts.append(f"seqlen={r['eval_seqlen']}")
+    return f"{r['evaluator']}({', '.join(parts)})" if parts else str(r["evaluator"])
+
+
+def _better(ra: dict, rb: dict, a: str, b: str) -> str:
+    """Which side scores better, ``~`` when the difference is inside their combined standard error."""
+    if ra["value"] is None or rb["value"] is None or ra["value"] == rb["value"]:
+        return "="
+    if ra["stderr"] is not None or rb["stderr"] is not None:
+        spread = ((ra["stderr"] or 0.0) ** 2 + (rb["stderr"] or 0.0) ** 2) ** 0.5
+        if abs(ra["value"] - rb["value"]) <= spread:
+            return "~"
+    b_wins = (rb["value"] > ra["value"]) == bool(ra["higher_is_better"])
+    return b if b_wins else a
+
+
 class By(str, enum.Enum):
     run = "run"
     metric = "metric"
@@ -220,14 +376,19 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
             sides[r[field]][tuple(str(r[f]) for f in key_fields)] = r
     for name, rows in sides.items():
         if not rows:
-            raise fail(f"no results with {field} = {name!r} in {folder}")
+            from ..util import did_you_mean
+
+            known = sorted({str(r[field]) for r in table.to_pylist() if r[field] is not None})
+            raise fail(f"no results with {field} = {name!r} in {folder}{did_you_mean(name, known)} "
+                       f"({field}s: {', '.join(known[:12])}{' …' if len(known) > 12 else ''})")
     rows = []
     for key in sorted(sides[a].keys() & sides[b].keys()):
         ra, rb = sides[a][key], sides[b][key]
         delta = rb["value"] - ra["value"] if None not in (ra["value"], rb["value"]) else None
         rows.append({"model": ra["model"], "metric": ra["metric"] if by is By.run else None,
-                     "pattern": ra["pattern"], "sparsity": ra["sparsity"], "task": ra["task"],
-                     "score": ra["score"], a: ra["value"], b: rb["value"], "delta": delta})
+                     "pattern": ra["pattern"], "sparsity": ra["sparsity"], "allocation": ra["allocation"],
+                     "evaluation": _evaluation(ra), "task": ra["task"], "score": ra["score"], a: ra["value"],
+                     b: rb["value"], "delta": delta, "better": _better(ra, rb, a, b)})
     if not rows:
         raise fail(f"{a!r} and {b!r} share no cells to compare in {folder}")
     if fmt is not Format.table:

@@ -62,6 +62,7 @@ class Format(str, enum.Enum):
     json = "json"
     csv = "csv"
     markdown = "markdown"
+    latex = "latex"
 
 
 FormatOption = Annotated[Format, typer.Option("--format", "-f", help="Output format.")]
@@ -109,8 +110,8 @@ def progress_enabled() -> bool:
 
 
 def write_rows(rows: list[dict], fmt: Format) -> None:
-    """Print plain rows as JSON, CSV or Markdown on stdout (JSON escapes control
-    characters itself; CSV and Markdown show them as escapes)."""
+    """Print plain rows as JSON, CSV, Markdown or a LaTeX tabular on stdout (JSON escapes
+    control characters itself; the others show them as escapes)."""
     import csv
     import json
 
@@ -123,6 +124,18 @@ def write_rows(rows: list[dict], fmt: Format) -> None:
         writer = csv.DictWriter(sys.stdout, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
+        return
+    if fmt is Format.latex:
+        def tex(v) -> str:
+            text = "" if v is None else str(v)
+            for a, b in (("\\", "\\textbackslash{}"), ("&", "\\&"), ("%", "\\%"), ("_", "\\_"), ("#", "\\#")):
+                text = text.replace(a, b)
+            return text
+
+        lines = ["\\begin{tabular}{" + "l" * len(columns) + "}", "\\toprule", " & ".join(map(tex, columns)) + " \\\\",
+                 "\\midrule", *(" & ".join(tex(r[c]) for c in columns) + " \\\\" for r in rows), "\\bottomrule",
+                 "\\end{tabular}"]
+        sys.stdout.write("\n".join(lines) + "\n")
         return
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if r[c] is None else str(r[c]) for c in columns) + " |" for r in rows]

