@@ -265,13 +265,16 @@ class ModelSession:
     def _save(self, cell: PlannedCell, result: CellResult, report: Any) -> None:
         """Save the pruned model, its card holding the scores just measured; a cell re-run
         replaces its folder. Any failure fails the cell, naming the folder."""
+        from ..data.assets import CATALOGUE
         from . import save
 
         t0, c, folder = time.perf_counter(), cell.cell, cell.save_folder
         calibration = None if cell.calibration is None else {
             "dataset": cell.calibration.dataset.name, "options": cell.calibration.dataset.options,
             "seed": cell.calibration.seed}
-        card = save.card_from_report(report, c.model.id, calibration=calibration,
+        asset = CATALOGUE.get(c.model.id)
+        base = asset.hub_id if asset is not None and asset.hub_id else c.model.id
+        card = save.card_from_report(report, base, calibration=calibration,
                                      scores=[s for e in result.evaluations for s in e.scores],
                                      allocation=c.allocation, allocation_options=c.allocation_options,
                                      cell_key=cell.prune_key)

