@@ -56,6 +56,15 @@ class TestSparseGPT(MetricConformance):
     metric = "sparsegpt"
 
 
+class TestSparseGPTOddSparsities(MetricConformance):
+    """Sparsities whose per-block share is not whole: the layer still prunes the pattern's count."""
+
+    metric = "sparsegpt"
+    options = {"blocksize": 24}
+    patterns = ("unstructured", "unstructured-layer")
+    sparsities = (0.3, 0.6, 0.7)
+
+
 class TestSparseGPTNoUpdate(MetricConformance):
     metric = "sparsegpt"
     options = {"update": False, "blocksize": 16}

@@ -31,11 +31,15 @@ class SparseGPT(Metric):
     or, when the pattern decides small column groups on their own (N:M), group by group
     as the error feedback reaches them — as the released SparseGPT does. With
     ``unstructured-layer`` this is the released code's per-block threshold; with the
-    per-row ``unstructured`` pattern each row prunes its share of every block.
+    per-row ``unstructured`` pattern each row prunes its share of every block. Shares are
+    rounded cumulatively (block j prunes count(first j blocks) − count(first j−1)), so a
+    layer prunes exactly the pattern's count for the whole layer at any sparsity; version
+    1 rounded every block down, pruning up to one weight per block and row too few (0.6
+    on 576 columns: 342 per row, not 345).
     """
 
     name = "sparsegpt"
-    version = "1"
+    version = "2"
     Options = SparseGPTOptions
     statistics = frozenset({"gram"})
 
@@ -71,6 +75,7 @@ class SparseGPT(Metric):
         if group and opts.blocksize % group:
             raise ConfigError(f"sparsegpt: blocksize {opts.blocksize} must be a multiple of {pattern.spec}'s M")
         w = weight.clone()
+        shares = None if group else block_sparsities(pattern, w.shape[0], w.shape[1], opts.blocksize, sparsity)
         hinv, percdamp = self.inverse_hessian_factor(w, stats)
         # Work on Wᵀ so that a weight column is a contiguous row: ~2x faster on CPU.
         wt = w.t().contiguous()
@@ -83,7 +88,7 @@ class SparseGPT(Metric):
             d1 = torch.diag(h1).unsqueeze(1)
             err1 = torch.zeros_like(w1)
             if not group:
-                m1[:] = pattern.select((w1.square() / d1.square()).t(), sparsity).t()
+                m1[:] = pattern.select((w1.square() / d1.square()).t(), shares[i1 // opts.blocksize]).t()
             for i in range(i2 - i1):
                 if group and i % group == 0:
                     g = slice(i, i + group)
@@ -99,6 +104,38 @@ class SparseGPT(Metric):
             w = weight.masked_fill(mask, 0.0)
         details = {"percdamp": percdamp} if percdamp != opts.percdamp else {}
         return LayerResult(mask, w, None, details)
+
+
+def _count(pattern: Pattern, rows: int, cols: int, sparsity: float) -> int:
+    # counts depend only on shape and sparsity (the kit's exact-count rule): equal scores will do
+    return int(pattern.select(torch.zeros(rows, cols), sparsity).count_nonzero())
+
+
+def block_sparsities(pattern: Pattern, rows: int, cols: int, blocksize: int, sparsity: float) -> list[float]:
+    """The sparsity to select each ``blocksize``-column block at, so that the blocks together
+    prune the pattern's count for the whole ``rows × cols`` layer: block j gets
+    count(first j blocks) − count(first j − 1), found by bisection on the pattern's own
+    count. ``sparsity`` everywhere when that already adds up (e.g. 0.5 on 128-wide blocks)."""
+    edges = list(range(0, cols, blocksize)) + [cols]
+    widths = [b - a for a, b in zip(edges, edges[1:])]
+    plain = [sparsity] * len(widths)
+    total = _count(pattern, rows, cols, sparsity)
+    if sum(_count(pattern, rows, w, sparsity) for w in widths) == total:
+        return plain
+    shares, done = [], 0
+    for end, width in zip(edges[1:], widths):
+        want = _count(pattern, rows, end, sparsity) - done
+        lo, hi = 0.0, min(1.0 - 1e-12, 0.999999)
+        if _count(pattern, rows, width, hi) < want:
+            return plain  # this pattern cannot prune that share of a block: keep the plain rounding
+        for _ in range(60):  # the smallest sparsity whose count reaches the share
+            mid = (lo + hi) / 2
+            lo, hi = (mid, hi) if _count(pattern, rows, width, mid) < want else (lo, mid)
+        if _count(pattern, rows, width, hi) != want:
+            return plain
+        shares.append(hi)
+        done += want
+    return shares
 
 
 @hookimpl
