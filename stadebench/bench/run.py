@@ -10,7 +10,9 @@ command resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import platform
 import subprocess
 import tempfile
@@ -32,10 +34,10 @@ from ..version import __version__
 from . import leaderboard
 from .executor import Events, Executor, LocalExecutor
 from .leaderboard import LeaderboardError
-from .plan import Plan, calibration_key, make_plan, uses_data
+from .plan import Plan, PlannedCell, calibration_key, make_plan, uses_data
 from .record import RecordError, Row
 from .session import CellResult, Windows, watch_ctrl_c
-from .suite import Cell, ModelSpec, Suite, expand
+from .suite import Cell, EvaluationSpec, ModelSpec, Suite, expand
 
 PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "save", "write", "total")
 
@@ -220,6 +222,104 @@ def preflight(plan: Plan) -> tuple[Windows, float]:
     return windows, time.perf_counter() - t0
 
 
+# --- what a run is doing ------------------------------------------------------------------
+
+
+def _option_text(value: Any) -> str:
+    if isinstance(value, dict) and isinstance(value.get("name"), str):
+        return value["name"]  # a dataset entry: its name tells entries apart far more often than not
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _distinguishing(texts: list[dict[str, str]]) -> list[str]:
+    """The fewest keys (picked greedily, in the first entry's order on ties) whose values
+    tell the entries ``texts`` apart, as far as any of their keys can."""
+    def kinds(keys: list[str]) -> int:
+        return len({tuple(t.get(k) for k in keys) for t in texts})
+
+    left, chosen = list(texts[0]), []
+    target = kinds(left)
+    while kinds(chosen) < target:
+        best = max(left, key=lambda k: kinds([*chosen, k]))
+        chosen.append(best)
+        left.remove(best)
+    return chosen
+
+
+def evaluation_labels(evaluations: list[EvaluationSpec]) -> dict[str, str]:
+    """A short label for each evaluation entry, keyed by its ``model_dump_json()``: its
+    name, and for a name the suite uses more than once the fewest options that tell those
+    entries apart, e.g. ``perplexity(seqlen=4096)`` and ``perplexity(seqlen=2048)``."""
+    groups: dict[str, list[EvaluationSpec]] = {}
+    for e in evaluations:
+        groups.setdefault(e.name, []).append(e)
+    labels = {}
+    for name, entries in groups.items():
+        texts = [{k: _option_text(v) for k, v in e.resolved.instance.options.model_dump(mode="json").items()}
+                 for e in entries]
+        chosen = _distinguishing(texts) if len(entries) > 1 else []
+        for e, t in zip(entries, texts):
+            shown = ", ".join(f"{k}={t.get(k)}" for k in chosen)
+            labels[e.model_dump_json()] = f"{name}({shown})" if shown else name
+    return labels
+
+
+class _Announced:
+    """An evaluator that tells ``phase`` when one cell's evaluation with it starts."""
+
+    def __init__(self, evaluator: Any, phase: Any, cell: PlannedCell, label: str):
+        self._evaluator, self._phase, self._cell, self._label = evaluator, phase, cell, label
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._evaluator, name)
+
+    def evaluate(self, *args: Any, **kwargs: Any) -> Any:
+        self._phase(self._cell, f"evaluate {self._label}")
+        return self._evaluator.evaluate(*args, **kwargs)
+
+
+class _Phases(Events):
+    """Relays every event to ``events`` and tells its ``phase(cell, name)`` what a local
+    run is doing between them: ``load <model>`` (cell None), ``prune``, ``evaluate <label>``.
+
+    Executors report only cells and decoder blocks; in this process the driver can tell
+    more, because it knows the order the local executor runs cells in and can wrap each
+    cell's evaluators (a remote executor's evaluators cannot be wrapped this way)."""
+
+    def __init__(self, events: Any, plan: Plan):
+        self.events, self.todo, self.ended = events, plan.todo, 0
+        labels = evaluation_labels(plan.suite.evaluations)
+        for cell in self.todo:
+            cell.pending = [dataclasses.replace(p, evaluator=_Announced(p.evaluator, events.phase, cell,
+                                                                        labels[p.spec.model_dump_json()]))
+                            for p in cell.pending]
+
+    def _next_load(self) -> None:
+        before = self.todo[self.ended - 1].model if self.ended else None
+        if self.ended < len(self.todo) and self.todo[self.ended].model != before:
+            self.events.phase(None, f"load {self.todo[self.ended].model.id}")
+
+    def plan(self, todo: int, skipped: int) -> None:
+        self.events.plan(todo, skipped)
+        self._next_load()
+
+    def cell_start(self, cell: PlannedCell, index: int, total: int) -> None:
+        self.events.cell_start(cell, index, total)
+        if cell.metric is not None:
+            self.events.phase(cell, "prune")
+
+    def blocks(self, done: int, total: int) -> None:
+        self.events.blocks(done, total)
+
+    def cell_end(self, cell: PlannedCell, error: str | None) -> None:
+        self.events.cell_end(cell, error)
+        self.ended += 1
+        self._next_load()
+
+    def note(self, message: str) -> None:
+        self.events.note(message)
+
+
 # --- results to rows ------------------------------------------------------------------
 
 
@@ -291,6 +391,10 @@ def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = Fals
         events.note(note)
     summary.cells, summary.skipped = plan.cells, plan.skipped
     check_writable(folder)
+    if callable(getattr(events, "phase", None)):
+        events.phase(None, "check the models, cut calibration windows")
+        if isinstance(executor, LocalExecutor):
+            events = _Phases(events, plan)
     windows, summary.seconds["calibration"] = preflight(plan)
     # a run killed mid-write may have left superseded rows in view; old-schema files are rewritten
     leaderboard.compact(folder, upgrade=True)
@@ -304,5 +408,5 @@ def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = Fals
     return summary
 
 
-__all__ = ["Events", "SavedCell", "Summary", "check_save_folders", "check_writable", "device_name", "new_run_id",
-           "preflight", "resolve_device", "rows_of", "run_suite"]
+__all__ = ["Events", "SavedCell", "Summary", "check_save_folders", "check_writable", "device_name",
+           "evaluation_labels", "new_run_id", "preflight", "resolve_device", "rows_of", "run_suite"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
+import logging
 import os
 import sys
 import traceback
@@ -107,6 +109,81 @@ def handle_errors(func):
 
 def progress_enabled() -> bool:
     return err.is_terminal and not os.environ.get("CI")
+
+
+HEARTBEAT_SECONDS = 30.0
+
+
+def heartbeat_seconds() -> float:
+    """How often a long phase says it is still running when stderr is not a terminal:
+    ``STADEBENCH_HEARTBEAT`` seconds (0 turns it off), else HEARTBEAT_SECONDS."""
+    try:
+        return max(0.0, float(os.environ.get("STADEBENCH_HEARTBEAT", HEARTBEAT_SECONDS)))
+    except ValueError:
+        return HEARTBEAT_SECONDS
+
+
+#: Read by tqdm (every bar's default), datasets, huggingface_hub and transformers when they are imported.
+QUIET_VARS = {"TQDM_DISABLE": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+              "TRANSFORMERS_VERBOSITY": "error", "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1"}
+#: Loggers of libraries that log progress (lm-eval logs every task it builds).
+QUIET_LOGGERS = ("lm_eval", "datasets")
+
+
+@contextlib.contextmanager
+def quiet_libraries(verbose: bool = False):
+    """While active, the progress bars and info logs of lm-eval, datasets, transformers
+    and the Hub stay off stderr, which carries our own progress; ``verbose`` leaves them
+    on. Variables the user set win; everything changed is put back afterwards."""
+    if verbose:
+        yield
+        return
+    saved_env = {var: os.environ.get(var) for var in QUIET_VARS}
+    for var, value in QUIET_VARS.items():
+        os.environ.setdefault(var, value)
+    saved_levels = {name: logging.getLogger(name).level for name in QUIET_LOGGERS}
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    undo = _quiet_imported()
+    try:
+        yield
+    finally:
+        for restore in undo:
+            restore()
+        for name, level in saved_levels.items():
+            logging.getLogger(name).setLevel(level)
+        for var, value in saved_env.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
+
+
+def _quiet_imported() -> list:
+    """Quiet the libraries already imported (they read QUIET_VARS only at import); returns
+    the calls that undo it. A library not imported yet is not imported for this."""
+    undo = []
+    if "huggingface_hub" in sys.modules:
+        from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+        if not are_progress_bars_disabled():
+            disable_progress_bars()
+            undo.append(enable_progress_bars)
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as tf_logging
+
+        level, bars = tf_logging.get_verbosity(), tf_logging.is_progress_bar_enabled()
+        tf_logging.set_verbosity_error()
+        tf_logging.disable_progress_bar()
+        undo += [lambda: tf_logging.set_verbosity(level)] + ([tf_logging.enable_progress_bar] if bars else [])
+    if "datasets" in sys.modules:
+        from datasets.utils import logging as ds_logging
+
+        level, bars = ds_logging.get_verbosity(), ds_logging.is_progress_bar_enabled()
+        ds_logging.set_verbosity_error()
+        ds_logging.disable_progress_bar()
+        undo += [lambda: ds_logging.set_verbosity(level)] + ([ds_logging.enable_progress_bar] if bars else [])
+    return undo
 
 
 def write_rows(rows: list[dict], fmt: Format) -> None:

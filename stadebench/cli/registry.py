@@ -3,13 +3,37 @@
 from __future__ import annotations
 
 import enum
+import re
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from ..util import first_line
 from .common import Format, FormatOption, handle_errors, out, styled, write_rows
+
+
+# Inline markup of reST and Markdown, outermost first, each replaced by its text.
+_MARKUP = [
+    (re.compile(r":[\w.+-]+(?::[\w.+-]+)*:`([^`<]*?)\s*(?:<[^`>]*>)?`"),  # :role:`text <target>`, :role:`~a.b`
+     lambda m: m[1].rsplit(".", 1)[-1] if m[1].startswith("~") else m[1]),
+    (re.compile(r"`([^`<]+?)\s*<[^`>]*>`__?"), r"\1"),  # `text <url>`_
+    (re.compile(r"``(.+?)``"), r"\1"),  # ``code``
+    (re.compile(r"`([^`]+)`__?"), r"\1"),  # `name`_
+    (re.compile(r"`([^`]+)`"), r"\1"),  # `code` (Markdown), `interpreted` (reST)
+    (re.compile(r"\[([^\]]+)\]\([^)\s]+\)"), r"\1"),  # [text](url)
+    (re.compile(r"\*\*(\S(?:.*?\S)?)\*\*"), r"\1"),  # **bold**
+    (re.compile(r"(?<![\w*])\*(\S(?:.*?\S)?)\*(?![\w*])"), r"\1"),  # *emphasis*
+]
+
+
+def summary(doc: str | None) -> str:
+    """A docstring's first paragraph as one line of plain text: reST and Markdown inline
+    markup (``code``, `link`_, :role:`x`, **bold**) replaced by its text, never cut."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    text = " ".join(paragraph.split())
+    for pattern, replacement in _MARKUP:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 class Kind(str, enum.Enum):
@@ -40,7 +64,7 @@ def _list(kind: Kind, fmt: Format) -> None:
             "statistics": (",".join(sorted(getattr(reg.cls, "statistics", ())))
                            if kind in (Kind.metrics, Kind.allocators) else None),
             "options": ", ".join(reg.cls.Options.model_fields),
-            "description": first_line(reg.cls.__doc__),
+            "description": summary(reg.cls.__doc__),
         })
     if fmt is not Format.table:
         write_rows(rows, fmt)

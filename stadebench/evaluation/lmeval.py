@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import importlib.util
 import os
 import sys
@@ -346,7 +347,6 @@ class LmEval(Evaluator):
         """Run every task on ``model`` as it is now; ``device`` defaults to the model's."""
         _require_lmeval()
         from lm_eval import evaluator
-        from lm_eval.models.huggingface import HFLM
 
         from .perplexity import _placed
 
@@ -361,8 +361,7 @@ class LmEval(Evaluator):
         with offline, contextlib.redirect_stdout(sys.stderr), _placed(model, device):
             try:
                 prepared = prepare_tasks(opts.tasks, source, num_fewshot=opts.num_fewshot)
-                # A copy: HFLM may give the tokenizer a pad token.
-                lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=opts.batch_size)
+                lm = harness_model(model, tokenizer, opts.batch_size)
                 for task in prepared:
                     for task_obj in task.loaded["tasks"].values():
                         task_obj.set_config(key="num_fewshot", value=opts.num_fewshot)
@@ -377,6 +376,24 @@ class LmEval(Evaluator):
             finally:
                 model.train(was_training)
         return scores
+
+
+def _bars_disabled() -> bool:
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def harness_model(model: torch.nn.Module, tokenizer: Any, batch_size: int | str):
+    """lm-eval's ``HFLM`` around the in-memory model (given a copy of the tokenizer, to
+    which HFLM may add a pad token). Its request bars pass ``disable=`` explicitly, which
+    beats tqdm's ``TQDM_DISABLE``; with that set (the CLI sets it unless ``--verbose``)
+    they are turned off here."""
+    from lm_eval.models.huggingface import HFLM
+
+    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    if _bars_disabled():
+        for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
+            setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))
+    return lm
 
 
 @hookimpl
