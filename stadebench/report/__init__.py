@@ -1,0 +1,141 @@
+"""`stadebench report`: the leaderboard as a static, self-contained HTML page with figures.
+
+``build_report`` writes ``index.html`` (the pivot tables against dense, a figure per model
+× task × score of the score against sparsity, per-cell provenance and per-layer records on
+demand, and the diagnostics plots when the leaderboard holds ``layer_diagnostics``) and
+every figure as PNG, SVG and PDF under ``figures/``. The plotted data are embedded in the
+page (``<script type="application/json" id="figure-data">``), checked to equal what
+matplotlib drew. See docs/report.md.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections import defaultdict
+from datetime import datetime, timezone
+from html import escape
+from pathlib import Path
+
+from ..bench import leaderboard as lb
+from ..errors import ConfigError
+from ..version import __version__
+from . import page, series
+from .figures import FORMATS, save
+from .select import EmptySelection, select
+
+__all__ = ["FORMATS", "EmptySelection", "build_report", "select"]
+
+
+def _sections(table, ok: list[dict]) -> list[dict]:
+    """Per task: its figures' specs and, per score, the pivot and the rows behind its cells."""
+    by_pair: dict[tuple, list[dict]] = defaultdict(list)
+    for r in ok:
+        if r["task"] is not None and r["score"] is not None:
+            by_pair[(r["task"], r["score"])].append(r)
+    tasks: dict[str, dict] = {}
+    for (task, score) in sorted(by_pair, key=lambda p: (series.is_diagnostics(by_pair[p]), p)):
+        rows = by_pair[(task, score)]
+        grid = lb.pivot(table, task, score)
+        if not grid["rows"]:
+            continue
+        matched = series.match_cells(grid, [r for r in rows if r["metric"] != "dense"])
+        section = tasks.setdefault(task, {"task": task, "specs": [], "tables": []})
+        if series.is_diagnostics(rows):
+            section["diagnostics"] = True
+        else:
+            section["specs"] += series.sweep_specs(grid, matched, rows)
+        dense = {(r["model"], r["value"]): r for r in rows if r["metric"] == "dense"}
+        section["tables"].append((grid, matched, dense))
+    diagnosed = [r for r in ok if r["layer_diagnostics"]]
+    if diagnosed:
+        section = tasks.setdefault(series.DIAGNOSTICS, {"task": series.DIAGNOSTICS, "specs": [], "tables": []})
+        section["specs"] = series.diagnostic_specs(diagnosed) + section["specs"]
+    return list(tasks.values())
+
+
+def _intro(folder: Path, filters: dict, table, failed: list[dict]) -> str:
+    given = ", ".join(f"{k} = {' | '.join(map(str, v if isinstance(v, (list, tuple)) else [v]))}"
+                      for k, v in filters.items() if v)
+    cells = len({r for r in table["cell_key"].to_pylist()})
+    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = (f"<p>Leaderboard <code>{escape(str(folder))}</code>{escape(' · ' + given) if given else ''}: "
+            f"{cells} result key(s), {table.num_rows} row(s). Generated {when} by stadebench {escape(__version__)}. "
+            "Every value links to its provenance and, for a pruned cell, its per-layer records; figures link to "
+            "their PNG, SVG and PDF files.</p>")
+    if failed:
+        text += f'<p class="worse">{len(failed)} failed row(s): see <a href="#failed">failed</a>.</p>'
+    return text
+
+
+def _failed(rows: list[dict]) -> str:
+    body = "".join(
+        f"<tr><td class=label>{escape(str(r['model']))}</td><td class=label>{escape(str(r['metric']))}</td>"
+        f"<td class=label>{escape(str(r['pattern'] or ''))}</td><td>{escape(page._fmt(r['sparsity']))}</td>"
+        f"<td class=label>{escape(str(r['task'] or ''))}</td><td class=label>{escape((r['error'] or '')[:300])}</td>"
+        "</tr>" for r in rows)
+    return ('<h2 id="failed">Failed</h2><table><thead><tr><th class=label>model</th><th class=label>metric</th>'
+            "<th class=label>pattern</th><th>sparsity</th><th class=label>task</th><th class=label>error</th></tr>"
+            f"</thead><tbody>{body}</tbody></table>")
+
+
+def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite=None, model=None, task=None,
+                 metric=None, pattern=None, png: str | os.PathLike | None = None) -> Path:
+    """Write the report of the leaderboard ``folder`` to ``out_dir``; returns ``out_dir/index.html``.
+
+    Filters as in ``select`` (a value or a list each; ``suite`` also takes suite files).
+    Figures go to ``out_dir/figures/<slug>.{png,svg,pdf}``; files of an earlier report with
+    other slugs are left there. With ``png``, the selection's one score-against-sparsity
+    figure is also copied to that file (a ConfigError when there is not exactly one).
+    EmptySelection (a ConfigError) when the filters leave nothing.
+    """
+    folder, out_dir = Path(folder), Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir} is a file; give -o a folder for the report")
+    filters = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern}
+    table = select(folder, **filters)
+    rows = table.to_pylist()
+    ok = [r for r in rows if r["status"] == "ok"]
+    failed = [r for r in rows if r["status"] != "ok"]
+    sections = _sections(table, ok)
+    specs = series.unique_slugs([s for section in sections for s in section["specs"]])
+    sweeps = [s for s in specs if s["kind"] == "sweep"]
+    if png is not None and len(sweeps) != 1:
+        listed = ", ".join(s["slug"] for s in sweeps) or "none"
+        raise ConfigError(f"--png needs exactly one score-against-sparsity figure; this selection has "
+                          f"{len(sweeps)} ({listed}): narrow it with --model and --task")
+    figures_dir = out_dir / "figures"
+    drawn: dict[str, tuple[dict, bytes]] = {}
+    for spec in specs:
+        paths, data = save(spec, figures_dir)
+        spec["files"] = {ext: f"figures/{p.name}" for ext, p in paths.items()}
+        drawn[spec["slug"]] = (spec, data)
+    html, nav = [], []
+    for k, section in enumerate(sections):
+        anchor = f"task-{k}"
+        nav.append((anchor, section["task"]))
+        parts = [f'<h2 id="{anchor}">{escape(section["task"])}</h2>']
+        for spec in section["specs"]:
+            parts.append(page.figure(spec, drawn[spec["slug"]][1], spec["files"]))
+        for grid, matched, dense in section["tables"]:
+            arrow = {True: " ↑", False: " ↓"}.get(grid["higher_is_better"], "")
+            table_html, blocks = page.pivot_table(grid, matched, dense)
+            dense_blocks = [page.details(r, f"{r['model']} · dense") for r in dense.values()]
+            parts += [f"<h3>{escape(grid['task'])} · {escape(grid['score'])}{arrow}</h3>", table_html,
+                      f"<details><summary>cell details ({len(blocks) + len(dense_blocks)})</summary>",
+                      *dense_blocks, *blocks, "</details>"]
+        html.append("\n".join(parts))
+    if failed:
+        nav.append(("failed", "failed"))
+        html.append(_failed(failed))
+    embedded = [{k: v for k, v in spec.items()} for spec in specs]
+    document = page.page(title=f"stadebench report · {folder.name or folder}",
+                         intro=_intro(folder, filters, table, failed), nav=nav, sections=html, figures=embedded)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = out_dir / "index.html"
+    index.write_text(document, encoding="utf-8")
+    if png is not None:
+        target = Path(png)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figures_dir / f"{sweeps[0]['slug']}.png", target)
+    return index

@@ -1,0 +1,205 @@
+"""The figures, drawn with matplotlib from the specs of ``series``, checked against them,
+and written as PNG (the page and the README), SVG and PDF (papers).
+
+matplotlib is the field's default: its PDF and SVG go into LaTeX papers as they are, and
+it renders without a display (the Agg canvas; no pyplot, so no global figure state).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+FORMATS = ("png", "svg", "pdf")
+DPI = 150
+_STYLE = {"svg.hashsalt": "stadebench", "svg.fonttype": "path", "pdf.fonttype": 42, "font.size": 9,
+          "axes.grid": True, "grid.alpha": 0.3}
+_DASHES = ["-", "--", ":", "-."]
+_LINE_MARKERS = ["o", "v", "^", "<", ">"]
+_POINT_MARKERS = ["D", "s", "P", "X", "*"]
+_METRIC_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+class FigureMismatch(AssertionError):
+    """A drawn artist's data differ from the spec embedded in the page (a bug in the report)."""
+
+
+def _check(drawn: list[tuple[Any, list, list]]) -> None:
+    import numpy as np
+
+    for artist, xs, ys in drawn:
+        data = artist.get_xydata() if hasattr(artist, "get_xydata") else artist.get_offsets()
+        want = np.column_stack([np.asarray(xs, float), np.asarray(ys, float)])
+        if not np.array_equal(np.asarray(data, float), want):
+            raise FigureMismatch(f"{artist} plots {np.asarray(data).tolist()}, the page says {want.tolist()}")
+
+
+def _plain_log(axis) -> None:
+    """Log-axis labels as plain numbers (0.3, 30, 600), minor ticks too when it spans under two decades."""
+    import matplotlib as mpl
+
+    class Plain(mpl.ticker.LogFormatter):
+        def _num_to_string(self, x, vmin, vmax):  # LogFormatter writes 4e-01 below 1
+            return f"{x:g}"
+
+    axis.set_major_formatter(Plain())
+    axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
+def _short_label(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _sweep(fig, spec: dict, drawn: list) -> None:
+    import matplotlib as mpl
+
+    ax = fig.add_subplot()
+    colours = mpl.colormaps["tab10"].colors
+    keys = list(dict.fromkeys(line["colour_key"] for line in spec["lines"]))
+    allocations = list(dict.fromkeys(line["allocation"] or "uniform" for line in spec["lines"]))
+    if "uniform" in allocations:  # uniform is the solid line whatever comes first
+        allocations.remove("uniform")
+        allocations.insert(0, "uniform")
+    line_families = list(dict.fromkeys(line["family"] for line in spec["lines"] if line["style"] == "line"))
+    point_families = list(dict.fromkeys(line["family"] for line in spec["lines"] if line["style"] == "points"))
+    for k, line in enumerate(spec["lines"]):
+        colour = colours[keys.index(line["colour_key"]) % len(colours)]
+        dash = _DASHES[allocations.index(line["allocation"] or "uniform") % len(_DASHES)]
+        points = line["style"] == "points"
+        marker = (_POINT_MARKERS[point_families.index(line["family"]) % len(_POINT_MARKERS)] if points
+                  else _LINE_MARKERS[line_families.index(line["family"]) % len(_LINE_MARKERS)])
+        yerr = [e or 0.0 for e in line["stderr"]] if any(e for e in line["stderr"]) else None
+        container = ax.errorbar(line["x"], line["y"], yerr=yerr, color=colour, marker=marker,
+                                markersize=6 if points else 4, linestyle="none" if points else dash,
+                                linewidth=1.5, capsize=2, label=_short_label(line["legend"]),
+                                markerfacecolor="white" if points and dash != "-" else colour)
+        container.lines[0].set_gid(f"series-{k}")  # names the line in the SVG, and for tests
+        drawn.append((container.lines[0], line["x"], line["y"]))
+    for i, d in enumerate(spec["dense"]):
+        h = ax.axhline(d["value"], color="0.35", linestyle=(0, (5, 3)), linewidth=1,
+                       label=f"dense ({d['value']:.4g})", gid=f"dense-{i}")
+        drawn.append((h, [0.0, 1.0], [d["value"], d["value"]]))  # axhline spans axes coordinates 0-1 in x
+    if spec["log_y"]:
+        ax.set_yscale("log")
+        _plain_log(ax.yaxis)
+    xs = sorted({x for line in spec["lines"] for x in line["x"]})
+    ax.set_xticks(xs, [f"{x:g}" for x in xs])
+    ax.set_xlabel("sparsity")
+    arrow = {True: " (higher is better)", False: " (lower is better)"}.get(spec["higher_is_better"], "")
+    ax.set_ylabel(f"{spec['score']}{' (log scale)' if spec['log_y'] else ''}{arrow}")
+    ax.set_title(spec["title"])
+    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+
+
+def _scatter(fig, spec: dict, drawn: list) -> None:
+    import matplotlib as mpl
+
+    panels = spec["panels"]
+    cols = min(len(panels), 4)
+    rows = math.ceil(len(panels) / cols)
+    fig.set_size_inches(3.2 * cols + 1.2, 3.0 * rows + 0.6)
+    labels = list(dict.fromkeys(s["label"] for p in panels for s in p["series"]))
+    cmap = mpl.colormaps["viridis"]
+    values = [v for p in panels for s in p["series"] for v in (*s["x"], *s["y"])]
+    lo, hi = min(values) / 1.5, max(values) * 1.5
+    axes = fig.subplots(rows, cols, squeeze=False, sharex=True, sharey=True)
+    for ax, panel in zip(axes.flat, panels):
+        for s in panel["series"]:
+            colour = cmap(labels.index(s["label"]) / max(len(labels) - 1, 1))
+            pc = ax.scatter(s["x"], s["y"], s=10, color=colour, alpha=0.8, label=s["label"])
+            drawn.append((pc, s["x"], s["y"]))
+        ax.plot([lo, hi], [lo, hi], color="0.4", linewidth=0.8, linestyle="--")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlim(lo, hi)
+        ax.set_ylim(lo, hi)
+        ax.set_title(panel["title"])
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax in axes[-1]:
+        ax.set_xlabel("predicted E|e|² / E|Wx|²")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("measured E|e|² / E|Wx|²")
+    handles: dict[str, Any] = {}
+    for ax in axes.flat[:len(panels)]:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    order = [label for label in labels if label in handles]
+    fig.legend([handles[label] for label in order], order, title="pattern and sparsity", loc="outside lower center",
+               fontsize=8, ncols=min(len(order), 6), frameon=False)
+    fig.suptitle(spec["title"])
+
+
+def _depth(fig, spec: dict, drawn: list) -> None:
+    import matplotlib as mpl
+    import numpy as np
+
+    panels = spec["panels"]
+    fig.set_size_inches(4.2 * len(panels) + 1.6, 3.4)
+    regimes = [v for p in panels for s in p["series"] for v in s["regime"] if v is not None and v > 0]
+    norm = mpl.colors.LogNorm(min(regimes), max(regimes)) if len(set(regimes)) > 1 else None
+    cmap = mpl.colormaps["plasma"].with_extremes(bad="0.6")
+    metrics = list(dict.fromkeys(s["metric"] for p in panels for s in p["series"]))
+    axes = fig.subplots(1, len(panels), squeeze=False, sharey=True)[0]
+    mappable = None
+    for ax, panel in zip(axes, panels):
+        for s in panel["series"]:
+            x = [b + s["offset"] for b in s["block"]]
+            c = np.array([np.nan if v is None or v <= 0 else v for v in s["regime"]], float)
+            mappable = ax.scatter(x, s["y"], c=c, cmap=cmap, norm=norm, s=14, alpha=0.85, edgecolors="none",
+                                  marker=_METRIC_MARKERS[metrics.index(s["metric"]) % len(_METRIC_MARKERS)],
+                                  label=s["metric"], plotnonfinite=True)
+            drawn.append((mappable, x, s["y"]))
+        ax.set_yscale("log")
+        ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
+        ax.set_xlabel("block")
+        ax.set_title(panel["title"])
+    axes[0].set_ylabel("measured E|e|² / E|Wx|²")
+    if mappable is not None and norm is not None:
+        bar = fig.colorbar(mappable, ax=list(axes), label="median |μ|/σ", pad=0.02)
+        _plain_log(bar.ax.yaxis)
+    handles = [mpl.lines.Line2D([], [], color="0.3", linestyle="none", label=m,
+                                marker=_METRIC_MARKERS[i % len(_METRIC_MARKERS)]) for i, m in enumerate(metrics)]
+    axes[0].legend(handles=handles, fontsize=7, loc="best")
+    fig.suptitle(spec["title"])
+
+
+_DRAW = {"sweep": _sweep, "diagnostics-scatter": _scatter, "diagnostics-depth": _depth}
+
+
+def draw(spec: dict):
+    """A matplotlib Figure of ``spec``, its every plotted point checked to equal the spec's."""
+    import matplotlib as mpl
+    from matplotlib.figure import Figure
+
+    with mpl.rc_context(_STYLE):
+        fig = Figure(figsize=(7.5, 4.2), layout="constrained")
+        drawn: list = []
+        _DRAW[spec["kind"]](fig, spec, drawn)
+    _check(drawn)
+    return fig
+
+
+def save(spec: dict, folder: Path) -> tuple[dict[str, Path], bytes]:
+    """Draw ``spec`` and write it to ``folder/<slug>.{png,svg,pdf}``; returns the paths and the PNG bytes."""
+    import matplotlib as mpl
+
+    fig = draw(spec)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths, png = {}, b""
+    with mpl.rc_context(_STYLE):
+        for ext in FORMATS:
+            buffer = io.BytesIO()
+            # no dates in the files: a figure redrawn from the same results is the same file
+            metadata = {"Software": None} if ext == "png" else {"Date": None} if ext == "svg" else \
+                {"CreationDate": None}
+            fig.savefig(buffer, format=ext, dpi=DPI, metadata=metadata)
+            fig.set_layout_engine("none")  # laid out once: the other formats keep the same positions
+            data = buffer.getvalue()
+            paths[ext] = folder / f"{spec['slug']}.{ext}"
+            paths[ext].write_bytes(data)
+            if ext == "png":
+                png = data
+    return paths, png

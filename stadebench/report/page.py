@@ -1,0 +1,182 @@
+"""The report page: one self-contained HTML file. Figures are inlined as PNG data URIs,
+style and script are inline, and a Content-Security-Policy forbids fetching anything, so
+the page opens from disk with no network and shows the same everywhere."""
+
+from __future__ import annotations
+
+import base64
+import json
+from html import escape
+from typing import Any
+
+import pyarrow as pa
+
+from ..bench.record import SCHEMA
+from ..util import digest
+from .series import finite
+
+POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+_SCALARS = [f.name for f in SCHEMA if not pa.types.is_list(f.type) and f.name != "details"]
+_DOCS = {f.name: (f.metadata or {}).get(b"doc", b"").decode() for f in SCHEMA}
+_LAYER_COLUMNS = ("block", "layer", "role", "shape", "allocated", "sparsity", "pruned", "bias_added", "output_mse",
+                  "block_mse")
+
+_CSS = """
+body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
+color:#222}
+h1{font-size:1.6em}h2{margin-top:2em;border-bottom:1px solid #ccc}h3{font-size:1.05em}
+table{border-collapse:collapse;margin:.5em 0 1em}th,td{padding:.2em .6em;border-bottom:1px solid #e3e3e3;
+text-align:right;vertical-align:top}th{background:#f4f4f4}td.label,th.label{text-align:left}
+.worse{color:#b0201c}.better{color:#17762b}.muted{color:#777}.stderr{color:#777;font-size:.9em}
+figure{margin:1em 0}figure img{max-width:100%;height:auto;border:1px solid #eee}figcaption{color:#555}
+details.cell{margin:.3em 0;border:1px solid #ddd;border-radius:4px;padding:.2em .6em}details.cell[open]{
+background:#fafafa}details.cell summary{cursor:pointer}dl.meta{display:grid;grid-template-columns:max-content 1fr;
+gap:0 1em}dl.meta dt{font-weight:600}dl.meta dd{margin:0;word-break:break-all}pre{white-space:pre-wrap;
+font-size:.85em;background:#f6f6f6;padding:.5em}nav ul{columns:2}code{font-size:.9em}
+table.layers td,table.layers th{font-size:.85em;padding:.1em .4em}
+"""
+
+# Runs after every image has loaded (the load event waits for them); a browser test reads the attributes.
+_SCRIPT = """
+(function () {
+  function openTarget() {
+    var id = decodeURIComponent(location.hash.slice(1));
+    var el = id && document.getElementById(id);
+    for (; el; el = el.parentElement) { if (el.tagName === "DETAILS") { el.open = true; } }
+  }
+  window.addEventListener("hashchange", openTarget);
+  window.addEventListener("load", function () {
+    openTarget();
+    var images = Array.prototype.slice.call(document.images);
+    var broken = images.filter(function (img) { return !(img.complete && img.naturalWidth > 0); });
+    document.body.setAttribute("data-images", String(images.length));
+    document.body.setAttribute("data-broken-images", String(broken.length));
+    document.body.setAttribute("data-report-ready", "true");
+    window.__reportReady = true;
+  });
+})();
+"""
+
+
+def detail_id(row: dict) -> str:
+    """The anchor of one row's details: stable across reports of the same leaderboard."""
+    return "d-" + digest(row["cell_key"], str(row["task"]), str(row["score"]), length=16)
+
+
+def _fmt(value: Any) -> str:
+    v = finite(value) if isinstance(value, float) else value
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return str(v)
+
+
+def _relative(rel: float | None, higher: bool | None) -> str:
+    rel = finite(rel)
+    if rel is None:
+        return ""
+    worse = rel < 0 if higher else rel > 0
+    kind = "muted" if higher is None else "worse" if worse else "better"
+    text = f"{rel:+.1%}" if abs(rel) < 0.1 else f"{rel:+.0%}"  # small changes keep a digit: no "-0%"
+    return f' <span class="{kind}">({text})</span>'
+
+
+def _short(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[-2:]) if len(parts) > 2 else name
+
+
+def _layers(layers: list[dict]) -> str:
+    head = "".join(f"<th>{c}</th>" for c in _LAYER_COLUMNS)
+    body = []
+    for layer in layers:
+        values = {"block": layer["block"], "layer": _short(layer["name"]), "role": layer["role"],
+                  "shape": f"{layer['rows']}×{layer['columns']}", **{c: layer.get(c) for c in _LAYER_COLUMNS[4:]}}
+        if layer["dense"]:
+            values.update(allocated="dense", sparsity=0.0, pruned=0)
+        cells = "".join(f'<td class=label title="{escape(layer["name"])}">{escape(values[c])}</td>' if c == "layer"
+                        else f"<td{' class=label' if c == 'role' else ''}>{escape(_fmt(values[c]))}</td>"
+                        for c in _LAYER_COLUMNS)
+        body.append(f"<tr>{cells}</tr>")
+    return (f"<table class=layers><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+
+
+def details(row: dict, title: str) -> str:
+    """A collapsed block with a row's provenance and, for a pruned cell, its per-layer records."""
+    meta = "".join(f'<dt title="{escape(_DOCS.get(k, ""))}">{k}</dt><dd>{escape(_fmt(row[k]))}</dd>'
+                   for k in _SCALARS if row.get(k) is not None)
+    parts = [f'<details class="cell" id="{detail_id(row)}"><summary>{escape(title)}</summary>',
+             f"<dl class=meta>{meta}</dl>"]
+    if row.get("details"):
+        text = json.dumps(json.loads(row["details"]), indent=1, ensure_ascii=False)
+        parts.append(f"<details><summary>details</summary><pre>{escape(text)}</pre></details>")
+    if row.get("layers"):
+        pruned = [la for la in row["layers"] if not la["dense"]]
+        parts.append(f"<h4>{len(row['layers'])} prunable layer(s), {len(pruned)} pruned: realised sparsity and "
+                     "reconstruction error (MSE on the calibration inputs)</h4>" + _layers(row["layers"]))
+    parts.append("</details>")
+    return "".join(parts)
+
+
+def pivot_table(grid: dict, matched: dict, dense_rows: dict) -> tuple[str, list[str]]:
+    """The pivot as HTML (each value links to its details) and the details blocks it links to."""
+    higher = grid["higher_is_better"]
+    head = "".join(f"<th>{escape(c)}</th>" for c in grid["columns"])
+    body, blocks = [], []
+    for i, prow in enumerate(grid["rows"]):
+        dense = dense_rows.get((prow["model"], prow["dense"]))
+        dense_text = escape(_fmt(prow["dense"]))
+        if dense is not None:
+            dense_text = f'<a href="#{detail_id(dense)}">{dense_text}</a>'
+        cells = []
+        for column in grid["columns"]:
+            cell = prow["values"].get(column)
+            if cell is None:
+                cells.append("<td></td>")
+                continue
+            text = escape(_fmt(cell["value"]))
+            r = matched.get((i, column))
+            if r is not None:
+                text = f'<a href="#{detail_id(r)}">{text}</a>'
+                blocks.append(details(r, f"{prow['model']} · {prow['label']} · {column}"))
+            err = finite(cell.get("stderr"))
+            stderr = f' <span class="stderr">± {_fmt(err)}</span>' if err is not None else ""
+            cells.append(f"<td>{text}{stderr}{_relative(cell['relative'], higher)}</td>")
+        body.append(f"<tr><td class=label>{escape(str(prow['model']))}</td><td class=label>{escape(prow['label'])}"
+                    f"</td><td>{dense_text}</td>{''.join(cells)}</tr>")
+    table = (f"<table><thead><tr><th class=label>model</th><th class=label>metric</th><th>dense</th>{head}</tr>"
+             f"</thead><tbody>{''.join(body)}</tbody></table>")
+    return table, blocks
+
+
+def figure(spec: dict, png: bytes, files: dict[str, str]) -> str:
+    links = " · ".join(f'<a href="{escape(path)}">{ext.upper()}</a>' for ext, path in files.items())
+    data = base64.b64encode(png).decode()
+    return (f'<figure id="fig-{escape(spec["slug"])}"><img alt="{escape(spec["title"])}" '
+            f'data-figure="{escape(spec["slug"])}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{escape(spec['title'])} — {links}</figcaption></figure>")
+
+
+def embedded_json(value: Any) -> str:
+    """JSON safe inside a <script> element: no '</' can close it early."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
+
+
+def page(*, title: str, intro: str, nav: list[tuple[str, str]], sections: list[str], figures: list[dict]) -> str:
+    """The whole document."""
+    items = "".join(f'<li><a href="#{escape(a)}">{escape(t)}</a></li>' for a, t in nav)
+    return "\n".join([
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{POLICY}">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        '<meta name="generator" content="stadebench report">',
+        f"<title>{escape(title)}</title><style>{_CSS}</style></head>",
+        f"<body><h1>{escape(title)}</h1>{intro}",
+        f"<nav><ul>{items}</ul></nav>",
+        *sections,
+        f'<script type="application/json" id="figure-data">{embedded_json({"figures": figures})}</script>',
+        f"<script>{_SCRIPT}</script>",
+        "</body></html>",
+    ]) + "\n"
