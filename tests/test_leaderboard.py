@@ -550,8 +550,10 @@ def test_pivot_small_grid(tmp_path):
     assert set(rows) == {"wanda", "stade (bias_correction=false)"}
     wanda = rows["wanda"]
     assert wanda["model"] == "tiny-llama" and wanda["dense"] == 10.0
-    assert wanda["values"]["unstructured 0.5"] == {"value": 11.0, "stderr": None,
-                                                   "relative": pytest.approx(0.1), "significant": None}
+    cell = wanda["values"]["unstructured 0.5"]
+    assert cell == {"value": 11.0, "stderr": None, "relative": pytest.approx(0.1), "significant": None,
+                    "cell_key": cell["cell_key"]}
+    assert re.fullmatch(r"[0-9a-f]{64}", cell["cell_key"])
     assert wanda["values"]["2:4 0.5"]["relative"] == pytest.approx(0.5)
     assert list(rows["stade (bias_correction=false)"]["values"]) == ["unstructured 0.5"]
     json.dumps(grid)  # plain data, ready for any renderer

@@ -611,12 +611,12 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
     Returns ``{"task", "score", "higher_is_better", "columns": [str], "rows": [row]}``,
     each row ``{"model", "model_label", "metric", "label", "dense", "dense_stderr",
     "values": {column: cell}}`` and each cell ``{"value", "stderr", "relative",
-    "significant"}`` (relative = value / dense - 1, with the newest dense row of the same
+    "significant", "cell_key"}`` (relative = value / dense - 1, with the newest dense row of the same
     BASELINE_FIELDS; significant: the difference exceeds the combined standard error, None
     without one). A row is one setting of the key fields other than the pattern's and the
     sparsity; its label is the metric, its options that differ from the defaults, a
     non-uniform allocation, and any other key field that varies between rows of the same
-    model, metric and options.
+    model, metric, options and allocation.
     """
     table = current(table)
     picked = table.filter(pc.and_(pc.and_(_is(table["task"], task), _is(table["score"], score)),
@@ -641,15 +641,18 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
     ratio = pc.subtract(pc.divide(pruned["value"], pc.if_else(usable, pruned["dense"], None)), 1.0)
     pruned = pruned.append_column("relative", ratio)
 
-    distinct = pruned.group_by(list(_NAMED)).aggregate(
-        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING])
-    varying = [f for f in _VARYING if distinct.num_rows and pc.max(distinct[f"{f}_count_distinct"]).as_py() > 1]
+    group = [*_NAMED, *_ALLOCATION]
+    distinct = pruned.group_by(group).aggregate(
+        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING]).to_pylist()
+    # a field names a row only where it varies among the rows of its model, metric and allocation
+    varies = {tuple(d[g] for g in group): [f for f in _VARYING if d[f"{f}_count_distinct"] > 1] for d in distinct}
+    varying = sorted({f for fields in varies.values() for f in fields}, key=_VARYING.index)
 
     columns: dict[str, dict] = {}  # column identity -> its fields
     rows: dict[str, dict] = {}
     defaults: dict[str | None, dict[str, Any]] = {}
-    for r in pruned.select(["_row", "_column", "model", "model_source", "metric", "metric_options", "value",
-                            "stderr", "dense", "dense_stderr", "relative", *_ALLOCATION, *_COLUMN_FIELDS,
+    for r in pruned.select(["_row", "_column", "cell_key", "model", "model_source", "metric", "metric_options",
+                            "value", "stderr", "dense", "dense_stderr", "relative", *_ALLOCATION, *_COLUMN_FIELDS,
                             *varying]).to_pylist():
         columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
         if r["metric"] not in defaults:
@@ -659,10 +662,10 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
             "label": " ".join(filter(None, [
                 r["metric"], f"({o})" if (o := _options_label(r["metric_options"], defaults[r["metric"]])) else "",
                 _allocation_label(r["allocation"], r["allocation_options"]),
-                *(f"{f}={r[f]}" for f in varying)])),
+                *(f"{f}={r[f]}" for f in varies[tuple(r[g] for g in group)])])),
             "dense": r["dense"], "dense_stderr": r["dense_stderr"], "values": {}})
         row["values"][r["_column"]] = {"value": r["value"], "stderr": r["stderr"], "relative": r["relative"],
-                                       "significant": _significant(r)}
+                                       "significant": _significant(r), "cell_key": r["cell_key"]}
     names = _column_names(columns)
     for row in rows.values():
         row["values"] = {names[c]: cell for c, cell in row["values"].items()}

@@ -378,12 +378,12 @@ def _checked(evaluator: str, scores: Any) -> list[Score]:
     for s in scores:
         if not isinstance(s.value, int | float) or isinstance(s.value, bool):
             raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} is {s.value!r}, not a number")
-        try:
-            normalise("details", s.details)
-            normalise("layer_diagnostics", s.layers)
-        except RecordError as exc:
-            raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} has details or layers that cannot be "
-                              f"stored: {exc}") from None
+        for field, value, what in (("details", s.details, "details"), ("layer_diagnostics", s.layers, "layers")):
+            try:
+                normalise(field, value)
+            except RecordError as exc:
+                raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} has {what} that cannot be "
+                                  f"stored: {exc}") from None
     return list(scores)
 
 

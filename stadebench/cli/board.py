@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..util import visible
 from .common import Format, FormatOption, err, fail, handle_errors, out, styled, write_rows
 
 app = typer.Typer(help="Show the leaderboard (metric rows × pattern/sparsity columns).")
@@ -56,9 +57,9 @@ def _available(table) -> str:
     return "; ".join(parts)
 
 
-def _grids(folder: Path, filters: dict) -> tuple[list[tuple[str | None, dict]], int]:
-    """``(suite or None, pivot)`` per suite (when several are shown) and (task, score), and
-    the number of failed rows; an error listing what exists when nothing matches."""
+def _selected(folder: Path, filters: dict):
+    """The current rows the filters keep (the dense baseline kept with metric, pattern or
+    sparsity filters); an error listing what exists when nothing matches."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
@@ -77,9 +78,26 @@ def _grids(folder: Path, filters: dict) -> tuple[list[tuple[str | None, dict]], 
     if table.num_rows == 0:
         given = ", ".join(f"--{k} {' '.join(map(str, v))}" for k, v in filters.items() if v)
         raise fail(f"no results in {folder} for {given}; it holds {_available(everything)}")
+    return table
+
+
+def _split(table) -> bool:
+    """Whether tables are shown one per suite: rows of two suites would merge into labels
+    of every knob they differ in."""
+    return len({s for s in table["suite"].to_pylist() if s is not None}) > 1
+
+
+def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | None, dict]], int]:
+    """``(suite or None, pivot)`` per suite (when several are shown) and (task, score), and
+    the number of failed rows; ``table``: the rows ``_selected`` picked, when already read."""
+    import pyarrow.compute as pc
+
+    from ..bench import leaderboard as lb
+
+    table = _selected(folder, filters) if table is None else table
     ok = table.filter(pc.equal(table["status"], "ok"))
     suites = sorted({s for s in ok["suite"].to_pylist() if s is not None})
-    split = len(suites) > 1  # rows of two suites would merge into labels of every knob they differ in
+    split = _split(ok)
     grids = []
     for suite in suites if split else [None]:
         part = lb.query(ok, suite=suite) if split else ok
@@ -118,8 +136,8 @@ def _markdown(grids: list[tuple[str | None, dict]], precision: int, latex: bool)
     blocks = []
     for suite, grid in grids:
         arrow = "↑" if grid["higher_is_better"] else "↓"
-        title = " · ".join(filter(None, [suite, grid["task"], grid["score"]])) + f" {arrow}"
-        header = ["model", "metric", "dense", *grid["columns"]]
+        title = visible(" · ".join(filter(None, [suite, grid["task"], grid["score"]])) + f" {arrow}")
+        header = ["model", "metric", "dense", *map(visible, grid["columns"])]
         body = []
         for row in grid["rows"]:
             cells = []
@@ -133,7 +151,7 @@ def _markdown(grids: list[tuple[str | None, dict]], precision: int, latex: bool)
                     mark = "~" if cell.get("significant") is False else ""
                     text += f" ({mark}{cell['relative']:+.0%})"
                 cells.append(text)
-            body.append([row["model_label"], row["label"], _fmt(row["dense"], precision), *cells])
+            body.append([visible(row["model_label"]), visible(row["label"]), _fmt(row["dense"], precision), *cells])
         if latex:
             esc = [[_tex(c) for c in r] for r in [header, *body]]
             lines = [f"% {title}", "\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", "\\toprule",
@@ -155,10 +173,20 @@ def _tex(text: str) -> str:
 
 
 def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int = 4, long: bool = False,
-                     **filters) -> None:
+                     published: Path | None = None, **filters) -> None:
     """Print one pivot table per (suite when several, task, score) of the current results,
-    or the same tables as Markdown, LaTeX, CSV or JSON; ``long``: the tidy rows."""
-    grids, failed = _grids(folder, filters)
+    or the same tables as Markdown, LaTeX, CSV or JSON; ``long``: the tidy rows.
+
+    ``published``: a folder of published results; under each table, the published rows of
+    its cells: beside ours with the relative difference where the protocol matches, else
+    the knobs that differ. With ``long``, JSON or CSV: those comparison rows instead.
+    """
+    table = _selected(folder, filters)
+    grids, failed = _grids(folder, filters, table)
+    papers = None if published is None else _papers(table, published)
+    if papers is not None and (long or fmt in (Format.json, Format.csv)):
+        write_rows(_paper_rows(papers), Format.csv if fmt in (Format.table, Format.latex) else fmt)
+        return
     if long:
         rows = []
         for _, grid in grids:
@@ -174,6 +202,9 @@ def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int
         return
     if fmt in (Format.markdown, Format.latex):
         sys.stdout.write(_markdown(grids, precision, fmt is Format.latex))
+        if papers:
+            sys.stdout.write("\n")
+            write_rows(_paper_rows(papers, precision), fmt)
         return
     if fmt is not Format.table:
         write_rows(_pivot_rows(grids, precision), fmt)
@@ -198,9 +229,69 @@ def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int
         if named:
             view.caption, view.caption_justify = "; ".join(named), "left"
         out.print(view)
+        if papers:
+            _print_papers([c for c in papers if (c.ours["suite"] if suite else None, c.ours["task"],
+                                                 c.ours["score"]) == (suite, grid["task"], grid["score"])],
+                          precision)
+    if papers == []:
+        err.print(f"no published result in {published} is of a cell shown here")
     if failed:
         err.print(f"{failed} failed row(s) not shown; see `stadebench leaderboard --long --format json` "
                   "or the error column")
+
+
+# --- published results beside ours ------------------------------------------------------
+
+
+def _papers(table, folder: Path) -> list:
+    """The published rows of ``folder`` against the ok rows of ``table`` (bench.published.compare)."""
+    from ..bench import published as pub
+
+    return pub.compare(table.to_pylist(), pub.load_published(folder))
+
+
+def _subject_label(r: dict) -> str:
+    """``wanda · unstructured · 0.5 [· owl]``, or ``dense``."""
+    if r["metric"] == "dense":
+        return "dense"
+    label = f"{r['metric']} · {r['pattern']} · {r['sparsity']:g}"
+    return label if r["allocation"] in (None, "uniform") else f"{label} · {r['allocation']}"
+
+
+def _differs_text(differs: list) -> str:
+    from ..bench.published import show_value
+
+    return ", ".join(f"{k} (ours {show_value(a)} vs paper {show_value(b)})" for k, a, b in differs)
+
+
+def _paper_rows(papers: list, precision: int | None = None) -> list[dict]:
+    """One flat row per comparison: ours, the paper's, the relative difference, or why not compared."""
+    def num(v):
+        return v if precision is None or v is None else _round(v, precision)
+
+    return [{"model": c.ours["model"], "cell": _subject_label(c.ours), "evaluation": _evaluation(c.ours),
+             "ours": num(c.ours["value"]) if c.compared else None, "paper": num(c.published.value),
+             "relative": None if c.relative is None else round(c.relative, 4), "published": c.published.ref,
+             "not compared: protocol differs in": _differs_text(c.differs) or None}
+            for c in papers]
+
+
+def _print_papers(papers: list, precision: int) -> None:
+    """The compared rows as a table under their grid; the others as one line each."""
+    compared = [c for c in papers if c.compared]
+    if compared:
+        view = Table("model", "cell", "ours", "paper", "ours vs paper", "published", title="published results",
+                     title_justify="left")
+        for c in compared:
+            view.add_row(c.ours["model"], _subject_label(c.ours), _fmt(c.ours["value"], precision),
+                         _fmt(c.published.value, precision), "—" if c.relative is None else f"{c.relative:+.1%}",
+                         c.published.ref)
+        out.print(view)
+    for c in papers:
+        if not c.compared:
+            out.print(f"paper value {_fmt(c.published.value, precision)} ({c.published.ref}) not compared with "
+                      f"{c.ours['model']} · {_subject_label(c.ours)}: protocol differs in "
+                      f"{_differs_text(c.differs)}")
 
 
 Precision = Annotated[int, typer.Option(min=1, max=12, help="Significant digits of values in tables and exports.")]
@@ -224,6 +315,9 @@ def leaderboard(
     long: Long = False,
     history: Annotated[bool, typer.Option("--history", help="List the superseded rows (moved under "
                                                               "_history/ by re-runs) instead.")] = False,
+    published: Annotated[Path | None, typer.Option(
+        "--published", help="Folder of published results (e.g. published): each one beside our value of the same "
+                            "cell where the protocol matches, else the knobs that differ.")] = None,
 ) -> None:
     """Show the current results: one table per task and score, dense baseline and change
     (± standard error where known; a change inside it is marked ~)."""
@@ -233,7 +327,8 @@ def leaderboard(
         if history:
             handle_errors(show_history)(folder, suite=suite, model=model, task=task, fmt=fmt)
         else:
-            handle_errors(show_leaderboard)(folder, fmt=fmt, precision=precision, long=long, **filters)
+            handle_errors(show_leaderboard)(folder, fmt=fmt, precision=precision, long=long, published=published,
+                                            **filters)
 
 
 HISTORY_COLUMNS = ("created_at", "run_id", "model", "metric", "pattern", "sparsity", "task", "score", "value",

@@ -8,7 +8,6 @@ how often the predicted winner wins, and where STADE beats Wanda.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -16,7 +15,7 @@ import typer
 from rich.table import Table
 
 from ..util import first_line
-from .common import ExitCode, err, handle_errors, out, styled
+from .common import ExitCode, err, handle_errors, out, quiet_libraries, styled
 from .prune import DEFAULT_CALIBRATION, _run, parse_calibration
 
 SUITE_NAME = "stadebench-diagnose"
@@ -63,9 +62,9 @@ def _diagnose(model, metrics, pattern, sparsity, calibration, heldout, windows, 
             "models": [model], "metrics": names, "patterns": [entry], "calibration": calib,
             "evaluations": [{"name": "diagnostics", "options": {"dataset": dataset, "seqlen": int(seqlen),
                                                                 "max_windows": int(n), "metrics": names}}]}
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    suite = validate_suite(data, source="stadebench diagnose", default_name=SUITE_NAME)
-    summary = _run(suite, leaderboard)
+    with quiet_libraries():
+        suite = validate_suite(data, source="stadebench diagnose", default_name=SUITE_NAME)
+        summary = _run(suite, leaderboard)
     rows = [r for r in lb.read(leaderboard, suite=[SUITE_NAME]).to_pylist()
             if r["run_id"] == summary.run_id and r["status"] == "ok" and r["task"] == "diagnostics"]
     by_metric: dict[str, dict[str, float]] = {}

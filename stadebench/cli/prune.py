@@ -17,7 +17,7 @@ import typer
 
 from ..errors import ConfigError
 from ..util import first_line
-from .common import ExitCode, err, handle_errors, out, progress_enabled, styled
+from .common import ExitCode, err, handle_errors, out, progress_enabled, quiet_libraries, styled
 
 DEFAULT_CALIBRATION = "enwiki-2016:16x256"
 """The embedded suite's calibration (suites/smollm2.yaml): offline, no Hub needed."""
@@ -140,9 +140,9 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
                       leaderboard=leaderboard)
     from ..bench.suite import exact_save, validate_suite
 
-    os.environ.setdefault("TQDM_DISABLE", "1")
-    suite = exact_save(validate_suite(data, source="stadebench prune", default_name=SUITE_NAME))
-    summary = _run(suite, leaderboard)
+    with quiet_libraries():
+        suite = exact_save(validate_suite(data, source="stadebench prune", default_name=SUITE_NAME))
+        summary = _run(suite, leaderboard)
     if summary.failed:
         for label, message in summary.failed:
             err.print(styled(("failed:", "red"), f" {label}: {first_line(message)}"))

@@ -2,17 +2,18 @@
 
 Every pattern prunes exactly the number of weights its rule names, lowest scores
 first, ties broken by the lower (flattened) index: a stable sort, so results do not
-depend on the sort kernel.
+depend on the sort kernel. Two options reproduce released code instead (docs/parity.md):
+N:M ``ties: topk`` and unstructured-layer ``threshold: inclusive``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 
-from ..base import NM_RE, Pattern
+from ..base import NM_RE, Options, Pattern
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
 
@@ -51,14 +52,34 @@ class Unstructured(Pattern):
         return _lowest(scores, math.floor(scores.shape[-1] * sparsity))
 
 
+class UnstructuredLayerOptions(Options):
+    threshold: Literal["exact", "inclusive"] = "exact"
+    """``exact``: prune the ⌊numel·s⌋ lowest scores. ``inclusive``: prune every score ≤ the
+    (⌊numel·s⌋+1)-th lowest, as the released Wanda-repo magnitude and SparseGPT code do
+    (``sort(...)[int(numel·s)]``, then ``<=``): one weight more, plus any tie at the threshold,
+    so the count depends on the scores (nothing at sparsity 0)."""
+
+
 class UnstructuredLayer(Pattern):
     """One threshold for the whole matrix: prune the ⌊numel·s⌋ lowest scores."""
 
     name = "unstructured-layer"
     version = "1"
+    Options = UnstructuredLayerOptions
 
     def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
-        return _lowest(scores.reshape(-1), math.floor(scores.numel() * sparsity)).view_as(scores)
+        k = math.floor(scores.numel() * sparsity)
+        if self.options.threshold == "inclusive" and 0 < k < scores.numel():
+            return scores <= torch.kthvalue(scores.reshape(-1), k + 1).values
+        return _lowest(scores.reshape(-1), k).view_as(scores)
+
+
+class NMOptions(Options):
+    ties: Literal["lower-index", "topk"] = "lower-index"
+    """Which of tied scores is pruned first: the lower column index, or the one
+    ``torch.topk(largest=False)`` returns, as the released Wanda, SparseGPT and STADE code
+    do. topk's order among ties is its kernel's (on a CPU, libstdc++'s ``nth_element``), so
+    it may change with the device or the build; on de-quantised weights ties are common."""
 
 
 class NM(Pattern):
@@ -70,6 +91,7 @@ class NM(Pattern):
 
     name = "N:M"
     version = "1"
+    Options = NMOptions
     default_sparsity: ClassVar[None] = None
     per_layer_sparsity: ClassVar[bool] = False
 
@@ -115,7 +137,11 @@ class NM(Pattern):
 
     def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
         rows, cols = scores.shape
-        return _lowest(scores.reshape(rows, cols // self.m, self.m), self.n).view(rows, cols)
+        groups = scores.reshape(rows, cols // self.m, self.m)
+        if self.options.ties == "topk":
+            index = torch.topk(groups, self.n, dim=-1, largest=False).indices
+            return torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, index, True).view(rows, cols)
+        return _lowest(groups, self.n).view(rows, cols)
 
 
 @hookimpl
