@@ -321,3 +321,17 @@ def test_published_rows_of_other_cells_are_left_out(tiny, tmp_path):
 def test_diff_is_a_command():
     r = invoke("diff", "--help")
     assert r.exit_code == ExitCode.OK and "same protocol" in r.stdout
+
+
+def test_the_report_sets_published_rows_beside_the_cells(tiny, tmp_path):
+    from stadebench.report import build_report
+
+    folder, (row, _) = tiny
+    (tmp_path / "pub").mkdir()
+    _write(tmp_path / "pub", _paper_of(row, eval_seqlen=8), "hand.yaml")
+    index = build_report(folder, tmp_path / "report", published=tmp_path / "pub")
+    html = index.read_text(encoding="utf-8")
+    assert '<h2 id="published">published</h2>' in html
+    assert "not compared: protocol differs in eval_seqlen (ours 16 vs paper 8)" in html
+    assert "published:hand:tiny-wanda" in html
+    assert '<h2 id="published">' not in build_report(folder, tmp_path / "plain").read_text(encoding="utf-8")

@@ -28,11 +28,14 @@ def report(
         "--png", help="Also copy the selection's one score-against-sparsity figure to this PNG file "
                       "(how docs/sweep.png is made).", show_default=False)] = None,
     open_page: Annotated[bool, typer.Option("--open", help="Open the page in a web browser.")] = False,
+    published: Annotated[Path | None, typer.Option(
+        "--published", help="A folder of published results (e.g. published/) to set beside the cells.",
+        show_default=False)] = None,
 ) -> None:
     """Write a static HTML report: pivot tables against dense, score-against-sparsity figures
     (also as PNG, SVG and PDF), per-cell provenance and per-layer records, diagnostics plots."""
     _report(leaderboard, out_dir, suite=suite, model=model, task=task, metric=metric, pattern=pattern, png=png,
-            open_page=open_page)
+            open_page=open_page, published=published)
 
 
 @handle_errors

@@ -79,15 +79,42 @@ def _failed(rows: list[dict]) -> str:
             f"</thead><tbody>{body}</tbody></table>")
 
 
+def _published(ok: list[dict], published: str | os.PathLike) -> str:
+    """The published rows of the shown cells: beside ours where the protocol matches, else
+    the knobs that differ (nothing compared)."""
+    from ..bench.published import compare, load_published, show_value
+
+    comparisons = compare(ok, load_published(published))
+    if not comparisons:
+        return ""
+    rows = []
+    for c in comparisons:
+        paper, ours = c.published, c.ours
+        cell = f"{ours['model']} · {ours['metric']} · {ours['pattern'] or ''} · {ours['sparsity']:g}"
+        if c.compared:
+            verdict = f"{c.relative:+.1%}" if c.relative is not None else ""
+        else:
+            verdict = "not compared: protocol differs in " + ", ".join(
+                f"{k} (ours {show_value(a)} vs paper {show_value(b)})" for k, a, b in c.differs)
+        rows.append(f"<tr><td>{escape(cell)}</td><td>{escape(str(paper.task))} · {escape(str(paper.score))}</td>"
+                    f"<td>{escape(page._fmt(ours['value']))}</td><td>{escape(page._fmt(paper.value))}</td>"
+                    f"<td>{escape(verdict)}</td><td>{escape(paper.ref)}</td></tr>")
+    return ('<h2 id="published">published</h2><table><thead><tr><th>cell</th><th>task</th><th>ours</th>'
+            '<th>paper</th><th>difference</th><th>source</th></tr></thead><tbody>' + "".join(rows)
+            + "</tbody></table>")
+
+
 def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite=None, model=None, task=None,
-                 metric=None, pattern=None, png: str | os.PathLike | None = None) -> Path:
+                 metric=None, pattern=None, png: str | os.PathLike | None = None,
+                 published: str | os.PathLike | None = None) -> Path:
     """Write the report of the leaderboard ``folder`` to ``out_dir``; returns ``out_dir/index.html``.
 
     Filters as in ``select`` (a value or a list each; ``suite`` also takes suite files).
     Figures go to ``out_dir/figures/<slug>.{png,svg,pdf}``; files of an earlier report with
     other slugs are left there. With ``png``, the selection's one score-against-sparsity
     figure is also copied to that file (a ConfigError when there is not exactly one).
-    EmptySelection (a ConfigError) when the filters leave nothing.
+    EmptySelection (a ConfigError) when the filters leave nothing. ``published``: a folder
+    of published results to set beside the shown cells (``bench.published``).
     """
     folder, out_dir = Path(folder), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -125,6 +152,10 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
                       f"<details><summary>cell details ({len(blocks) + len(dense_blocks)})</summary>",
                       *dense_blocks, *blocks, "</details>"]
         html.append("\n".join(parts))
+    papers = "" if published is None else _published(ok, published)
+    if papers:
+        nav.append(("published", "published"))
+        html.append(papers)
     if failed:
         nav.append(("failed", "failed"))
         html.append(_failed(failed))
