@@ -128,6 +128,18 @@ def _checks(cls: type) -> type:
     return cls
 
 
+def _check_metadata(cls: type, base: type, *methods: str, what: str | None = None) -> None:
+    """The metadata rule: non-empty name and version, a docstring, one of ``methods`` implemented."""
+    for attr in ("name", "version"):
+        value = getattr(cls, attr, None)
+        if not isinstance(value, str) or not value:
+            fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
+    if not (cls.__doc__ or "").strip():
+        fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
+    if all(getattr(cls, m) is getattr(base, m) for m in methods):
+        fail("metadata", f"{cls.__qualname__} must implement {what or methods[0] + '()'}")
+
+
 def _shape(t: Any) -> str:
     return str(list(t.shape)) if hasattr(t, "shape") else type(t).__name__
 
@@ -447,15 +459,8 @@ class MetricConformance(_Conformance):
             fail("registered", f"resolve({self.name!r}) built a {type(metric).__name__}, not a {reg.cls.__name__}")
 
     def test_metadata(self):
-        cls = self.metric_class()
-        for attr in ("name", "version"):
-            value = getattr(cls, attr, None)
-            if not isinstance(value, str) or not value:
-                fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
-        if not (cls.__doc__ or "").strip():
-            fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
-        if cls.score is Metric.score and cls.prune_layer is Metric.prune_layer:
-            fail("metadata", f"{cls.__qualname__} must implement score(), or prune_layer() (a solver)")
+        _check_metadata(self.metric_class(), Metric, "score", "prune_layer",
+                        what="score(), or prune_layer() (a solver)")
 
     def test_statistics_declared(self):
         declared = self.metric_class().statistics
@@ -748,15 +753,7 @@ class PatternConformance(_Conformance):
                                f"{reg.cls.__qualname__}")
 
     def test_metadata(self):
-        cls = self.pattern_class()
-        for attr in ("name", "version"):
-            value = getattr(cls, attr, None)
-            if not isinstance(value, str) or not value:
-                fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
-        if not (cls.__doc__ or "").strip():
-            fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
-        if cls.select is Pattern.select:
-            fail("metadata", f"{cls.__qualname__} must implement select()")
+        _check_metadata(self.pattern_class(), Pattern, "select")
 
     def test_options_unknown_key(self):
         try:
@@ -1012,15 +1009,7 @@ class AllocatorConformance(_Conformance):
                                f"{reg.plugin}, not to {self.allocator.__qualname__}")
 
     def test_metadata(self):
-        cls = self.allocator_class()
-        for attr in ("name", "version"):
-            value = getattr(cls, attr, None)
-            if not isinstance(value, str) or not value:
-                fail("metadata", f"{cls.__qualname__}.{attr} must be a non-empty string, got {value!r}")
-        if not (cls.__doc__ or "").strip():
-            fail("metadata", f"{cls.__qualname__} has no docstring; its first line is what `stadebench list` shows")
-        if cls.allocate is Allocator.allocate:
-            fail("metadata", f"{cls.__qualname__} must implement allocate()")
+        _check_metadata(self.allocator_class(), Allocator, "allocate")
 
     def test_statistics_declared(self):
         declared = getattr(self.allocator_class(), "statistics", None)

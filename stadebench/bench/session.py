@@ -178,7 +178,10 @@ class ModelSession:
 
     def calibration(self, cell: PlannedCell) -> torch.Tensor:
         """The cell's calibration windows, cut once per protocol (the preflight usually has)."""
-        c = cell.calibration
+        return self.windows_for(cell.calibration)
+
+    def windows_for(self, c: Any) -> torch.Tensor:
+        """The windows of calibration protocol ``c`` for this model, cut on first use."""
         key = (self.plan.spec.model_dump_json(), calibration_key(c))
         if key not in self.windows:
             t0 = time.perf_counter()
@@ -319,13 +322,7 @@ class ModelSession:
         if cell.metric is None:
             return CellContext(self.dense_weights)
         c = cell.cell.calibration
-        key = (self.plan.spec.model_dump_json(), calibration_key(c))
-        if key not in self.windows:
-            t0 = time.perf_counter()
-            self.windows[key] = calibration_windows(c.dataset.resolved.instance, self.tokenizer, c.seqlen, c.n,
-                                                    c.seed)
-            self.seconds["calibration"] += time.perf_counter() - t0
-        return CellContext(self.dense_weights, self.windows[key], cell.metric, cell.pattern, report.layers,
+        return CellContext(self.dense_weights, self.windows_for(c), cell.metric, cell.pattern, report.layers,
                            c.batch_size)
 
     def _evaluate(self, cell: PlannedCell, result: CellResult, report: Any = None) -> None:
