@@ -11,8 +11,12 @@
   a regression. `nox -s bench -- --base HEAD -- -k score_mask` for a quick one.
 - `nox -s gpu -- --quick`: the CUDA check (tests/benchmarks/gpu.py) in the current
   environment, installing nothing (the GPU machine is offline).
+- `nox -s parity`: masks against the released Wanda/SparseGPT/STADE code, loaded from local
+  clones named by $STADEBENCH_REFERENCE_WANDA and $STADEBENCH_REFERENCE_STADE
+  (docs/parity.md); skipped without them.
 """
 
+import os
 from pathlib import Path
 
 import nox
@@ -61,6 +65,19 @@ def bench(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test]")
     session.run("python", "tests/benchmarks/gate.py", *session.posargs)
+
+
+@nox.session
+def parity(session: nox.Session) -> None:
+    """Reference parity (tests/reference): the released code, from local clones, against stadebench.
+
+    The clones' paths come from $STADEBENCH_REFERENCE_WANDA and $STADEBENCH_REFERENCE_STADE
+    (the tests skip, naming the variable, when one is unset); nothing of theirs is installed.
+    """
+    session.install(TORCH)
+    session.install("-e", ".[test]")
+    env = {k: v for k, v in os.environ.items() if k.startswith("STADEBENCH_")}
+    session.run("pytest", "tests/reference", "-q", *session.posargs, env=env)
 
 
 @nox.session(venv_backend="none")

@@ -1,0 +1,1 @@
+"""Parity with the released reference implementations (run by ``nox -s parity``)."""
