@@ -30,8 +30,8 @@ RELEASED = {
     ("stade", "N:M"): ({"bias_correction": False}, {"ties": "topk"}),
     ("stade-w", "unstructured"): ({"bias_correction": False}, {}),
     ("stade-w", "N:M"): ({"bias_correction": False}, {"ties": "topk"}),
-    ("sparsegpt", "unstructured-layer"): ({}, {"threshold": "inclusive"}),
-    ("sparsegpt", "N:M"): ({}, {"ties": "topk"}),
+    ("sparsegpt", "unstructured-layer"): ({"order": "released"}, {"threshold": "inclusive"}),
+    ("sparsegpt", "N:M"): ({"order": "released"}, {"ties": "topk"}),
 }
 _STADE_METHOD = {"stade": "stade", "stade-w": "stadew", "magnitude": "magnitude", "wanda": "wanda"}
 

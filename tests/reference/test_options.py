@@ -11,7 +11,7 @@ import torch
 from stadebench.core.metrics.sparsegpt import SparseGPT
 from stadebench.core.patterns import NM, UnstructuredLayer
 from stadebench.errors import ConfigError
-from stadebench.testing import PatternConformance
+from stadebench.testing import MetricConformance, PatternConformance
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -91,6 +91,26 @@ def test_sparsegpt_with_the_inclusive_threshold_prunes_one_more_per_block():
         result = metric.prune_layer(weight, stats, UnstructuredLayer(options), 0.5)
         for b in range(blocks):
             assert int(result.mask[:, 32 * b:32 * (b + 1)].sum()) == 24 * 32 // 2 + extra
+
+
+@pytest.mark.parametrize("pattern", [UnstructuredLayer(), NM.from_spec("2:4")], ids=["unstructured-layer", "2:4"])
+def test_sparsegpt_released_order_is_the_same_algorithm(pattern):
+    """In float64 the two float orders agree to rounding: same mask, same weights."""
+    from stadebench.base import LayerInfo, LayerStats
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(400, 64, generator=g, dtype=torch.float64)
+    weight = torch.randn(16, 64, generator=g, dtype=torch.float64)
+    stats = LayerStats(LayerInfo("l", 0, "l"), 400, None, None, x.t() @ x)
+    fused = SparseGPT({"blocksize": 16}).prune_layer(weight, stats, pattern, 0.5)
+    released = SparseGPT({"blocksize": 16, "order": "released"}).prune_layer(weight, stats, pattern, 0.5)
+    assert torch.equal(fused.mask, released.mask)
+    torch.testing.assert_close(fused.weight, released.weight, rtol=1e-10, atol=1e-10)
+
+
+class TestSparseGPTReleasedOrder(MetricConformance):
+    metric = "sparsegpt"
+    options = {"order": "released", "blocksize": 16}
 
 
 class TestNMTopkConformance(PatternConformance):

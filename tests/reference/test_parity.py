@@ -11,6 +11,9 @@ sides). stadebench runs with the options that reproduce each release (``runs.REL
   block 0 (≥ 99.95% per layer) and on the pruned model's perplexity; blocks 1-3 are
   compared with the release's own noise floor (the release against itself, windows
   reversed: the same statistics summed in another order).
+- With the releases' statistics (``runs.released_statistics``: float32 running updates,
+  one window at a time) and, for SparseGPT, ``order: released``, every mask is the
+  release's exactly: what is left of the differences above is float rounding, nothing else.
 
 ``$STADEBENCH_PARITY_REPORT``, when set, names a JSON-lines file each test appends its
 per-layer figures to (docs/parity.md's tables come from it).
@@ -81,10 +84,12 @@ def released(setting, metric: str, pattern: str, reverse: bool = False):
     return _released_cache[key]
 
 
-def ours(setting, metric: str, pattern: str, released_options: bool = True):
+def ours(setting, metric: str, pattern: str, released_options: bool = True, released_stats: bool = False):
     dense, _, windows = setting
     model = copy.deepcopy(dense)
-    runs.prune_ours(model, windows, metric, pattern, released=released_options)
+    with runs.released_statistics() if released_stats else contextlib.nullcontext():
+        runs.prune_ours(model, windows, metric, pattern, released=released_options,
+                        batch_size=1 if released_stats else 8)
     return model
 
 
@@ -106,6 +111,24 @@ def test_score_metric_masks_agree_with_the_release(setting, metric, pattern):
             layers=agreement)
     low = {k: round(v, 6) for k, v in agreement.items() if v < 0.999}
     assert not low, f"{metric} {pattern}: layers below 99.9% agreement with the release: {low}"
+
+
+CALIBRATED = [c for c in SCORE_CELLS if c[0] != "magnitude"]
+EXACT_CELLS = CALIBRATED + [("sparsegpt", p) for p in SPARSEGPT_PATTERNS]
+
+
+@pytest.mark.parametrize(("metric", "pattern"), EXACT_CELLS, ids=[f"{m}-{p}" for m, p in EXACT_CELLS])
+def test_with_the_released_statistics_every_mask_is_the_release(setting, metric, pattern):
+    env = runs.which_release(metric, pattern)
+    _needs(env)
+    reference = released(setting, metric, pattern)
+    model = ours(setting, metric, pattern, released_stats=True)
+    agreement = runs.agreement(reference, model)
+    _report(test="exact", metric=metric, pattern=pattern, min=min(agreement.values()))
+    assert min(agreement.values()) == 1.0, {k: v for k, v in agreement.items() if v < 1}
+    if metric == "sparsegpt":  # and the reconstructed weights, bit for bit
+        for (name, a), (_, b) in zip(_linears(reference), _linears(model)):
+            assert torch.equal(a.weight, b.weight), name
 
 
 @pytest.mark.parametrize("pattern", SPARSEGPT_PATTERNS)

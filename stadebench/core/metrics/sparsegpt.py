@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 from pydantic import Field
 
@@ -20,6 +22,11 @@ class SparseGPTOptions(Options):
     damping_retries: int = Field(3, ge=0, le=10)
     """When H + λI is not positive definite, retry this many times with λ ten times larger
     (the damping used is recorded with the layer); then fail."""
+    order: Literal["fused", "released"] = "fused"
+    """Float order of the column loop, the same algorithm either way. ``fused``: on Wᵀ (a weight
+    column is a contiguous row) with fused multiply-adds, ~2x faster on a CPU. ``released``: on W,
+    each product rounded before it is subtracted, as the released SparseGPT code does; the error
+    feedback turns the other rounding into other masks block after block (docs/parity.md)."""
 
 
 class SparseGPT(Metric):
@@ -77,6 +84,17 @@ class SparseGPT(Metric):
         w = weight.clone()
         shares = None if group else block_sparsities(pattern, w.shape[0], w.shape[1], opts.blocksize, sparsity)
         hinv, percdamp = self.inverse_hessian_factor(w, stats)
+        solve = self._solve_released if opts.order == "released" else self._solve_fused
+        mask, w = solve(w, hinv, pattern, sparsity, shares)
+        if not opts.update:
+            w = weight.masked_fill(mask, 0.0)
+        details = {"percdamp": percdamp} if percdamp != opts.percdamp else {}
+        return LayerResult(mask, w, None, details)
+
+    def _solve_fused(self, w: torch.Tensor, hinv: torch.Tensor, pattern: Pattern, sparsity: float,
+                     shares: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The column loop on Wᵀ: (mask, updated weight)."""
+        opts, group = self.options, pattern.group_size
         # Work on Wᵀ so that a weight column is a contiguous row: ~2x faster on CPU.
         wt = w.t().contiguous()
         mask_t = torch.zeros_like(wt, dtype=torch.bool)
@@ -99,11 +117,34 @@ class SparseGPT(Metric):
                 err1[i] = err
             wt[i1:i2] = w1
             wt[i2:].addmm_(hinv[i1:i2, i2:].t(), err1, alpha=-1)
-        mask, w = mask_t.t(), wt.t()
-        if not opts.update:
-            w = weight.masked_fill(mask, 0.0)
-        details = {"percdamp": percdamp} if percdamp != opts.percdamp else {}
-        return LayerResult(mask, w, None, details)
+        return mask_t.t(), wt.t()
+
+    def _solve_released(self, w: torch.Tensor, hinv: torch.Tensor, pattern: Pattern, sparsity: float,
+                        shares: list[float] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The column loop on W in the released code's float order: (mask, updated weight)."""
+        blocksize, group = self.options.blocksize, pattern.group_size
+        mask = torch.zeros_like(w, dtype=torch.bool)
+        cols = w.shape[1]
+        for i1 in range(0, cols, blocksize):
+            i2 = min(i1 + blocksize, cols)
+            w1, m1 = w[:, i1:i2].clone(), mask[:, i1:i2]
+            h1 = hinv[i1:i2, i1:i2]
+            d1 = torch.diag(h1).reshape(1, -1)
+            kept, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+            if not group:
+                m1[:] = pattern.select(w1 ** 2 / d1 ** 2, shares[i1 // blocksize])
+            for i in range(i2 - i1):
+                if group and i % group == 0:
+                    g = slice(i, i + group)
+                    m1[:, g] = pattern.select(w1[:, g] ** 2 / d1[:, g] ** 2, sparsity)
+                q = w1[:, i].masked_fill(m1[:, i], 0.0)
+                kept[:, i] = q
+                err = (w1[:, i] - q) / h1[i, i]
+                w1[:, i:] -= err.unsqueeze(1).matmul(h1[i, i:].unsqueeze(0))
+                err1[:, i] = err
+            w[:, i1:i2] = kept
+            w[:, i2:] -= err1.matmul(hinv[i1:i2, i2:])
+        return mask, w
 
 
 def _count(pattern: Pattern, rows: int, cols: int, sparsity: float) -> int:
