@@ -140,6 +140,19 @@ def _check_metadata(cls: type, base: type, *methods: str, what: str | None = Non
         fail("metadata", f"{cls.__qualname__} must implement {what or methods[0] + '()'}")
 
 
+def _check_unknown_key(build: Any, options: dict[str, Any], who: str) -> None:
+    """The options-unknown-key rule: ``build(options)`` with an extra key raises ConfigError."""
+    try:
+        build({**options, "no_such_option_xyz": 1})
+    except ConfigError:
+        return
+    except Exception as exc:  # noqa: BLE001 - anything else is the failure being reported
+        fail("options-unknown-key", f"{who} raised {type(exc).__name__} for an unknown option key, "
+                                    f"not stadebench.ConfigError; make its Options subclass stadebench.Options")
+    fail("options-unknown-key", f"{who} accepted the unknown option 'no_such_option_xyz'; make its "
+                                f"Options subclass stadebench.Options (extra keys forbidden)")
+
+
 def _shape(t: Any) -> str:
     return str(list(t.shape)) if hasattr(t, "shape") else type(t).__name__
 
@@ -472,16 +485,7 @@ class MetricConformance(_Conformance):
                                         f"collects only {sorted(STATISTICS)}")
 
     def test_options_unknown_key(self):
-        cls = self.metric_class()
-        try:
-            cls({**self.options, "no_such_option_xyz": 1})
-        except ConfigError:
-            return
-        except Exception as exc:  # noqa: BLE001 - anything else is the failure being reported
-            fail("options-unknown-key", f"{self.name} raised {type(exc).__name__} for an unknown option key, "
-                                        f"not stadebench.ConfigError; make its Options subclass stadebench.Options")
-        fail("options-unknown-key", f"{self.name} accepted the unknown option 'no_such_option_xyz'; make its "
-                                    f"Options subclass stadebench.Options (extra keys forbidden)")
+        _check_unknown_key(self.metric_class(), self.options, self.name)
 
     def test_options_roundtrip(self):
         metric = self.make()
@@ -756,15 +760,8 @@ class PatternConformance(_Conformance):
         _check_metadata(self.pattern_class(), Pattern, "select")
 
     def test_options_unknown_key(self):
-        try:
-            self.pattern_class().from_spec(self.spec, {**self.options, "no_such_option_xyz": 1})
-        except ConfigError:
-            return
-        except Exception as exc:  # noqa: BLE001
-            fail("options-unknown-key", f"pattern {self.spec!r} raised {type(exc).__name__} for an unknown option "
-                                        f"key, not stadebench.ConfigError")
-        fail("options-unknown-key", f"pattern {self.spec!r} accepted the unknown option 'no_such_option_xyz'; "
-                                    f"make its Options subclass stadebench.Options")
+        _check_unknown_key(lambda options: self.pattern_class().from_spec(self.spec, options), self.options,
+                           f"pattern {self.spec!r}")
 
     def test_options_roundtrip(self):
         pattern = self.make()
@@ -1026,15 +1023,7 @@ class AllocatorConformance(_Conformance):
                                                f"in statistics")
 
     def test_options_unknown_key(self):
-        try:
-            self.allocator_class()({**self.options, "no_such_option_xyz": 1})
-        except ConfigError:
-            return
-        except Exception as exc:  # noqa: BLE001
-            fail("options-unknown-key", f"allocator {self.name!r} raised {type(exc).__name__} for an unknown option "
-                                        f"key, not stadebench.ConfigError")
-        fail("options-unknown-key", f"allocator {self.name!r} accepted the unknown option 'no_such_option_xyz'; "
-                                    f"make its Options subclass stadebench.Options")
+        _check_unknown_key(self.allocator_class(), self.options, f"allocator {self.name!r}")
 
     def test_options_roundtrip(self):
         allocator = self.make()

@@ -747,7 +747,8 @@ def _resolution(registration: Any, instance: Any) -> Resolved:
     return Resolved(instance, registration.version, dist, version)
 
 
-def _plugin(registry: Any, spec: MetricSpec | DatasetSpec | EvaluationSpec, loc: Loc) -> tuple[Any, dict]:
+def _plugin(registry: Any, spec: MetricSpec | AllocationSpec | DatasetSpec | EvaluationSpec,
+            loc: Loc) -> tuple[Any, dict]:
     """The resolved plugin a spec names, and its options with defaults filled in."""
     try:
         reg = registry.get(spec.name)
@@ -759,6 +760,21 @@ def _plugin(registry: Any, spec: MetricSpec | DatasetSpec | EvaluationSpec, loc:
     except ConfigError as exc:
         raise _Problem((*loc, "options"), str(exc)) from None
     return _resolution(reg, item), item.options.model_dump(mode="json")
+
+
+def _labelled(registry: Any, spec: MetricSpec | AllocationSpec, loc: Loc, what: str,
+              labels: dict[str, int]) -> MetricSpec | AllocationSpec:
+    """A metric or allocation entry resolved, its options filled in; its label (name when
+    none) must be new among ``labels`` (label -> index), which it joins."""
+    reg, options = _plugin(registry, spec, loc)
+    if spec.display in labels:
+        raise _Problem((*loc, "label" if spec.label else "name"),
+                       f"{what} label {spec.display!r} is already used by {loc[0]}[{labels[spec.display]}]; "
+                       f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
+    labels[spec.display] = loc[1]
+    resolved = spec.model_copy(update={"options": options})
+    resolved._resolved = reg
+    return resolved
 
 
 def _check(resolved: Resolved, loc: Loc) -> None:
@@ -788,33 +804,15 @@ def _resolve(suite: Suite) -> Suite:
             raise _Problem((*loc, "name" if spec.name == DENSE else "label"),
                            "'dense' is the unpruned baseline, not a metric; switch it with the top-level "
                            "`dense: true` or `dense: false`")
-        reg, options = _plugin(plugins.metrics, spec, loc)
-        if spec.display in labels:
-            first = labels[spec.display]
-            raise _Problem((*loc, "label" if spec.label else "name"),
-                           f"metric label {spec.display!r} is already used by metrics[{first}]; "
-                           f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
-        labels[spec.display] = i
-        metric = spec.model_copy(update={"options": options})
-        metric._resolved = reg
-        metrics.append(metric)
+        metrics.append(_labelled(plugins.metrics, spec, loc, "metric", labels))
 
     patterns, specs = [], {}
     for i, spec in enumerate(suite.patterns):
         patterns.append(_pattern(plugins, suite, spec, ("patterns", i), specs))
 
-    allocations, labels = [], {}
-    for i, spec in enumerate(suite.allocations):
-        loc = ("allocations", i)
-        reg, options = _plugin(plugins.allocators, spec, loc)
-        if spec.display in labels:
-            raise _Problem((*loc, "label" if spec.label else "name"),
-                           f"allocation label {spec.display!r} is already used by allocations[{labels[spec.display]}]; "
-                           f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
-        labels[spec.display] = i
-        allocation = spec.model_copy(update={"options": options})
-        allocation._resolved = reg
-        allocations.append(allocation)
+    labels = {}
+    allocations = [_labelled(plugins.allocators, spec, ("allocations", i), "allocation", labels)
+                   for i, spec in enumerate(suite.allocations)]
 
     if not suite.evaluations and not (suite.save or all(m.save for m in suite.metrics)):
         raise _Problem(("evaluations",), "needs at least one entry (an empty list only prunes and saves: set "
