@@ -275,6 +275,7 @@ def test_metric_options_reject_bad_values(name, options):
 
 def test_metric_options_are_recorded_and_frozen():
     metric = get_plugins().metrics.get("sparsegpt").cls({"blocksize": 64, "update": False})
-    assert metric.options.model_dump() == {"blocksize": 64, "percdamp": 0.01, "update": False, "damping_retries": 3}
+    assert metric.options.model_dump() == {"blocksize": 64, "percdamp": 0.01, "update": False, "damping_retries": 3,
+                                             "order": "fused"}
     with pytest.raises(Exception):
         metric.options.blocksize = 32
