@@ -39,6 +39,7 @@ def prune(
     allocation_options: dict[str, Any] | None = None,
     targets: Iterable[str] = (),
     ignore: Iterable[str] = (),
+    accumulate: str = "float64",
 ) -> PruneReport:
     """Prune the linear layers of ``model``'s decoder blocks in place; returns a ``PruneReport``.
 
@@ -74,6 +75,9 @@ def prune(
         targets, ignore: regexes over module paths (``re.search``): prune only the
             layers a ``targets`` regex finds (default: all), minus those an ``ignore``
             regex finds; the others stay dense and the target is over the pruned ones.
+        accumulate: how input statistics are summed: ``float64`` (accurate), or
+            ``released``, the reference releases' float32 running updates window by
+            window (to reproduce their numbers; the suite's ``calibration.accumulate``).
     """
     from .core import allocation as allocating
     from .core import engine
@@ -82,10 +86,11 @@ def prune(
     metric, pattern = resolve(metric, pattern, metric_options, pattern_options)
     allocator = resolve_allocator(allocation, allocation_options)
     shares = allocating.layer_sparsities(model, allocator, pattern, sparsity, list(targets), list(ignore),
-                                         calibration, statistics, batch_size=batch_size, device=device)
+                                         calibration, statistics, batch_size=batch_size, device=device,
+                                         accumulate=accumulate)
     return engine.prune(model, calibration, metric, pattern, sparsity, sequential=sequential,
                         batch_size=batch_size, device=device, reconstruction=reconstruction, offload=offload,
-                        progress=progress, statistics=statistics, allocation=shares)
+                        progress=progress, statistics=statistics, allocation=shares, accumulate=accumulate)
 
 
 def collect_statistics(
@@ -98,6 +103,7 @@ def collect_statistics(
     device: str | torch.device | None = None,
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    accumulate: str = "float64",
 ) -> CalibrationStatistics:
     """One dense pass of every block over ``calibration`` that gathers input statistics for
     every prunable layer, shared by several one-shot ``prune(..., statistics=...)`` calls;
@@ -107,14 +113,14 @@ def collect_statistics(
         needs: statistic names, a subset of ``{"sum", "sumsq", "gram"}``.
         metrics: metrics (registered names or instances) whose ``statistics`` are
             collected too; the union with ``needs`` must not be empty.
-        batch_size, device, offload, progress: as for ``prune``.
+        batch_size, device, offload, progress, accumulate: as for ``prune``.
     """
     from .core import engine
     from .plugins import resolve_metric
 
     union = set(needs).union(*(resolve_metric(m).statistics for m in metrics))
     return engine.collect_statistics(model, calibration, union, batch_size=batch_size, device=device,
-                                     offload=offload, progress=progress)
+                                     offload=offload, progress=progress, accumulate=accumulate)
 
 
 __all__ = [

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import stadebench
 from stadebench.bench import leaderboard as lb
@@ -198,3 +199,29 @@ def test_changed_evaluation_text_reruns_even_the_dense_baseline(tmp_path, assets
     assert summary.skipped == 0 and len(summary.finished) == 2
     prints = {r["eval_fingerprint"] for r in lb.read(tmp_path / "lb", history=True).to_pylist()}
     assert len(prints) == 2 and None not in prints
+
+
+def test_the_releases_accumulation_is_another_measurement_for_calibrated_cells_only(tmp_path, assets):
+    base = suite_dict(assets, metrics=["magnitude", "wanda"])
+    run_suite(load_tiny_suite(tmp_path, assets, metrics=["magnitude", "wanda"]))
+    released = load_tiny_suite(tmp_path, assets, file="released.yaml", metrics=["magnitude", "wanda"],
+                               calibration={**base["calibration"], "accumulate": "released"})
+    summary = run_suite(released)
+    assert summary.finished == ["wanda · unstructured · 0.5"] and summary.skipped == 2
+    rows = {(r["metric"], r["calib_accumulate"]): r for r in lb.read(tmp_path / "lb").to_pylist()}
+    assert set(rows) == {("dense", None), ("magnitude", None), ("wanda", "float64"), ("wanda", "released")}
+    # float32 running sums round differently, yet prune almost the same weights
+    a, b = rows["wanda", "float64"], rows["wanda", "released"]
+    assert a["cell_key"] != b["cell_key"] and a["actual_sparsity"] == pytest.approx(b["actual_sparsity"])
+
+
+def test_prune_and_shared_statistics_check_the_accumulation(assets):
+    model, windows = build_model(100), torch.randint(0, 100, (4, 16))
+    stats = stadebench.collect_statistics(model, windows, metrics=["wanda"], batch_size=2, accumulate="released")
+    assert stats.accumulate == "released"
+    with pytest.raises(stadebench.ConfigError, match="accumulated 'released', not 'float64'"):
+        stadebench.prune(model, windows, "wanda", sequential=False, statistics=stats)
+    with pytest.raises(stadebench.ConfigError, match="accumulate must be one of"):
+        stadebench.prune(model, windows, "wanda", accumulate="float16")
+    report = stadebench.prune(model, windows, "wanda", sequential=False, statistics=stats, accumulate="released")
+    assert report.accumulate == "released" and report.sparsity == pytest.approx(0.5, abs=0.02)

@@ -27,7 +27,7 @@ def _row(**over):
         "model": "tiny-llama", "model_source": "asset", "metric": "wanda", "metric_version": "1",
         "metric_options": {}, "pattern": "unstructured", "sparsity": 0.5,
         "calib_dataset": "c4", "calib_n": 8, "calib_seqlen": 64, "calib_seed": 0,
-        "sequential": True, "batch_size": 4, "dtype": "float32",
+        "sequential": True, "batch_size": 4, "calib_accumulate": "float64", "dtype": "float32",
         "evaluator": "perplexity", "evaluator_version": "1", "eval_dataset": "wikitext2",
         "eval_split": "test", "eval_seqlen": 64, "task": "wikitext2", "score": "perplexity",
         "value": 10.0, "higher_is_better": False, "status": "ok", "run_id": "run1",
@@ -463,10 +463,11 @@ def test_a_schema_1_file_is_upgraded_on_read_with_a_recomputed_key(tmp_path):
     assert row["value"] == 7.0 and row["metric_plugin"] == "stadebench"
     assert row["model_revision_requested"] == row["model_revision"] == "main"
     upgraded = {"model_revision_requested", "allocation", "allocation_version", "allocation_options",
-                "allocation_plugin"}
+                "allocation_plugin", "calib_accumulate"}
     assert all(row[n] is None for n in set(lb.SCHEMA.names) - set(_SCHEMA_1) - upgraded)
     # a pruned row of schema 1 or 2 was pruned uniformly: the upgrade says so
     assert (row["allocation"], row["allocation_options"], row["allocation_plugin"]) == ("uniform", "{}", "stadebench")
+    assert row["calib_accumulate"] == "float64"  # calibrated before schema 4: float64 sums, the only way
     assert {"model_file", "pattern_version", "calib_fingerprint", "executor"} <= set(lb.SCHEMA.names) - set(_SCHEMA_1)
     assert row["cell_key"] == lb.cell_key(row) != "0" * 64  # a stored key matches its fields
     assert lb.finished_cells(tmp_path) == {row["cell_key"]}
@@ -588,7 +589,7 @@ def test_a_schema_2_file_is_read_as_uniformly_pruned_under_the_same_key_a_new_ru
     dense = _row(metric="dense", pattern=None, sparsity=0.0, value=9.0)
     # ... as the previous release wrote it: no allocation columns, schema 2, its own key
     added = {"allocation", "allocation_version", "allocation_options", "allocation_plugin", "layer_targets",
-             "layer_ignore", "allocation_plugin_version", "dense_layers", "layers"}
+             "layer_ignore", "allocation_plugin_version", "dense_layers", "layers", "calib_accumulate"}
     v2 = pa.schema([f for f in lb.SCHEMA if f.name not in added], metadata={lb.VERSION_KEY: "2"})
     rows = [{n: r[n] for n in v2.names} | {"cell_key": "f" * 64} for r in lb._to_table([now, dense]).to_pylist()]
     pq.write_table(pa.Table.from_pylist(rows, schema=v2), tmp_path / "v2.parquet")
@@ -596,6 +597,21 @@ def test_a_schema_2_file_is_read_as_uniformly_pruned_under_the_same_key_a_new_ru
     assert sorted(table["cell_key"].to_pylist()) == sorted([lb.cell_key(now), lb.cell_key(dense)])
     by_metric = {r["metric"]: r for r in table.to_pylist()}
     assert by_metric["dense"]["allocation"] is None and by_metric["wanda"]["allocation"] == "uniform"
+
+
+def test_a_schema_3_file_reads_as_float64_accumulation_under_the_key_a_new_run_computes(tmp_path):
+    calibrated = _row(value=12.0)
+    free = _row(metric="magnitude", calib_dataset=None, calib_n=None, calib_seqlen=None, calib_seed=None,
+                sequential=None, batch_size=None, calib_accumulate=None, value=30.0)
+    v3 = pa.schema([f for f in lb.SCHEMA if f.name != "calib_accumulate"], metadata={lb.VERSION_KEY: "3"})
+    rows = [{n: r[n] for n in v3.names} | {"cell_key": "e" * 64} for r in lb._to_table([calibrated, free]).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=v3), tmp_path / "v3.parquet")
+    by_metric = {r["metric"]: r for r in lb.read(tmp_path).to_pylist()}
+    assert by_metric["wanda"]["calib_accumulate"] == "float64" and by_metric["magnitude"]["calib_accumulate"] is None
+    assert by_metric["wanda"]["cell_key"] == lb.cell_key(calibrated)
+    assert by_metric["magnitude"]["cell_key"] == lb.cell_key(free)
+    # the releases' accumulation is another cell
+    assert lb.cell_key({**calibrated, "calib_accumulate": "released"}) != lb.cell_key(calibrated)
 
 
 def test_a_schema_3_file_written_before_the_saved_columns_reads_them_as_null(tmp_path):

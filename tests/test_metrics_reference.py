@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 import stadebench
-from stadebench.base import LayerInfo, LayerStats
+from stadebench.base import STATISTICS, LayerInfo, LayerStats
 from stadebench.core.metrics.sparsegpt import SparseGPT
 from stadebench.plugins import get_plugins
 
@@ -726,3 +726,58 @@ def test_created_biases_survive_save_and_reload(tiny_llama, tiny_calibration, tm
 def test_stade_bias_on_smollm2(smollm2, smollm2_calibration):
     report, dense, inputs = prune_recording_pass1_inputs(smollm2, smollm2_calibration, "stade", pattern="2:4")
     check_mean_outputs(smollm2, report, dense, inputs, corrected=set(_prunable(smollm2)))
+
+
+def _released_and_ours(x: torch.Tensor, needs=frozenset({"sum", "sumsq", "gram"})):
+    from stadebench.core.statistics import Accumulator, ReleasedAccumulator
+
+    info = LayerInfo("l", 0, "l")
+    ours, released = Accumulator(needs), ReleasedAccumulator(needs)
+    for batch in x:
+        ours.add(batch)
+        released.add(batch)
+    return ours.stats(info), released.stats(info)
+
+
+def test_released_accumulation_updates_one_window_at_a_time_as_the_releases_do():
+    # a batch of windows is the same running update as the windows fed one by one
+    from stadebench.core.statistics import ReleasedAccumulator
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 32, 8, generator=g)  # 6 windows of 32 tokens, 8 inputs
+    info = LayerInfo("l", 0, "l")
+    batched, single = ReleasedAccumulator(frozenset(STATISTICS)), ReleasedAccumulator(frozenset(STATISTICS))
+    batched.add(x[:4])
+    batched.add(x[4:])
+    for window in x:
+        single.add(window[None])
+    a, b = batched.stats(info), single.stats(info)
+    assert a.count == b.count == 6 * 32
+    for name in ("sum", "sumsq", "gram", "m2"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    # the running (2/n)·XᵀX and mean of ‖x_j‖² per window, written out
+    flat = x.reshape(-1, 8).double()
+    torch.testing.assert_close(a.sumsq, (flat * flat).sum(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.gram.double(), flat.t() @ flat, rtol=1e-4, atol=1e-4)
+
+
+def test_released_accumulation_matches_float64_sums_up_to_float32_rounding():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 2, 64, 16, generator=g) * 3 + 0.5
+    ours, released = _released_and_ours(x)
+    assert ours.count == released.count == 4 * 2 * 64
+    for name in ("sum", "sumsq", "gram", "m2"):
+        mine, theirs = getattr(ours, name).double(), getattr(released, name).double()
+        assert not torch.equal(mine, theirs) or name == "sum"  # rounded otherwise, yet close
+        torch.testing.assert_close(theirs, mine, rtol=1e-4, atol=1e-3)
+
+
+def test_released_variance_loses_digits_where_the_mean_dwarfs_the_spread():
+    # why float64 is the default: the releases' one-pass update cancels Σx² against n·mean²
+    g = torch.Generator().manual_seed(0)
+    x = (300.0 + torch.randn(8, 512, 16, generator=g)).float()
+    ours, released = _released_and_ours(x[:, None], needs=frozenset({"sum", "sumsq"}))
+    reference = x.reshape(-1, 16).double().var(0, unbiased=True)
+    error = lambda s: ((s.var.double() - reference).abs() / reference).max().item()  # noqa: E731
+    assert error(ours) < 1e-6
+    assert error(released) > 100 * error(ours)

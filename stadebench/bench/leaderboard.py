@@ -204,7 +204,19 @@ def _upgrade_from_2(table: pa.Table) -> pa.Table:
     return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
 
 
-_UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2}
+def _upgrade_from_3(table: pa.Table) -> pa.Table:
+    """Schema 3 -> 4: every row that read calibration data summed its statistics in float64
+    (``calib_accumulate: float64``, the only way before); ``cell_key`` is recomputed."""
+    table = _conform(table)
+    calibrated = pc.is_valid(table["calib_n"])
+    table = table.set_column(table.schema.get_field_index("calib_accumulate"), SCHEMA.field("calib_accumulate"),
+                             pc.if_else(calibrated, pa.scalar("float64"), pa.scalar(None, pa.string())))
+    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
+    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+
+
+_UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2,
+                                                        "3": _upgrade_from_3}
 """``_UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
 with the same rows in the same order (compaction splits files by row position)."""
 

@@ -173,7 +173,7 @@ def _pruning_fields(cell: Cell) -> dict[str, Any]:
 def _calibration_fields(c: CalibrationSpec, fingerprint: str) -> dict[str, Any]:
     return {"calib_dataset": c.dataset.name, "calib_options": c.dataset.options, "calib_fingerprint": fingerprint,
             "calib_n": c.n, "calib_seqlen": c.seqlen, "calib_seed": c.seed, "sequential": c.sequential,
-            "batch_size": c.batch_size}
+            "batch_size": c.batch_size, "calib_accumulate": c.accumulate}
 
 
 def uses_data(cell: Cell) -> bool:

@@ -120,6 +120,9 @@ class Protocol(BaseModel):
     calib_seqlen: int | None = Field(description="Tokens per calibration window.")
     calib_seed: int | None = Field(description="Seed that picked the windows.")
     sequential: bool | None = Field(description="Blocks calibrated on pruned outputs (true) or one-shot.")
+    calib_accumulate: Literal["float64", "released"] | None = Field(
+        description="How the source summed input statistics: released for the reference releases' float32 "
+                    "running updates.")
     evaluator: str = Field(min_length=1, description="Evaluator, e.g. perplexity.")
     eval_dataset: str | None = Field(description="Evaluated dataset, e.g. wikitext2.")
     eval_split: str | None = Field(description="Evaluated split, e.g. test.")

@@ -28,7 +28,7 @@ import pyarrow as pa
 from ..errors import StadebenchError
 from ..util import canonical_json
 
-SCHEMA_VERSION = "3"
+SCHEMA_VERSION = "4"
 VERSION_KEY = "stadebench.schema_version"
 STATUSES = ("ok", "failed")
 
@@ -152,6 +152,8 @@ class Row:
     sequential: bool | None = _col(_bool, "True: blocks calibrated on pruned outputs; false: one-shot.",
                                    "key", label=True)
     batch_size: int | None = _col(_i32, "Calibration windows per forward pass.", "key", label=True)
+    calib_accumulate: str | None = _col(_str, "How input statistics were summed: float64, or released (the "
+                                        "reference releases' float32 running updates).", "key", label=True)
     evaluator: str | None = _col(_str, "Evaluator name, e.g. perplexity or lm-eval.", "key", baseline=True)
     evaluator_version: str | None = _col(_str, "Version the evaluator plugin declares.", "key",
                                          baseline=True)

@@ -202,7 +202,8 @@ class ModelSession:
             try:
                 self.shared[key] = engine.collect_statistics(self.model, self.calibration(cell), group.needs,
                                                       batch_size=group.calibration.batch_size,
-                                                      device=self.device, progress=self.progress)
+                                                      device=self.device, progress=self.progress,
+                                                      accumulate=group.calibration.accumulate)
             except StadebenchError as exc:  # every cell of the group fails the same way, without a retry
                 self.shared[key] = exc
             else:
@@ -232,7 +233,8 @@ class ModelSession:
                     self.restore()
                     self.allocation_stats[stats_key] = engine.collect_statistics(
                         self.model, self.calibration(cell), allocator.statistics,
-                        batch_size=cell.calibration.batch_size, device=self.device, progress=self.progress)
+                        batch_size=cell.calibration.batch_size, device=self.device, progress=self.progress,
+                        accumulate=cell.calibration.accumulate)
                     self.seconds["statistics"] += self.allocation_stats[stats_key].seconds
                 stats = self.allocation_stats[stats_key]
             who = c.allocation_plugin.who("allocator", c.allocation_label) if c.allocation_plugin else None
@@ -253,10 +255,11 @@ class ModelSession:
             windows = shared = None
         sequential = cell.calibration.sequential if cell.calibration else True
         batch_size = cell.calibration.batch_size if cell.calibration else 8
+        accumulate = cell.calibration.accumulate if cell.calibration else "float64"
         self.dirty = True
         report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity, sequential=sequential,
                        batch_size=batch_size, device=self.device, progress=self.progress, statistics=shared,
-                       allocation=shares)
+                       allocation=shares, accumulate=accumulate)
         result.actual_sparsity, result.prune_seconds = report.sparsity, report.seconds
         result.layers = layer_records(report)
         result.dense_layers = sum(layer.excluded for layer in report.layers)

@@ -36,6 +36,7 @@ A suite is a YAML file; every key below is optional unless marked *required*::
       seed: 0
       sequential: true               # false: one-shot (blocks see dense inputs)
       batch_size: 8
+      accumulate: float64            # released: the reference releases' float32 running sums
     evaluations:                     # a name or {name, options}
       - {name: perplexity, options: {dataset: enwiki-2016, seqlen: 512}}
 
@@ -240,6 +241,10 @@ class CalibrationSpec(_Spec):
     sequential: bool = Field(True, description="Feed each block the pruned previous block's outputs "
                                                 "(false: one-shot, dense inputs).")
     batch_size: int = Field(8, ge=1, le=MAX_WINDOWS, description="Windows per forward pass.")
+    accumulate: Literal["float64", "released"] = Field(
+        "float64", description="How input statistics are summed: float64 sums (the accurate default) or "
+                               "released, the reference releases' float32 running updates window by window, "
+                               "to reproduce their numbers.")
 
 
 class ExcludeRule(_Spec):

@@ -37,7 +37,7 @@ from ..base import STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Patte
 from ..errors import ConfigError
 from .models import (add_bias, enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers,
                      set_weight, weight_of)
-from .statistics import BlockCollector
+from .statistics import ACCUMULATORS, BlockCollector
 
 
 @dataclass
@@ -108,6 +108,8 @@ class PruneReport:
     """Whether block activations were kept in CPU memory between passes."""
     config_flags: list[str] = field(default_factory=list)
     """Config flags turned on so that added biases survive save and reload."""
+    accumulate: str = "float64"
+    """How input statistics were summed (``calibration.accumulate``)."""
     shared_statistics: bool = False
     """Statistics came from ``collect_statistics`` (its passes and seconds are counted
     there, not here) and no reconstruction error was measured."""
@@ -136,6 +138,8 @@ class CalibrationStatistics:
     block_passes: int
     nbytes: int
     """Memory the statistics take."""
+    accumulate: str = "float64"
+    """How they were summed (``core.statistics.ACCUMULATORS``)."""
 
 
 def _device(device: str | torch.device | None, model: nn.Module) -> torch.device:
@@ -254,10 +258,10 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor,
 
 
 def _statistics_pass(block: nn.Module, block_layers: list[tuple[str, nn.Module]], needs: frozenset[str],
-                     flow: _Flow) -> tuple[BlockCollector, list[torch.Tensor], bool]:
+                     flow: _Flow, accumulate: str) -> tuple[BlockCollector, list[torch.Tensor], bool]:
     """Pass 1 of one block over every batch, dense weights: the collector holding the
     layers' statistics and roles, the block's outputs, and whether they are normalised."""
-    collector = BlockCollector(block_layers, block, needs)
+    collector = BlockCollector(block_layers, block, needs, accumulate)
     outputs = []
     output_normed = flow.input_normed
     with collector:
@@ -313,6 +317,7 @@ def prune(
     progress: Callable[[int, int], None] | None = None,
     statistics: CalibrationStatistics | None = None,
     allocation: Mapping[str, float] | None = None,
+    accumulate: str = "float64",
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place with ``metric`` and
     ``pattern`` (instances: ``stadebench.prune`` takes registered names and documents
@@ -323,14 +328,18 @@ def prune(
     ``statistics`` run no forward pass; other metrics run the calibrated protocol.
     ``allocation`` maps the full name of each layer to prune to its sparsity (an
     allocator's answer); layers it does not name stay dense. None prunes every layer at
-    the target ``sparsity``.
+    the target ``sparsity``. ``accumulate`` says how the calibrated protocol sums input
+    statistics (``core.statistics.ACCUMULATORS``: ``float64``, or the releases' ``released``).
     """
     t_start = time.perf_counter()
     if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
         raise TypeError("the engine takes Metric and Pattern instances; stadebench.prune also takes "
                         f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
     run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, allocation)
+    run.accumulate = _accumulate(accumulate)
     shared = statistics if statistics is not None and not metric.data_free() else None
+    if shared is not None and shared.accumulate != run.accumulate:
+        raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
     n, seqlen, batch_size = _protocol(metric, calibration, shared, sequential, batch_size)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -339,7 +348,7 @@ def prune(
         pattern=pattern.spec, target_sparsity=run.sparsity, sparsity=0.0, sequential=sequential,
         n_windows=n, seqlen=seqlen, batch_size=batch_size, device=str(run.device), seconds=0.0,
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
-        peak_memory_bytes=0, shared_statistics=shared is not None,
+        peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
     )
     with _eval_mode(model):
         if shared is not None or metric.data_free():
@@ -347,6 +356,12 @@ def prune(
         else:
             run.calibrated(calibration, batch_size, sequential, reconstruction, offload)
     return run.finish(t_start)
+
+
+def _accumulate(accumulate: str) -> str:
+    if accumulate not in ACCUMULATORS:
+        raise ConfigError(f"accumulate must be one of {sorted(ACCUMULATORS)}, got {accumulate!r}")
+    return accumulate
 
 
 def _protocol(metric: Metric, calibration: torch.Tensor | None, shared: CalibrationStatistics | None,
@@ -388,6 +403,7 @@ class _Pruning:
     """Sparsity of every layer to prune, by full name; the others stay dense."""
     progress: Callable[[int, int], None] | None = None
     report: PruneReport | None = None
+    accumulate: str = "float64"
 
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
@@ -496,7 +512,7 @@ class _Pruning:
         block.to(self.device)
         t0 = time.perf_counter()
         collector, dense_out, flow.input_normed = _statistics_pass(block, self.pruned(i), self.metric.statistics,
-                                                                   flow)
+                                                                   flow, self.accumulate)
         self.report.block_passes += 1
         t1 = time.perf_counter()
         timings["stats"] += t1 - t0
@@ -584,6 +600,7 @@ def collect_statistics(
     device: str | torch.device | None = None,
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
+    accumulate: str = "float64",
 ) -> CalibrationStatistics:
     """One dense pass of every block over ``calibration``, gathering the statistics
     named in ``needs`` (the union of the metrics' ``statistics``) for every prunable
@@ -592,7 +609,7 @@ def collect_statistics(
     Statistics go to CPU memory block by block, so the device holds one block's.
     """
     t_start = time.perf_counter()
-    needs = frozenset(needs)
+    needs, accumulate = frozenset(needs), _accumulate(accumulate)
     if not needs or not needs <= STATISTICS:
         raise ConfigError(f"needs must be a non-empty subset of {sorted(STATISTICS)}, got {sorted(needs)}")
     if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
@@ -606,7 +623,7 @@ def collect_statistics(
             block_layers = prunable_layers(block)
             block_home = module_device(block)
             block.to(dev)
-            collector, outputs, normed = _statistics_pass(block, block_layers, needs, flow)
+            collector, outputs, normed = _statistics_pass(block, block_layers, needs, flow, accumulate)
             block.to(block_home)
             layers.update(_on_cpu(collector, block_layers, prefix, i))
             flow.inputs, flow.input_normed = outputs, normed
@@ -617,7 +634,8 @@ def collect_statistics(
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
     return CalibrationStatistics(needs=needs, layers=layers, n_windows=calibration.shape[0],
                                  seqlen=calibration.shape[1], batch_size=batch_size,
-                                 seconds=time.perf_counter() - t_start, block_passes=len(blocks), nbytes=nbytes)
+                                 seconds=time.perf_counter() - t_start, block_passes=len(blocks), nbytes=nbytes,
+                                 accumulate=accumulate)
 
 
 def _on_cpu(collector: BlockCollector, block_layers: list[tuple[str, nn.Module]], prefix: str,

@@ -11,7 +11,7 @@ held-out windows (the smollm2 suite's protocol):
   release does);
 - ``ours-released``: stadebench with the options that reproduce the release (``runs.RELEASED``);
 - ``ours-released-stats``: the same, its statistics accumulated as the release does
-  (``runs.released_statistics``, one window per batch): the float rounding of the release.
+  (``accumulate: released``, one window per batch): the float rounding of the release.
 
 One JSON line per run is appended to ``--out``; ``--table`` prints the table from it.
 CPU-heavy (1-3 min a run on two cores), so run one cell at a time, e.g.::
@@ -89,9 +89,9 @@ def run_cell(cell: str, side: str, load, tokenizer, windows, eval_windows: int =
         else:
             extra = {"metric_options": {"bias_correction": False}} if metric.startswith("stade") else {}
             like_release = side.startswith("ours-released")
-            with runs.released_statistics() if side == "ours-released-stats" else contextlib.nullcontext():
-                runs.prune_ours(model, windows, metric, pattern, released=like_release,
-                                batch_size=1 if side == "ours-released-stats" else 8, **extra)
+            stats = side == "ours-released-stats"
+            runs.prune_ours(model, windows, metric, pattern, released=like_release, batch_size=1 if stats else 8,
+                            accumulate="released" if stats else "float64", **extra)
             options = dict(zip(("metric", "pattern"), runs.released_options(metric, pattern))) \
                 if like_release else extra
     seconds = time.perf_counter() - t0

@@ -9,8 +9,6 @@ release's choices; the defaults differ only where documented in docs/parity.md.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import re
 from types import SimpleNamespace
 
@@ -104,59 +102,3 @@ def agreement(a: nn.Module, b: nn.Module) -> dict[str, float]:
     """Per layer, the fraction of equal mask entries."""
     ma, mb = pruned_masks(a), pruned_masks(b)
     return {k: (ma[k] == mb[k]).double().mean().item() for k in ma}
-
-
-@contextlib.contextmanager
-def released_statistics():
-    """stadebench's input statistics accumulated as the releases do, for this test harness only.
-
-    The releases update float32 running statistics window by window: Wanda a running mean
-    of ‖x_j‖², SparseGPT a running (2/n)·XᵀX, STADE a running mean and a one-pass variance.
-    stadebench sums in float64 (the variance by Chan's merge). The masks are the same up to
-    float rounding, which the sequential protocol amplifies; with this accumulator (and
-    ``batch_size=1``: one window per update) stadebench reproduces the releases' statistics
-    bit for bit. It is not a stadebench option: core/statistics.py would hold one.
-    """
-    from stadebench.base import LayerStats
-    from stadebench.core.statistics import Accumulator
-
-    def add(self, x):
-        if x.shape[0] != 1:
-            raise ValueError("released_statistics() needs batch_size=1 (one window per update)")
-        inp = x.reshape(-1, x.shape[-1]).t().float()
-        n, tokens = getattr(self, "windows", 0), inp.shape[1]
-        if "sumsq" in self.needs:  # locuslab/wanda lib/layerwrapper.py
-            self.sumsq = torch.zeros(inp.shape[0]) if self.sumsq is None else self.sumsq
-            self.sumsq *= n / (n + 1)
-            self.sumsq += torch.norm(inp, p=2, dim=1) ** 2 / (n + 1)
-        if "gram" in self.needs:  # lib/sparsegpt.py
-            self.gram = torch.zeros(inp.shape[0], inp.shape[0]) if self.gram is None else self.gram
-            self.gram *= n / (n + 1)
-            scaled = math.sqrt(2 / (n + 1)) * inp
-            self.gram += scaled.matmul(scaled.t())
-        if "sum" in self.needs:  # Coello-dev/STADE lib/prune_zoo/stade.py
-            t, new = self.count, self.count + tokens
-            if t:
-                new_mean = self.mean * t / new + torch.sum(inp, dim=1) / new
-                self.var = ((t - 1) * self.var / (new - 1) + t * self.mean ** 2 / (new - 1)
-                            - new * new_mean ** 2 / (new - 1) + torch.sum(inp ** 2, dim=1) / (new - 1))
-            else:
-                new_mean = torch.sum(inp, dim=1) / new
-                self.var = torch.sum((inp - new_mean.reshape(-1, 1)) ** 2, dim=1) / (new - 1)
-            self.mean = new_mean
-        self.windows, self.count = n + 1, self.count + tokens
-
-    def stats(self, layer):
-        # stadebench scales the Gram matrix by 2/count itself; the variance is m2/(count-1)
-        gram = None if self.gram is None else self.gram * (self.count / 2)
-        total = m2 = None
-        if self.mean is not None:
-            total, m2 = self.mean.double() * self.count, self.var.double() * (self.count - 1)
-        return LayerStats(layer, self.count, total, self.sumsq, gram, m2)
-
-    before = Accumulator.add, Accumulator.stats
-    Accumulator.add, Accumulator.stats = add, stats
-    try:
-        yield
-    finally:
-        Accumulator.add, Accumulator.stats = before
