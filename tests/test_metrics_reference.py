@@ -757,7 +757,7 @@ def test_released_accumulation_updates_one_window_at_a_time_as_the_releases_do()
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     # the running (2/n)·XᵀX and mean of ‖x_j‖² per window, written out
     flat = x.reshape(-1, 8).double()
-    torch.testing.assert_close(a.sumsq, (flat * flat).sum(0), rtol=1e-5, atol=0)
+    torch.testing.assert_close(a.sumsq.double(), (flat * flat).sum(0), rtol=1e-5, atol=0)
     torch.testing.assert_close(a.gram.double(), flat.t() @ flat, rtol=1e-4, atol=1e-4)
 
 
