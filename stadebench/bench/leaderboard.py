@@ -180,39 +180,44 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[Row | Mapping[str, Any]
 # --- reading -------------------------------------------------------------------------
 
 
+def _rekeyed(table: pa.Table) -> pa.Table:
+    """``table`` with ``cell_key`` recomputed from its key fields (after an upgrade filled them)."""
+    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
+    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+
+
+def _filled(table: pa.Table, where: pa.ChunkedArray, values: dict[str, str]) -> pa.Table:
+    """``table`` with each string column of ``values`` set to its value on the rows ``where``
+    holds, null elsewhere."""
+    for name, value in values.items():
+        table = table.set_column(table.schema.get_field_index(name), SCHEMA.field(name),
+                                 pc.if_else(where, pa.scalar(value), pa.scalar(None, pa.string())))
+    return table
+
+
 def _upgrade_from_1(table: pa.Table) -> pa.Table:
     """Schema 1 -> 2: the new knobs are null, the requested revision is the stored one, and
     ``cell_key`` is recomputed from the upgraded key fields."""
     columns = {name: table[name] for name in table.column_names}
     if "model_revision" in columns:
         columns["model_revision_requested"] = columns["model_revision"]
-    table = _conform(pa.table(columns))
-    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
-    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+    return _rekeyed(_conform(pa.table(columns)))
 
 
 def _upgrade_from_2(table: pa.Table) -> pa.Table:
     """Schema 2 -> 3: every pruned row was pruned uniformly over all prunable layers (the
     built-in ``uniform`` allocator, recorded as such); ``cell_key`` is recomputed."""
     table = _conform(table)
-    pruned = pc.is_valid(table["pattern"])
-    for name, value in (("allocation", "uniform"), ("allocation_version", "1"), ("allocation_options", "{}"),
-                        ("allocation_plugin", "stadebench")):
-        table = table.set_column(table.schema.get_field_index(name), SCHEMA.field(name),
-                                 pc.if_else(pruned, pa.scalar(value), pa.scalar(None, pa.string())))
-    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
-    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+    return _rekeyed(_filled(table, pc.is_valid(table["pattern"]),
+                            {"allocation": "uniform", "allocation_version": "1", "allocation_options": "{}",
+                             "allocation_plugin": "stadebench"}))
 
 
 def _upgrade_from_3(table: pa.Table) -> pa.Table:
     """Schema 3 -> 4: every row that read calibration data summed its statistics in float64
     (``calib_accumulate: float64``, the only way before); ``cell_key`` is recomputed."""
     table = _conform(table)
-    calibrated = pc.is_valid(table["calib_n"])
-    table = table.set_column(table.schema.get_field_index("calib_accumulate"), SCHEMA.field("calib_accumulate"),
-                             pc.if_else(calibrated, pa.scalar("float64"), pa.scalar(None, pa.string())))
-    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
-    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
+    return _rekeyed(_filled(table, pc.is_valid(table["calib_n"]), {"calib_accumulate": "float64"}))
 
 
 _UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2,
