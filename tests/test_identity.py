@@ -225,3 +225,19 @@ def test_prune_and_shared_statistics_check_the_accumulation(assets):
         stadebench.prune(model, windows, "wanda", accumulate="float16")
     report = stadebench.prune(model, windows, "wanda", sequential=False, statistics=stats, accumulate="released")
     assert report.accumulate == "released" and report.sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_the_accumulations_a_suite_and_a_published_row_accept_are_the_engines():
+    # the suite and the published schema cannot import the core (torch) before validation,
+    # so they spell the choices out again: this ties the three spellings together
+    from typing import get_args
+
+    from stadebench.bench.published import Protocol
+    from stadebench.bench.suite import CalibrationSpec
+    from stadebench.core.statistics import ACCUMULATORS
+
+    suite = set(get_args(CalibrationSpec.model_fields["accumulate"].annotation))
+    published = {a for arg in get_args(Protocol.model_fields["calib_accumulate"].annotation)
+                 for a in get_args(arg)}
+    assert suite == published == set(ACCUMULATORS)
+    assert CalibrationSpec().accumulate == "float64"
