@@ -125,6 +125,45 @@ def test_the_drawn_figure_is_checked_against_the_spec():
         figures._check([(figures.draw(spec).axes[0].lines[0], [0.3, 0.5], [3.0, 4.5])])
 
 
+def _line_colours(keys: list[str]) -> dict[str, tuple]:
+    lines = [{"legend": k, "colour_key": k, "allocation": "uniform", "family": "unstructured", "style": "line",
+              "x": [0.5], "y": [float(i + 3)], "stderr": [None]} for i, k in enumerate(keys)]
+    spec = {"kind": "sweep", "title": "t", "score": "ppl", "higher_is_better": False, "log_y": False,
+            "dense": [], "lines": lines}
+    fig = figures.draw(spec)
+    by_gid = {line.get_gid(): line.get_color() for line in fig.axes[0].lines if line.get_gid()}
+    return {k: by_gid[f"series-{i}"] for i, k in enumerate(keys)}
+
+
+def test_a_metric_keeps_its_colour_whatever_else_a_report_shows():
+    alone = _line_colours(["wanda", "my-plugin"])
+    crowded = _line_colours(["stade", "my-plugin", "magnitude", "wanda", "sparsegpt", "wanda[alpha=2]"])
+    assert alone["wanda"] == crowded["wanda"] and alone["my-plugin"] == crowded["my-plugin"]
+    assert len(set(crowded.values())) == len(crowded)  # still one colour per line
+    # a key whose hashed slot is a built-in's moves to a free one instead of sharing it
+    keys = ["magnitude", "wanda", "sparsegpt", "stade", "stade-w", "random"]
+    slots = figures.colour_slots(keys + [f"plugin-{i}" for i in range(4)])
+    assert sorted(slots.values()) == list(range(10))
+
+
+def test_a_new_report_removes_the_figures_only_the_last_one_wrote(reported, tmp_path):
+    from stadebench.report import build_report
+
+    out = tmp_path / "out"
+    build_report(reported.folder, out, task="text")
+    first = {p.name for p in (out / "figures").iterdir()}
+    assert any(name.endswith(".pdf") for name in first)
+    (out / "figures" / "mine.png").write_bytes(b"a file of the user's")
+    build_report(reported.folder, out, task="diagnostics")
+    second = {p.name for p in (out / "figures").iterdir()}
+    assert not (first - {".written"}) & second and "mine.png" in second
+    assert sorted(json.loads((out / "figures" / ".written").read_text())) == sorted(second - {"mine.png", ".written"})
+    # a damaged or hostile list removes nothing
+    (out / "figures" / ".written").write_text(json.dumps(["../index.html", "mine.png.txt", 3]))
+    build_report(reported.folder, out, task="diagnostics")
+    assert (out / "index.html").exists() and "mine.png" in {p.name for p in (out / "figures").iterdir()}
+
+
 def test_figure_files_in_three_formats_and_the_png_copy(reported):
     kinds = sorted(f["kind"] for f in reported.data["figures"])
     assert kinds == ["diagnostics-depth", "diagnostics-scatter", "sweep"]

@@ -10,6 +10,7 @@ matplotlib drew. See docs/report.md.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections import defaultdict
@@ -104,14 +105,33 @@ def _published(ok: list[dict], published: str | os.PathLike) -> str:
             + "</tbody></table>")
 
 
+def _forget_stale(figures_dir: Path, written: set[str]) -> None:
+    """Remove the figures the last report listed and this one did not write, then list this one's."""
+    manifest = figures_dir / ".written"
+    if not written and not manifest.exists():
+        return
+    try:
+        earlier = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # no earlier report here, or a damaged list: remove nothing
+        earlier = []
+    for name in earlier if isinstance(earlier, list) else []:
+        # plain figure names only: a list edited to hold paths removes nothing outside figures/
+        if isinstance(name, str) and name not in written and Path(name).name == name and \
+                Path(name).suffix.lstrip(".") in FORMATS:
+            (figures_dir / name).unlink(missing_ok=True)
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    manifest.write_text(json.dumps(sorted(written)), encoding="utf-8")
+
+
 def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite=None, model=None, task=None,
                  metric=None, pattern=None, png: str | os.PathLike | None = None,
                  published: str | os.PathLike | None = None) -> Path:
     """Write the report of the leaderboard ``folder`` to ``out_dir``; returns ``out_dir/index.html``.
 
     Filters as in ``select`` (a value or a list each; ``suite`` also takes suite files).
-    Figures go to ``out_dir/figures/<slug>.{png,svg,pdf}``; files of an earlier report with
-    other slugs are left there. With ``png``, the selection's one score-against-sparsity
+    Figures go to ``out_dir/figures/<slug>.{png,svg,pdf}``; the figures an earlier report
+    wrote there and this one does not are removed (listed in ``figures/.written``; other
+    files are left alone). With ``png``, the selection's one score-against-sparsity
     figure is also copied to that file (a ConfigError when there is not exactly one).
     EmptySelection (a ConfigError) when the filters leave nothing. ``published``: a folder
     of published results to set beside the shown cells (``bench.published``).
@@ -137,6 +157,7 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
         paths, data = save(spec, figures_dir)
         spec["files"] = {ext: f"figures/{p.name}" for ext, p in paths.items()}
         drawn[spec["slug"]] = (spec, data)
+    _forget_stale(figures_dir, {p.name for spec in specs for p in map(Path, spec["files"].values())})
     html, nav = [], []
     for k, section in enumerate(sections):
         anchor = f"task-{k}"

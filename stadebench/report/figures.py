@@ -20,6 +20,27 @@ _DASHES = ["-", "--", ":", "-."]
 _LINE_MARKERS = ["o", "v", "^", "<", ">"]
 _POINT_MARKERS = ["D", "s", "P", "X", "*"]
 _METRIC_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+# the built-in metrics keep one tab10 colour in every report, so two reports read alike
+_METRIC_SLOTS = {"magnitude": 0, "wanda": 1, "sparsegpt": 2, "stade": 3, "stade-w": 4, "random": 5}
+
+
+def colour_slots(keys, size: int = 10) -> dict[str, int]:
+    """A palette index per line key: the built-in metrics' fixed slots; every other key (a
+    label with options, a plugin) its hashed slot among the slots no built-in owns, the
+    next free one when the figure already uses that, then a slot of a built-in the figure
+    does not show. Keys of one figure share a slot only past ``size`` keys."""
+    import hashlib
+
+    slots = {k: _METRIC_SLOTS[k] for k in keys if k in _METRIC_SLOTS}
+    taken = set(slots.values())
+    spare = [i for i in range(size) if i not in _METRIC_SLOTS.values()]
+    for key in sorted(set(keys) - set(slots)):  # sorted: the order lines come in changes nothing
+        start = int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(spare)
+        order = spare[start:] + spare[:start] + sorted(_METRIC_SLOTS.values())
+        free = [i for i in order if i not in taken]
+        slots[key] = free[0] if free else spare[start]
+        taken.add(slots[key])
+    return slots
 
 
 class FigureMismatch(AssertionError):
@@ -57,7 +78,7 @@ def _sweep(fig, spec: dict, drawn: list) -> None:
 
     ax = fig.add_subplot()
     colours = mpl.colormaps["tab10"].colors
-    keys = list(dict.fromkeys(line["colour_key"] for line in spec["lines"]))
+    slots = colour_slots([line["colour_key"] for line in spec["lines"]], len(colours))
     allocations = list(dict.fromkeys(line["allocation"] or "uniform" for line in spec["lines"]))
     if "uniform" in allocations:  # uniform is the solid line whatever comes first
         allocations.remove("uniform")
@@ -65,7 +86,7 @@ def _sweep(fig, spec: dict, drawn: list) -> None:
     line_families = list(dict.fromkeys(line["family"] for line in spec["lines"] if line["style"] == "line"))
     point_families = list(dict.fromkeys(line["family"] for line in spec["lines"] if line["style"] == "points"))
     for k, line in enumerate(spec["lines"]):
-        colour = colours[keys.index(line["colour_key"]) % len(colours)]
+        colour = colours[slots[line["colour_key"]]]
         dash = _DASHES[allocations.index(line["allocation"] or "uniform") % len(_DASHES)]
         points = line["style"] == "points"
         marker = (_POINT_MARKERS[point_families.index(line["family"]) % len(_POINT_MARKERS)] if points
