@@ -5,6 +5,7 @@ to fails with one line before anything is loaded. On the tiny Llama of tests/tin
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -144,6 +145,18 @@ def test_bad_arguments_exit_2(assets, tmp_path):
         r = invoke(*prune_args(assets, tmp_path / "out", tmp_path / "lb", *extra))
         assert r.exit_code == ExitCode.USAGE and message in r.stderr, r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_the_model_entrys_fields_reach_the_row_and_the_preflight(assets, tmp_path):
+    tokenizer = shutil.copytree(assets["model"], tmp_path / "own-tokenizer")
+    r = invoke(*prune_args(assets, tmp_path / "out", tmp_path / "lb", "--metric", "magnitude", "--revision", "v1",
+                           "--tokenizer", tokenizer, "--trust-remote-code"))
+    assert r.exit_code == 0, r.output
+    row, = [r for r in lb.read(tmp_path / "lb").to_pylist() if r["status"] == "ok"]
+    assert row["model_revision_requested"] == "v1" and row["model_tokenizer"] == str(tokenizer)
+    r = invoke(*prune_args(assets, tmp_path / "out2", tmp_path / "lb", "--metric", "wanda", "--gguf-file", "nope.gguf"))
+    assert r.exit_code == ExitCode.USAGE and "nope.gguf" in r.stderr, r.output
+    assert not (tmp_path / "out2").exists()
 
 
 def test_option_and_calibration_parsing(tmp_path):

@@ -65,8 +65,11 @@ def parse_calibration(text: str) -> dict[str, Any]:
 def suite_data(model: str, metric: str, out_dir: Path, *, options: dict[str, Any], pattern: str,
                sparsity: float | None, allocation: str, allocation_options: dict[str, Any], targets: list[str],
                ignore: list[str], calibration: dict[str, Any], evaluation: str, eval_options: dict[str, Any],
-               dtype: str, device: str, leaderboard: Path) -> dict[str, Any]:
-    """The one-cell suite `stadebench prune` runs, as a suite file would give it."""
+               dtype: str, device: str, leaderboard: Path, model_options: dict[str, Any] | None = None
+               ) -> dict[str, Any]:
+    """The one-cell suite `stadebench prune` runs, as a suite file would give it.
+    ``model_options``: the model entry's other fields (revision, trust_remote_code,
+    gguf_file, tokenizer), those left None taking the suite's defaults."""
     pattern_entry: dict[str, Any] = {"name": pattern}
     if sparsity is not None:
         pattern_entry["sparsities"] = [sparsity]
@@ -76,7 +79,9 @@ def suite_data(model: str, metric: str, out_dir: Path, *, options: dict[str, Any
             eval_options = {"dataset": calibration["dataset"], **PERPLEXITY, **eval_options}
         evaluations.append({"name": evaluation, "options": eval_options})
     return {"name": SUITE_NAME, "leaderboard": str(leaderboard), "device": device, "dense": False,
-            "save": str(out_dir), "models": [{"id": model, "dtype": dtype}],
+            "save": str(out_dir),
+            "models": [{"id": model, "dtype": dtype,
+                        **{k: v for k, v in (model_options or {}).items() if v is not None}}],
             "metrics": [{"name": metric, "options": options}], "patterns": [pattern_entry],
             "allocations": [{"name": allocation, "options": allocation_options}], "targets": targets,
             "ignore": ignore, "calibration": calibration, "evaluations": evaluations}
@@ -110,6 +115,15 @@ def prune(
                                                            "none.")] = "perplexity",
     eval_option: _options("Evaluator") = None,
     dtype: Annotated[str, typer.Option(help="float32, float16 or bfloat16.")] = "float32",
+    revision: Annotated[str | None, typer.Option(help="Branch, tag or commit of a Hub model (default: "
+                                                      "main); the row records the commit it resolved to.",
+                                                 show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow running model code "
+                                                                                "from the Hub.")] = False,
+    gguf_file: Annotated[str | None, typer.Option(help="GGUF file inside MODEL to load the weights from.",
+                                                  show_default=False)] = None,
+    tokenizer: Annotated[str | None, typer.Option(help="Tokenizer id or path (default: MODEL's own).",
+                                                  show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     leaderboard: Annotated[Path, typer.Option(help="Results folder: the cell's rows go here.")] = Path("leaderboard"),
     force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
@@ -120,13 +134,15 @@ def prune(
     _prune(model, metric, out_dir, force, leaderboard, options=option, pattern=pattern, sparsity=sparsity,
            calibration=calibration, seed=seed, one_shot=one_shot, allocation=allocation,
            allocation_options=allocation_option, targets=target, ignore=ignore, evaluation=evaluation,
-           eval_options=eval_option, dtype=dtype, device=device)
+           eval_options=eval_option, dtype=dtype, device=device,
+           model_options={"revision": revision, "trust_remote_code": trust_remote_code or None,
+                          "gguf_file": gguf_file, "tokenizer": tokenizer})
 
 
 @handle_errors
 def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Path, *, options, pattern, sparsity,
            calibration, seed, one_shot, allocation, allocation_options, targets, ignore, evaluation, eval_options,
-           dtype, device) -> None:
+           dtype, device, model_options) -> None:
     from ..bench.save import check_out_dir
 
     # before anything is loaded: a folder the model cannot go to costs nothing
@@ -137,7 +153,7 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
                       allocation_options=parse_options(allocation_options, "--allocation-option"),
                       targets=targets or [], ignore=ignore or [], calibration=calib, evaluation=evaluation,
                       eval_options=parse_options(eval_options, "--eval-option"), dtype=dtype, device=device,
-                      leaderboard=leaderboard)
+                      leaderboard=leaderboard, model_options=model_options)
     from ..bench.suite import exact_save, validate_suite
 
     with quiet_libraries():
