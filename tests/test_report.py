@@ -192,6 +192,24 @@ def test_the_page_fetches_nothing_and_links_every_cell(reported):
     assert "prunable layer(s)" in html and "output_mse" in html and "cell_key" in html and "torch_version" in html
 
 
+def test_the_diagnosed_layers_are_tabled_in_their_cells_details(reported):
+    from stadebench.report import page
+
+    diagnosed = [r for r in reported.rows if r["layer_diagnostics"]]
+    assert {r["metric"] for r in diagnosed} == {"magnitude", "wanda"}
+    for row in diagnosed:
+        start = reported.html.index(f'<details class="cell" id="{page.detail_id(row)}">')
+        block = reported.html[start:].split('<details class="cell"', 2)[1]  # up to the next cell's details
+        table = re.search(r'<table class="layers diagnostics">.*?<tbody>(.*?)</tbody>', block, re.S)
+        cells = [re.findall(r"<td[^>]*>(.*?)</td>", tr) for tr in re.findall(r"<tr>(.*?)</tr>", table.group(1))]
+        records = row["layer_diagnostics"]
+        assert len(cells) == len(records)
+        for c, d in zip(cells, records):
+            assert c[4] == (f"{row['metric']} (applied)" if d["applied"] else d["candidate"])
+            assert c[7] == page._fmt(d["relative_measured"]) and c[6] == page._fmt(d["relative_predicted"])
+            assert (c[9] == "✓") == d["measured_winner"]
+
+
 def test_filters_keep_the_dense_baseline_and_suite_files_select_their_cells(reported):
     wanda = select_rows(reported.folder, metric="wanda", task="text").to_pylist()
     assert {r["metric"] for r in wanda} == {"dense", "wanda"}

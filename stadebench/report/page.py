@@ -20,6 +20,8 @@ _SCALARS = [f.name for f in SCHEMA if not pa.types.is_list(f.type) and f.name !=
 _DOCS = {f.name: (f.metadata or {}).get(b"doc", b"").decode() for f in SCHEMA}
 _LAYER_COLUMNS = ("block", "layer", "role", "shape", "allocated", "sparsity", "pruned", "bias_added", "output_mse",
                   "block_mse")
+_DIAGNOSTIC_COLUMNS = ("block", "layer", "role", "median |μ|/σ", "mask", "mean term in bias",
+                       "predicted / E|Wx|²", "measured / E|Wx|²", "lowest predicted", "lowest measured")
 
 _CSS = """
 body{font:14px/1.45 system-ui,-apple-system,'Segoe UI',sans-serif;margin:0 auto;max-width:1200px;padding:1em 2em;
@@ -102,6 +104,22 @@ def _layers(layers: list[dict]) -> str:
     return (f"<table class=layers><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
 
 
+def _diagnostics(records: list[dict], metric: str) -> str:
+    """One table row per (layer, mask diagnosed): the numbers behind the diagnostics figures."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in _DIAGNOSTIC_COLUMNS)
+    body = []
+    for d in records:
+        mask = f"{metric} (applied)" if d["applied"] else d["candidate"]
+        values = (d["block"], _short(d["name"]), d["role"], d["regime_median"], mask,
+                  "yes" if d["bias_corrected"] else "no", d["relative_predicted"], d["relative_measured"],
+                  "✓" if d["predicted_winner"] else "", "✓" if d["measured_winner"] else "")
+        cells = "".join(f'<td class=label title="{escape(d["name"])}">{escape(_fmt(v))}</td>' if c == "layer"
+                        else f"<td{' class=label' if c in ('role', 'mask') else ''}>{escape(_fmt(v))}</td>"
+                        for c, v in zip(_DIAGNOSTIC_COLUMNS, values, strict=True))
+        body.append(f"<tr>{cells}</tr>")
+    return f"<table class=\"layers diagnostics\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
 def details(row: dict, title: str) -> str:
     """A collapsed block with a row's provenance and, for a pruned cell, its per-layer records."""
     meta = "".join(f'<dt title="{escape(_DOCS.get(k, ""))}">{k}</dt><dd>{escape(_fmt(row[k]))}</dd>'
@@ -115,6 +133,11 @@ def details(row: dict, title: str) -> str:
         pruned = [la for la in row["layers"] if not la["dense"]]
         parts.append(f"<h4>{len(row['layers'])} prunable layer(s), {len(pruned)} pruned: realised sparsity and "
                      "reconstruction error (MSE on the calibration inputs)</h4>" + _layers(row["layers"]))
+    if row.get("layer_diagnostics"):
+        layers = len({d["name"] for d in row["layer_diagnostics"]})
+        parts.append(f"<h4>{layers} layer(s) diagnosed: predicted and measured relative output error of each "
+                     "mask (held-out windows, dense inputs)</h4>" + _diagnostics(row["layer_diagnostics"],
+                                                                                   row["metric"]))
     parts.append("</details>")
     return "".join(parts)
 
