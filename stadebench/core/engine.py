@@ -335,8 +335,7 @@ def prune(
     if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
         raise TypeError("the engine takes Metric and Pattern instances; stadebench.prune also takes "
                         f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
-    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, allocation)
-    run.accumulate = _accumulate(accumulate)
+    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, allocation, accumulate)
     shared = statistics if statistics is not None and not metric.data_free() else None
     if shared is not None and shared.accumulate != run.accumulate:
         raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
@@ -408,10 +407,11 @@ class _Pruning:
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
               device: str | torch.device | None, progress: Callable[[int, int], None] | None,
-              allocation: Mapping[str, float] | None = None) -> _Pruning:
-        """Check the sparsity, the allocation and every pruned layer's shape against the
-        pattern before anything runs."""
+              allocation: Mapping[str, float] | None = None, accumulate: str = "float64") -> _Pruning:
+        """Check the sparsity, the allocation, the accumulation and every pruned layer's
+        shape against the pattern before anything runs."""
         target = pattern.resolve_sparsity(sparsity)
+        accumulate = _accumulate(accumulate)
         dev = _device(device, model)
         prefix, blocks = find_blocks(model)
         layers = [prunable_layers(b) for b in blocks]
@@ -421,7 +421,8 @@ class _Pruning:
                                                                                       target)
         for name in targets:
             pattern.check_shape(tuple(weight_of(names[name]).shape))
-        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, targets, progress)
+        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, targets, progress,
+                   accumulate=accumulate)
 
     def pruned(self, i: int) -> list[tuple[str, nn.Module]]:
         """The layers of block ``i`` to prune."""
