@@ -174,6 +174,11 @@ def test_ignored_layers_stay_bit_identical_and_the_rest_meet_the_target(tiny_cal
     pruned = [layer for layer in report.layers if not layer.excluded]
     assert all(layer.sparsity == 0.5 and layer.allocated == 0.5 for layer in pruned)
     assert report.sparsity == 0.5  # over the pruned layers
+    # a layer left dense still has its role in the calibrated protocol, as if it were pruned
+    full = stadebench.prune(_tiny(), tiny_calibration, "stade", "unstructured", 0.5, batch_size=4)
+    roles = {layer.name: layer.role for layer in full.layers}
+    assert {by_name[n].role for n in left} <= {"normed", "internal"}
+    assert {n: by_name[n].role for n in by_name} == roles
 
 
 def test_targets_select_and_a_misspelt_regex_fails(tiny_calibration):

@@ -258,10 +258,12 @@ def _capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor,
 
 
 def _statistics_pass(block: nn.Module, block_layers: list[tuple[str, nn.Module]], needs: frozenset[str],
-                     flow: _Flow, accumulate: str) -> tuple[BlockCollector, list[torch.Tensor], bool]:
+                     flow: _Flow, accumulate: str, observed: list[tuple[str, nn.Module]] = ()
+                     ) -> tuple[BlockCollector, list[torch.Tensor], bool]:
     """Pass 1 of one block over every batch, dense weights: the collector holding the
-    layers' statistics and roles, the block's outputs, and whether they are normalised."""
-    collector = BlockCollector(block_layers, block, needs, accumulate)
+    layers' statistics and roles (the ``observed`` layers' roles only), the block's
+    outputs, and whether they are normalised."""
+    collector = BlockCollector(block_layers, block, needs, accumulate, observed)
     outputs = []
     output_normed = flow.input_normed
     with collector:
@@ -512,12 +514,14 @@ class _Pruning:
         home = module_device(block)
         block.to(self.device)
         t0 = time.perf_counter()
-        collector, dense_out, flow.input_normed = _statistics_pass(block, self.pruned(i), self.metric.statistics,
-                                                                   flow, self.accumulate)
+        pruned = self.pruned(i)
+        dense = [(short, layer) for short, layer in self.layers[i] if short not in dict(pruned)]
+        collector, dense_out, flow.input_normed = _statistics_pass(block, pruned, self.metric.statistics,
+                                                                   flow, self.accumulate, dense)
         self.report.block_passes += 1
         t1 = time.perf_counter()
         timings["stats"] += t1 - t0
-        self.leave_dense(i)
+        self.leave_dense(i, collector.roles)
         for short, layer in self.pruned(i):
             info = LayerInfo(f"{self.prefix}.{i}.{short}", i, short, collector.roles.get(short))
             _received(collector, short, info.name)

@@ -130,12 +130,16 @@ class BlockCollector:
     Use as a context manager around the block's calibration forward passes; then
     ``stats(name, info)`` gives each layer's statistics and ``roles`` each layer's role
     (``"normed"`` when its input is a normalisation layer's output, else ``"internal"``).
+    The ``observed`` layers (those left dense) get a role too, from the first batch only,
+    and no statistics.
     """
 
     def __init__(self, layers: list[tuple[str, nn.Module]], block: nn.Module, needs: frozenset[str],
-                 accumulate: str = "float64"):
+                 accumulate: str = "float64", observed: list[tuple[str, nn.Module]] = ()):
         assert needs <= STATISTICS, needs
         self.layers, self.block, self.needs = layers, block, needs
+        self.observed = list(observed)
+        self._seen: dict[str, torch.Tensor] = {}
         self.accumulator = ACCUMULATORS[accumulate]
         self.acc: dict[str, Accumulator] = {}
         self.roles: dict[str, str] = {}
@@ -146,6 +150,8 @@ class BlockCollector:
     def __enter__(self) -> BlockCollector:
         for name, layer in self.layers:
             self._handles.append(layer.register_forward_hook(self._hook(name)))
+        for name, layer in self.observed:
+            self._handles.append(layer.register_forward_hook(self._observe(name)))
         for norm in norm_modules(self.block):
             self._handles.append(norm.register_forward_hook(lambda m, i, o: self._norm_outputs.append(o)))
         return self
@@ -175,6 +181,11 @@ class BlockCollector:
             self.acc[name].add(x)
         return hook
 
+    def _observe(self, name: str):
+        def hook(module, inputs, output):
+            self._seen.setdefault(name, inputs[0])
+        return hook
+
     def end_first_batch(self, block_input: torch.Tensor, block_output: torch.Tensor,
                         input_normed: bool = False) -> bool:
         """Fix roles and shared accumulators after the first batch; keep only leaders hooked.
@@ -184,7 +195,7 @@ class BlockCollector:
         count as normed. Returns whether this block's output is a normalisation output.
         """
         norms = [o for o in self._norm_outputs if isinstance(o, torch.Tensor)]
-        for name, x in self._first.items():
+        for name, x in (*self._first.items(), *self._seen.items()):
             fed_by_norm = any(_same(o, x) for o in norms) or (input_normed and _same(block_input, x))
             self.roles[name] = "normed" if fed_by_norm else "internal"
         output_normed = any(_same(o, block_output) for o in norms)
@@ -197,6 +208,7 @@ class BlockCollector:
         self._handles = [layer.register_forward_hook(self._hook(name))
                          for name, layer in self.layers if name in keep]
         self._first = None
+        self._seen.clear()
         self._norm_outputs.clear()
         return output_normed
 
