@@ -515,14 +515,14 @@ class _Pruning:
         block.to(self.device)
         t0 = time.perf_counter()
         pruned = self.pruned(i)
-        dense = [(short, layer) for short, layer in self.layers[i] if short not in dict(pruned)]
+        dense = [(short, layer) for short, layer in self.layers[i] if (short, layer) not in pruned]
         collector, dense_out, flow.input_normed = _statistics_pass(block, pruned, self.metric.statistics,
                                                                    flow, self.accumulate, dense)
         self.report.block_passes += 1
         t1 = time.perf_counter()
         timings["stats"] += t1 - t0
         self.leave_dense(i, collector.roles)
-        for short, layer in self.pruned(i):
+        for short, layer in pruned:
             info = LayerInfo(f"{self.prefix}.{i}.{short}", i, short, collector.roles.get(short))
             _received(collector, short, info.name)
             stats = collector.stats(short, info)

@@ -89,35 +89,38 @@ def _short(name: str) -> str:
     return ".".join(parts[-2:]) if len(parts) > 2 else name
 
 
-def _layers(layers: list[dict]) -> str:
-    head = "".join(f"<th>{c}</th>" for c in _LAYER_COLUMNS)
+def _layer_table(css: str, columns: tuple[str, ...], rows: list[tuple[str, tuple]], labels: set[str]) -> str:
+    """A table with a row per (full layer name, values in ``columns`` order): the ``layer``
+    column holds the short name, the full one on hover; ``labels`` columns align left."""
+    head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = []
+    for name, values in rows:
+        cells = "".join(f'<td class=label title="{escape(name)}">{escape(_fmt(v))}</td>' if c == "layer"
+                        else f"<td{' class=label' if c in labels else ''}>{escape(_fmt(v))}</td>"
+                        for c, v in zip(columns, values, strict=True))
+        body.append(f"<tr>{cells}</tr>")
+    return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+
+
+def _layers(layers: list[dict]) -> str:
+    rows = []
     for layer in layers:
         values = {"block": layer["block"], "layer": _short(layer["name"]), "role": layer["role"],
                   "shape": f"{layer['rows']}×{layer['columns']}", **{c: layer.get(c) for c in _LAYER_COLUMNS[4:]}}
         if layer["dense"]:
             values.update(allocated="dense", sparsity=0.0, pruned=0)
-        cells = "".join(f'<td class=label title="{escape(layer["name"])}">{escape(values[c])}</td>' if c == "layer"
-                        else f"<td{' class=label' if c == 'role' else ''}>{escape(_fmt(values[c]))}</td>"
-                        for c in _LAYER_COLUMNS)
-        body.append(f"<tr>{cells}</tr>")
-    return (f"<table class=layers><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>")
+        rows.append((layer["name"], tuple(values[c] for c in _LAYER_COLUMNS)))
+    return _layer_table("layers", _LAYER_COLUMNS, rows, {"role"})
 
 
 def _diagnostics(records: list[dict], metric: str) -> str:
     """One table row per (layer, mask diagnosed): the numbers behind the diagnostics figures."""
-    head = "".join(f"<th>{escape(c)}</th>" for c in _DIAGNOSTIC_COLUMNS)
-    body = []
-    for d in records:
-        mask = f"{metric} (applied)" if d["applied"] else d["candidate"]
-        values = (d["block"], _short(d["name"]), d["role"], d["regime_median"], mask,
-                  "yes" if d["bias_corrected"] else "no", d["relative_predicted"], d["relative_measured"],
-                  "✓" if d["predicted_winner"] else "", "✓" if d["measured_winner"] else "")
-        cells = "".join(f'<td class=label title="{escape(d["name"])}">{escape(_fmt(v))}</td>' if c == "layer"
-                        else f"<td{' class=label' if c in ('role', 'mask') else ''}>{escape(_fmt(v))}</td>"
-                        for c, v in zip(_DIAGNOSTIC_COLUMNS, values, strict=True))
-        body.append(f"<tr>{cells}</tr>")
-    return f"<table class=\"layers diagnostics\"><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    rows = [(d["name"], (d["block"], _short(d["name"]), d["role"], d["regime_median"],
+                         f"{metric} (applied)" if d["applied"] else d["candidate"],
+                         "yes" if d["bias_corrected"] else "no", d["relative_predicted"], d["relative_measured"],
+                         "✓" if d["predicted_winner"] else "", "✓" if d["measured_winner"] else ""))
+            for d in records]
+    return _layer_table("layers diagnostics", _DIAGNOSTIC_COLUMNS, rows, {"role", "mask"})
 
 
 def details(row: dict, title: str) -> str:
