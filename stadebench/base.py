@@ -277,18 +277,19 @@ class AllocationLayer:
         module: the linear module itself; read ``weight`` rather than its parameters.
         stats: the dense model's input statistics of the layer (those the allocator
             declared in ``statistics``), None for a data-free allocator.
+        transposed: the module stores its weight as ``[in, out]`` (transformers' ``Conv1D``).
     """
 
     layer: LayerInfo
     module: Any
     stats: LayerStats | None = None
+    transposed: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense float32 ``[out, in]`` weight (a copy when the layer is not float32; never modify it)."""
-        from .core.models import weight_of
-
-        return weight_of(self.module).detach().float()
+        weight = self.module.weight.t() if self.transposed else self.module.weight
+        return weight.detach().float()
 
     @property
     def numel(self) -> int:

@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 import stadebench
-from stadebench.bench import leaderboard as lb
+from stadebench.results import store as lb
 from stadebench.cli import ExitCode, app
 from stadebench.plugins import DEFAULT_PLUGINS
 from tinymodel import shared_assets, suite_dict, write_suite

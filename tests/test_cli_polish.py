@@ -139,7 +139,7 @@ def test_dry_run_of_the_llama_suite_plans_on_a_cpu_without_touching_a_device(mon
 
     for name in ("is_available", "init", "device_count", "current_device", "get_device_name"):
         monkeypatch.setattr(torch.cuda, name, touched)
-    monkeypatch.setattr("stadebench.bench.run.resolve_device", touched)
+    monkeypatch.setattr("stadebench.runner.run.resolve_device", touched)
     r = invoke("run", REPO / "suites" / "llama.yaml", "--dry-run", "--leaderboard", tmp_path / "lb",
                env={"HF_HUB_OFFLINE": "1"})  # the Hub out of reach: identities degrade to a note
     assert r.exit_code == ExitCode.OK, r.output

@@ -247,10 +247,10 @@ def test_the_diagnostics_evaluator_in_a_suite(tmp_path_factory):
     import pyarrow as pa
     from tinymodel import shared_assets, suite_dict, write_suite
 
-    from stadebench.bench import leaderboard as lb
-    from stadebench.bench.record import DIAGNOSTIC_TYPE
-    from stadebench.bench.run import run_suite
-    from stadebench.bench.suite import load_suite
+    from stadebench.results import store as lb
+    from stadebench.results.row import DIAGNOSTIC_TYPE
+    from stadebench.runner.run import run_suite
+    from stadebench.suite import load_suite
 
     assets = shared_assets(tmp_path_factory)
     root = tmp_path_factory.mktemp("diagnostics")

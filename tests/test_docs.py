@@ -162,7 +162,7 @@ def test_tutorial_package_declares_the_entry_point():
 
 def test_tutorial_suite_validates_with_the_plugin_and_fails_without(isolated_plugins, monkeypatch):
     from stadebench.errors import ConfigError
-    from stadebench.bench.suite import expand, load_suite
+    from stadebench.suite import expand, load_suite
 
     suite_file = TUTORIAL / "suite.yaml"
     tutorial = (DOCS / "tutorial-metric-plugin.md").read_text(encoding="utf-8")

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from stadebench.bench import leaderboard as lb
+from stadebench.results import store as lb
 from tinymodel import shared_assets, suite_dict, write_suite
 
 EXE = shutil.which("stadebench") or str(Path(sys.executable).with_name("stadebench"))
@@ -274,7 +274,7 @@ def test_damaged_weights_are_named_before_any_cell_runs(world, tmp_path, damage)
         world.check(world.run(command, suite), 2, "models[0]", *words)
 
 
-@pytest.mark.filterwarnings("ignore::stadebench.bench.leaderboard.LeaderboardWarning")
+@pytest.mark.filterwarnings("ignore::stadebench.results.store.LeaderboardWarning")
 def test_damaged_leaderboard_files_are_skipped_by_name_and_the_good_rows_shown(world):
     good = sorted(world.board.glob("*.parquet"))[0]
     table = pq.read_table(good)

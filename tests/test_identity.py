@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import stadebench
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.plan import make_plan
-from stadebench.bench.run import run_suite
+from stadebench.results import store as lb
+from stadebench.runner.plan import make_plan
+from stadebench.runner.run import run_suite
 from stadebench.core.patterns import Unstructured
 from stadebench.data import loading
 from tinymodel import build_model, load_tiny_suite, shared_assets, suite_dict
@@ -172,7 +172,7 @@ def test_hub_revision_is_the_resolved_commit(monkeypatch, tmp_path):
 
 
 def test_the_row_schema_key_and_labels_derive_from_one_record():
-    from stadebench.bench import record
+    from stadebench.results import row as record
 
     names = [f.name for f in record.SCHEMA]
     assert names[0] == "cell_key" and set(record.KEY_FIELDS) < set(names)
@@ -232,8 +232,8 @@ def test_the_accumulations_a_suite_and_a_published_row_accept_are_the_engines():
     # so they spell the choices out again: this ties the three spellings together
     from typing import get_args
 
-    from stadebench.bench.published import Protocol
-    from stadebench.bench.suite import CalibrationSpec
+    from stadebench.results.published import Protocol
+    from stadebench.suite import CalibrationSpec
     from stadebench.core.statistics import ACCUMULATORS
 
     suite = set(get_args(CalibrationSpec.model_fields["accumulate"].annotation))

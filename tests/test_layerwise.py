@@ -13,8 +13,8 @@ import torch
 from test_cli import WIDE, invoke
 from tinymodel import shared_assets, suite_dict, write_suite
 
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.record import LAYER_TYPE
+from stadebench.results import store as lb
+from stadebench.results.row import LAYER_TYPE
 from stadebench.cli import ExitCode
 
 

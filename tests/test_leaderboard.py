@@ -16,8 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.record import JSON_FIELDS
+from stadebench.results import store as lb
+from stadebench.results import grid
+from stadebench.results.row import JSON_FIELDS
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -404,7 +405,7 @@ def test_a_file_moved_while_read_is_not_lost(tmp_path, monkeypatch):
 
 
 def test_rows_can_be_typed_records(tmp_path):
-    from stadebench.bench.record import Row
+    from stadebench.results.row import Row
 
     fields = {k: v for k, v in _row().items()}
     lb.write_rows(tmp_path, [Row(**fields), Row(**{**fields, "task": "c4"})])
@@ -544,7 +545,7 @@ def test_pivot_small_grid(tmp_path):
         _row(metric="magnitude", value=None, status="failed", error="boom"),
         _row(task="boolq", score="acc", value=0.7),
     ])
-    grid = lb.pivot(lb.read(tmp_path), "wikitext2", "perplexity")
+    grid = grid.pivot(lb.read(tmp_path), "wikitext2", "perplexity")
     assert grid["columns"] == ["2:4 0.5", "unstructured 0.5"]
     assert grid["higher_is_better"] is False
     rows = {r["label"]: r for r in grid["rows"]}
@@ -562,11 +563,11 @@ def test_pivot_small_grid(tmp_path):
 
 def test_pivot_labels_what_varies_and_handles_no_baseline():
     rows = [_row(calib_n=8, value=12.0), _row(calib_n=128, value=11.0)]
-    grid = lb.pivot(lb._to_table(rows), "wikitext2", "perplexity")
+    grid = grid.pivot(lb._to_table(rows), "wikitext2", "perplexity")
     assert [r["label"] for r in grid["rows"]] == ["wanda calib_n=128", "wanda calib_n=8"]
     assert all(r["dense"] is None and r["values"]["unstructured 0.5"]["relative"] is None
                for r in grid["rows"])
-    assert lb.pivot(lb.SCHEMA.empty_table(), "x", "y")["rows"] == []
+    assert grid.pivot(lb.SCHEMA.empty_table(), "x", "y")["rows"] == []
 
 
 def test_pivot_labels_only_what_varies_within_a_metric_and_names_pattern_options():
@@ -576,7 +577,7 @@ def test_pivot_labels_only_what_varies_within_a_metric_and_names_pattern_options
     rows = [_row(**wanda, value=12.0), _row(**magnitude, value=30.0, metric_plugin="other", metric_version="3"),
             _row(**wanda, pattern="n:m", pattern_options={"n": 2, "m": 4}, pattern_version="2", value=16.0),
             _row(**wanda, pattern="n:m", pattern_options={"n": 4, "m": 8}, pattern_version="2", value=14.0)]
-    grid = lb.pivot(lb._to_table(rows), "wikitext2", "perplexity")
+    grid = grid.pivot(lb._to_table(rows), "wikitext2", "perplexity")
     # magnitude has no calibration and another plugin: that tells the metrics apart, not rows
     assert [r["label"] for r in grid["rows"]] == ["magnitude", "wanda"]
     assert grid["columns"] == ["n:m(m=4, n=2) 0.5", "n:m(m=8, n=4) 0.5", "unstructured 0.5"]
@@ -632,10 +633,10 @@ def test_pivot_marks_a_change_inside_the_standard_error_and_drops_default_option
             _row(metric="stade", metric_options={"bias_correction": True}, value=0.70, stderr=0.07, **acc),
             _row(metric="wanda", value=0.40, stderr=0.07, **acc),
             _row(metric="magnitude", value=0.5, stderr=None, sparsity=0.6, **acc)]
-    grid = lb.pivot(lb._to_table(rows), "arc_easy", "acc")
+    grid = grid.pivot(lb._to_table(rows), "arc_easy", "acc")
     cells = {r["label"]: next(iter(r["values"].values())) for r in grid["rows"]}
     assert set(cells) == {"stade", "wanda", "magnitude"}  # stade's default option is not in its label
     assert cells["stade"]["significant"] is False and cells["wanda"]["significant"] is True
     assert cells["magnitude"]["significant"] is True  # the dense stderr alone: 0.18 away is outside 0.07
-    assert lb.pivot(lb._to_table([_row(metric="stade", metric_options={"bias_correction": False})]), "wikitext2",
+    assert grid.pivot(lb._to_table([_row(metric="stade", metric_options={"bias_correction": False})]), "wikitext2",
                     "perplexity")["rows"][0]["label"] == "stade (bias_correction=false)"

@@ -305,9 +305,9 @@ def test_evaluates_the_in_memory_model_offline(tiny, no_saving, single_thread, a
 
 @needs_lmeval
 def test_runner_writes_lmeval_rows(tmp_path, tmp_path_factory, asset, single_thread):
-    from stadebench.bench import leaderboard as lb
-    from stadebench.bench.run import run_suite
-    from stadebench.bench.suite import load_suite
+    from stadebench.results import store as lb
+    from stadebench.runner.run import run_suite
+    from stadebench.suite import load_suite
     from tinymodel import shared_assets, suite_dict, write_suite
 
     assets = shared_assets(tmp_path_factory)

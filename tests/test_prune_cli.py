@@ -14,10 +14,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from typer.testing import CliRunner
 
 import stadebench
-from stadebench.bench import leaderboard as lb
-from stadebench.bench import run as bench_run
-from stadebench.bench import save
-from stadebench.bench.suite import load_suite, parse_value
+from stadebench.results import store as lb
+from stadebench.runner import run as bench_run
+from stadebench.runner import save
+from stadebench.suite import load_suite, parse_value
 from stadebench.cli import ExitCode, app
 from stadebench.cli.prune import parse_calibration, parse_options
 from stadebench.data.calibration import calibration_windows

@@ -16,9 +16,9 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.record import JSON_FIELDS
-from stadebench.bench import published as pub
+from stadebench.results import store as lb
+from stadebench.results.row import JSON_FIELDS
+from stadebench.results import published as pub
 from stadebench.cli import ExitCode, app
 from stadebench.cli.diff import diff
 from tinymodel import shared_assets, suite_dict, write_suite
@@ -173,8 +173,8 @@ def test_each_knob_is_named_with_both_values():
 
 
 def _planned_rows(name: str) -> list[dict]:
-    from stadebench.bench.plan import plan
-    from stadebench.bench.suite import load_suite
+    from stadebench.runner.plan import plan
+    from stadebench.suite import load_suite
     from stadebench.data.loading import ModelIdentity
 
     suite = load_suite(REPO / "suites" / f"{name}.yaml")

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 import ray
 
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.plan import make_plan
-from stadebench.bench.ray_executor import RayExecutor, pick, simulate, units
-from stadebench.bench.run import run_suite
-from stadebench.bench.suite import load_suite
+from stadebench.results import store as lb
+from stadebench.runner.plan import make_plan
+from stadebench.runner.ray_executor import RayExecutor, pick, simulate, units
+from stadebench.runner.run import run_suite
+from stadebench.suite import load_suite
 from stadebench.plugins import get_plugins, reset_plugins
 from tinymodel import build_model, shared_assets, suite_dict, write_suite
 
@@ -195,7 +195,7 @@ def test_asking_for_ray_without_it_installed_says_what_to_install(assets, tmp_pa
 
 
 def test_the_core_never_imports_ray():
-    code = "import sys, stadebench, stadebench.bench.run, stadebench.cli; print('ray' in sys.modules)"
+    code = "import sys, stadebench, stadebench.runner.run, stadebench.cli; print('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
 
 

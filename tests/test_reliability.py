@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 import pytest
 from filelock import FileLock, Timeout
 
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.plan import make_plan
-from stadebench.bench.suite import load_suite
+from stadebench.results import store as lb
+from stadebench.runner.plan import make_plan
+from stadebench.suite import load_suite
 from tinymodel import shared_assets, suite_dict, write_suite
 
 WRITE_DELAY = 0.15  # seconds each Parquet write stays in flight, and each compaction holds the lock
@@ -37,7 +37,7 @@ EXE = shutil.which("stadebench") or str(Path(sys.executable).with_name("stadeben
 SHIM = """\
 import os, time
 from stadebench import util as _util
-from stadebench.bench import leaderboard as _lb
+from stadebench.results import store as _lb
 
 _write, _compact = _util.atomic_write, _lb._compact
 _delay = float(os.environ["STADEBENCH_TEST_WRITE_DELAY"])

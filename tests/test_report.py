@@ -28,7 +28,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from stadebench.bench import leaderboard as lb
+from stadebench.results import store as lb
 from stadebench.cli import app as stadebench_app
 from stadebench.cli import report as report_cli
 from stadebench.report import figures, series

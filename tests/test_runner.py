@@ -1,4 +1,4 @@
-"""The suite driver (stadebench.bench.run: plan, local executor, model session): cells → one Parquet file each, model loaded once,
+"""The suite driver (stadebench.runner.run: plan, local executor, model session): cells → one Parquet file each, model loaded once,
 dense weights restored in memory, re-runs skip finished cells, failures are recorded.
 
 Runs suites over a tiny random Llama saved as a local folder (tests/tinymodel.py), so a
@@ -21,10 +21,10 @@ import pytest
 import torch
 
 import stadebench
-from stadebench.bench import leaderboard as lb
+from stadebench.results import store as lb
 from stadebench.errors import ConfigError
-from stadebench.bench.executor import Events
-from stadebench.bench.run import run_suite
+from stadebench.runner.executor import Events
+from stadebench.runner.run import run_suite
 from tinymodel import load_tiny_suite, shared_assets, suite_dict
 
 GRID_METRICS = ["magnitude", "wanda", "stade", "sparsegpt"]
@@ -552,7 +552,7 @@ def test_a_model_that_fails_to_load_fails_its_cells_only(assets, tmp_path):
 
 
 def test_solver_cells_run_their_own_passes_when_gram_matrices_do_not_fit(assets, tmp_path, monkeypatch):
-    import stadebench.bench.session as session
+    import stadebench.runner.session as session
     import stadebench.core.engine as engine
 
     collected, pruned = [], []

@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import stadebench
-from stadebench.bench import save
-from stadebench.bench.save import ModelCard, card_from_report, check_out_dir, folder_name, save_pruned, verify
+from stadebench.runner import save
+from stadebench.runner.save import ModelCard, card_from_report, check_out_dir, folder_name, save_pruned, verify
 from stadebench.errors import ConfigError
 from tinymodel import build_tokenizer, corpus_text
 

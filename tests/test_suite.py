@@ -1,4 +1,4 @@
-"""Suite schema, error messages and grid expansion (stadebench.bench.suite).
+"""Suite schema, error messages and grid expansion (stadebench.suite).
 
 Runs against small fake plugins, so it does not depend on the built-in metrics.
 """
@@ -18,7 +18,7 @@ from pydantic import Field
 
 import stadebench
 import stadebench.plugins as sp
-from stadebench.bench import suite as S
+from stadebench import suite as S
 from stadebench.base import NM_RE, Dataset, Evaluator, Metric, Options, Pattern
 from stadebench.errors import ConfigError
 
@@ -221,7 +221,7 @@ def test_example_loads_and_round_trips(tmp_path):
 
 
 def test_docstring_example_is_a_valid_suite():
-    text = S.__doc__.split("::\n\n", 1)[1].split("\nRules", 1)[0]
+    text = S.schema.__doc__.split("::\n\n", 1)[1].split("\nRules", 1)[0]
     s = S.parse_suite(textwrap.dedent(text), "docstring")
     assert [p.name for p in s.patterns] == ["unstructured", "2:4"]  # unquoted 2:4 stays a string
     # dense + 3 metrics x 2 patterns x 2 allocations, minus stade-released on 2:4 (both allocations)
@@ -342,7 +342,7 @@ def test_everything_excluded_is_an_error():
 
 def plan_rows(s) -> list:
     """The row template of every (cell, evaluation) of ``s``, as the live key makes them."""
-    from stadebench.bench.plan import plan
+    from stadebench.runner.plan import plan
     from stadebench.data.loading import ModelIdentity
 
     identities = {m: ModelIdentity("hub", "0" * 40, None, None, None) for m in s.models}

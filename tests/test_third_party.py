@@ -21,11 +21,11 @@ import pytest
 from typer.testing import CliRunner
 
 import stadebench
-from stadebench.bench import leaderboard as lb
+from stadebench.results import store as lb
 from stadebench.errors import ConfigError, UnknownNameError
 from stadebench.plugins import ENTRY_POINT_GROUP, get_plugins, reset_plugins
-from stadebench.bench.run import run_suite
-from stadebench.bench.suite import expand, parse_suite
+from stadebench.runner.run import run_suite
+from stadebench.suite import expand, parse_suite
 from stadebench.testing import make_tiny_model, make_windows
 from tinymodel import shared_assets, suite_dict
 

@@ -119,7 +119,7 @@ def write_suite(path: Path, suite: dict | str) -> Path:
 
 def load_tiny_suite(folder: Path, assets: dict[str, Path], file: str = "suite.yaml", **kwargs):
     """``suite_dict`` written to ``folder / file`` and loaded; the leaderboard defaults to ``folder / "lb"``."""
-    from stadebench.bench.suite import load_suite
+    from stadebench.suite import load_suite
 
     kwargs.setdefault("leaderboard", folder / "lb")
     return load_suite(write_suite(folder / file, suite_dict(assets, **kwargs)))

@@ -46,7 +46,7 @@ def register_datasets(register):
 if __name__ == "__main__":
     import sys
 
-    from stadebench.bench.suite import parse_suite
+    from stadebench.suite import parse_suite
 
     stadebench.get_plugins().register(sys.modules[__name__], name="proverbs_example")
 

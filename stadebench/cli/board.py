@@ -63,7 +63,7 @@ def _selected(folder: Path, filters: dict):
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
 
     everything = lb.current(lb.read(folder))
     if everything.num_rows == 0:
@@ -92,7 +92,8 @@ def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | No
     the number of failed rows; ``table``: the rows ``_selected`` picked, when already read."""
     import pyarrow.compute as pc
 
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
+    from ..results.grid import pivot
 
     table = _selected(folder, filters) if table is None else table
     ok = table.filter(pc.equal(table["status"], "ok"))
@@ -103,7 +104,7 @@ def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | No
         part = lb.query(ok, suite=suite) if split else ok
         for task_name, score in sorted({(r["task"], r["score"]) for r in part.select(["task", "score"]).to_pylist()
                                         if r["task"] is not None}):
-            grid = lb.pivot(part, task_name, score)
+            grid = pivot(part, task_name, score)
             if grid["rows"]:
                 grids.append((suite, grid))
     return grids, table.num_rows - ok.num_rows
@@ -245,7 +246,7 @@ def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int
 
 def _papers(table, folder: Path) -> list:
     """The published rows of ``folder`` against the ok rows of ``table`` (bench.published.compare)."""
-    from ..bench import published as pub
+    from ..results import published as pub
 
     return pub.compare(table.to_pylist(), pub.load_published(folder))
 
@@ -259,7 +260,7 @@ def _subject_label(r: dict) -> str:
 
 
 def _differs_text(differs: list) -> str:
-    from ..bench.published import show_value
+    from ..results.published import show_value
 
     return ", ".join(f"{k} (ours {show_value(a)} vs paper {show_value(b)})" for k, a, b in differs)
 
@@ -337,7 +338,7 @@ HISTORY_COLUMNS = ("created_at", "run_id", "model", "metric", "pattern", "sparsi
 
 def show_history(folder: Path, *, suite=None, model=None, task=None, fmt: Format = Format.table) -> None:
     """Print the superseded rows, oldest first, as a flat table."""
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
 
     table = lb.query(lb.superseded(folder), suite=suite, model=model, task=task)
     if table.num_rows == 0:
@@ -377,7 +378,7 @@ def show(
 def _show(cell: str, folder: Path, fmt: Format) -> None:
     import pyarrow.compute as pc
 
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
 
     table = lb.current(lb.read(folder))
     rows = [r for r in table.filter(pc.is_valid(table["layers"])).to_pylist() if r["status"] == "ok"]
@@ -452,7 +453,7 @@ def compare(
 
 @handle_errors
 def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
 
     # a run's rows that a later run superseded live in _history/
     table = lb.read(folder, history=True) if by is By.run else lb.current(lb.read(folder))

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from ..util import first_line
 from .common import ExitCode, err, handle_errors, out, quiet_libraries, styled
-from .prune import DEFAULT_CALIBRATION, _run, parse_calibration
+from .prune import DEFAULT_CALIBRATION, parse_calibration, run_cells
 
 SUITE_NAME = "stadebench-diagnose"
 
@@ -47,8 +47,8 @@ def _num(value: float | None) -> str:
 
 @handle_errors
 def _diagnose(model, metrics, pattern, sparsity, calibration, heldout, windows, one_shot, device, leaderboard):
-    from ..bench import leaderboard as lb
-    from ..bench.suite import validate_suite
+    from ..results import store as lb
+    from ..suite import validate_suite
     from ..errors import ConfigError
 
     names = [m.strip() for m in metrics.split(",") if m.strip()]
@@ -64,7 +64,7 @@ def _diagnose(model, metrics, pattern, sparsity, calibration, heldout, windows, 
                                                                 "max_windows": int(n), "metrics": names}}]}
     with quiet_libraries():
         suite = validate_suite(data, source="stadebench diagnose", default_name=SUITE_NAME)
-        summary = _run(suite, leaderboard)
+        summary = run_cells(suite, leaderboard)
     rows = [r for r in lb.read(leaderboard, suite=[SUITE_NAME]).to_pylist()
             if r["run_id"] == summary.run_id and r["status"] == "ok" and r["task"] == "diagnostics"]
     by_metric: dict[str, dict[str, float]] = {}

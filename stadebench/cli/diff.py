@@ -44,7 +44,7 @@ def label(r: dict[str, Any]) -> str:
 
 def _cells(folder: Path) -> dict[str, dict[str, Any]]:
     """One ok row per cell key of the current results (a key's rows share its protocol)."""
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
 
     cells: dict[str, dict[str, Any]] = {}
     for r in lb.current(lb.read(folder)).to_pylist():
@@ -55,7 +55,7 @@ def _cells(folder: Path) -> dict[str, dict[str, Any]]:
 
 def _resolve(ref: str, folder: Path, published: Path, memo: dict) -> tuple[str, dict[str, Any], Any]:
     """``(name shown, protocol fields, the published row or None)`` for one side."""
-    from ..bench import published as pub
+    from ..results import published as pub
     from ..util import close_matches
 
     if ref.startswith(pub.PREFIX):
@@ -83,7 +83,7 @@ def _resolve(ref: str, folder: Path, published: Path, memo: dict) -> tuple[str, 
 
 @handle_errors
 def _diff(a: str, b: str, folder: Path, published: Path, fmt: Format) -> None:
-    from ..bench import published as pub
+    from ..results import published as pub
 
     memo: dict = {}
     (name_a, fields_a, row_a), (name_b, fields_b, row_b) = (_resolve(s, folder, published, memo) for s in (a, b))

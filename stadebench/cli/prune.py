@@ -34,7 +34,7 @@ def _options(what: str) -> Any:
 
 def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` items as a dict, each value read as YAML (``true``, ``0.5``, ``128``)."""
-    from ..bench.suite import parse_value
+    from ..suite import parse_value
 
     options = {}
     for item in items or []:
@@ -143,7 +143,7 @@ def prune(
 def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Path, *, options, pattern, sparsity,
            calibration, seed, one_shot, allocation, allocation_options, targets, ignore, evaluation, eval_options,
            dtype, device, model_options) -> None:
-    from ..bench.save import check_out_dir
+    from ..runner.save import check_out_dir
 
     # before anything is loaded: a folder the model cannot go to costs nothing
     target = check_out_dir(out_dir, force)
@@ -154,11 +154,11 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
                       targets=targets or [], ignore=ignore or [], calibration=calib, evaluation=evaluation,
                       eval_options=parse_options(eval_options, "--eval-option"), dtype=dtype, device=device,
                       leaderboard=leaderboard, model_options=model_options)
-    from ..bench.suite import exact_save, validate_suite
+    from ..suite import exact_save, validate_suite
 
     with quiet_libraries():
         suite = exact_save(validate_suite(data, source="stadebench prune", default_name=SUITE_NAME))
-        summary = _run(suite, leaderboard)
+        summary = run_cells(suite, leaderboard)
     if summary.failed:
         for label, message in summary.failed:
             err.print(styled(("failed:", "red"), f" {label}: {first_line(message)}"))
@@ -166,22 +166,22 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
     _report(summary, leaderboard)
 
 
-def _run(suite, leaderboard: Path):
-    from ..bench.run import new_run_id, run_suite
-    from .run import _interrupted, _Reporter
+def run_cells(suite, leaderboard: Path):
+    from ..runner.run import new_run_id, run_suite
+    from .run import interrupted, Reporter
 
     run_id = new_run_id()
-    with _Reporter(progress_enabled()) as reporter:
+    with Reporter(progress_enabled()) as reporter:
         try:
             # force: the user asked for this model now, even if the leaderboard has its numbers
             return run_suite(suite, force=True, events=reporter, leaderboard_dir=leaderboard, run_id=run_id)
         except KeyboardInterrupt:
-            raise _interrupted(leaderboard, run_id) from None
+            raise interrupted(leaderboard, run_id) from None
 
 
 def _report(summary, leaderboard: Path) -> None:
     """Where the model went, its hash, its realised sparsity and the scores of this run."""
-    from ..bench import leaderboard as lb
+    from ..results import store as lb
 
     if not summary.saved:
         raise ConfigError(f"nothing was pruned or saved (see {leaderboard})")

@@ -23,7 +23,7 @@ SuiteArg = Annotated[Path, typer.Argument(help="Suite YAML file.", show_default=
 
 
 def _load(path: Path):
-    from ..bench.suite import load_suite
+    from ..suite import load_suite
 
     if not path.is_file():
         raise fail(f"{path}: no such suite file (see the suites/ folder for examples)")
@@ -57,7 +57,7 @@ class _Count(MofNCompleteColumn):
         return super().render(task) if task.total is not None else Text("")
 
 
-class _Reporter:
+class Reporter:
     """Draws the runner's progress on stderr. On a terminal: a bar of cells with its ETA
     and, under it, the running step (load, prune with a bar of blocks, each evaluation)
     with its own elapsed time. Otherwise: a line as each step starts, a heartbeat every
@@ -195,7 +195,7 @@ class _PastRuns:
     (model, metric, pattern), evaluation seconds by (model, evaluator, options)."""
 
     def __init__(self, folder: Path):
-        from ..bench import leaderboard as lb
+        from ..results import store as lb
 
         columns = ["run_id", "cell_key", "status", "model", "metric", "pattern", "sparsity", "evaluator",
                    "eval_options", "prune_seconds", "eval_seconds", "peak_memory_bytes", "device"]
@@ -244,8 +244,8 @@ def _cost_line(past: _PastRuns, costs: list[tuple[float | None, int | None]]) ->
 
 def _dry_run(suite, folder: Path | None, only: list[str], force: bool) -> None:
     """The plan, each cell's evaluations and its estimated time; touches no device."""
-    from ..bench.plan import make_plan
-    from ..bench.run import evaluation_labels
+    from ..runner.plan import make_plan
+    from ..runner.run import evaluation_labels
 
     plan = make_plan(suite, folder, only=only, force=force)
     for note in plan.notes:
@@ -271,8 +271,8 @@ def _dry_run(suite, folder: Path | None, only: list[str], force: bool) -> None:
         out.print(_cost_line(past, costs))
 
 
-def _interrupted(folder: Path, run_id: str) -> typer.Exit:
-    from ..bench import leaderboard as lb
+def interrupted(folder: Path, run_id: str) -> typer.Exit:
+    from ..results import store as lb
 
     # Count from disk: a cell whose file landed just before the signal is saved too.
     saved = lb.read(folder).select(["run_id", "cell_key"]).to_pylist()
@@ -309,17 +309,17 @@ def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path |
 def _execute(suite, only: list[str], force: bool, folder: Path | None, executor: str, address: str | None,
              workers: int | None):
     """Run the suite, drawing progress; returns the run's Summary and its leaderboard folder."""
-    from ..bench.executor import executor_named
-    from ..bench.run import new_run_id, run_suite
+    from ..runner.executor import executor_named
+    from ..runner.run import new_run_id, run_suite
 
     runner = executor_named(executor, address, **({"actors": workers} if workers else {}))
     folder, run_id = Path(folder or suite.leaderboard), new_run_id()
-    with _Reporter(progress_enabled()) as reporter:
+    with Reporter(progress_enabled()) as reporter:
         try:
             return run_suite(suite, only=only, force=force, events=reporter, leaderboard_dir=folder, run_id=run_id,
                              executor=runner), folder
         except KeyboardInterrupt:
-            raise _interrupted(folder, run_id) from None
+            raise interrupted(folder, run_id) from None
 
 
 def validate(suite: SuiteArg) -> None:
@@ -330,12 +330,12 @@ def validate(suite: SuiteArg) -> None:
 
 @handle_errors
 def _validate(path: Path) -> None:
-    from ..bench.suite import expand
+    from ..suite import expand
 
     with quiet_libraries():
         suite = _load(path)
         cells = expand(suite)
-        from ..bench.run import check_suite  # torch: only once the file itself is known to be sane
+        from ..runner.run import check_suite  # torch: only once the file itself is known to be sane
 
         notes = check_suite(suite)
     for note in notes:
@@ -347,6 +347,6 @@ def _validate(path: Path) -> None:
 
 def schema() -> None:
     """Print the suite JSON Schema (for editor validation of suites)."""
-    from ..bench.suite import suite_json_schema
+    from ..suite import suite_json_schema
 
     sys.stdout.write(json.dumps(suite_json_schema(), indent=2) + "\n")

@@ -126,7 +126,7 @@ def checked(allocator: Allocator, layers: list[AllocationLayer], sparsity: float
 def allocation_layers(model: torch.nn.Module, names: list[str], statistics: Any = None) -> list[AllocationLayer]:
     """What an allocator sees of the layers ``names`` of ``model``: each module with its
     block and, when given, its statistics from a ``CalibrationStatistics``."""
-    from .models import find_blocks
+    from .models import find_blocks, transposed
 
     prefix, _ = find_blocks(model)
     out = []
@@ -138,7 +138,8 @@ def allocation_layers(model: torch.nn.Module, names: list[str], statistics: Any 
                 raise ConfigError(f"layer {name} has no statistics: they were collected on another model")
             stats = statistics.layers[name]
         info = stats.layer if stats is not None else LayerInfo(name, int(block), short)
-        out.append(AllocationLayer(info, model.get_submodule(name), stats))
+        module = model.get_submodule(name)
+        out.append(AllocationLayer(info, module, stats, transposed(module)))
     return out
 
 

@@ -73,9 +73,14 @@ def norm_modules(block: nn.Module) -> list[nn.Module]:
             if isinstance(m, nn.LayerNorm | nn.GroupNorm) or type(m).__name__.lower().endswith("norm")]
 
 
+def transposed(layer: nn.Module) -> bool:
+    """Whether the layer stores its weight as ``[in, out]`` (transformers' Conv1D)."""
+    return bool(Conv1D) and isinstance(layer, Conv1D)
+
+
 def weight_of(layer: nn.Module) -> torch.Tensor:
     """The weight as ``[out, in]`` (a view; Conv1D stores it transposed)."""
-    return layer.weight.t() if bool(Conv1D) and isinstance(layer, Conv1D) else layer.weight
+    return layer.weight.t() if transposed(layer) else layer.weight
 
 
 def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:

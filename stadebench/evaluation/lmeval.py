@@ -348,7 +348,7 @@ class LmEval(Evaluator):
         _require_lmeval()
         from lm_eval import evaluator
 
-        from .perplexity import _placed
+        from .perplexity import placed
 
         opts = self.options
         source, why = self.resolve_source()
@@ -358,7 +358,7 @@ class LmEval(Evaluator):
         was_training = model.training
         offline = hub_offline() if source == "offline" else contextlib.nullcontext()
         # lm-eval prints (bootstrap notes) to stdout, which carries results only.
-        with offline, contextlib.redirect_stdout(sys.stderr), _placed(model, device):
+        with offline, contextlib.redirect_stdout(sys.stderr), placed(model, device):
             try:
                 prepared = prepare_tasks(opts.tasks, source, num_fewshot=opts.num_fewshot)
                 lm = harness_model(model, tokenizer, opts.batch_size)

@@ -85,7 +85,7 @@ class Perplexity(Evaluator):
                               f"fewer than one window of seqlen={opts.seqlen}; use a smaller seqlen")
         windows = min(w for w in (windows, dataset.eval_windows, opts.max_windows) if w is not None)
         ids = stream[: windows * opts.seqlen].view(windows, opts.seqlen)
-        with _placed(model, device) as dev:
+        with placed(model, device) as dev:
             nll = total_nll(model, ids, opts.batch_size, dev)
         predicted = windows * (opts.seqlen - 1)
         ppl = float(torch.tensor(nll / predicted, dtype=torch.float64).exp())  # inf on overflow, NaN kept
@@ -122,7 +122,7 @@ def _check_positions(model: torch.nn.Module, seqlen: int) -> None:
 
 
 @contextlib.contextmanager
-def _placed(model: torch.nn.Module, device: torch.device | str | None):
+def placed(model: torch.nn.Module, device: torch.device | str | None):
     """Yield the device inputs go to; a single-device model is moved there and back."""
     home = model.get_input_embeddings().weight.device
     target = home if device is None else torch.device(device)

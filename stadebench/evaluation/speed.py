@@ -32,7 +32,7 @@ from ..base import Evaluator, Options, Score
 from ..core.models import check_context, find_blocks, iter_layers, weight_of
 from ..hookspecs import hookimpl
 from ..util import first_line
-from .perplexity import _placed
+from .perplexity import placed
 
 SEMI = "semi-structured"
 DENSE = "dense"
@@ -182,7 +182,7 @@ class Speed(Evaluator):
         was_training = model.training
         model.eval()
         try:
-            with _placed(model, device) as dev, torch.no_grad():
+            with placed(model, device) as dev, torch.no_grad():
                 return self._measure(model, tokenizer, dev)
         finally:
             model.train(was_training)

@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from ..bench import leaderboard as lb
+from ..results import store as lb
+from ..results import grid
 from ..errors import ConfigError
 from ..version import __version__
 from . import page, series
@@ -37,7 +38,7 @@ def _sections(table, ok: list[dict]) -> list[dict]:
     tasks: dict[str, dict] = {}
     for (task, score) in sorted(by_pair, key=lambda p: (series.is_diagnostics(by_pair[p]), p)):
         rows = by_pair[(task, score)]
-        grid = lb.pivot(table, task, score)
+        grid = grid.pivot(table, task, score)
         if not grid["rows"]:
             continue
         matched = series.match_cells(grid, [r for r in rows if r["metric"] != "dense"])
@@ -83,7 +84,7 @@ def _failed(rows: list[dict]) -> str:
 def _published(ok: list[dict], published: str | os.PathLike) -> str:
     """The published rows of the shown cells: beside ours where the protocol matches, else
     the knobs that differ (nothing compared)."""
-    from ..bench.published import compare, load_published, show_value
+    from ..results.published import compare, load_published, show_value
 
     comparisons = compare(ok, load_published(published))
     if not comparisons:

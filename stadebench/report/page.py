@@ -11,7 +11,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from ..bench.record import SCHEMA
+from ..results.row import SCHEMA
 from ..util import digest
 from .series import finite
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..bench import leaderboard as lb
-from ..bench.record import BASELINE_FIELDS
+from ..results import store as lb
+from ..results.row import BASELINE_FIELDS
 from ..errors import ConfigError
 
 
@@ -37,8 +37,8 @@ def suite_cell_keys(path: str | os.PathLike) -> set[str]:
     another suite already ran is skipped, not written again: its rows keep that suite's name.
     Identifying the suite's models may need the Hub for Hub models (as ``run --dry-run`` does).
     """
-    from ..bench.plan import make_plan
-    from ..bench.suite import load_suite
+    from ..runner.plan import make_plan
+    from ..suite import load_suite
 
     if not Path(path).is_file():
         raise ConfigError(f"{path}: no such suite file; give a suite name (its `name:`) or a suite YAML file")

@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import PurePath
 from typing import Any
 
-from ..bench import leaderboard as lb
+from ..results import store as lb
 
 DIAGNOSTICS = "diagnostics"
 APPLIED = "applied"

@@ -210,7 +210,7 @@ class Check:
 
     def load(self, dtype: str):
         from stadebench.data.loading import load_model
-        from stadebench.bench.suite import ModelSpec
+        from stadebench.suite import ModelSpec
 
         spec = ModelSpec(id=self.args.model, dtype=dtype)
         # Weights stay on the CPU when pruning on a GPU: the engine moves one block at a time.
@@ -367,7 +367,7 @@ def environment(check: Check) -> dict[str, Any]:
     import transformers
 
     import stadebench
-    from stadebench.bench.run import git_commit
+    from stadebench.runner.run import git_commit
 
     env = {"torch": torch.__version__, "torch_cuda": torch.version.cuda, "transformers": transformers.__version__,
            "stadebench": stadebench.__version__, "stadebench_path": str(Path(stadebench.__file__).parent),
@@ -392,7 +392,7 @@ def run(args: argparse.Namespace) -> ExitCode:
                 resolve(metric, pattern)[1].resolve_sparsity(args.sparsity)
             except Exception as exc:
                 raise SetupError(f"--metrics {metric} / --patterns {pattern}: {exc}") from None
-    from stadebench.bench.suite import ModelSpec
+    from stadebench.suite import ModelSpec
 
     try:
         ModelSpec(id=args.model)

@@ -6,7 +6,7 @@ Per-cell costs come from LEADERBOARD: a finished run of suites/smollm2.yaml, who
 record each cell's prune and evaluation seconds. A llama.yaml cell costs the SmolLM2
 cell of the same metric and pattern (unstructured-layer as unstructured, 4:8 as 2:4)
 times the parameter ratio; a model load is ``--load`` (SmolLM2's) times the same ratio.
-The schedule is ``stadebench.bench.ray_executor.simulate``: the executor's own rule.
+The schedule is ``stadebench.runner.ray_executor.simulate``: the executor's own rule.
 Absolute hours carry the reference machine's speed; speed-up and efficiency do not.
 """
 
@@ -15,10 +15,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stadebench.bench import leaderboard as lb
-from stadebench.bench.plan import plan
-from stadebench.bench.ray_executor import simulate
-from stadebench.bench.suite import load_suite
+from stadebench.results import store as lb
+from stadebench.runner.plan import plan
+from stadebench.runner.ray_executor import simulate
+from stadebench.suite import load_suite
 from stadebench.data.loading import ModelIdentity
 
 SUITE = Path(__file__).parents[2] / "suites" / "llama.yaml"

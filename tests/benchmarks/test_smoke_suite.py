@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 try:
-    from stadebench.bench.run import run_suite
-    from stadebench.bench.suite import load_suite
+    from stadebench.runner.run import run_suite
+    from stadebench.suite import load_suite
 except ImportError:  # the gate's base tree may predate the bench/ layout
     from stadebench.runner import Runner
     from stadebench.suite import load_suite

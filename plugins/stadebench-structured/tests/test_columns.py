@@ -7,7 +7,7 @@ import torch
 
 import stadebench
 import stadebench_structured
-from stadebench.bench.suite import expand, parse_suite
+from stadebench.suite import expand, parse_suite
 from stadebench.testing import PatternConformance, make_tiny_model, make_windows
 from stadebench_structured import Columns
 

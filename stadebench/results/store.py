@@ -68,10 +68,8 @@ from filelock import FileLock
 from .. import util
 from ..errors import StadebenchError
 from ..util import canonical_json
-from .record import (
-    BASELINE_FIELDS,
+from .row import (
     KEY_FIELDS,
-    LABEL_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
     STATUSES,
@@ -391,7 +389,7 @@ def superseded(folder: str | os.PathLike, **filters: Any) -> pa.Table:
     old = _concat([t for _, t in _read_folders([folder / HISTORY])])
     top = _concat([t for _, t in _read_folders([folder], warn=False)])
     scalars = [f.name for f in SCHEMA if not pa.types.is_list(f.type)]  # a row's copy matches on these alone
-    copies = pc.is_in(_identity(old, scalars), value_set=_identity(top, scalars).combine_chunks())
+    copies = pc.is_in(identity(old, scalars), value_set=identity(top, scalars).combine_chunks())
     return query(old.filter(pc.invert(copies)), **filters)
 
 
@@ -414,7 +412,18 @@ def query(table: pa.Table, suite=None, model=None, task=None, metric=None, patte
 # --- the current view ------------------------------------------------------------------
 
 
-def _is(column, value: str):
+def identity(table: pa.Table, fields: Iterable[str]) -> pa.ChunkedArray:
+    """One string per row that is equal exactly when ``fields`` are (nulls equal nulls):
+    each value length-prefixed, so no value can imitate another field's."""
+    parts = []
+    for f in fields:
+        text = pc.cast(table[f], pa.string())
+        parts.append(pc.fill_null(pc.binary_join_element_wise(
+            pc.cast(pc.utf8_length(text), pa.string()), text, ":"), "-"))
+    return pc.binary_join_element_wise(*parts, "|")
+
+
+def is_value(column, value: str):
     return pc.fill_null(pc.equal(column, value), False)
 
 
@@ -433,7 +442,7 @@ def current(table: pa.Table) -> pa.Table:
         return table
     keys = table.select(list(_KEY_COLUMNS)).combine_chunks()
     t = pc.fill_null(keys["created_at"].cast(pa.int64()), 0)
-    ok, failed = _is(keys["status"], "ok"), _is(keys["status"], "failed")
+    ok, failed = is_value(keys["status"], "ok"), is_value(keys["status"], "failed")
     other = pc.invert(pc.or_(ok, failed))
     none = pa.nulls(n, pa.int64())
     work = pa.table({"cell": keys["cell_key"], "task": keys["task"], "score": keys["score"],
@@ -461,7 +470,7 @@ def finished_cells(folder: str | os.PathLike) -> set[str]:
     """Cell keys whose newest outcome is ok: the cells a re-run can skip."""
     table = current(_concat([t for _, t in _read_folders([Path(folder)], _KEY_COLUMNS)],
                             pa.schema([SCHEMA.field(n) for n in _KEY_COLUMNS])))
-    by_cell = pa.table({"cell": table["cell_key"], "ok": _is(table["status"], "ok")}) \
+    by_cell = pa.table({"cell": table["cell_key"], "ok": is_value(table["status"], "ok")}) \
         .group_by("cell").aggregate([("ok", "all")])
     return set(by_cell.filter(by_cell["ok_all"])["cell"].to_pylist())
 
@@ -552,174 +561,7 @@ def _move_to_history(folder: Path, path: Path) -> None:
     util.fsync_dir(folder)
 
 
-# --- display -------------------------------------------------------------------------
-
-_COLUMN_FIELDS = ("pattern", "pattern_version", "pattern_options", "pattern_plugin", "sparsity")
-_ROW_FIELDS = tuple(f for f in KEY_FIELDS if f not in _COLUMN_FIELDS)
-_NAMED = ("model", "metric", "metric_options")  # always in a row's label
-_ALLOCATION = ("allocation", "allocation_options")  # in the label unless uniform
-# Fields shown when they vary, calibration and the like first, then the rest of the key.
-_VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in (*_NAMED, *_ALLOCATION)))
-
-
-def _identity(table: pa.Table, fields: Iterable[str]) -> pa.ChunkedArray:
-    """One string per row that is equal exactly when ``fields`` are (nulls equal nulls):
-    each value length-prefixed, so no value can imitate another field's."""
-    parts = []
-    for f in fields:
-        text = pc.cast(table[f], pa.string())
-        parts.append(pc.fill_null(pc.binary_join_element_wise(
-            pc.cast(pc.utf8_length(text), pa.string()), text, ":"), "-"))
-    return pc.binary_join_element_wise(*parts, "|")
-
-
-def _defaults(kind: str, name: str | None) -> dict[str, Any]:
-    """The default options of a registered plugin (canonical JSON values); {} when unknown."""
-    import json
-
-    from ..plugins import get_plugins
-
-    try:
-        registry = get_plugins().registries[kind]
-        if name is None or name not in registry:
-            return {}
-        cls = registry.get(name).cls
-        options = cls.from_spec(name).options if kind == "pattern" else cls().options
-        return json.loads(canonical_json(options.model_dump(mode="json")))
-    except Exception:  # noqa: BLE001 -- a plugin that cannot be built bare: show every option
-        return {}
-
-
-def _options_label(options: str | None, defaults: Mapping[str, Any] | None = None) -> str:
-    """``k=v, ...`` of the options that differ from ``defaults`` (all of them without)."""
-    import json
-
-    parsed = json.loads(options) if options else {}
-    if not isinstance(parsed, dict):
-        return options or ""
-    defaults = defaults or {}
-    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in parsed.items()
-                     if k not in defaults or defaults[k] != v)
-
-
-def _allocation_label(name: str | None, options: str | None) -> str:
-    """``· owl`` or ``· owl(lambda=0.1)`` (non-default options only); nothing for uniform."""
-    if name is None or name == "uniform":
-        return ""
-    text = _options_label(options, _defaults("allocator", name))
-    return f"· {name}({text})" if text else f"· {name}"
-
-
-def model_label(model: str | None, source: str | None) -> str:
-    """The model as results name it, with what an asset really is: ``smollm2-135m
-    (SmolLM2-135M-Instruct, Q4_1 GGUF → float32)``."""
-    if source == "asset" and model:
-        from ..data.assets import CATALOGUE
-
-        asset = CATALOGUE.get(model)
-        if asset is not None and asset.label:
-            return f"{model} ({asset.label})"
-    return model or ""
-
-
-def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
-    """A metrics × "pattern sparsity" grid of the current ok values of one task and score.
-
-    Returns ``{"task", "score", "higher_is_better", "columns": [str], "rows": [row]}``,
-    each row ``{"model", "model_label", "metric", "label", "dense", "dense_stderr",
-    "values": {column: cell}}`` and each cell ``{"value", "stderr", "relative",
-    "significant", "cell_key"}`` (relative = value / dense - 1, with the newest dense row of the same
-    BASELINE_FIELDS; significant: the difference exceeds the combined standard error, None
-    without one). A row is one setting of the key fields other than the pattern's and the
-    sparsity; its label is the metric, its options that differ from the defaults, a
-    non-uniform allocation, and any other key field that varies between rows of the same
-    model, metric, options and allocation.
-    """
-    table = current(table)
-    picked = table.filter(pc.and_(pc.and_(_is(table["task"], task), _is(table["score"], score)),
-                                  _is(table["status"], "ok")))
-    higher = pc.unique(picked["higher_is_better"].drop_null()).to_pylist()
-    is_dense = _is(picked["metric"], "dense")
-    picked = picked.drop_columns([f.name for f in SCHEMA if pa.types.is_list(f.type)])
-    dense, pruned = picked.filter(is_dense), picked.filter(pc.invert(is_dense))
-
-    base = pa.table({"_base": _identity(dense, BASELINE_FIELDS), "dense": dense["value"],
-                     "dense_stderr": dense["stderr"], "t": dense["created_at"],
-                     "i": pa.array(range(dense.num_rows), pa.int64())})
-    last = pc.ScalarAggregateOptions(skip_nulls=False)
-    base = base.sort_by([("t", "ascending"), ("i", "ascending")]).group_by("_base", use_threads=False) \
-        .aggregate([("dense", "last", last), ("dense_stderr", "last", last)]) \
-        .rename_columns({"dense_last": "dense", "dense_stderr_last": "dense_stderr"})
-    pruned = pruned.append_column("_base", _identity(pruned, BASELINE_FIELDS)) \
-        .append_column("_row", _identity(pruned, _ROW_FIELDS)) \
-        .append_column("_column", _identity(pruned, _COLUMN_FIELDS))
-    pruned = pruned.join(base, "_base", join_type="left outer")
-    usable = pc.and_(pc.is_valid(pruned["value"]), pc.fill_null(pc.not_equal(pruned["dense"], 0.0), False))
-    ratio = pc.subtract(pc.divide(pruned["value"], pc.if_else(usable, pruned["dense"], None)), 1.0)
-    pruned = pruned.append_column("relative", ratio)
-
-    group = [*_NAMED, *_ALLOCATION]
-    distinct = pruned.group_by(group).aggregate(
-        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING]).to_pylist()
-    # a field names a row only where it varies among the rows of its model, metric and allocation
-    varies = {tuple(d[g] for g in group): [f for f in _VARYING if d[f"{f}_count_distinct"] > 1] for d in distinct}
-    varying = sorted({f for fields in varies.values() for f in fields}, key=_VARYING.index)
-
-    columns: dict[str, dict] = {}  # column identity -> its fields
-    rows: dict[str, dict] = {}
-    defaults: dict[str | None, dict[str, Any]] = {}
-    for r in pruned.select(["_row", "_column", "cell_key", "model", "model_source", "metric", "metric_options",
-                            "value", "stderr", "dense", "dense_stderr", "relative", *_ALLOCATION, *_COLUMN_FIELDS,
-                            *varying]).to_pylist():
-        columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
-        if r["metric"] not in defaults:
-            defaults[r["metric"]] = _defaults("metric", r["metric"])
-        row = rows.setdefault(r["_row"], {
-            "model": r["model"], "model_label": model_label(r["model"], r["model_source"]), "metric": r["metric"],
-            "label": " ".join(filter(None, [
-                r["metric"], f"({o})" if (o := _options_label(r["metric_options"], defaults[r["metric"]])) else "",
-                _allocation_label(r["allocation"], r["allocation_options"]),
-                *(f"{f}={r[f]}" for f in varies[tuple(r[g] for g in group)])])),
-            "dense": r["dense"], "dense_stderr": r["dense_stderr"], "values": {}})
-        row["values"][r["_column"]] = {"value": r["value"], "stderr": r["stderr"], "relative": r["relative"],
-                                       "significant": _significant(r), "cell_key": r["cell_key"]}
-    names = _column_names(columns)
-    for row in rows.values():
-        row["values"] = {names[c]: cell for c, cell in row["values"].items()}
-    order = sorted(columns, key=lambda c: (columns[c]["pattern"] or "", columns[c]["pattern_options"] or "",
-                                           columns[c]["sparsity"] or 0.0, names[c]))
-    return {
-        "task": task,
-        "score": score,
-        "higher_is_better": higher[0] if len(higher) == 1 else None,
-        "columns": [names[c] for c in order],
-        "rows": sorted(rows.values(), key=lambda r: (r["model"] or "", r["label"])),
-    }
-
-
-def _significant(r: Mapping[str, Any]) -> bool | None:
-    """Whether a value differs from its dense baseline by more than their combined standard
-    error; None when neither has one (nothing to judge by)."""
-    if r["value"] is None or r["dense"] is None or (r["stderr"] is None and r["dense_stderr"] is None):
-        return None
-    spread = ((r["stderr"] or 0.0) ** 2 + (r["dense_stderr"] or 0.0) ** 2) ** 0.5
-    return abs(r["value"] - r["dense"]) > spread
-
-
-def _column_names(columns: dict[str, dict]) -> dict[str, str]:
-    """'pattern(options) sparsity' per column, plus version and plugin where those alone differ."""
-    def name(c: dict, extra: bool) -> str:
-        options = _options_label(c["pattern_options"], _defaults("pattern", c["pattern"]))
-        text = f"{c['pattern'] or '-'}{f'({options})' if options else ''} {c['sparsity'] or 0.0:g}"
-        return f"{text} [{c['pattern_plugin']} {c['pattern_version']}]" if extra else text
-
-    short = {k: name(c, False) for k, c in columns.items()}
-    clash = {n for n in short.values() if list(short.values()).count(n) > 1}
-    return {k: name(c, short[k] in clash) for k, c in columns.items()}
-
-
 __all__ = [
-    "HISTORY", "KEY_FIELDS", "LOCK", "SCHEMA", "SCHEMA_VERSION", "VERSION_KEY", "LeaderboardError",
-    "LeaderboardWarning", "canonical_json", "cell_key", "compact", "current", "finished_cells", "pivot",
-    "query", "read", "superseded", "write_rows",
+    "HISTORY", "LOCK", "LeaderboardError", "LeaderboardWarning", "compact", "current", "finished_cells", "query", "read",
+    "superseded", "write_rows",
 ]

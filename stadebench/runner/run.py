@@ -31,13 +31,13 @@ from ..data.loading import check_files, load_config_and_tokenizer, on_this_machi
 from ..errors import ConfigError, PluginError
 from ..util import canonical_json, package_version
 from ..version import __version__
-from . import leaderboard
+from ..results import store
 from .executor import Events, Executor, LocalExecutor
-from .leaderboard import LeaderboardError
+from ..results.store import LeaderboardError
 from .plan import Plan, PlannedCell, calibration_key, make_plan, uses_data
-from .record import RecordError, Row
+from ..results.row import RecordError, Row
 from .session import CellResult, Windows, watch_ctrl_c
-from .suite import Cell, EvaluationSpec, ModelSpec, Suite, expand
+from ..suite import Cell, EvaluationSpec, ModelSpec, Suite, expand
 
 PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "save", "write", "total")
 
@@ -356,11 +356,11 @@ def _record(summary: Summary, result: CellResult, folder: Path, provenance: dict
     t0 = time.perf_counter()
     if result.cell.pending:  # a cell that only prunes and saves (no evaluations) has no rows
         try:
-            path = leaderboard.write_rows(folder, rows_of(result, provenance))
+            path = store.write_rows(folder, rows_of(result, provenance))
         except (RecordError, LeaderboardError) as exc:  # nothing written: what a plugin returned cannot be stored
             result = CellResult(result.cell, error=f"cannot store the result: {exc}", seconds=result.seconds,
                                 saved_path=result.saved_path, saved_sha256=result.saved_sha256)
-            path = leaderboard.write_rows(folder, rows_of(result, provenance))
+            path = store.write_rows(folder, rows_of(result, provenance))
         summary.files.append(path)
     if result.saved_path is not None:
         summary.saved.append(SavedCell(result.cell.label, result.saved_path, result.saved_sha256,
@@ -397,7 +397,7 @@ def run_suite(suite: Suite, *, only: list[str] | None = None, force: bool = Fals
             events = _Phases(events, plan)
     windows, summary.seconds["calibration"] = preflight(plan)
     # a run killed mid-write may have left superseded rows in view; old-schema files are rewritten
-    leaderboard.compact(folder, upgrade=True)
+    store.compact(folder, upgrade=True)
     events.plan(len(plan.todo), plan.skipped)
     provenance = _provenance(suite, summary.run_id, device, executor)
     with watch_ctrl_c():

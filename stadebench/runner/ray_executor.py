@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigError
 from ..util import first_line
-from .executor import Events
+from .events import Events
 from .plan import ModelPlan, Plan, PlannedCell
 from .session import CellResult, ModelSession, Windows, describe, headless
 

@@ -32,7 +32,7 @@ from ..data.calibration import calibration_windows
 from ..errors import NumericalError, PluginError, StadebenchError
 from ..util import canonical_json
 from .plan import ModelPlan, PlannedCell, SharingGroup, calibration_key
-from .record import RecordError, normalise
+from ..results.row import RecordError, normalise
 
 Windows = dict[tuple[str, str], torch.Tensor]
 """Calibration windows by (model spec JSON, calibration JSON)."""

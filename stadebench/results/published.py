@@ -185,10 +185,10 @@ class PublishedFile(BaseModel):
 
 def _yaml(path: Path) -> Any:
     # the suite loader: `2:4` stays a string (YAML 1.1 reads it as the base-60 number 124)
-    from .suite import _Loader
+    from ..suite.loading import Loader
 
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 -- a SafeLoader subclass
+        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 -- a SafeLoader subclass
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
         raise PublishedError(f"{path}: cannot read it: {exc}") from None
 

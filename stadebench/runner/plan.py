@@ -18,8 +18,8 @@ from typing import Any
 from ..base import Allocator, Evaluator, Metric, Pattern
 from ..data.loading import ModelIdentity, identify
 from ..errors import PluginError, StadebenchError
-from .record import Row
-from .suite import CalibrationSpec, Cell, DatasetSpec, EvaluationSpec, ModelSpec, Suite, expand, select
+from ..results.row import Row
+from ..suite import CalibrationSpec, Cell, DatasetSpec, EvaluationSpec, ModelSpec, Suite, expand, select
 
 
 @dataclass(frozen=True)
@@ -260,10 +260,10 @@ def make_plan(suite: Suite, folder: str | Path | None = None, *, only: list[str]
     """``plan`` with its inputs gathered: the keys finished in the leaderboard ``folder``
     (none with ``force``), the models' identities, and which optional evaluations cannot
     run on this machine (each one noted in ``Plan.notes``)."""
-    from . import leaderboard
+    from ..results import store
 
     folder = Path(folder or suite.leaderboard)
-    done = set() if force else leaderboard.finished_cells(folder)
+    done = set() if force else store.finished_cells(folder)
     notes, skip = [], set()
     for e in suite.evaluations:
         reason = e.optional and e.resolved.instance.unavailable()

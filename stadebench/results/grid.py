@@ -1,0 +1,169 @@
+"""The display grid: current leaderboard values of one task and score as metrics × "pattern
+sparsity", each against its dense baseline, with labels that name only what varies."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..util import canonical_json
+from .row import BASELINE_FIELDS, KEY_FIELDS, LABEL_FIELDS, SCHEMA
+from .store import current, identity, is_value
+
+_COLUMN_FIELDS = ("pattern", "pattern_version", "pattern_options", "pattern_plugin", "sparsity")
+_ROW_FIELDS = tuple(f for f in KEY_FIELDS if f not in _COLUMN_FIELDS)
+_NAMED = ("model", "metric", "metric_options")  # always in a row's label
+_ALLOCATION = ("allocation", "allocation_options")  # in the label unless uniform
+# Fields shown when they vary, calibration and the like first, then the rest of the key.
+_VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in (*_NAMED, *_ALLOCATION)))
+
+
+def _defaults(kind: str, name: str | None) -> dict[str, Any]:
+    """The default options of a registered plugin (canonical JSON values); {} when unknown."""
+    import json
+
+    from ..plugins import get_plugins
+
+    try:
+        registry = get_plugins().registries[kind]
+        if name is None or name not in registry:
+            return {}
+        cls = registry.get(name).cls
+        options = cls.from_spec(name).options if kind == "pattern" else cls().options
+        return json.loads(canonical_json(options.model_dump(mode="json")))
+    except Exception:  # noqa: BLE001 -- a plugin that cannot be built bare: show every option
+        return {}
+
+
+def _options_label(options: str | None, defaults: Mapping[str, Any] | None = None) -> str:
+    """``k=v, ...`` of the options that differ from ``defaults`` (all of them without)."""
+    import json
+
+    parsed = json.loads(options) if options else {}
+    if not isinstance(parsed, dict):
+        return options or ""
+    defaults = defaults or {}
+    return ", ".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in parsed.items()
+                     if k not in defaults or defaults[k] != v)
+
+
+def _allocation_label(name: str | None, options: str | None) -> str:
+    """``· owl`` or ``· owl(lambda=0.1)`` (non-default options only); nothing for uniform."""
+    if name is None or name == "uniform":
+        return ""
+    text = _options_label(options, _defaults("allocator", name))
+    return f"· {name}({text})" if text else f"· {name}"
+
+
+def model_label(model: str | None, source: str | None) -> str:
+    """The model as results name it, with what an asset really is: ``smollm2-135m
+    (SmolLM2-135M-Instruct, Q4_1 GGUF → float32)``."""
+    if source == "asset" and model:
+        from ..data.assets import CATALOGUE
+
+        asset = CATALOGUE.get(model)
+        if asset is not None and asset.label:
+            return f"{model} ({asset.label})"
+    return model or ""
+
+
+def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
+    """A metrics × "pattern sparsity" grid of the current ok values of one task and score.
+
+    Returns ``{"task", "score", "higher_is_better", "columns": [str], "rows": [row]}``,
+    each row ``{"model", "model_label", "metric", "label", "dense", "dense_stderr",
+    "values": {column: cell}}`` and each cell ``{"value", "stderr", "relative",
+    "significant", "cell_key"}`` (relative = value / dense - 1, with the newest dense row of the same
+    BASELINE_FIELDS; significant: the difference exceeds the combined standard error, None
+    without one). A row is one setting of the key fields other than the pattern's and the
+    sparsity; its label is the metric, its options that differ from the defaults, a
+    non-uniform allocation, and any other key field that varies between rows of the same
+    model, metric, options and allocation.
+    """
+    table = current(table)
+    picked = table.filter(pc.and_(pc.and_(is_value(table["task"], task), is_value(table["score"], score)),
+                                  is_value(table["status"], "ok")))
+    higher = pc.unique(picked["higher_is_better"].drop_null()).to_pylist()
+    is_dense = is_value(picked["metric"], "dense")
+    picked = picked.drop_columns([f.name for f in SCHEMA if pa.types.is_list(f.type)])
+    dense, pruned = picked.filter(is_dense), picked.filter(pc.invert(is_dense))
+
+    base = pa.table({"_base": identity(dense, BASELINE_FIELDS), "dense": dense["value"],
+                     "dense_stderr": dense["stderr"], "t": dense["created_at"],
+                     "i": pa.array(range(dense.num_rows), pa.int64())})
+    last = pc.ScalarAggregateOptions(skip_nulls=False)
+    base = base.sort_by([("t", "ascending"), ("i", "ascending")]).group_by("_base", use_threads=False) \
+        .aggregate([("dense", "last", last), ("dense_stderr", "last", last)]) \
+        .rename_columns({"dense_last": "dense", "dense_stderr_last": "dense_stderr"})
+    pruned = pruned.append_column("_base", identity(pruned, BASELINE_FIELDS)) \
+        .append_column("_row", identity(pruned, _ROW_FIELDS)) \
+        .append_column("_column", identity(pruned, _COLUMN_FIELDS))
+    pruned = pruned.join(base, "_base", join_type="left outer")
+    usable = pc.and_(pc.is_valid(pruned["value"]), pc.fill_null(pc.not_equal(pruned["dense"], 0.0), False))
+    ratio = pc.subtract(pc.divide(pruned["value"], pc.if_else(usable, pruned["dense"], None)), 1.0)
+    pruned = pruned.append_column("relative", ratio)
+
+    group = [*_NAMED, *_ALLOCATION]
+    distinct = pruned.group_by(group).aggregate(
+        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING]).to_pylist()
+    # a field names a row only where it varies among the rows of its model, metric and allocation
+    varies = {tuple(d[g] for g in group): [f for f in _VARYING if d[f"{f}_count_distinct"] > 1] for d in distinct}
+    varying = sorted({f for fields in varies.values() for f in fields}, key=_VARYING.index)
+
+    columns: dict[str, dict] = {}  # column identity -> its fields
+    rows: dict[str, dict] = {}
+    defaults: dict[str | None, dict[str, Any]] = {}
+    for r in pruned.select(["_row", "_column", "cell_key", "model", "model_source", "metric", "metric_options",
+                            "value", "stderr", "dense", "dense_stderr", "relative", *_ALLOCATION, *_COLUMN_FIELDS,
+                            *varying]).to_pylist():
+        columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
+        if r["metric"] not in defaults:
+            defaults[r["metric"]] = _defaults("metric", r["metric"])
+        row = rows.setdefault(r["_row"], {
+            "model": r["model"], "model_label": model_label(r["model"], r["model_source"]), "metric": r["metric"],
+            "label": " ".join(filter(None, [
+                r["metric"], f"({o})" if (o := _options_label(r["metric_options"], defaults[r["metric"]])) else "",
+                _allocation_label(r["allocation"], r["allocation_options"]),
+                *(f"{f}={r[f]}" for f in varies[tuple(r[g] for g in group)])])),
+            "dense": r["dense"], "dense_stderr": r["dense_stderr"], "values": {}})
+        row["values"][r["_column"]] = {"value": r["value"], "stderr": r["stderr"], "relative": r["relative"],
+                                       "significant": _significant(r), "cell_key": r["cell_key"]}
+    names = _column_names(columns)
+    for row in rows.values():
+        row["values"] = {names[c]: cell for c, cell in row["values"].items()}
+    order = sorted(columns, key=lambda c: (columns[c]["pattern"] or "", columns[c]["pattern_options"] or "",
+                                           columns[c]["sparsity"] or 0.0, names[c]))
+    return {
+        "task": task,
+        "score": score,
+        "higher_is_better": higher[0] if len(higher) == 1 else None,
+        "columns": [names[c] for c in order],
+        "rows": sorted(rows.values(), key=lambda r: (r["model"] or "", r["label"])),
+    }
+
+
+def _significant(r: Mapping[str, Any]) -> bool | None:
+    """Whether a value differs from its dense baseline by more than their combined standard
+    error; None when neither has one (nothing to judge by)."""
+    if r["value"] is None or r["dense"] is None or (r["stderr"] is None and r["dense_stderr"] is None):
+        return None
+    spread = ((r["stderr"] or 0.0) ** 2 + (r["dense_stderr"] or 0.0) ** 2) ** 0.5
+    return abs(r["value"] - r["dense"]) > spread
+
+
+def _column_names(columns: dict[str, dict]) -> dict[str, str]:
+    """'pattern(options) sparsity' per column, plus version and plugin where those alone differ."""
+    def name(c: dict, extra: bool) -> str:
+        options = _options_label(c["pattern_options"], _defaults("pattern", c["pattern"]))
+        text = f"{c['pattern'] or '-'}{f'({options})' if options else ''} {c['sparsity'] or 0.0:g}"
+        return f"{text} [{c['pattern_plugin']} {c['pattern_version']}]" if extra else text
+
+    short = {k: name(c, False) for k, c in columns.items()}
+    clash = {n for n in short.values() if list(short.values()).count(n) > 1}
+    return {k: name(c, short[k] in clash) for k, c in columns.items()}
+
+
+__all__ = ["model_label", "pivot"]

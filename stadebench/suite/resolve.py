@@ -1,0 +1,214 @@
+"""Resolution of a suite against the plugin registries: names, options, sparsities and
+the grid rules that need the plugins (N:M sparsities, allocations, exclude values)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..errors import ConfigError, UnknownNameError
+from ..plugins import get_plugins
+from ..util import canonical_json, close_matches
+from .cells import Cell, expand, model_names
+from .problems import Loc, Problem, from_validation, loc_text
+from .schema import DENSE, AllocationSpec, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec, Resolved, Suite
+
+def _options(cls: type, options: dict[str, Any], loc: Loc) -> None:
+    try:
+        cls.Options.model_validate(options)
+    except ValidationError as exc:
+        raise from_validation(exc, cls.Options, (*loc, "options"))[0] from None
+
+
+def _resolution(registration: Any, instance: Any) -> Resolved:
+    dist, version = get_plugins().provenance(registration.plugin)
+    return Resolved(instance, registration.version, dist, version)
+
+
+def _plugin(registry: Any, spec: MetricSpec | AllocationSpec | DatasetSpec | EvaluationSpec,
+            loc: Loc) -> tuple[Any, dict]:
+    """The resolved plugin a spec names, and its options with defaults filled in."""
+    try:
+        reg = registry.get(spec.name)
+    except UnknownNameError as exc:
+        raise Problem((*loc, "name"), str(exc)) from None
+    _options(reg.cls, spec.options, loc)
+    try:
+        item = reg.cls(spec.options)
+    except ConfigError as exc:
+        raise Problem((*loc, "options"), str(exc)) from None
+    return _resolution(reg, item), item.options.model_dump(mode="json")
+
+
+def _labelled(registry: Any, spec: MetricSpec | AllocationSpec, loc: Loc, what: str,
+              labels: dict[str, int]) -> MetricSpec | AllocationSpec:
+    """A metric or allocation entry resolved, its options filled in; its label (name when
+    none) must be new among ``labels`` (label -> index), which it joins."""
+    reg, options = _plugin(registry, spec, loc)
+    if spec.display in labels:
+        raise Problem((*loc, "label" if spec.label else "name"),
+                       f"{what} label {spec.display!r} is already used by {loc[0]}[{labels[spec.display]}]; "
+                       f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
+    labels[spec.display] = loc[1]
+    resolved = spec.model_copy(update={"options": options})
+    resolved._resolved = reg
+    return resolved
+
+
+def _check(resolved: Resolved, loc: Loc) -> None:
+    """The plugin's own check of its options (local files exist), as a problem at ``loc``."""
+    try:
+        resolved.instance.check()
+    except ConfigError as exc:
+        raise Problem(loc, str(exc)) from None
+
+
+def resolve_suite(suite: Suite) -> Suite:
+    """Check names, options and grid rules; return the suite with options and sparsities filled in."""
+    plugins = get_plugins()
+
+    seen: dict[tuple, int] = {}
+    for i, m in enumerate(suite.models):
+        ident = (m.id, m.revision, m.dtype, m.gguf_file)
+        if ident in seen:
+            raise Problem(("models", i), f"duplicate of models[{seen[ident]}] "
+                                          f"(same id, revision, dtype and gguf_file)")
+        seen[ident] = i
+
+    metrics, labels = [], {}
+    for i, spec in enumerate(suite.metrics):
+        loc = ("metrics", i)
+        if DENSE in (spec.name, spec.label):
+            raise Problem((*loc, "name" if spec.name == DENSE else "label"),
+                           "'dense' is the unpruned baseline, not a metric; switch it with the top-level "
+                           "`dense: true` or `dense: false`")
+        metrics.append(_labelled(plugins.metrics, spec, loc, "metric", labels))
+
+    patterns, specs = [], {}
+    for i, spec in enumerate(suite.patterns):
+        patterns.append(_pattern(plugins, suite, spec, ("patterns", i), specs))
+
+    labels = {}
+    allocations = [_labelled(plugins.allocators, spec, ("allocations", i), "allocation", labels)
+                   for i, spec in enumerate(suite.allocations)]
+
+    if not suite.evaluations and not (suite.save or all(m.save for m in suite.metrics)):
+        raise Problem(("evaluations",), "needs at least one entry (an empty list only prunes and saves: set "
+                                         "`save:` to keep the pruned models)")
+
+    calibration = suite.calibration
+    dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
+    _check(dataset, ("calibration", "dataset", "options"))
+    calibration_dataset = calibration.dataset.model_copy(update={"options": options})
+    calibration_dataset._resolved = dataset
+    calibration = calibration.model_copy(update={"dataset": calibration_dataset})
+
+    evaluations, seen_evals = [], {}
+    for i, spec in enumerate(suite.evaluations):
+        evaluator, options = _plugin(plugins.evaluators, spec, ("evaluations", i))
+        if not spec.optional:  # an optional one whose data is missing is skipped, with a note
+            _check(evaluator, ("evaluations", i, "options"))
+        ident = (spec.name, canonical_json(options))
+        if ident in seen_evals:
+            raise Problem(("evaluations", i), f"duplicate of evaluations[{seen_evals[ident]}]")
+        seen_evals[ident] = i
+        evaluation = spec.model_copy(update={"options": options})
+        evaluation._resolved = evaluator
+        evaluations.append(evaluation)
+
+    resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns, "allocations": allocations,
+                                        "calibration": calibration, "evaluations": evaluations})
+    _check_exclude(resolved)
+    cells = expand(resolved)
+    if not cells:
+        raise Problem(("exclude",), "every cell is excluded and `dense` is false: nothing would run")
+    _check_allocations(resolved, cells)
+    return resolved
+
+
+def _check_allocations(suite: Suite, cells: list[Cell]) -> None:
+    """A pattern with a fixed sparsity (N:M) takes only the uniform allocation."""
+    for cell in cells:
+        if cell.dense or cell.allocation_plugin.instance.uniform or cell.pattern_plugin.instance.per_layer_sparsity:
+            continue
+        i = next(k for k, a in enumerate(suite.allocations) if a.display == cell.allocation_label)
+        raise Problem(("allocations", i), f"allocation {cell.allocation_label!r} gives layers sparsities of their "
+                                           f"own, but pattern {cell.pattern!r} prunes every layer at "
+                                           f"{cell.sparsity:g}; add `exclude: [{{allocation: {cell.allocation_label}, "
+                                           f"pattern: '{cell.pattern}'}}]`")
+
+
+def _pattern(plugins: Any, suite: Suite, spec: PatternSpec, loc: Loc, specs: dict[tuple, int]
+             ) -> PatternSpec:
+    """Check one pattern and resolve its sparsities (own, inherited, or the pattern's default)."""
+    try:
+        reg = plugins.patterns.get(spec.name)
+    except UnknownNameError as exc:
+        raise Problem((*loc, "name"), str(exc)) from None
+    _options(reg.cls, spec.options, loc)
+    try:
+        pattern = reg.cls.from_spec(spec.name, spec.options)
+    except ConfigError as exc:
+        raise Problem((*loc, "name"), str(exc)) from None
+    options = pattern.options.model_dump(mode="json")
+    ident = (pattern.spec, canonical_json(options))
+    if ident in specs:
+        raise Problem((*loc, "name"), f"pattern {pattern.spec!r} is already patterns[{specs[ident]}]")
+    specs[ident] = loc[1]
+
+    own = spec.sparsities is not None
+    values, where = (spec.sparsities, (*loc, "sparsities")) if own else (suite.sparsities, ("sparsities",))
+    if hasattr(pattern, "n") and hasattr(pattern, "m"):
+        n, m = pattern.n, pattern.m
+        for k, s in enumerate(values or ()):
+            if not math.isclose(s, n / m, abs_tol=1e-9):
+                fix = (f"an N:M pattern's sparsity is fixed: drop its `sparsities` or write [{n / m:g}]"
+                       if own else
+                       "give other patterns their own sparsities: {name: unstructured, sparsities: [...]}")
+                raise Problem((*where, k), f"pattern {pattern.spec!r} prunes {n} of every {m} weights "
+                                            f"(sparsity {n / m:g}); {loc_text((*where, k))} = {s:g} conflicts; "
+                                            f"{fix}")
+        values = [n / m]
+    if not values:
+        try:
+            values = [pattern.resolve_sparsity(None)]
+        except ConfigError:
+            raise Problem(loc, f"pattern {pattern.spec!r} has no sparsities; add a top-level "
+                                f"`sparsities: [0.5]` or give it its own: "
+                                f"{{name: {pattern.spec}, sparsities: [0.5]}}") from None
+    values = list(values)
+    for k, s in enumerate(values):
+        if any(math.isclose(s, t) for t in values[:k]):
+            raise Problem((*where, k), f"sparsity {s:g} is listed twice")
+        try:
+            values[k] = pattern.resolve_sparsity(s)
+        except ConfigError as exc:
+            raise Problem((*where, k), str(exc)) from None
+    resolved = spec.model_copy(update={"name": pattern.spec, "options": options, "sparsities": values})
+    resolved._resolved = _resolution(reg, pattern)
+    return resolved
+
+
+def _check_exclude(suite: Suite) -> None:
+    """Every value in an exclude rule must name something in the suite (catches typos)."""
+    known: dict[str, set] = {
+        "model": set().union(*(model_names(m) for m in suite.models)),
+        "metric": {m.name for m in suite.metrics} | {m.display for m in suite.metrics},
+        "pattern": {p.name for p in suite.patterns},
+        "allocation": {a.name for a in suite.allocations} | {a.display for a in suite.allocations},
+    }
+    sparsities = {s for p in suite.patterns for s in p.sparsities}
+    for i, rule in enumerate(suite.exclude):
+        for field in ("model", "metric", "pattern", "allocation"):
+            value = getattr(rule, field)
+            if value is not None and value not in known[field]:
+                close = close_matches(value, known[field], n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise Problem(("exclude", i, field), f"{value!r} matches no {field} of this suite{hint} "
+                                                      f"({field}s: {', '.join(sorted(known[field]))})")
+        if rule.sparsity is not None and not any(math.isclose(rule.sparsity, s) for s in sparsities):
+            listed = ", ".join(f"{s:g}" for s in sorted(sparsities))
+            raise Problem(("exclude", i, "sparsity"),
+                           f"{rule.sparsity:g} matches no sparsity of this suite (sparsities: {listed})")

@@ -1,0 +1,316 @@
+"""Suites: the declarative grid of a benchmark run, and its expansion into cells.
+
+A suite is a YAML file; every key below is optional unless marked *required*::
+
+    name: smoke                      # defaults to the file stem
+    leaderboard: leaderboard         # folder for results, relative to the current directory
+    device: auto                     # auto | cpu | cuda | cuda:N
+    dense: true                      # evaluate the unpruned baseline (metric "dense") once per model
+    save: null                       # a folder: save every pruned cell under it (docs/saving.md)
+    models:                          # required: a Hub id / local path, or a mapping
+      - id: smollm2-135m             # Hub id, local folder, GGUF file, or asset name
+        revision: null               # branch, tag or commit on the Hub
+        dtype: float32               # float32 | float16 | bfloat16
+        trust_remote_code: false     # never run model code from the Hub unless true
+        gguf_file: null              # file inside `id` to load weights from
+        tokenizer: null              # defaults to id
+    metrics:                         # required: a name, or {name, options, label}
+      - magnitude
+      - wanda
+      - {name: stade, options: {bias_correction: false}, label: stade-released}
+      # - {name: sparsegpt, save: pruned/sparsegpt}   # a metric's own `save` overrides the suite's
+    patterns: [unstructured, 2:4]    # required: a name, or {name, sparsities, options}
+    sparsities: [0.5]                # for patterns without their own
+    allocations:                     # how a sparsity is shared out among layers (default [uniform])
+      - uniform
+      - {name: owl, options: {M: 5, lambda: 0.08}}
+    targets: []                      # regexes over module paths: prune only the layers they find
+    ignore: []                       # regexes: layers left dense, e.g. ['layers[.]0[.]', self_attn]
+    exclude:                         # drop pruned cells matching every field given
+      - {metric: stade-released, pattern: 2:4}
+      - {allocation: owl, pattern: 2:4}
+    calibration:
+      dataset: enwiki-2016           # a name or {name, options}
+      n: 16                          # windows
+      seqlen: 512                    # tokens per window
+      seed: 0
+      sequential: true               # false: one-shot (blocks see dense inputs)
+      batch_size: 8
+      accumulate: float64            # released: the reference releases' float32 running sums
+    evaluations:                     # a name or {name, options}
+      - {name: perplexity, options: {dataset: enwiki-2016, seqlen: 512}}
+
+Rules beyond the field types:
+
+- Metric, pattern, dataset and evaluator names come from the plugin registries, and
+  their ``options`` are checked by the plugin's ``Options`` model (defaults filled in).
+- ``dense`` is the baseline, switched by ``dense:``; it is not a metric name.
+- ``save: DIR`` (top level, or per metric, which overrides it) saves each pruned cell
+  as a plain Hugging Face folder ``DIR/<model>--<metric>--<pattern>--<sparsity>--<key>``
+  (``bench.save.folder_name``); a re-run cell replaces its folder. Where a model is saved
+  does not change its numbers: ``save`` is not part of any key. The dense cell is never saved.
+- A sparsity lies strictly between 0 and 1. A pattern without sparsities of its own
+  uses the top-level ``sparsities``, or its default (0.5; N/M for N:M). An N:M pattern
+  prunes N of every M weights, so it admits no sparsity other than N/M.
+- ``2:4`` may be written unquoted (YAML 1.1 would read it as the base-60 number 124).
+- Models (id, revision, dtype, gguf_file), metric labels, patterns and evaluations
+  must be distinct; a model id that looks like a local path must exist.
+- ``exclude`` applies to pruned cells only, and each value must name something in the
+  suite (model id or its last path part, metric name or label, pattern, sparsity,
+  allocation name or label).
+- An allocation other than ``uniform`` gives layers sparsities of their own, which an
+  N:M pattern refuses: exclude such pairs. ``targets`` and ``ignore`` are Python
+  regexes matched anywhere in a layer's path (``re.search``); each must find a linear
+  layer of every model, and the sparsity is over the layers left to prune.
+
+``expand`` turns a suite into cells grouped by model: the dense cell first, then
+metric × pattern × sparsity in the order written, minus the excluded ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator,
+                      model_validator)
+
+from ..errors import ConfigError
+
+DENSE = "dense"
+# Integer knobs are bounded where storage (int32/int64 columns) and computation can hold them.
+MAX_WINDOWS = 65_536
+MAX_SEQLEN = 1 << 20
+MAX_SEED = (1 << 63) - 1
+MAX_DEVICE_INDEX = 255
+SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype", "allocation")
+UNIFORM = "uniform"
+
+@dataclass(frozen=True)
+class Resolved:
+    """The plugin instance a suite entry names, built once when the suite is validated.
+
+    Attributes:
+        instance: the Metric, Pattern, Dataset or Evaluator, options validated.
+        version: the version the plugin class declares.
+        distribution: the distribution that registered it (``stadebench`` for built-ins).
+        distribution_version: that distribution's version.
+    """
+
+    instance: Any = dataclasses.field(compare=False)
+    version: str
+    distribution: str
+    distribution_version: str | None
+
+    def who(self, kind: str, name: str) -> str:
+        """``metric 'wanda' (stadebench 0.3.0)``: how errors name the plugin behind an entry."""
+        return f"{kind} {name!r} ({self.distribution} {self.distribution_version or ''}".rstrip() + ")"
+
+
+class _Spec(BaseModel):
+    # strict: a YAML `yes` or "16" must not silently become True or 16
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    _resolved: Resolved | None = PrivateAttr(None)
+
+    @property
+    def resolved(self) -> Resolved:
+        """The plugin this entry names; only suites from ``validate_suite`` carry it."""
+        if self._resolved is None:
+            raise ConfigError(f"{type(self).__name__} {self!r} was not resolved: build suites with "
+                              "load_suite, parse_suite or validate_suite")
+        return self._resolved
+
+
+def _shorthand(model: type[BaseModel], key: str = "name") -> Any:
+    """``model`` that may also be written as a bare string, meaning ``{key: string}``."""
+    def expand_string(value: Any) -> Any:
+        return {key: value} if isinstance(value, str) else value
+
+    return Annotated[model, BeforeValidator(expand_string, json_schema_input_type=str | model)]
+
+
+Sparsity = Annotated[float, Field(gt=0, lt=1, description="Fraction of weights pruned, in (0, 1).")]
+OptionsDict = Annotated[dict[str, Any], Field(default_factory=dict,
+                                              description="Options, checked by the plugin's Options model.")]
+
+
+class ModelSpec(_Spec):
+    """A model to prune and evaluate."""
+
+    id: str = Field(min_length=1, description="Hub id, local folder, GGUF file, or asset name.")
+    revision: str | None = Field(None, description="Branch, tag or commit on the Hub (default: main).")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype.")
+    trust_remote_code: bool = Field(False, description="Allow running model code from the Hub.")
+    gguf_file: str | None = Field(None, description="GGUF file inside `id` to load weights from.")
+    tokenizer: str | None = Field(None, description="Tokenizer id or path (default: `id`).")
+    num_gpus: float | None = Field(None, ge=0, le=64, description="GPUs a Ray worker holding this model "
+                                   "reserves (default 1 on CUDA, 0 on CPU); the local executor ignores it.")
+
+    @field_validator("id")
+    @classmethod
+    def _local_path_exists(cls, value: str) -> str:
+        if value.startswith((".", "/", "~")) or value.endswith(".gguf"):
+            path = Path(value).expanduser()
+            if not path.exists():
+                raise ValueError(f"local model path {value!r} does not exist (looked for {path.absolute()})")
+        return value
+
+
+class MetricSpec(_Spec):
+    """A pruning metric with its options; ``label`` tells variants of one metric apart."""
+
+    name: str = Field(min_length=1, description="Registered metric name, e.g. wanda.")
+    options: OptionsDict
+    label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
+    save: str | None = Field(None, min_length=1, description="Folder to save this metric's pruned cells under "
+                                                             "(default: the suite's `save`).")
+
+    @property
+    def display(self) -> str:
+        """The label, or the name when no label is given."""
+        return self.label or self.name
+
+
+class PatternSpec(_Spec):
+    """A sparsity pattern, optionally with sparsities of its own."""
+
+    name: str = Field(min_length=1, description="Registered pattern name or spec: unstructured, 2:4, ...")
+    sparsities: list[Sparsity] | None = Field(
+        None, min_length=1, description="Sparsities for this pattern (default: the top-level ones).")
+    options: OptionsDict
+
+
+class AllocationSpec(_Spec):
+    """A layer-wise allocator with its options; ``label`` tells variants apart."""
+
+    name: str = Field(min_length=1, description="Registered allocator name, e.g. owl.")
+    options: OptionsDict
+    label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
+
+    @property
+    def display(self) -> str:
+        """The label, or the name when no label is given."""
+        return self.label or self.name
+
+
+def _regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    return value
+
+
+LayerRegex = Annotated[str, Field(min_length=1), BeforeValidator(lambda v: _regex(v) if isinstance(v, str) else v)]
+
+
+class DatasetSpec(_Spec):
+    """A registered text dataset with its options."""
+
+    name: str = Field(min_length=1, description="Registered dataset name, e.g. wikitext2.")
+    options: OptionsDict
+
+
+class EvaluationSpec(_Spec):
+    """A registered evaluator with its options."""
+
+    name: str = Field(min_length=1, description="Registered evaluator name, e.g. perplexity.")
+    options: OptionsDict
+    optional: bool = Field(False, description="Skip it, with a note, when its data cannot be had here "
+                                              "(e.g. no local file and no Hub) instead of failing every cell.")
+
+
+class CalibrationSpec(_Spec):
+    """How calibration windows are drawn and fed through the model."""
+
+    dataset: _shorthand(DatasetSpec) = Field(DatasetSpec(name="c4"), description="Calibration dataset.")
+    n: int = Field(128, ge=1, le=MAX_WINDOWS, description="Number of calibration windows.")
+    seqlen: int = Field(2048, ge=8, le=MAX_SEQLEN, description="Tokens per calibration window.")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="Seed for picking windows.")
+    sequential: bool = Field(True, description="Feed each block the pruned previous block's outputs "
+                                                "(false: one-shot, dense inputs).")
+    batch_size: int = Field(8, ge=1, le=MAX_WINDOWS, description="Windows per forward pass.")
+    accumulate: Literal["float64", "released"] = Field(
+        "float64", description="How input statistics are summed: float64 sums (the accurate default) or "
+                               "released, the reference releases' float32 running updates window by window, "
+                               "to reproduce their numbers.")
+
+
+class ExcludeRule(_Spec):
+    """Drops the pruned cells that match every field given."""
+
+    model: str | None = Field(None, description="Model id, or its last path part.")
+    metric: str | None = Field(None, description="Metric name or label.")
+    pattern: str | None = Field(None, description="Pattern spec, e.g. 2:4.")
+    sparsity: float | None = Field(None, description="Sparsity.")
+    allocation: str | None = Field(None, description="Allocation name or label.")
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ExcludeRule:
+        if not any(v is not None for v in (self.model, self.metric, self.pattern, self.sparsity, self.allocation)):
+            raise ValueError("an exclude rule needs at least one of: model, metric, pattern, sparsity, allocation")
+        return self
+
+
+class Suite(_Spec):
+    """A benchmark grid: models × metrics × patterns × sparsities, calibration and evaluations."""
+
+    name: str = Field("suite", min_length=1, description="Suite name (default: the file stem).")
+    leaderboard: str = Field("leaderboard", description="Results folder, relative to the working directory.")
+    device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    dense: bool = Field(True, description="Evaluate the unpruned model (metric `dense`) once per model.")
+    save: str | None = Field(None, min_length=1, description="Folder to save every pruned cell under, one "
+                                                             "subfolder each, relative to the working directory "
+                                                             "(default: not saved).")
+    models: list[_shorthand(ModelSpec, "id")] = Field(min_length=1, description="Models to prune.")
+    metrics: list[_shorthand(MetricSpec)] = Field(min_length=1, description="Pruning metrics.")
+    patterns: list[_shorthand(PatternSpec)] = Field(min_length=1, description="Sparsity patterns.")
+    sparsities: list[Sparsity] | None = Field(
+        None, min_length=1, description="Sparsities for patterns without their own.")
+    allocations: list[_shorthand(AllocationSpec)] = Field(
+        default_factory=lambda: [AllocationSpec(name=UNIFORM)], min_length=1,
+        description="How each sparsity is shared out among layers.")
+    targets: list[LayerRegex] = Field(default_factory=list, description="Regexes: prune only the layers they "
+                                                                        "find (default: all).")
+    ignore: list[LayerRegex] = Field(default_factory=list, description="Regexes: layers left dense.")
+    exclude: list[ExcludeRule] = Field(default_factory=list, description="Pruned cells to drop.")
+    calibration: CalibrationSpec = Field(CalibrationSpec(), description="Calibration protocol.")
+    evaluations: list[_shorthand(EvaluationSpec)] = Field(
+        default_factory=lambda: [EvaluationSpec(name="perplexity")],
+        description="Evaluations run on every cell; empty only to prune and save (`save:` set).")
+    # Set by `exact_save` (stadebench prune --out), never by a file: the one pruned cell
+    # goes to `save` itself rather than to a subfolder of it.
+    _save_exact: bool = PrivateAttr(False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_empty(cls, data: Any) -> Any:
+        # `models:` with nothing under it is YAML null: report it as an empty list
+        if isinstance(data, dict):
+            data = dict(data)
+            for key in ("models", "metrics", "patterns", "evaluations", "exclude", "allocations", "targets",
+                        "ignore"):
+                if key in data and data[key] is None:
+                    data[key] = []
+            if "calibration" in data and data["calibration"] is None:
+                del data["calibration"]
+        return data
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        match = re.fullmatch(r"auto|cpu|cuda(?::(\d{1,8}))?", value)
+        if not match:
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {value!r}")
+        if match[1] is not None and int(match[1]) > MAX_DEVICE_INDEX:
+            raise ValueError(f"device index {int(match[1])} is over {MAX_DEVICE_INDEX}; use cuda:N with a GPU's index")
+        return value
+
+
+def suite_json_schema() -> dict[str, Any]:
+    """JSON Schema of a suite file, for editors and ``stadebench schema``."""
+    schema = Suite.model_json_schema()
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
