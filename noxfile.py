@@ -11,6 +11,8 @@
   a regression. `nox -s bench -- --base HEAD -- -k score_mask` for a quick one.
 - `nox -s gpu -- --quick`: the CUDA check (tests/benchmarks/gpu.py) in the current
   environment, installing nothing (the GPU machine is offline).
+- `nox -s docs`: regenerate the reference pages made from the code (docs/suites.md,
+  docs/leaderboard.md); tests/test_docs.py fails when they are stale.
 - `nox -s parity`: masks against the released Wanda/SparseGPT/STADE code, loaded from local
   clones named by $STADEBENCH_REFERENCE_WANDA and $STADEBENCH_REFERENCE_STADE
   (docs/parity.md); skipped without them.
@@ -91,3 +93,14 @@ def gpu(session: nox.Session) -> None:
     (`$STADEBENCH_CACHE`).
     """
     session.run("python", "tests/benchmarks/gpu.py", *session.posargs)
+
+
+@nox.session(venv_backend="none")
+def docs(session: nox.Session) -> None:
+    """Regenerate docs/suites.md and docs/leaderboard.md from the code, in the current environment.
+
+    The pages are generated from the suite schema's field descriptions and the leaderboard
+    row's column docs (``stadebench/suite/reference.py``); tests/test_docs.py fails when a
+    committed page differs from what it generates.
+    """
+    session.run("python", "-m", "stadebench.suite.reference", "--write")

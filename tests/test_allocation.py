@@ -11,6 +11,7 @@ import torch
 
 import stadebench
 from stadebench.core import allocation as allocating
+from stadebench.core import engine
 from stadebench.core.models import find_blocks, iter_layers, layer_names, prunable_layers, weight_of
 from stadebench.errors import ConfigError, PluginError
 from stadebench.plugins import resolve_allocator, resolve_pattern
@@ -51,7 +52,8 @@ def naive_owl(model, windows, sparsity, m=5.0, lam=0.08):
 
 def ours(model, windows, sparsity, pattern="unstructured", **options):
     owl = resolve_allocator("owl", options)
-    return allocating.layer_sparsities(model, owl, resolve_pattern(pattern), sparsity, [], [], windows, batch_size=4)
+    return allocating.layer_sparsities(model, owl, resolve_pattern(pattern), sparsity, [], [], windows,
+                                       calibration=engine.Calibration(batch_size=4))
 
 
 def _tiny(layers=6):
@@ -153,7 +155,7 @@ def test_nm_refuses_a_non_uniform_allocation(tiny_calibration):
 
         model = _tiny()
         metric, pattern = resolve("magnitude", "2:4")
-        engine.prune(model, None, metric, pattern, allocation=dict.fromkeys(layer_names(model)[:2], 0.6))
+        engine.prune(model, None, metric, pattern, sparsities=dict.fromkeys(layer_names(model)[:2], 0.6))
     # uniform with 2:4 is today's protocol
     report = stadebench.prune(_tiny(), tiny_calibration, "wanda", "2:4", allocation="uniform", batch_size=4)
     assert report.sparsity == 0.5
@@ -166,12 +168,12 @@ def test_ignored_layers_stay_bit_identical_and_the_rest_meet_the_target(tiny_cal
                               ignore=[r"layers\.0\.", "lm_head", r"self_attn\.o_proj"])
     by_name = {layer.name: layer for layer in report.layers}
     left = [n for n in layer_names(model) if ".layers.0." in n or n.endswith("o_proj")]
-    assert {n for n, layer in by_name.items() if layer.excluded} == set(left)
+    assert {n for n, layer in by_name.items() if layer.dense} == set(left)
     for name in left:
         a, b = dense.get_submodule(name), model.get_submodule(name)
         assert torch.equal(a.weight, b.weight) and b.bias is None  # no bias correction on a dense layer
     assert torch.equal(dense.lm_head.weight, model.lm_head.weight)
-    pruned = [layer for layer in report.layers if not layer.excluded]
+    pruned = [layer for layer in report.layers if not layer.dense]
     assert all(layer.sparsity == 0.5 and layer.allocated == 0.5 for layer in pruned)
     assert report.sparsity == 0.5  # over the pruned layers
     # a layer left dense still has its role in the calibrated protocol, as if it were pruned
@@ -184,7 +186,7 @@ def test_ignored_layers_stay_bit_identical_and_the_rest_meet_the_target(tiny_cal
 def test_targets_select_and_a_misspelt_regex_fails(tiny_calibration):
     model = _tiny(layers=2)
     report = stadebench.prune(model, None, "magnitude", "unstructured", 0.5, targets=["mlp"])
-    assert {layer.name.split(".", 3)[-1] for layer in report.layers if not layer.excluded} == {
+    assert {layer.name.split(".", 3)[-1] for layer in report.layers if not layer.dense} == {
         "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     with pytest.raises(ConfigError, match=r"ignore\[1\] 'lm_haed' matches no linear layer of LlamaForCausalLM"):
         stadebench.prune(_tiny(2), None, "magnitude", "unstructured", 0.5, ignore=["mlp", "lm_haed"])

@@ -1,6 +1,8 @@
 """Documentation that cannot drift: every hook has a docs page and a test, every example
 file runs, every code block that shows a file shows it as it is, the tutorial's tests
-pass and its suite validates, and the kit's page lists every conformance rule.
+pass and its suite validates, the kit's page lists every conformance rule, and the pages
+generated from the code (docs/suites.md from the suite schema, docs/leaderboard.md from the
+row schema: ``stadebench.suite.reference.PAGES``) are current.
 
 A docs page shows a file with a marker line right before a fenced block::
 
@@ -9,7 +11,8 @@ A docs page shows a file with a marker line right before a fenced block::
     ...the file, verbatim...
     ```
 
-``python tests/test_docs.py --fix`` rewrites those blocks from the files.
+``python tests/test_docs.py --fix`` rewrites those blocks from the files;
+``python -m stadebench.suite.reference --write`` (``nox -s docs``) regenerates the pages.
 """
 
 from __future__ import annotations
@@ -20,10 +23,14 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from stadebench import hookspecs
+from stadebench import suite as S
 from stadebench.plugins import get_plugins
+from stadebench.results.row import SCHEMA
+from stadebench.suite import reference
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -190,6 +197,50 @@ def test_the_kit_page_lists_every_rule():
     page = (DOCS / "plugins" / "testing.md").read_text(encoding="utf-8")
     for rule, text in RULES.items():
         assert f"| `{rule}` | {text} |" in page, f"docs/plugins/testing.md lacks the rule {rule!r}"
+
+
+# --- reference pages generated from the code -------------------------------------
+
+
+@pytest.mark.parametrize("page", sorted(reference.PAGES))
+def test_generated_pages_are_current(page):
+    path = REPO / page
+    assert path.is_file() and path.read_text(encoding="utf-8") == reference.PAGES[page](), (
+        f"{page} differs from what the code generates; run `{reference.COMMAND}` (or `nox -s docs`) "
+        "and commit the result")
+
+
+def test_the_suite_reference_has_every_field():
+    """Every key of every suite section, with its description and default, is on docs/suites.md."""
+    page = reference.markdown()
+    sections = dict(reference.sections())
+    assert set(sections.values()) == {S.Suite, S.ModelSpec, S.MetricSpec, S.PatternSpec, S.AllocationSpec,
+                                      S.ExcludeRule, S.CalibrationSpec, S.DatasetSpec, S.EvaluationSpec}
+    for path, model in sections.items():
+        table = page.split(f'<a id="{reference._anchor(path)}"></a>', 1)[1].split("<a id=", 1)[0]
+        for name, info in model.model_fields.items():
+            assert info.description, f"{model.__name__}.{name} has no description"
+            row = next((line for line in table.splitlines() if line.startswith(f"| `{name}` |")), None)
+            assert row and reference._cell(info.description) in row, f"{path or 'top level'}: {name}"
+    assert reference.RULES in page and reference.CELLS in page
+    assert (REPO / reference.EXAMPLE).read_text(encoding="utf-8") in page
+
+
+def test_a_changed_description_makes_the_page_stale(monkeypatch):
+    before = reference.markdown()
+    monkeypatch.setattr(S.CalibrationSpec.model_fields["seed"], "description", "A new description.")
+    after = reference.markdown()
+    assert after != before and "| `seed` | integer in [0, 9223372036854775807] | `0` | A new description. |" in after
+
+
+def test_the_column_reference_has_every_column():
+    page = reference.columns_markdown()
+    for field in SCHEMA:
+        doc = field.metadata[b"doc"].decode()
+        assert doc and f"| `{field.name}` |" in page and reference._cell(doc) in page, field.name
+        if pa.types.is_list(field.type) and pa.types.is_struct(field.type.value_type):
+            for sub in field.type.value_type:
+                assert reference._cell(sub.metadata[b"doc"].decode()) in page, f"{field.name}.{sub.name}"
 
 
 def fix() -> None:

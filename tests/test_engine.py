@@ -239,13 +239,13 @@ def test_shared_statistics_prune_exactly_as_each_metrics_own_one_shot_pass(tiny_
                [(l.name, l.role, l.pruned, l.bias_added) for l in b.layers]
         data_free = metric == "magnitude"
         assert b.shared_statistics is not data_free and b.block_passes == 0
-        assert (b.n_windows, b.seqlen, b.batch_size) == ((8, 32, 3) if not data_free else (0, 0, 8))
+        assert (b.n, b.seqlen, b.batch_size) == ((8, 32, 3) if not data_free else (0, 0, 8))
 
 
 def test_shared_statistics_hold_each_layers_role_and_only_what_was_asked(tiny_llama, tiny_calibration):
     shared = stadebench.collect_statistics(tiny_llama, tiny_calibration, {"sumsq"}, batch_size=4)
     assert set(shared.layers) == set(linears(tiny_llama)) and shared.block_passes == 2
-    assert (shared.n_windows, shared.seqlen, shared.batch_size) == (8, 32, 4)
+    assert (shared.n, shared.seqlen, shared.batch_size) == (8, 32, 4)
     for name, stats in shared.layers.items():
         assert stats.layer.name == name and stats.count == tiny_calibration.numel()
         assert stats.sum is None and stats.gram is None and stats.sumsq.device.type == "cpu"
@@ -287,7 +287,7 @@ def test_report_fields(tiny_llama, tiny_calibration):
     assert (report.metric, report.metric_version, report.pattern) == ("stade", "1", "2:4")
     assert report.metric_options == {"bias_correction": True}
     assert report.target_sparsity == 0.5 and report.sequential is True
-    assert (report.n_windows, report.seqlen, report.batch_size, report.device) == (8, 32, 3, "cpu")
+    assert (report.n, report.seqlen, report.batch_size, report.device) == (8, 32, 3, "cpu")
     assert report.block_passes == 4  # two blocks, pass 1 and pass 2 each
     # per-layer realised sparsity from the weights themselves
     layers = linears(tiny_llama)

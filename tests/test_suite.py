@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import math
 import re
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -220,9 +219,10 @@ def test_example_loads_and_round_trips(tmp_path):
     assert S.expand(again) == S.expand(s)
 
 
-def test_docstring_example_is_a_valid_suite():
-    text = S.schema.__doc__.split("::\n\n", 1)[1].split("\nRules", 1)[0]
-    s = S.parse_suite(textwrap.dedent(text), "docstring")
+def test_example_suite_file_is_a_valid_suite():
+    """The example suite that docs/suites.md shows (docs/examples/suite.yaml) validates and expands."""
+    path = Path(__file__).resolve().parents[1] / "docs" / "examples" / "suite.yaml"
+    s = S.parse_suite(path.read_text(encoding="utf-8"), path.name)
     assert [p.name for p in s.patterns] == ["unstructured", "2:4"]  # unquoted 2:4 stays a string
     # dense + 3 metrics x 2 patterns x 2 allocations, minus stade-released on 2:4 (both allocations)
     # and owl on 2:4 for the other two metrics

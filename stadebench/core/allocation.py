@@ -157,12 +157,12 @@ def allocate(model: torch.nn.Module, allocator: Allocator, sparsity: float, name
 
 
 def layer_sparsities(model: torch.nn.Module, allocator: Allocator, pattern: Any, sparsity: float | None,
-                     targets: list[str], ignore: list[str], calibration: torch.Tensor | None = None,
+                     targets: list[str], ignore: list[str], windows: torch.Tensor | None = None,
                      statistics: Any = None, *, who: str | None = None, **collect: Any) -> dict[str, float] | None:
-    """The ``allocation`` argument of ``engine.prune``: None when every layer is pruned at the
+    """The ``sparsities`` argument of ``engine.prune``: None when every layer is pruned at the
     target, else each pruned layer's sparsity. An allocator that reads statistics uses
-    ``statistics`` when they cover it, else one dense pass over ``calibration``
-    (``collect`` goes to ``collect_statistics``)."""
+    ``statistics`` when they cover it, else one dense pass over ``windows``
+    (``collect``, e.g. ``calibration`` and ``device``, goes to ``collect_statistics``)."""
     from .engine import collect_statistics
     from .models import layer_names, select_layers
 
@@ -174,10 +174,10 @@ def layer_sparsities(model: torch.nn.Module, allocator: Allocator, pattern: Any,
         raise ConfigError(f"allocator {allocator.name!r} gives layers sparsities of their own, but pattern "
                           f"{pattern.spec!r} prunes every layer at {target:g}; use it with an unstructured pattern")
     if not allocator.data_free() and (statistics is None or not allocator.statistics <= statistics.needs):
-        if calibration is None:
+        if windows is None:
             raise ConfigError(f"allocator {allocator.name!r} reads the dense model's statistics "
                               f"{sorted(allocator.statistics)}: give calibration windows")
-        statistics = collect_statistics(model, calibration, allocator.statistics, **collect)
+        statistics = collect_statistics(model, windows, allocator.statistics, **collect)
     return allocate(model, allocator, target, names, statistics, who)
 
 

@@ -40,6 +40,24 @@ from .models import (add_bias, enable_bias_flags, find_blocks, module_device, mo
 from .statistics import ACCUMULATORS, BlockCollector
 
 
+@dataclass(frozen=True)
+class Calibration:
+    """How calibration windows feed the blocks: the suite's ``calibration`` knobs that the
+    engine reads, under the same names (a suite's ``CalibrationSpec`` is passed as it is).
+
+    Attributes:
+        sequential: each block sees the pruned outputs of the previous one (True), or
+            the dense ones (False, one-shot).
+        batch_size: calibration windows per forward pass.
+        accumulate: how input statistics are summed (``core.statistics.ACCUMULATORS``:
+            ``float64``, or the reference releases' ``released``).
+    """
+
+    sequential: bool = True
+    batch_size: int = 8
+    accumulate: str = "float64"
+
+
 @dataclass
 class LayerReport:
     """What happened to one prunable layer."""
@@ -58,8 +76,8 @@ class LayerReport:
     allocated: float | None = None
     """The sparsity this layer was asked for (the target, or its allocator's share); None
     for a layer left dense."""
-    excluded: bool = False
-    """Left dense: outside the layers selected for pruning."""
+    dense: bool = False
+    """Left dense: outside the layers selected for pruning (``targets`` / ``ignore``)."""
     output_mse: float | None = None
     """Mean squared error of the layer's outputs, pruned against dense, on the calibration
     inputs, computed exactly from their Gram matrix when the metric collected it; else None."""
@@ -90,7 +108,8 @@ class PruneReport:
     """Realised sparsity over the pruned layers (pruned / their weights); layers left dense
     by an allocation are not counted."""
     sequential: bool
-    n_windows: int
+    n: int
+    """Calibration windows (``calibration.n``); 0 for a data-free metric."""
     seqlen: int
     batch_size: int
     device: str
@@ -130,7 +149,8 @@ class CalibrationStatistics:
     """The statistics collected (a union of metrics' ``statistics``)."""
     layers: dict[str, LayerStats]
     """By full layer name, with each layer's role."""
-    n_windows: int
+    n: int
+    """Calibration windows (``calibration.n``)."""
     seqlen: int
     batch_size: int
     seconds: float
@@ -306,20 +326,18 @@ def _received(collector: BlockCollector, short: str, name: str) -> None:
 
 def prune(
     model: nn.Module,
-    calibration: torch.Tensor | None,
+    windows: torch.Tensor | None,
     metric: Metric,
     pattern: Pattern,
     sparsity: float | None = None,
     *,
-    sequential: bool = True,
-    batch_size: int = 8,
+    calibration: Calibration = Calibration(),
     device: str | torch.device | None = None,
     reconstruction: bool = True,
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
     statistics: CalibrationStatistics | None = None,
-    allocation: Mapping[str, float] | None = None,
-    accumulate: str = "float64",
+    sparsities: Mapping[str, float] | None = None,
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place with ``metric`` and
     ``pattern`` (instances: ``stadebench.prune`` takes registered names and documents
@@ -328,26 +346,28 @@ def prune(
     Each layer is decided by one call, ``metric.prune_layer``, whose ``LayerResult`` is
     applied to the layer (``_Pruning.apply``). Data-free metrics and shared one-shot
     ``statistics`` run no forward pass; other metrics run the calibrated protocol.
-    ``allocation`` maps the full name of each layer to prune to its sparsity (an
-    allocator's answer); layers it does not name stay dense. None prunes every layer at
-    the target ``sparsity``. ``accumulate`` says how the calibrated protocol sums input
-    statistics (``core.statistics.ACCUMULATORS``: ``float64``, or the releases' ``released``).
+    ``windows`` is a LongTensor ``[n, seqlen]`` of calibration token windows, fed as
+    ``calibration`` says (a ``Calibration``, or anything with its fields, such as the
+    suite's ``CalibrationSpec``). ``sparsities`` maps the full name of each layer to prune
+    to its sparsity (an allocator's answer); layers it does not name stay dense. None
+    prunes every layer at the target ``sparsity``.
     """
     t_start = time.perf_counter()
     if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
         raise TypeError("the engine takes Metric and Pattern instances; stadebench.prune also takes "
                         f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
-    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, allocation, accumulate)
+    sequential, batch_size = calibration.sequential, calibration.batch_size
+    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, sparsities, calibration.accumulate)
     shared = statistics if statistics is not None and not metric.data_free() else None
     if shared is not None and shared.accumulate != run.accumulate:
         raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
-    n, seqlen, batch_size = _protocol(metric, calibration, shared, sequential, batch_size)
+    n, seqlen, batch_size = _protocol(metric, windows, shared, sequential, batch_size)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     run.report = PruneReport(
         metric=metric.name, metric_version=metric.version, metric_options=metric.options.model_dump(),
         pattern=pattern.spec, target_sparsity=run.sparsity, sparsity=0.0, sequential=sequential,
-        n_windows=n, seqlen=seqlen, batch_size=batch_size, device=str(run.device), seconds=0.0,
+        n=n, seqlen=seqlen, batch_size=batch_size, device=str(run.device), seconds=0.0,
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
         peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
     )
@@ -355,7 +375,7 @@ def prune(
         if shared is not None or metric.data_free():
             run.without_passes(shared)
         else:
-            run.calibrated(calibration, batch_size, sequential, reconstruction, offload)
+            run.calibrated(windows, batch_size, sequential, reconstruction, offload)
     return run.finish(t_start)
 
 
@@ -365,9 +385,9 @@ def _accumulate(accumulate: str) -> str:
     return accumulate
 
 
-def _protocol(metric: Metric, calibration: torch.Tensor | None, shared: CalibrationStatistics | None,
+def _protocol(metric: Metric, windows: torch.Tensor | None, shared: CalibrationStatistics | None,
               sequential: bool, batch_size: int) -> tuple[int, int, int]:
-    """``(n_windows, seqlen, batch_size)`` of a ``prune`` call, checked: shared statistics
+    """``(n, seqlen, batch_size)`` of a ``prune`` call, checked: shared statistics
     must be one-shot and cover the metric; a calibrated metric needs token windows."""
     if shared is not None:
         if sequential:
@@ -376,12 +396,12 @@ def _protocol(metric: Metric, calibration: torch.Tensor | None, shared: Calibrat
         if missing:
             raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
                               f"collected (have {sorted(shared.needs)})")
-        return shared.n_windows, shared.seqlen, shared.batch_size
+        return shared.n, shared.seqlen, shared.batch_size
     if metric.data_free():
         return 0, 0, batch_size
-    if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
+    if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
         raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
-    n, seqlen = calibration.shape
+    n, seqlen = windows.shape
     return n, seqlen, batch_size
 
 
@@ -400,7 +420,7 @@ class _Pruning:
     pattern: Pattern
     sparsity: float
     device: torch.device
-    targets: dict[str, float]
+    sparsities: dict[str, float]
     """Sparsity of every layer to prune, by full name; the others stay dense."""
     progress: Callable[[int, int], None] | None = None
     report: PruneReport | None = None
@@ -409,7 +429,7 @@ class _Pruning:
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
               device: str | torch.device | None, progress: Callable[[int, int], None] | None,
-              allocation: Mapping[str, float] | None = None, accumulate: str = "float64") -> _Pruning:
+              sparsities: Mapping[str, float] | None = None, accumulate: str = "float64") -> _Pruning:
         """Check the sparsity, the allocation, the accumulation and every pruned layer's
         shape against the pattern before anything runs."""
         target = pattern.resolve_sparsity(sparsity)
@@ -419,25 +439,25 @@ class _Pruning:
         layers = [prunable_layers(b) for b in blocks]
         names = {f"{prefix}.{i}.{short}": layer for i, block_layers in enumerate(layers)
                  for short, layer in block_layers}
-        targets = dict.fromkeys(names, target) if allocation is None else _allocated(allocation, names, pattern,
+        sparsities = dict.fromkeys(names, target) if sparsities is None else _checked(sparsities, names, pattern,
                                                                                       target)
-        for name in targets:
+        for name in sparsities:
             pattern.check_shape(tuple(weight_of(names[name]).shape))
-        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, targets, progress,
+        return cls(model, prefix, blocks, layers, metric, pattern, target, dev, sparsities, progress,
                    accumulate=accumulate)
 
     def pruned(self, i: int) -> list[tuple[str, nn.Module]]:
         """The layers of block ``i`` to prune."""
-        return [(short, layer) for short, layer in self.layers[i] if f"{self.prefix}.{i}.{short}" in self.targets]
+        return [(short, layer) for short, layer in self.layers[i] if f"{self.prefix}.{i}.{short}" in self.sparsities]
 
     def leave_dense(self, i: int, roles: Mapping[str, str] | None = None) -> None:
         """Report the layers of block ``i`` that stay dense."""
         for short, layer in self.layers[i]:
             name = f"{self.prefix}.{i}.{short}"
-            if name not in self.targets:
+            if name not in self.sparsities:
                 self.report.layers.append(LayerReport(name=name, block=i, role=(roles or {}).get(short),
                                                       shape=tuple(weight_of(layer).shape), pruned=0, sparsity=0.0,
-                                                      excluded=True))
+                                                      dense=True))
 
     def prune_layer(self, layer: nn.Module, stats: LayerStats) -> None:
         """Decide one layer with the metric, apply the result and report it."""
@@ -445,7 +465,7 @@ class _Pruning:
         dense = weight_of(layer).detach().float()
         check_finite(dense, "weights", name, self.metric.name)
         had_bias = getattr(layer, "bias", None) is not None
-        sparsity = self.targets[name]
+        sparsity = self.sparsities[name]
         result = self.metric.prune_layer(dense, stats, self.pattern, sparsity)
         error = _output_mse(dense, result, stats)
         self.apply(layer, name, result)
@@ -545,7 +565,7 @@ class _Pruning:
         report = self.report
         if any(layer.bias_added for layer in report.layers):
             report.config_flags = enable_bias_flags(self.model)
-        pruned = [l for l in report.layers if not l.excluded]
+        pruned = [l for l in report.layers if not l.dense]
         total = sum(l.shape[0] * l.shape[1] for l in pruned)
         report.sparsity = sum(l.pruned for l in pruned) / max(total, 1)
         report.peak_memory_bytes = _peak_memory(self.device)
@@ -553,20 +573,20 @@ class _Pruning:
         return report
 
 
-def _allocated(allocation: Mapping[str, float], names: Mapping[str, nn.Module], pattern: Pattern,
-               target: float) -> dict[str, float]:
-    """An allocation checked against the model's layers and the pattern."""
-    unknown = sorted(set(allocation) - set(names))
+def _checked(sparsities: Mapping[str, float], names: Mapping[str, nn.Module], pattern: Pattern,
+             target: float) -> dict[str, float]:
+    """Per-layer sparsities (an allocation) checked against the model's layers and the pattern."""
+    unknown = sorted(set(sparsities) - set(names))
     if unknown:
         raise ConfigError(f"the allocation names {unknown[0]!r}, which is not a prunable layer of this model "
                           f"(they look like {next(iter(names), '?')!r})")
-    if not allocation:
+    if not sparsities:
         raise ConfigError("the allocation selects no layer: nothing would be pruned")
     out = {}
     for name in names:  # model order
-        if name not in allocation:
+        if name not in sparsities:
             continue
-        value = float(allocation[name])
+        value = float(sparsities[name])
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"layer {name}: allocated sparsity {value:g} is outside [0, 1)")
         if not pattern.per_layer_sparsity and not math.isclose(value, target, abs_tol=1e-9):
@@ -598,32 +618,33 @@ def _output_mse(dense: torch.Tensor, result: LayerResult, stats: LayerStats) -> 
 
 def collect_statistics(
     model: nn.Module,
-    calibration: torch.Tensor,
+    windows: torch.Tensor,
     needs: Iterable[str],
     *,
-    batch_size: int = 8,
+    calibration: Calibration = Calibration(),
     device: str | torch.device | None = None,
     offload: bool | None = None,
     progress: Callable[[int, int], None] | None = None,
-    accumulate: str = "float64",
 ) -> CalibrationStatistics:
-    """One dense pass of every block over ``calibration``, gathering the statistics
+    """One dense pass of every block over ``windows``, fed as ``calibration`` says (its
+    ``batch_size`` and ``accumulate``; one-shot whatever its ``sequential``), gathering the statistics
     named in ``needs`` (the union of the metrics' ``statistics``) for every prunable
     layer, as the one-shot protocol of ``prune`` would; the model is not changed.
 
     Statistics go to CPU memory block by block, so the device holds one block's.
     """
     t_start = time.perf_counter()
-    needs, accumulate = frozenset(needs), _accumulate(accumulate)
+    needs, accumulate = frozenset(needs), _accumulate(calibration.accumulate)
+    batch_size = calibration.batch_size
     if not needs or not needs <= STATISTICS:
         raise ConfigError(f"needs must be a non-empty subset of {sorted(STATISTICS)}, got {sorted(needs)}")
-    if calibration is None or calibration.ndim != 2 or calibration.dtype != torch.long:
+    if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
         raise ConfigError("collect_statistics needs calibration windows: a LongTensor [n, seqlen]")
     dev = _device(device, model)
     prefix, blocks = find_blocks(model)
     layers: dict[str, LayerStats] = {}
     with _eval_mode(model):
-        flow, _ = _capture(model, blocks, calibration, batch_size, dev, offload)
+        flow, _ = _capture(model, blocks, windows, batch_size, dev, offload)
         for i, block in enumerate(blocks):
             block_layers = prunable_layers(block)
             block_home = module_device(block)
@@ -637,8 +658,8 @@ def collect_statistics(
     tensors = {id(t): t for stats in layers.values() for t in (stats.sum, stats.sumsq, stats.gram, stats.m2)
                if t is not None}
     nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return CalibrationStatistics(needs=needs, layers=layers, n_windows=calibration.shape[0],
-                                 seqlen=calibration.shape[1], batch_size=batch_size,
+    return CalibrationStatistics(needs=needs, layers=layers, n=windows.shape[0],
+                                 seqlen=windows.shape[1], batch_size=batch_size,
                                  seconds=time.perf_counter() - t_start, block_passes=len(blocks), nbytes=nbytes,
                                  accumulate=accumulate)
 

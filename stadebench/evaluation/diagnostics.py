@@ -104,13 +104,13 @@ class Diagnostics(Evaluator):
                  cell: CellContext | None = None) -> list[Score]:
         if cell is None or cell.metric is None:  # the dense baseline: nothing was pruned
             return [Score("diagnostics", "layers", 0.0, details={"note": "dense: no pruned layer"})]
-        from ..plugins import resolve_metric
+        from ..plugins import resolve_plugin
 
         calibration, heldout, dense = self.dense_statistics(model, tokenizer, cell, device)
-        candidates = {m: resolve_metric(m) for m in self.options.metrics}
+        candidates = {m: resolve_plugin("metric", m) for m in self.options.metrics}
         diagnoses = []
         for layer in cell.layers:
-            if layer.excluded:
+            if layer.dense:
                 continue
             weight, bias = dense[layer.name]
             stats = calibration.layers[layer.name]

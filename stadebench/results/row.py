@@ -89,10 +89,27 @@ DIAGNOSTIC_TYPE = pa.struct([
 """One (layer, candidate decision) of a ``diagnostics`` evaluation (``Row.layer_diagnostics``)."""
 
 
-def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool = False,
-         label: bool = False, baseline: bool = False) -> Any:
-    """A Row field: its Arrow type, what it holds, and which derived lists it joins."""
-    meta = {"type": type_, "doc": doc, "role": role, "json": json, "label": label, "baseline": baseline}
+GROUPS = ("model", "pruning", "calibration", "evaluation")
+"""Where a planned row's field comes from: the model, how it is pruned, its calibration
+(filled only when the cell reads data) and the evaluation."""
+
+
+def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool = False, label: bool = False,
+         baseline: bool = False, source: str | None = None, group: str | None = None, dense: bool = False,
+         empty_null: bool = False, counted: bool = True, options_of: str | None = None) -> Any:
+    """A Row field: its Arrow type, what it holds, and which derived lists it joins.
+
+    ``source`` is the field's one name on the way in: a dotted path into the plan's
+    ``Sources`` (``cell.calibration.n`` is the suite's ``calibration.n``); the plan fills
+    every field that has one, from its ``group``. ``dense``: filled for the dense
+    baseline too (other pruning fields are null there); ``empty_null``: an empty value is
+    stored as null. ``counted``: a key field that decides "same protocol" against a
+    published number (versions, plugins, fingerprints and batch sizes are not);
+    ``options_of``: the plugin kind whose options the field holds.
+    """
+    meta = {"type": type_, "doc": doc, "role": role, "json": json, "label": label, "baseline": baseline,
+            "source": source, "group": group, "dense": dense, "empty_null": empty_null,
+            "counted": counted and role == "key", "options_of": options_of}
     return field(default=None, metadata=meta)
 
 
@@ -106,66 +123,93 @@ class Row:
 
     # --- key: what was measured -------------------------------------------------------
     model: str | None = _col(_str, "Model id as written in the suite: Hub id, local path or asset name.",
-                             "key", baseline=True)
+                             "key", baseline=True, source="cell.model.id", group="model")
     model_source: str | None = _col(_str, "Where the weights came from: hub, local, gguf or asset.",
-                                    "key", baseline=True)
+                                    "key", baseline=True, source="identity.source", group="model", counted=False)
     model_revision: str | None = _col(_str, "Resolved Hub commit of the weights (asset: its package "
-                                      "pin); null for local files.", "key", baseline=True)
+                                      "pin); null for local files.", "key", baseline=True,
+                                      source="identity.revision", group="model")
     model_file: str | None = _col(_str, "GGUF file the weights were read from; null for other formats.",
-                                  "key", baseline=True)
+                                  "key", baseline=True, source="identity.file", group="model")
     model_tokenizer: str | None = _col(_str, "Tokenizer id or path when it is not the model's own.",
-                                       "key", baseline=True)
+                                       "key", baseline=True, source="identity.tokenizer", group="model")
     model_fingerprint: str | None = _col(_str, "Content fingerprint of local weights (sha256 of the "
                                          "files that define the model); changes when they change.",
-                                         "key", baseline=True)
+                                         "key", baseline=True,
+                                         source="identity.fingerprint", group="model", counted=False)
     dtype: str | None = _col(_str, "Model dtype while pruning and evaluating, e.g. bfloat16.", "key",
-                             baseline=True)
-    metric: str | None = _col(_str, "Pruning metric name; 'dense' for the unpruned baseline.", "key")
-    metric_version: str | None = _col(_str, "Version the metric plugin declares.", "key")
+                             baseline=True, source="cell.model.dtype", group="model")
+    metric: str | None = _col(_str, "Pruning metric name; 'dense' for the unpruned baseline.", "key",
+                              source="cell.metric", group="pruning", dense=True)
+    metric_version: str | None = _col(_str, "Version the metric plugin declares.", "key",
+                                      source="cell.metric_plugin.version", group="pruning", counted=False)
     metric_options: str | None = _col(_str, "Metric options, defaults included, as canonical JSON.", "key",
-                                      json=True)
-    metric_plugin: str | None = _col(_str, "Distribution that registered the metric.", "key")
-    pattern: str | None = _col(_str, "Sparsity pattern (unstructured, 2:4, ...); null for dense.", "key")
-    pattern_version: str | None = _col(_str, "Version the pattern plugin declares.", "key")
+                                      json=True,
+                                      source="cell.metric_options", group="pruning", dense=True, options_of="metric")
+    metric_plugin: str | None = _col(_str, "Distribution that registered the metric.", "key",
+                                     source="cell.metric_plugin.distribution", group="pruning", counted=False)
+    pattern: str | None = _col(_str, "Sparsity pattern (unstructured, 2:4, ...); null for dense.", "key",
+                               source="cell.pattern", group="pruning")
+    pattern_version: str | None = _col(_str, "Version the pattern plugin declares.", "key",
+                                       source="cell.pattern_plugin.version", group="pruning", counted=False)
     pattern_options: str | None = _col(_str, "Pattern options as canonical JSON; null when it has none.",
-                                       "key", json=True)
-    pattern_plugin: str | None = _col(_str, "Distribution that registered the pattern.", "key")
-    sparsity: float | None = _col(_f64, "Target sparsity in [0, 1) over the pruned layers; 0 for dense.", "key")
+                                       "key", json=True, source="cell.pattern_options", group="pruning",
+                                       empty_null=True, options_of="pattern")
+    pattern_plugin: str | None = _col(_str, "Distribution that registered the pattern.", "key",
+                                      source="cell.pattern_plugin.distribution", group="pruning", counted=False)
+    sparsity: float | None = _col(_f64, "Target sparsity in [0, 1) over the pruned layers; 0 for dense.", "key",
+                                  source="cell.sparsity", group="pruning", dense=True)
     allocation: str | None = _col(_str, "Allocator that shared the target out among layers (uniform, owl, "
-                                  "...); null for dense.", "key")
-    allocation_version: str | None = _col(_str, "Version the allocator plugin declares.", "key")
-    allocation_options: str | None = _col(_str, "Allocator options as canonical JSON.", "key", json=True)
-    allocation_plugin: str | None = _col(_str, "Distribution that registered the allocator.", "key")
+                                  "...); null for dense.", "key", source="cell.allocation", group="pruning")
+    allocation_version: str | None = _col(_str, "Version the allocator plugin declares.", "key",
+                                          source="cell.allocation_plugin.version", group="pruning", counted=False)
+    allocation_options: str | None = _col(_str, "Allocator options as canonical JSON.", "key", json=True,
+                                          source="cell.allocation_options", group="pruning", options_of="allocator")
+    allocation_plugin: str | None = _col(_str, "Distribution that registered the allocator.", "key",
+                                         source="cell.allocation_plugin.distribution", group="pruning", counted=False)
     layer_targets: str | None = _col(_str, "Regexes (JSON list) selecting the layers to prune; null: all "
-                                     "prunable layers.", "key", json=True, label=True)
+                                     "prunable layers.", "key", json=True, label=True,
+                                     source="cell.targets", group="pruning", empty_null=True)
     layer_ignore: str | None = _col(_str, "Regexes (JSON list) of layers left dense; null: none.", "key",
-                                    json=True, label=True)
+                                    json=True, label=True, source="cell.ignore", group="pruning", empty_null=True)
     calib_dataset: str | None = _col(_str, "Calibration dataset name; null when the metric reads no data.",
-                                     "key", label=True)
+                                     "key", label=True, source="cell.calibration.dataset.name", group="calibration")
     calib_options: str | None = _col(_str, "Calibration dataset options as canonical JSON.", "key",
-                                     json=True, label=True)
+                                     json=True, label=True, source="cell.calibration.dataset.options",
+                                     group="calibration", options_of="dataset")
     calib_fingerprint: str | None = _col(_str, "The calibration dataset's fingerprint (its version and "
-                                         "content).", "key")
-    calib_n: int | None = _col(_i32, "Number of calibration windows.", "key", label=True)
-    calib_seqlen: int | None = _col(_i32, "Tokens per calibration window.", "key", label=True)
-    calib_seed: int | None = _col(_i64, "Seed that picked the calibration windows.", "key", label=True)
+                                         "content).", "key",
+                                         source="calibration_fingerprint", group="calibration", counted=False)
+    calib_n: int | None = _col(_i32, "Number of calibration windows.", "key", label=True,
+                               source="cell.calibration.n", group="calibration")
+    calib_seqlen: int | None = _col(_i32, "Tokens per calibration window.", "key", label=True,
+                                    source="cell.calibration.seqlen", group="calibration")
+    calib_seed: int | None = _col(_i64, "Seed that picked the calibration windows.", "key", label=True,
+                                  source="cell.calibration.seed", group="calibration")
     sequential: bool | None = _col(_bool, "True: blocks calibrated on pruned outputs; false: one-shot.",
-                                   "key", label=True)
-    batch_size: int | None = _col(_i32, "Calibration windows per forward pass.", "key", label=True)
+                                   "key", label=True, source="cell.calibration.sequential", group="calibration")
+    batch_size: int | None = _col(_i32, "Calibration windows per forward pass.", "key", label=True,
+                                  source="cell.calibration.batch_size", group="calibration", counted=False)
     calib_accumulate: str | None = _col(_str, "How input statistics were summed: float64, or released (the "
-                                        "reference releases' float32 running updates).", "key", label=True)
-    evaluator: str | None = _col(_str, "Evaluator name, e.g. perplexity or lm-eval.", "key", baseline=True)
+                                        "reference releases' float32 running updates).", "key", label=True,
+                                        source="cell.calibration.accumulate", group="calibration")
+    evaluator: str | None = _col(_str, "Evaluator name, e.g. perplexity or lm-eval.", "key", baseline=True,
+                                 source="evaluation.name", group="evaluation")
     evaluator_version: str | None = _col(_str, "Version the evaluator plugin declares.", "key",
-                                         baseline=True)
+                                         baseline=True,
+                                         source="evaluation.resolved.version", group="evaluation", counted=False)
     eval_options: str | None = _col(_str, "Evaluator options (limit, tasks, ...) as canonical JSON.", "key",
-                                    json=True, baseline=True)
+                                    json=True, baseline=True,
+                                    source="eval_options", group="evaluation", options_of="evaluator")
     eval_dataset: str | None = _col(_str, "Dataset the evaluator read, e.g. wikitext2 or c4.", "key",
-                                    baseline=True)
+                                    baseline=True, source="eval_dataset", group="evaluation")
     eval_split: str | None = _col(_str, "Split of eval_dataset, e.g. test or validation.", "key",
-                                  baseline=True)
-    eval_seqlen: int | None = _col(_i32, "Tokens per evaluation window.", "key", baseline=True)
+                                  baseline=True, source="eval_options.split", group="evaluation")
+    eval_seqlen: int | None = _col(_i32, "Tokens per evaluation window.", "key", baseline=True,
+                                   source="eval_options.seqlen", group="evaluation")
     eval_fingerprint: str | None = _col(_str, "Fingerprint of the data the evaluator reads (its version "
-                                        "and content), when it says.", "key", baseline=True)
+                                        "and content), when it says.", "key", baseline=True,
+                                        source="evaluation_fingerprint", group="evaluation", counted=False)
     # --- value ------------------------------------------------------------------------
     task: str | None = _col(_str, "Task of the evaluation (wikitext2, boolq, ...); null if none ran.", "value")
     score: str | None = _col(_str, "Score name (ppl, acc, acc_norm, ...); no ',none' suffix.", "value")
@@ -179,16 +223,20 @@ class Row:
     created_at: datetime | None = _col(_time, "When the row was written; the newest write of a key wins.")
     suite: str | None = _col(_str, "Name of the suite the run executed.")
     model_revision_requested: str | None = _col(_str, "Revision as written in the suite (branch, tag, "
-                                                "commit), before resolution.")
+                                                "commit), before resolution.",
+                                                source="cell.model.revision", group="model")
     stadebench_version: str | None = _col(_str, "stadebench version that produced the row.")
     torch_version: str | None = _col(_str, "torch version that produced the row.")
     transformers_version: str | None = _col(_str, "transformers version that produced the row.")
     lm_eval_version: str | None = _col(_str, "lm-eval version, when installed.")
-    metric_plugin_version: str | None = _col(_str, "Version of the distribution that registered the metric.")
+    metric_plugin_version: str | None = _col(_str, "Version of the distribution that registered the metric.",
+                                             source="cell.metric_plugin.distribution_version", group="pruning")
     pattern_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
-                                              "pattern.")
+                                              "pattern.",
+                                              source="cell.pattern_plugin.distribution_version", group="pruning")
     allocation_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
-                                                 "allocator.")
+                                                 "allocator.",
+                                                 source="cell.allocation_plugin.distribution_version", group="pruning")
     git_commit: str | None = _col(_str, "Git commit of the stadebench checkout, if it is one.")
     device: str | None = _col(_str, "Device name, e.g. 'NVIDIA H200' or 'cpu (x86_64)'.")
     executor: str | None = _col(_str, "Executor that ran the cell, e.g. local.")
@@ -240,6 +288,18 @@ BASELINE_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["baseline"])
 LABEL_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["label"])
 """Key fields beyond model, metric, pattern and sparsity that name a row in tables when they vary."""
 JSON_FIELDS = frozenset(n for n, f in _FIELDS.items() if f.metadata["json"])
+SOURCES = {n: f.metadata["source"] for n, f in _FIELDS.items() if f.metadata["source"]}
+"""Where the plan takes each field from: the field's one name on the way in (a path into
+``runner.plan.Sources``), e.g. ``calib_n`` <- ``cell.calibration.n`` (the suite's ``calibration.n``)."""
+COUNTED_FIELDS = tuple(n for n, f in _FIELDS.items() if f.metadata["counted"])
+"""Key fields that decide "same protocol" against a published number."""
+OPTION_FIELDS = {n: f.metadata["options_of"] for n, f in _FIELDS.items() if f.metadata["options_of"]}
+"""Fields holding a plugin's options, and the plugin kind that fills their defaults."""
+
+
+def meta(name: str, key: str) -> Any:
+    """The metadata ``key`` of Row field ``name`` (see ``_col``)."""
+    return _FIELDS[name].metadata[key]
 _STRUCT_FIELDS = {n: tuple(f.metadata["type"].value_type.names) for n, f in _FIELDS.items()
                   if pa.types.is_list(f.metadata["type"])}
 
@@ -323,5 +383,6 @@ def cell_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()
 
 
-__all__ = ["BASELINE_FIELDS", "DIAGNOSTIC_TYPE", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "SCHEMA",
-           "SCHEMA_VERSION", "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "normalise"]
+__all__ = ["BASELINE_FIELDS", "COUNTED_FIELDS", "DIAGNOSTIC_TYPE", "GROUPS", "JSON_FIELDS", "KEY_FIELDS",
+           "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "OPTION_FIELDS", "SCHEMA", "SCHEMA_VERSION", "SOURCES",
+           "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "meta", "normalise"]

@@ -1,51 +1,10 @@
 """The results store: a plain Parquet dataset, one file per write, superseded rows kept aside.
 
-Layout of a leaderboard folder::
-
-    leaderboard/
-        <run>-<cell>-<id>.parquet   the current rows: one file per write (or remainder, below)
-        _history/*.parquet          files whose rows were superseded by a newer write
-        _stadebench.lock            serialises compaction between processes
-        .<name>.<id>.tmp            a write in flight (or left by a killed one)
-
-Only complete Parquet files are visible at the top level, so plain tools read it without
-stadebench, and see each (cell_key, task, score) once::
-
-    pandas.read_parquet("leaderboard")
-    pyarrow.dataset.dataset("leaderboard")
-    polars.read_parquet("leaderboard/*.parquet")
-    duckdb.sql("select * from read_parquet('leaderboard/*.parquet')")
-
-(pyarrow and pandas skip names that start with ``_`` or ``.``; the globs match top-level
-data files only). The schema version is in each file's metadata (``VERSION_KEY``); ``read``
-upgrades older files on the fly and refuses newer ones; ``compact(upgrade=True)``, which
-every run calls first, rewrites older files in the current schema (the originals go to
-``_history/``), so a plain reader sees one schema.
-
-Writing. ``write_rows`` validates the rows against ``record.SCHEMA`` and writes one new
-file with ``util.atomic_write`` (hidden temporary name, fsync, ``os.replace``): a reader or
-a killed writer never sees half a file, and no existing file is ever modified.
-
-Compaction. After every write (and at the start of a run, ``compact``), under the lock,
-the key columns of the top-level files are read and ``current`` picks the rows that are
-still current. A file all of whose rows are current stays; one with none is moved
-(``os.replace``) into ``_history/``; one with some is split: its current rows, unchanged,
-are first written as a new file (the old name plus ``_rNNN``, which sorts after it), and
-only then is the old file moved. A process remembers the key columns of the files it has
-read (files never change), so each compaction reads only the files new to it.
-
-Kill safety. Killed at any point, the folder holds only complete files and every row is
-on disk at least once: between the two steps of a split the current rows are there twice,
-identical, and since ties go to the later file name, the next compaction moves the old
-file away. A reader that lists a file which is then moved lists the folder again, and
-finds the split's new file, which was written first: it does not lose rows either.
-
-Concurrency. Writers never modify a file and name theirs uniquely, so they need no lock to
-write; compactions take the lock, so only one moves files at a time. Each writer compacts
-after its own file is in place, hence once every writer is done the folder is compact.
-Compacting from a partial listing is safe because the current rule is monotone: a row
-that some rows supersede stays superseded whatever rows are added. A killed process's lock
-is released by the kernel (``flock``); the lock file itself stays, harmlessly.
+A leaderboard folder's top-level ``*.parquet`` files are its current rows, which plain
+pandas, pyarrow, polars or DuckDB read directly; ``write_rows`` adds one file atomically,
+then compaction (under ``_stadebench.lock``) moves superseded files into ``_history/``.
+The layout, writing, compaction, kill safety and concurrency are described in
+docs/design.md ("Leaderboard"); the columns in docs/leaderboard.md.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ fingerprints local weights, resolves Hub commits) and calls it. Executors run pl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any
 from ..base import Allocator, Evaluator, Metric, Pattern
 from ..data.loading import ModelIdentity, identify
 from ..errors import PluginError, StadebenchError
-from ..results.row import Row
+from ..results.row import SOURCES, Row, meta
 from ..suite import CalibrationSpec, Cell, DatasetSpec, EvaluationSpec, ModelSpec, Suite, expand, select
 
 
@@ -140,40 +141,53 @@ def calibration_key(calibration: CalibrationSpec) -> str:
     return calibration.model_dump_json()
 
 
-def _model_fields(spec: ModelSpec, identity: ModelIdentity) -> dict[str, Any]:
-    return {"model": spec.id, "model_source": identity.source, "model_revision": identity.revision,
-            "model_file": identity.file, "model_tokenizer": identity.tokenizer,
-            "model_fingerprint": identity.fingerprint, "dtype": spec.dtype,
-            "model_revision_requested": spec.revision}
+@dataclass(frozen=True)
+class Sources:
+    """What a planned row is filled from; each Row field names its own path in here
+    (``results.row.SOURCES``, e.g. ``cell.calibration.n`` for ``calib_n``)."""
 
+    cell: Cell
+    identity: ModelIdentity
+    evaluation: EvaluationSpec | None = None
+    calibration_fingerprint: str | None = None
+    evaluation_fingerprint: str | None = None
 
-def _evaluation_fields(evaluation: EvaluationSpec, fingerprint: str | None) -> dict[str, Any]:
-    options = evaluation.resolved.instance.options.model_dump(mode="json")
-    dataset = options.get("dataset")
-    return {"evaluator": evaluation.name, "evaluator_version": evaluation.resolved.version,
-            "eval_options": options, "eval_split": options.get("split"), "eval_seqlen": options.get("seqlen"),
-            "eval_dataset": dataset.get("name") if isinstance(dataset, dict) else dataset,
-            "eval_fingerprint": fingerprint}
+    @property
+    def eval_options(self) -> dict[str, Any] | None:
+        """The evaluator's options, defaults filled in."""
+        if self.evaluation is None:
+            return None
+        return self.evaluation.resolved.instance.options.model_dump(mode="json")
 
+    @property
+    def eval_dataset(self) -> str | None:
+        """The name of the dataset the evaluation reads."""
+        dataset = (self.eval_options or {}).get("dataset")
+        return dataset.get("name") if isinstance(dataset, dict) else dataset
 
-def _pruning_fields(cell: Cell) -> dict[str, Any]:
-    if cell.dense:
-        return {"metric": cell.metric, "metric_options": cell.metric_options, "sparsity": 0.0}
-    m, p, a = cell.metric_plugin, cell.pattern_plugin, cell.allocation_plugin
-    return {"metric": cell.metric, "metric_version": m.version, "metric_options": cell.metric_options,
-            "metric_plugin": m.distribution, "metric_plugin_version": m.distribution_version,
-            "pattern": cell.pattern, "pattern_version": p.version, "pattern_options": cell.pattern_options or None,
-            "pattern_plugin": p.distribution, "pattern_plugin_version": p.distribution_version,
-            "sparsity": cell.sparsity, "allocation": cell.allocation, "allocation_version": a.version,
-            "allocation_options": cell.allocation_options, "allocation_plugin": a.distribution,
-            "allocation_plugin_version": a.distribution_version, "layer_targets": list(cell.targets) or None,
-            "layer_ignore": list(cell.ignore) or None}
+    def value(self, path: str) -> Any:
+        """The value at a dotted ``path``: attributes, then mapping keys (a missing key, or
+        anything under None, is None)."""
+        value: Any = self
+        for part in path.split("."):
+            if value is None:
+                return None
+            value = value.get(part) if isinstance(value, dict) else getattr(value, part)
+        return value
 
-
-def _calibration_fields(c: CalibrationSpec, fingerprint: str) -> dict[str, Any]:
-    return {"calib_dataset": c.dataset.name, "calib_options": c.dataset.options, "calib_fingerprint": fingerprint,
-            "calib_n": c.n, "calib_seqlen": c.seqlen, "calib_seed": c.seed, "sequential": c.sequential,
-            "batch_size": c.batch_size, "calib_accumulate": c.accumulate}
+    def fields(self, *groups: str) -> dict[str, Any]:
+        """Every Row field of ``groups`` that has a source, read from here; a dense cell
+        fills only the pruning fields marked ``dense``."""
+        out = {}
+        for name, path in SOURCES.items():
+            if meta(name, "group") not in groups or (self.cell.dense and meta(name, "group") == "pruning"
+                                                     and not meta(name, "dense")):
+                continue
+            value = self.value(path)
+            if meta(name, "empty_null") and not value:
+                value = None
+            out[name] = list(value) if isinstance(value, tuple) else value
+        return out
 
 
 def uses_data(cell: Cell) -> bool:
@@ -199,14 +213,14 @@ def _fingerprint(spec: DatasetSpec | EvaluationSpec) -> str | None:
 def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, done: set[str],
              skip: set[str]) -> PlannedCell:
     data = uses_data(cell)
-    base = {**_model_fields(cell.model, identity), **_pruning_fields(cell)}
-    if data:
-        base.update(_calibration_fields(cell.calibration, fingerprints(cell.calibration.dataset)))
+    sources = Sources(cell, identity, calibration_fingerprint=fingerprints(cell.calibration.dataset) if data else None)
+    base = sources.fields("model", "pruning", *(["calibration"] if data else []))
     pending = []
     for evaluation in cell.evaluations:
         if evaluation.model_dump_json() in skip:
             continue
-        row = Row(**base, **_evaluation_fields(evaluation, fingerprints(evaluation)))
+        evaluated = dataclasses.replace(sources, evaluation=evaluation, evaluation_fingerprint=fingerprints(evaluation))
+        row = Row(**base, **evaluated.fields("evaluation"))
         item = Pending(evaluation, evaluation.resolved.instance, row)
         if item.key not in done:
             pending.append(item)
@@ -284,5 +298,5 @@ def make_plan(suite: Suite, folder: str | Path | None = None, *, only: list[str]
     return result
 
 
-__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "calibration_key", "make_plan", "plan",
-           "uses_data"]
+__all__ = ["ModelPlan", "Pending", "Plan", "PlannedCell", "SharingGroup", "Sources", "calibration_key", "make_plan",
+           "plan", "uses_data"]

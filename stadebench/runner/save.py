@@ -92,8 +92,8 @@ def card_from_report(report: Any, base_model: str, *, calibration: dict[str, Any
     report's n, seqlen and sequential, and dropped for a data-free metric (no windows). Each layer's
     allocated sparsity is ``allocated[name]``, else the report's (None: left dense)."""
     calib = None
-    if calibration is not None and report.n_windows:
-        calib = {**calibration, "n": report.n_windows, "seqlen": report.seqlen, "sequential": report.sequential}
+    if calibration is not None and report.n:
+        calib = {**calibration, "n": report.n, "seqlen": report.seqlen, "sequential": report.sequential}
     given = allocated or {}
 
     def share(layer):

@@ -86,7 +86,7 @@ def layer_records(report: Any) -> list[dict[str, Any]]:
     """``Row.layers`` of a ``PruneReport``: one record per prunable layer (record.LAYER_TYPE)."""
     mse = {b.index: b.mse for b in report.blocks}
     return [{"name": l.name, "block": l.block, "role": l.role, "rows": l.shape[0], "columns": l.shape[1],
-             "dense": l.excluded, "allocated": l.allocated, "sparsity": l.sparsity, "pruned": l.pruned,
+             "dense": l.dense, "allocated": l.allocated, "sparsity": l.sparsity, "pruned": l.pruned,
              "bias_added": l.bias_added, "block_mse": mse.get(l.block), "output_mse": l.output_mse}
             for l in report.layers]
 
@@ -201,9 +201,8 @@ class ModelSession:
             group = self.groups[key]
             try:
                 self.shared[key] = engine.collect_statistics(self.model, self.calibration(cell), group.needs,
-                                                      batch_size=group.calibration.batch_size,
-                                                      device=self.device, progress=self.progress,
-                                                      accumulate=group.calibration.accumulate)
+                                                             calibration=group.calibration, device=self.device,
+                                                             progress=self.progress)
             except StadebenchError as exc:  # every cell of the group fails the same way, without a retry
                 self.shared[key] = exc
             else:
@@ -232,9 +231,8 @@ class ModelSession:
                 if stats_key not in self.allocation_stats:
                     self.restore()
                     self.allocation_stats[stats_key] = engine.collect_statistics(
-                        self.model, self.calibration(cell), allocator.statistics,
-                        batch_size=cell.calibration.batch_size, device=self.device, progress=self.progress,
-                        accumulate=cell.calibration.accumulate)
+                        self.model, self.calibration(cell), allocator.statistics, calibration=cell.calibration,
+                        device=self.device, progress=self.progress)
                     self.seconds["statistics"] += self.allocation_stats[stats_key].seconds
                 stats = self.allocation_stats[stats_key]
             who = c.allocation_plugin.who("allocator", c.allocation_label) if c.allocation_plugin else None
@@ -250,19 +248,16 @@ class ModelSession:
             return None
         windows = None if cell.calibration is None else self.calibration(cell)
         shared = None if cell.calibration is None else self.statistics(cell)
-        shares = self.allocation(cell, shared)
+        sparsities = self.allocation(cell, shared)
         if cell.metric.data_free():
             windows = shared = None
-        sequential = cell.calibration.sequential if cell.calibration else True
-        batch_size = cell.calibration.batch_size if cell.calibration else 8
-        accumulate = cell.calibration.accumulate if cell.calibration else "float64"
         self.dirty = True
-        report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity, sequential=sequential,
-                       batch_size=batch_size, device=self.device, progress=self.progress, statistics=shared,
-                       allocation=shares, accumulate=accumulate)
+        report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity,
+                              calibration=cell.calibration or engine.Calibration(), device=self.device,
+                              progress=self.progress, statistics=shared, sparsities=sparsities)
         result.actual_sparsity, result.prune_seconds = report.sparsity, report.seconds
         result.layers = layer_records(report)
-        result.dense_layers = sum(layer.excluded for layer in report.layers)
+        result.dense_layers = sum(layer.dense for layer in report.layers)
         result.peak_memory_bytes = report.peak_memory_bytes
         result.details["prune"] = _prune_details(report, shared)
         result.seconds["prune"] = report.seconds

@@ -1,5 +1,6 @@
 """The input side: a suite file read (``loading``), checked against the plugin registries
-(``resolve``) and expanded into cells (``cells``); ``schema`` declares every field."""
+(``resolve``) and expanded into cells (``cells``); ``schema`` declares every field, and
+``reference`` generates docs/suites.md from it."""
 
 from .cells import Cell, exact_save, expand, select
 from .loading import load_suite, parse_suite, parse_value, validate_suite

@@ -1,70 +1,9 @@
-"""Suites: the declarative grid of a benchmark run, and its expansion into cells.
+"""The suite schema: the pydantic models a suite file is validated against.
 
-A suite is a YAML file; every key below is optional unless marked *required*::
-
-    name: smoke                      # defaults to the file stem
-    leaderboard: leaderboard         # folder for results, relative to the current directory
-    device: auto                     # auto | cpu | cuda | cuda:N
-    dense: true                      # evaluate the unpruned baseline (metric "dense") once per model
-    save: null                       # a folder: save every pruned cell under it (docs/saving.md)
-    models:                          # required: a Hub id / local path, or a mapping
-      - id: smollm2-135m             # Hub id, local folder, GGUF file, or asset name
-        revision: null               # branch, tag or commit on the Hub
-        dtype: float32               # float32 | float16 | bfloat16
-        trust_remote_code: false     # never run model code from the Hub unless true
-        gguf_file: null              # file inside `id` to load weights from
-        tokenizer: null              # defaults to id
-    metrics:                         # required: a name, or {name, options, label}
-      - magnitude
-      - wanda
-      - {name: stade, options: {bias_correction: false}, label: stade-released}
-      # - {name: sparsegpt, save: pruned/sparsegpt}   # a metric's own `save` overrides the suite's
-    patterns: [unstructured, 2:4]    # required: a name, or {name, sparsities, options}
-    sparsities: [0.5]                # for patterns without their own
-    allocations:                     # how a sparsity is shared out among layers (default [uniform])
-      - uniform
-      - {name: owl, options: {M: 5, lambda: 0.08}}
-    targets: []                      # regexes over module paths: prune only the layers they find
-    ignore: []                       # regexes: layers left dense, e.g. ['layers[.]0[.]', self_attn]
-    exclude:                         # drop pruned cells matching every field given
-      - {metric: stade-released, pattern: 2:4}
-      - {allocation: owl, pattern: 2:4}
-    calibration:
-      dataset: enwiki-2016           # a name or {name, options}
-      n: 16                          # windows
-      seqlen: 512                    # tokens per window
-      seed: 0
-      sequential: true               # false: one-shot (blocks see dense inputs)
-      batch_size: 8
-      accumulate: float64            # released: the reference releases' float32 running sums
-    evaluations:                     # a name or {name, options}
-      - {name: perplexity, options: {dataset: enwiki-2016, seqlen: 512}}
-
-Rules beyond the field types:
-
-- Metric, pattern, dataset and evaluator names come from the plugin registries, and
-  their ``options`` are checked by the plugin's ``Options`` model (defaults filled in).
-- ``dense`` is the baseline, switched by ``dense:``; it is not a metric name.
-- ``save: DIR`` (top level, or per metric, which overrides it) saves each pruned cell
-  as a plain Hugging Face folder ``DIR/<model>--<metric>--<pattern>--<sparsity>--<key>``
-  (``bench.save.folder_name``); a re-run cell replaces its folder. Where a model is saved
-  does not change its numbers: ``save`` is not part of any key. The dense cell is never saved.
-- A sparsity lies strictly between 0 and 1. A pattern without sparsities of its own
-  uses the top-level ``sparsities``, or its default (0.5; N/M for N:M). An N:M pattern
-  prunes N of every M weights, so it admits no sparsity other than N/M.
-- ``2:4`` may be written unquoted (YAML 1.1 would read it as the base-60 number 124).
-- Models (id, revision, dtype, gguf_file), metric labels, patterns and evaluations
-  must be distinct; a model id that looks like a local path must exist.
-- ``exclude`` applies to pruned cells only, and each value must name something in the
-  suite (model id or its last path part, metric name or label, pattern, sparsity,
-  allocation name or label).
-- An allocation other than ``uniform`` gives layers sparsities of their own, which an
-  N:M pattern refuses: exclude such pairs. ``targets`` and ``ignore`` are Python
-  regexes matched anywhere in a layer's path (``re.search``); each must find a linear
-  layer of every model, and the sparsity is over the layers left to prune.
-
-``expand`` turns a suite into cells grouped by model: the dense cell first, then
-metric × pattern × sparsity in the order written, minus the excluded ones.
+Each field's ``Field(description=...)`` and each model's docstring are the suite reference:
+docs/suites.md is generated from them (``python -m stadebench.suite.reference --write``,
+with the rules no field type states and the example docs/examples/suite.yaml), and
+tests/test_docs.py fails when the page and the models differ.
 """
 
 from __future__ import annotations
@@ -142,8 +81,8 @@ class ModelSpec(_Spec):
 
     id: str = Field(min_length=1, description="Hub id, local folder, GGUF file, or asset name.")
     revision: str | None = Field(None, description="Branch, tag or commit on the Hub (default: main).")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype.")
-    trust_remote_code: bool = Field(False, description="Allow running model code from the Hub.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype while pruning and evaluating.")
+    trust_remote_code: bool = Field(False, description="Run model code from the Hub; never unless true.")
     gguf_file: str | None = Field(None, description="GGUF file inside `id` to load weights from.")
     tokenizer: str | None = Field(None, description="Tokenizer id or path (default: `id`).")
     num_gpus: float | None = Field(None, ge=0, le=64, description="GPUs a Ray worker holding this model "
@@ -245,7 +184,7 @@ class ExcludeRule(_Spec):
     model: str | None = Field(None, description="Model id, or its last path part.")
     metric: str | None = Field(None, description="Metric name or label.")
     pattern: str | None = Field(None, description="Pattern spec, e.g. 2:4.")
-    sparsity: float | None = Field(None, description="Sparsity.")
+    sparsity: float | None = Field(None, description="Sparsity, e.g. 0.5.")
     allocation: str | None = Field(None, description="Allocation name or label.")
 
     @model_validator(mode="after")
@@ -264,7 +203,7 @@ class Suite(_Spec):
     dense: bool = Field(True, description="Evaluate the unpruned model (metric `dense`) once per model.")
     save: str | None = Field(None, min_length=1, description="Folder to save every pruned cell under, one "
                                                              "subfolder each, relative to the working directory "
-                                                             "(default: not saved).")
+                                                             "(default: not saved; docs/saving.md).")
     models: list[_shorthand(ModelSpec, "id")] = Field(min_length=1, description="Models to prune.")
     metrics: list[_shorthand(MetricSpec)] = Field(min_length=1, description="Pruning metrics.")
     patterns: list[_shorthand(PatternSpec)] = Field(min_length=1, description="Sparsity patterns.")
@@ -273,9 +212,10 @@ class Suite(_Spec):
     allocations: list[_shorthand(AllocationSpec)] = Field(
         default_factory=lambda: [AllocationSpec(name=UNIFORM)], min_length=1,
         description="How each sparsity is shared out among layers.")
-    targets: list[LayerRegex] = Field(default_factory=list, description="Regexes: prune only the layers they "
-                                                                        "find (default: all).")
-    ignore: list[LayerRegex] = Field(default_factory=list, description="Regexes: layers left dense.")
+    targets: list[LayerRegex] = Field(default_factory=list, description="Regexes over layer paths: prune only "
+                                                                        "the layers they find (default: all).")
+    ignore: list[LayerRegex] = Field(default_factory=list, description="Regexes over layer paths: layers left "
+                                                                       "dense, e.g. ['layers[.]0[.]', self_attn].")
     exclude: list[ExcludeRule] = Field(default_factory=list, description="Pruned cells to drop.")
     calibration: CalibrationSpec = Field(CalibrationSpec(), description="Calibration protocol.")
     evaluations: list[_shorthand(EvaluationSpec)] = Field(
