@@ -241,3 +241,27 @@ def test_the_accumulations_a_suite_and_a_published_row_accept_are_the_engines():
                  for a in get_args(arg)}
     assert suite == published == set(ACCUMULATORS)
     assert CalibrationSpec().accumulate == "float64"
+
+
+def test_every_key_field_names_where_the_plan_takes_it_from():
+    from stadebench.results import row
+    from stadebench.suite import CalibrationSpec, ModelSpec
+
+    assert set(row.KEY_FIELDS) <= set(row.SOURCES)
+    for name, path in row.SOURCES.items():
+        assert row.meta(name, "group") in row.GROUPS, name
+        parts = path.split(".")
+        # one name per knob: a suite knob keeps its word in the row (calibration knobs with a calib_ prefix)
+        if parts[:2] == ["cell", "calibration"] and len(parts) == 3:
+            assert parts[2] in CalibrationSpec.model_fields and name in (parts[2], f"calib_{parts[2]}"), name
+        if parts[:2] == ["cell", "model"]:
+            assert parts[2] in ModelSpec.model_fields, name
+
+
+def test_the_published_protocol_is_the_rows_counted_key_fields():
+    from stadebench.results import published, row
+
+    assert set(published.PROTOCOL_KNOBS) == set(row.COUNTED_FIELDS) | {"eval_joiner"}
+    assert published.OPTION_KNOBS == row.OPTION_FIELDS
+    assert set(published.NOT_COUNTED) - {"eval_options.batch_size"} == set(row.KEY_FIELDS) - set(row.COUNTED_FIELDS)
+

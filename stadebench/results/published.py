@@ -30,16 +30,15 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ConfigError
+from .row import COUNTED_FIELDS, KEY_FIELDS, OPTION_FIELDS
 from ..util import canonical_json, did_you_mean
 
 PREFIX = "published:"
-OPTION_KNOBS = {"metric_options": "metric", "pattern_options": "pattern", "allocation_options": "allocator",
-                "calib_options": "dataset", "eval_options": "evaluator"}
+OPTION_KNOBS = OPTION_FIELDS
 """Options knobs, flattened one key at a time, and the plugin kind that fills their defaults."""
-NOT_COUNTED = ("model_source", "model_fingerprint", "metric_version", "metric_plugin", "pattern_version",
-               "pattern_plugin", "allocation_version", "allocation_plugin", "calib_fingerprint", "batch_size",
-               "evaluator_version", "eval_fingerprint", "eval_options.batch_size")
-"""Key fields left out of "same protocol": a source cannot state them and they do not change the number."""
+NOT_COUNTED = (*(f for f in KEY_FIELDS if f not in COUNTED_FIELDS), "eval_options.batch_size")
+"""Key fields left out of "same protocol" (the Row fields declared ``counted=False``): a
+source cannot state them and they do not change the number."""
 # eval_options keys that are knobs of their own (eval_dataset, eval_split, eval_seqlen) or not counted
 _EVAL_OWN = ("dataset", "split", "seqlen", "batch_size")
 
