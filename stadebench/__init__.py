@@ -81,16 +81,16 @@ def prune(
     """
     from .core import allocation as allocating
     from .core import engine
-    from .plugins import resolve, resolve_allocator
+    from .plugins import resolve, resolve_plugin
 
     metric, pattern = resolve(metric, pattern, metric_options, pattern_options)
-    allocator = resolve_allocator(allocation, allocation_options)
-    shares = allocating.layer_sparsities(model, allocator, pattern, sparsity, list(targets), list(ignore),
-                                         calibration, statistics, batch_size=batch_size, device=device,
-                                         accumulate=accumulate)
-    return engine.prune(model, calibration, metric, pattern, sparsity, sequential=sequential,
-                        batch_size=batch_size, device=device, reconstruction=reconstruction, offload=offload,
-                        progress=progress, statistics=statistics, allocation=shares, accumulate=accumulate)
+    allocator = resolve_plugin("allocator", allocation, allocation_options)
+    settings = engine.Calibration(sequential=sequential, batch_size=batch_size, accumulate=accumulate)
+    sparsities = allocating.layer_sparsities(model, allocator, pattern, sparsity, list(targets), list(ignore),
+                                             calibration, statistics, calibration=settings, device=device)
+    return engine.prune(model, calibration, metric, pattern, sparsity, calibration=settings, device=device,
+                        reconstruction=reconstruction, offload=offload, progress=progress, statistics=statistics,
+                        sparsities=sparsities)
 
 
 def collect_statistics(
@@ -116,11 +116,12 @@ def collect_statistics(
         batch_size, device, offload, progress, accumulate: as for ``prune``.
     """
     from .core import engine
-    from .plugins import resolve_metric
+    from .plugins import resolve_plugin
 
-    union = set(needs).union(*(resolve_metric(m).statistics for m in metrics))
-    return engine.collect_statistics(model, calibration, union, batch_size=batch_size, device=device,
-                                     offload=offload, progress=progress, accumulate=accumulate)
+    union = set(needs).union(*(resolve_plugin("metric", m).statistics for m in metrics))
+    settings = engine.Calibration(sequential=False, batch_size=batch_size, accumulate=accumulate)
+    return engine.collect_statistics(model, calibration, union, calibration=settings, device=device,
+                                     offload=offload, progress=progress)
 
 
 __all__ = [

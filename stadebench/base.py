@@ -452,3 +452,7 @@ class Evaluator(_Named):
         """Identifies the data this evaluation reads (part of every result's key, so
         changed evaluation text re-runs the cells); None when the options say it all."""
         return None
+
+
+__all__ = ["AllocationLayer", "Allocator", "CellContext", "Dataset", "Evaluator", "LayerInfo", "LayerResult",
+           "LayerStats", "Metric", "NM_RE", "Options", "Pattern", "STATISTICS", "Score", "check_finite"]

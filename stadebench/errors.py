@@ -39,3 +39,6 @@ class PluginError(StadebenchError):
 
 class NumericalError(StadebenchError, ArithmeticError):
     """NaN or Inf found in weights, statistics or scores."""
+
+
+__all__ = ["ConfigError", "NumericalError", "PluginError", "StadebenchError", "UnknownNameError"]

@@ -5,6 +5,9 @@ whose names match the specs below. Built-in metrics and patterns are plugins too
 (see ``stadebench.plugins.DEFAULT_PLUGINS``). Each ``register_*`` hook receives a
 ``register`` callback; call it once per item. The host validates each item, rejects
 duplicate names and records which plugin registered it.
+
+There is one ``register_<plural>`` hook per kind of ``stadebench.kinds.KINDS``, and
+nothing else (``tests/test_plugins.py`` checks it).
 """
 
 import pluggy
@@ -56,3 +59,7 @@ def register_evaluators(register):
     An evaluator measures an in-memory model and returns scores; see
     ``stadebench.Evaluator``.
     """
+
+
+__all__ = ["hookimpl", "hookspec", "register_allocators", "register_datasets", "register_evaluators",
+           "register_metrics", "register_patterns"]

@@ -23,9 +23,16 @@ import pluggy
 
 from . import hookspecs
 from .errors import ConfigError, PluginError, UnknownNameError
+from .kinds import KINDS
 
 if TYPE_CHECKING:
     from .base import Allocator, Metric, Pattern
+
+__all__ = [
+    "DEFAULT_PLUGINS", "ENTRY_POINT_GROUP", "KINDS", "PluginInfo", "Plugins", "Registration", "Registry",
+    "get_plugins", "reset_plugins", "resolve", "resolve_allocator", "resolve_metric", "resolve_pattern",
+    "resolve_plugin",
+]
 
 ENTRY_POINT_GROUP = "stadebench"
 
@@ -41,8 +48,6 @@ DEFAULT_PLUGINS = (
     "stadebench.evaluation.diagnostics",
     "stadebench.evaluation.lmeval",
 )
-
-KINDS = ("metric", "pattern", "allocator", "dataset", "evaluator")
 
 
 @dataclass(frozen=True)
@@ -73,8 +78,8 @@ class PluginInfo:
 class Registry:
     """Names of one kind (metric, pattern, …) mapped to the classes plugins registered."""
 
-    def __init__(self, kind: str, base: type):
-        self.kind, self.base = kind, base
+    def __init__(self, kind: str, base: type, plural: str | None = None):
+        self.kind, self.base, self.plural = kind, base, plural or f"{kind}s"
         self.items: dict[str, Registration] = {}
         self.problems: list[tuple[str, str]] = []
 
@@ -115,13 +120,17 @@ class Registry:
     def get(self, name: str) -> Registration:
         reg = self._find(name)
         if reg is None:
-            hint = "Run `stadebench list " + self.kind + "s` to see them; a plugin may need `pip install`."
+            hint = "Run `stadebench list " + self.plural + "` to see them; a plugin may need `pip install`."
             raise UnknownNameError(self.kind, name, self.items, hint)
         return reg
 
 
 class Plugins:
-    """The plugin manager plus the registries its hooks filled."""
+    """The plugin manager plus the registries its hooks filled.
+
+    ``registries[kind]`` is the registry of one kind of ``KINDS``; each is also an
+    attribute named by the kind's plural (``plugins.metrics``, ``plugins.patterns``, …).
+    """
 
     def __init__(self, load_entry_points: bool = True):
         self.pm = pluggy.PluginManager("stadebench")
@@ -177,25 +186,23 @@ class Plugins:
         return self._registries
 
     def _collect(self) -> dict[str, Registry]:
-        from .base import Allocator, Dataset, Evaluator, Metric, Pattern
-
-        bases = {"metric": Metric, "pattern": Pattern, "allocator": Allocator, "dataset": Dataset,
-                 "evaluator": Evaluator}
-        regs = {kind: Registry(kind, bases[kind]) for kind in KINDS}
+        regs = {name: Registry(name, kind.base_class(), kind.plural) for name, kind in KINDS.items()}
         for info in self.info.values():
             info.registered, info.error = [], info.load_error
-        for kind in KINDS:
-            hook = getattr(self.pm.hook, f"register_{kind}s")
+        for name, kind in KINDS.items():
+            hook = getattr(self.pm.hook, kind.hook, None)
+            if hook is None:
+                raise PluginError(f"the {name} kind has no `{kind.hook}` hookspec (see stadebench.hookspecs)")
             # Call each implementation separately so items are attributed to their plugin.
             for impl in hook.get_hookimpls():  # registration order: the first name wins
-                def register(cls, _plugin=impl.plugin_name, _kind=kind):
+                def register(cls, _plugin=impl.plugin_name, _kind=name):
                     regs[_kind].add(cls, _plugin)
                     if _plugin in self.info and getattr(cls, "name", None):
                         self.info[_plugin].registered.append(f"{_kind} {cls.name}")
                 try:
                     impl.function(register=register)
                 except (Exception, SystemExit) as exc:
-                    regs[kind].problems.append((impl.plugin_name, f"register_{kind}s failed: {exc!r}"))
+                    regs[name].problems.append((impl.plugin_name, f"{kind.hook} failed: {exc!r}"))
         for reg in regs.values():
             for plugin, message in reg.problems:
                 if plugin in self.info:
@@ -218,25 +225,12 @@ class Plugins:
         self.registries  # noqa: B018 - registration problems are found while collecting
         return [(i.name, i.error) for i in self.info.values() if i.error]
 
-    @property
-    def metrics(self) -> Registry:
-        return self.registries["metric"]
-
-    @property
-    def patterns(self) -> Registry:
-        return self.registries["pattern"]
-
-    @property
-    def allocators(self) -> Registry:
-        return self.registries["allocator"]
-
-    @property
-    def datasets(self) -> Registry:
-        return self.registries["dataset"]
-
-    @property
-    def evaluators(self) -> Registry:
-        return self.registries["evaluator"]
+    def __getattr__(self, name: str) -> Registry:
+        # plugins.metrics, plugins.patterns, …: one registry per kind, named by its plural
+        for kind in KINDS.values():
+            if kind.plural == name:
+                return self.registries[kind.name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 _plugins: Plugins | None = None
@@ -261,38 +255,35 @@ def reset_plugins() -> None:
 # up here.
 
 
-def resolve_metric(metric: str | Metric, options: dict[str, Any] | None = None) -> Metric:
-    """The registered metric ``metric`` names, built with ``options``; an instance is
-    returned as it is (it carries its own options: passing others is an error)."""
-    if isinstance(metric, str):
-        return get_plugins().metrics.get(metric).cls(options)
+def resolve_plugin(kind: str, item: Any, options: dict[str, Any] | None = None) -> Any:
+    """The registered item of ``kind`` (``"metric"``, …) that the name or spec ``item``
+    names, built with ``options``; an instance is returned as it is (it carries its own
+    options: passing others is an error)."""
+    entry = KINDS[kind]
+    if isinstance(item, str):
+        return entry.build(get_plugins().registries[kind].get(item).cls, item, options)
     if options:
-        raise ConfigError("metric_options go with a metric name, not a Metric instance")
-    return metric
+        raise ConfigError(entry.instance_options_error)
+    return item
+
+
+def resolve_metric(metric: str | Metric, options: dict[str, Any] | None = None) -> Metric:
+    """``resolve_plugin("metric", metric, options)``."""
+    return resolve_plugin("metric", metric, options)
 
 
 def resolve_pattern(pattern: str | Pattern, options: dict[str, Any] | None = None) -> Pattern:
-    """The registered pattern a spec (``"2:4"``, ``"unstructured"``) names, built with
-    ``options``; an instance is returned as it is (passing options with it is an error)."""
-    if isinstance(pattern, str):
-        return get_plugins().patterns.get(pattern).cls.from_spec(pattern, options)
-    if options:
-        raise ConfigError("pattern_options go with a pattern spec, not a Pattern instance")
-    return pattern
+    """``resolve_plugin("pattern", pattern, options)``."""
+    return resolve_plugin("pattern", pattern, options)
 
 
 def resolve_allocator(allocator: str | Allocator, options: dict[str, Any] | None = None) -> Allocator:
-    """The registered allocator ``allocator`` names, built with ``options``; an instance is
-    returned as it is (passing options with it is an error)."""
-    if isinstance(allocator, str):
-        return get_plugins().allocators.get(allocator).cls(options)
-    if options:
-        raise ConfigError("allocation_options go with an allocator name, not an Allocator instance")
-    return allocator
+    """``resolve_plugin("allocator", allocator, options)``."""
+    return resolve_plugin("allocator", allocator, options)
 
 
 def resolve(metric: str | Metric, pattern: str | Pattern, metric_options: dict[str, Any] | None = None,
             pattern_options: dict[str, Any] | None = None) -> tuple[Metric, Pattern]:
     """A metric and a pattern from registered names (instances pass through), as the
     engine takes them."""
-    return resolve_metric(metric, metric_options), resolve_pattern(pattern, pattern_options)
+    return resolve_plugin("metric", metric, metric_options), resolve_plugin("pattern", pattern, pattern_options)

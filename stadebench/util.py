@@ -127,3 +127,7 @@ def visible(text: str) -> str:
     """``text`` with control characters shown as escapes (``\\x1b``, ``\\u202e``), so that text
     from a suite, a model folder or a shared leaderboard cannot drive the terminal."""
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
+
+
+__all__ = ["OFFLINE_VARS", "atomic_write", "canonical_json", "close_matches", "did_you_mean", "digest", "file_sha256",
+           "first_line", "fsync_dir", "hub_offline", "offline_variable", "package_version", "visible"]

@@ -1,18 +1,23 @@
 """Plugin manager and registries: built-ins, duplicates, unknown names, broken plugins,
-entry-point selection by environment variables, and the metrics' options models."""
+entry-point selection by environment variables, the metrics' options models, and the
+table of kinds (``stadebench.kinds.KINDS``) that the registries, hooks, resolve and
+``stadebench list`` derive from."""
 
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import types
 
 import pytest
 
 import stadebench
-from stadebench import Metric, hookimpl
-from stadebench.errors import ConfigError, UnknownNameError
+from stadebench import Metric, hookimpl, hookspecs
 from stadebench.core.patterns import NM
-from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins
+from stadebench.errors import ConfigError, PluginError, UnknownNameError
+from stadebench.hookspecs import hookspec
+from stadebench.kinds import KINDS, Kind
+from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins, resolve, resolve_plugin
 
 BUILTIN_METRICS = {"magnitude": "stadebench.core.metrics.basic", "random": "stadebench.core.metrics.basic",
                    "wanda": "stadebench.core.metrics.basic", "stade": "stadebench.core.metrics.stade",
@@ -279,3 +284,119 @@ def test_metric_options_are_recorded_and_frozen():
                                              "order": "fused"}
     with pytest.raises(Exception):
         metric.options.blocksize = 32
+
+
+# ----------------------------------------------------------------------------------------
+# the table of kinds: everything derives from KINDS
+
+
+def test_hookspecs_have_one_documented_register_hook_per_kind():
+    specs = {name: fn for name, fn in vars(hookspecs).items() if hasattr(fn, "stadebench_spec")}
+    assert sorted(specs) == sorted(kind.hook for kind in KINDS.values())
+    for name, fn in specs.items():
+        assert (fn.__doc__ or "").strip(), f"hookspec {name} has no docstring"
+        assert name in hookspecs.__all__
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_each_kind_names_its_base_class_registry_and_suite(name):
+    kind = KINDS[name]
+    base = kind.base_class()
+    assert isinstance(base, type) and base.kind == name and kind.hook == f"register_{kind.plural}"
+    registry = get_plugins().registries[name]
+    assert registry.base is base and registry.kind == name
+    assert getattr(get_plugins(), kind.plural) is registry
+    assert all(issubclass(reg.cls, base) for reg in registry) and registry.names()
+    suite = kind.conformance_class()
+    assert (suite is None) == (name in ("dataset", "evaluator"))
+    if suite is not None:
+        assert suite.__name__ == f"{base.__name__}Conformance"
+
+
+def test_resolve_plugin_builds_names_and_passes_instances_through():
+    metric = resolve_plugin("metric", "sparsegpt", {"blocksize": 64})
+    assert type(metric).name == "sparsegpt" and metric.options.blocksize == 64
+    pattern = resolve_plugin("pattern", "2:4")  # built from its spec
+    assert isinstance(pattern, NM) and (pattern.n, pattern.m) == (2, 4)
+    assert resolve_plugin("metric", metric) is metric and resolve_plugin("pattern", pattern, {}) is pattern
+    assert resolve("wanda", "unstructured")[1].spec == "unstructured"
+
+
+@pytest.mark.parametrize("kind,item,message", [
+    ("metric", "wanda", "metric_options go with a metric name, not a Metric instance"),
+    ("pattern", "2:4", "pattern_options go with a pattern spec, not a Pattern instance"),
+    ("allocator", "uniform", "allocation_options go with an allocator name, not an Allocator instance"),
+])
+def test_options_with_an_instance_are_refused_with_the_same_words(kind, item, message):
+    instance = resolve_plugin(kind, item)
+    with pytest.raises(ConfigError) as info:
+        resolve_plugin(kind, instance, {"x": 1})
+    assert str(info.value) == message
+
+
+class Widget:
+    """Base class of a throw-away kind (the tests' stand-in for a new kind)."""
+
+    kind = "widget"
+    version = "1"
+    Options = stadebench.Options
+
+    def __init__(self, options=None):
+        self.options = self.Options.model_validate(dict(options or {}))
+
+
+class GizmoOptions(stadebench.Options):
+    size: int = 1
+
+
+class Gizmo(Widget):
+    """A widget that does nothing."""
+
+    name = "gizmo"
+    Options = GizmoOptions
+
+
+def test_adding_a_kind_is_one_entry_plus_its_hookspec(monkeypatch):
+    from typer.testing import CliRunner
+
+    from stadebench.cli import app
+    from stadebench.cli import registry as cli_registry
+
+    # the one entry ...
+    monkeypatch.setitem(KINDS, "widget", Kind("widget", "widgets", f"{__name__}:Widget",
+                                              "widget options go with a widget name, not a Widget instance"))
+
+    # ... and its hook, which stadebench.hookspecs would declare (with its documentation)
+    class WidgetSpecs:
+        @hookspec
+        def register_widgets(self, register):
+            """Register widgets."""
+
+    plugins = get_plugins()
+    plugins.pm.add_hookspecs(WidgetSpecs)
+
+    @hookimpl
+    def register_widgets(register):
+        register(Gizmo)
+
+    plugins.register(types.SimpleNamespace(register_widgets=register_widgets), name="widget-plugin")
+
+    assert plugins.registries["widget"].get("gizmo").cls is Gizmo and plugins.widgets.names() == ["gizmo"]
+    assert plugins.info["widget-plugin"].registered == ["widget gizmo"] and plugins.problems() == []
+    assert resolve_plugin("widget", "gizmo", {"size": 3}).options.size == 3
+    with pytest.raises(UnknownNameError, match="stadebench list widgets"):
+        resolve_plugin("widget", "gizmoo")
+
+    # the command's choices are built from KINDS when the CLI is imported: build them again
+    monkeypatch.setattr(cli_registry, "KindName", cli_registry.kind_names())
+    r = CliRunner().invoke(app, ["list", "widgets", "--format", "json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert (row["name"], row["plugin"], row["options"], row["statistics"]) == ("gizmo", "widget-plugin", "size", None)
+    assert row["description"] == "A widget that does nothing."
+
+
+def test_a_kind_without_its_hookspec_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(KINDS, "widget", Kind("widget", "widgets", f"{__name__}:Widget", "-"))
+    with pytest.raises(PluginError, match="register_widgets"):
+        Plugins(load_entry_points=False).registries  # noqa: B018

@@ -52,3 +52,6 @@ def _fetch(name: str, cache_dir: Path | None, verify: bool) -> None:
     from ..data.assets import fetch as fetch_asset
 
     out.print(str(fetch_asset(name, cache_dir, verify=verify)))
+
+
+__all__ = ["app"]

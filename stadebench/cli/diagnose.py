@@ -95,3 +95,6 @@ def _diagnose(model, metrics, pattern, sparsity, calibration, heldout, windows, 
               f"column of the rows")
     if summary.failed:
         raise typer.Exit(int(ExitCode.CELLS_FAILED))
+
+
+__all__ = ["SUITE_NAME", "diagnose"]

@@ -117,3 +117,6 @@ def _diff(a: str, b: str, folder: Path, published: Path, fmt: Format) -> None:
                   + ", ".join(f"{k} ({pub.show_value(va)} vs {pub.show_value(vb)})" for k, va, vb in uncounted))
     for note in notes:
         err.print(f"note: {note}")
+
+
+__all__ = ["diff", "label"]

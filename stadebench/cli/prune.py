@@ -197,3 +197,7 @@ def _report(summary, leaderboard: Path) -> None:
         out.print(f"{r['task']} {r['score']}: {r['value']:.6g}{err_text}")
     if rows:
         err.print(f"results in {leaderboard}")
+
+
+__all__ = ["DEFAULT_CALIBRATION", "PERPLEXITY", "SUITE_NAME", "parse_calibration", "parse_options", "prune",
+           "run_cells", "suite_data"]

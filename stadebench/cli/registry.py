@@ -9,7 +9,10 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
+from ..kinds import KINDS
 from .common import Format, FormatOption, handle_errors, out, styled, write_rows
+
+__all__ = ["KindName", "kind_names", "list_items", "plugins_command", "summary"]
 
 
 # Inline markup of reST and Markdown, outermost first, each replaced by its text.
@@ -36,33 +39,38 @@ def summary(doc: str | None) -> str:
     return text
 
 
-class Kind(str, enum.Enum):
-    metrics = "metrics"
-    patterns = "patterns"
-    allocators = "allocators"
-    datasets = "datasets"
-    evaluators = "evaluators"
+def kind_names() -> type[enum.Enum]:
+    """The choices of ``stadebench list``: an enum of the plurals in ``KINDS``."""
+    return enum.Enum("KindName", {kind.plural: kind.plural for kind in KINDS.values()}, type=str)
 
 
-def list_items(kind: Annotated[Kind, typer.Argument(help="What to list.")],
+KindName = kind_names()
+
+
+def list_items(kind: Annotated[KindName, typer.Argument(help="What to list.")],
                fmt: FormatOption = Format.table) -> None:
     """List registered metrics, patterns, allocators, datasets or evaluators."""
     _list(kind, fmt)
 
 
+_plurals = [kind.plural for kind in KINDS.values()]  # the same sentence, for whatever KINDS holds
+list_items.__doc__ = f"List registered {', '.join(_plurals[:-1])} or {_plurals[-1]}."
+
+
 @handle_errors
-def _list(kind: Kind, fmt: Format) -> None:
+def _list(kind: KindName, fmt: Format) -> None:
     from ..plugins import get_plugins
 
     plugins = get_plugins()
-    registry = plugins.registries[kind.value[:-1]]
+    name = next(k.name for k in KINDS.values() if k.plural == kind.value)
+    registry = plugins.registries[name]
     rows = []
     for reg in sorted(registry, key=lambda r: r.name):
         dist, version = plugins.provenance(reg.plugin)
         rows.append({
             "name": reg.name, "version": reg.version, "plugin": dist, "plugin_version": version,
             "statistics": (",".join(sorted(getattr(reg.cls, "statistics", ())))
-                           if kind in (Kind.metrics, Kind.allocators) else None),
+                           if hasattr(registry.base, "statistics") else None),
             "options": ", ".join(reg.cls.Options.model_fields),
             "description": summary(reg.cls.__doc__),
         })

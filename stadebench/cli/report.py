@@ -48,3 +48,6 @@ def _report(leaderboard: Path, out_dir: Path, *, open_page: bool, **filters) -> 
         import webbrowser
 
         webbrowser.open(index.resolve().as_uri())
+
+
+__all__ = ["report"]

@@ -350,3 +350,6 @@ def schema() -> None:
     from ..suite import suite_json_schema
 
     sys.stdout.write(json.dumps(suite_json_schema(), indent=2) + "\n")
+
+
+__all__ = ["Reporter", "interrupted", "run", "schema", "validate"]

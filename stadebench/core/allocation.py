@@ -185,3 +185,7 @@ def layer_sparsities(model: torch.nn.Module, allocator: Allocator, pattern: Any,
 def register_allocators(register):
     register(Uniform)
     register(OWL)
+
+
+__all__ = ["MEAN_TOLERANCE", "OWL", "OWLOptions", "Uniform", "allocate", "allocation_layers", "checked",
+           "layer_sparsities", "outside"]

@@ -372,3 +372,8 @@ def summarise(diagnoses: Sequence[LayerDiagnosis]) -> dict:
                                  **{k: _share(v) for k, v in wins.items()},
                                  **{f"{k}_layers": len(v) for k, v in wins.items()}}
     return out
+
+
+__all__ = ["LayerDiagnosis", "MetricDiagnosis", "applied_weight", "average_ranks", "diagnose_from_stats",
+           "diagnose_layer", "diagnose_metric", "input_regime", "measured_error", "measured_from_stats",
+           "output_energy", "predicted_error", "spearman", "stats_from_inputs", "summarise", "weight_change"]

@@ -679,3 +679,7 @@ def _on_cpu(collector: BlockCollector, block_layers: list[tuple[str, nn.Module]]
             _check_stats(cpu[key], None)
         out[info.name] = replace(cpu[key], layer=info)
     return out
+
+
+__all__ = ["BlockReport", "Calibration", "CalibrationStatistics", "LayerReport", "PruneReport", "capture_inputs",
+           "collect_statistics", "prune"]

@@ -181,3 +181,8 @@ def check_context(config, seqlen: int, what: str) -> None:
     if isinstance(limit, int) and seqlen > limit:
         raise ConfigError(f"{what}={seqlen} is longer than the model's context "
                           f"(max_position_embeddings={limit}); use seqlen ≤ {limit}")
+
+
+__all__ = ["add_bias", "check_context", "enable_bias_flags", "find_blocks", "is_prunable", "iter_layers", "layer_names",
+           "module_device", "move_outside", "norm_modules", "num_layers", "prunable_layers", "select_layers",
+           "set_weight", "text_config", "transposed", "weight_of"]

@@ -149,3 +149,6 @@ def register_patterns(register):
     register(Unstructured)
     register(UnstructuredLayer)
     register(NM)
+
+
+__all__ = ["NM", "NMOptions", "Unstructured", "UnstructuredLayer", "UnstructuredLayerOptions"]

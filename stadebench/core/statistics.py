@@ -214,3 +214,6 @@ class BlockCollector:
 
     def stats(self, name: str, info: LayerInfo) -> LayerStats:
         return self.acc[name].stats(info)
+
+
+__all__ = ["ACCUMULATORS", "Accumulator", "BlockCollector", "ReleasedAccumulator"]

@@ -541,3 +541,7 @@ def _paragraphs(text: str) -> str:
             block = block.split(_MARK, 2)[2]
         paragraphs.append(block)
     return "\n\n".join(paragraphs)
+
+
+__all__ = ["Asset", "AssetError", "CATALOGUE", "ENWIKI_BZ2", "PIP_ARGS_ENV", "SMOLLM2_GGUF", "STAMP", "cached", "fetch",
+           "identity", "iter_wiki_articles", "list_assets", "wiki_to_text"]

@@ -32,3 +32,6 @@ def cache_dir(override: str | os.PathLike | None = None, sub: str | None = None)
         raise ConfigError(f"cache folder {str(target)!r} (from {origin}) cannot be created: {reason}; "
                           f"set {CACHE_ENV} to a folder you can write") from None
     return target
+
+
+__all__ = ["CACHE_ENV", "cache_dir"]

@@ -209,3 +209,6 @@ def _store(key: dict[str, Any], ids: torch.Tensor) -> None:
         atomic_write(path, lambda f: torch.save(blob, f))
     except OSError as exc:  # a read-only cache costs time, not correctness
         warnings.warn(f"stadebench: cannot write token cache {path}: {exc}", stacklevel=3)
+
+
+__all__ = ["BATCH", "CACHE_FORMAT", "SCAN_AFTER", "calibration_windows", "eval_tokens", "tokenizer_fingerprint"]

@@ -320,3 +320,6 @@ def register_datasets(register):
     register(C4)
     register(TextFiles)
     register(EnWiki2016)
+
+
+__all__ = ["C4", "EnWiki2016", "TextFiles", "WIKITEXT2_ENV", "WikiText2", "held_out", "hub_unreachable"]

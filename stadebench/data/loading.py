@@ -265,3 +265,7 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
     model.to(device)
     model.eval()
     return Loaded(model, tokenizer, source, spec.revision)
+
+
+__all__ = ["DTYPES", "Loaded", "ModelIdentity", "check_files", "fingerprint", "identify", "load_config_and_tokenizer",
+           "load_model", "on_this_machine", "resolve_revision"]

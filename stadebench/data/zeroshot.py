@@ -209,3 +209,7 @@ def offline_spec(task: str) -> OfflineData:
     except KeyError:
         raise UnknownNameError("offline lm-eval task", task, OFFLINE_DATA,
                                "Offline data exists only for these; use `source: hub` for others.") from None
+
+
+__all__ = ["ASSET", "EXPORT_VERSION", "OFFLINE_DATA", "OfflineData", "OfflineFile", "arc_record", "boolq_record",
+           "dump_documents", "export_offline", "lambada_record", "offline_records", "offline_spec", "openbookqa_record"]

@@ -178,3 +178,6 @@ def _record(d: theory.LayerDiagnosis, name: str) -> dict[str, Any]:
 @hookimpl
 def register_evaluators(register):
     register(Diagnostics)
+
+
+__all__ = ["APPLIED", "Diagnostics"]

@@ -399,3 +399,8 @@ def harness_model(model: torch.nn.Module, tokenizer: Any, batch_size: int | str)
 @hookimpl
 def register_evaluators(register):
     register(LmEval)
+
+
+__all__ = ["DEFAULT_TASKS", "INSTALL_HINT", "LmEval", "LmEvalMissing", "PreparedTask", "STOCK_DIRS", "harness_model",
+           "hub_offline", "lmeval_unavailable", "lmeval_version", "offline_task_yaml", "prepare_tasks",
+           "scores_from_results", "stock_split", "stock_task_manager"]

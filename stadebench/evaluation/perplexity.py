@@ -140,3 +140,6 @@ def placed(model: torch.nn.Module, device: torch.device | str | None):
 @hookimpl
 def register_evaluators(register):
     register(Perplexity)
+
+
+__all__ = ["DatasetRef", "Perplexity", "placed", "total_nll"]

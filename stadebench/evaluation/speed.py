@@ -301,3 +301,7 @@ class Speed(Evaluator):
 @hookimpl
 def register_evaluators(register):
     register(Speed)
+
+
+__all__ = ["DENSE", "HALF", "Kernel", "SEMI", "Speed", "SpeedOptions", "choose_kernel", "distinct_shapes", "is_2_4",
+           "repeat", "semi_structured", "timed"]

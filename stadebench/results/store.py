@@ -521,6 +521,6 @@ def _move_to_history(folder: Path, path: Path) -> None:
 
 
 __all__ = [
-    "HISTORY", "LOCK", "LeaderboardError", "LeaderboardWarning", "compact", "current", "finished_cells", "query", "read",
-    "superseded", "write_rows",
+    "HISTORY", "LOCK", "LeaderboardError", "LeaderboardWarning", "compact", "current", "finished_cells", "identity",
+    "is_value", "query", "read", "superseded", "write_rows",
 ]

@@ -453,3 +453,7 @@ def _check_nm(name: str, w: torch.Tensor, n: int, m: int) -> list[str]:
         return [f"{name}: input width {w.shape[-1]} is not a multiple of {m} ({n}:{m})"]
     short = int(((w.reshape(w.shape[0], -1, m) == 0).sum(-1) < n).sum())
     return [f"{name}: {short} groups of {m} have fewer than {n} zeros"] if short else []
+
+
+__all__ = ["CARD_FILE", "ModelCard", "SCHEMA", "SPARSITY_FILE", "SavedModel", "card_from_report", "card_text",
+           "check_out_dir", "folder_name", "save_pruned", "verify", "weights_sha256"]

@@ -174,3 +174,6 @@ def _selected(cell: Cell, field: str, value: Any) -> bool:
     if field == "allocation":
         return value in (cell.allocation, cell.allocation_label)
     return value == cell.pattern
+
+
+__all__ = ["Cell", "exact_save", "expand", "model_names", "select"]

@@ -190,3 +190,7 @@ def _report(problem: Problem, source: str, lines: Lines, data: Any) -> ConfigErr
 def _where(source: str, lines: Lines, loc: Loc) -> str:
     line = _line(lines, loc)
     return f"{source}:{line}: " if line else f"{source}: "
+
+
+__all__ = ["Loader", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "load_suite", "parse_suite", "parse_value",
+           "validate_suite"]

@@ -77,3 +77,6 @@ def from_validation(exc: ValidationError, model: type[BaseModel], prefix: Loc = 
 def short(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+__all__ = ["Problem", "fields_at", "from_validation", "kind_of", "loc_text", "model_in", "short"]

@@ -327,3 +327,7 @@ def main(argv: list[str]) -> int:
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
+
+
+__all__ = ["CELLS", "COMMAND", "EXAMPLE", "INTRO", "PAGES", "REPO", "RULES", "columns_markdown", "main", "markdown",
+           "sections"]

@@ -212,3 +212,6 @@ def _check_exclude(suite: Suite) -> None:
             listed = ", ".join(f"{s:g}" for s in sorted(sparsities))
             raise Problem(("exclude", i, "sparsity"),
                            f"{rule.sparsity:g} matches no sparsity of this suite (sparsities: {listed})")
+
+
+__all__ = ["resolve_suite"]

@@ -81,7 +81,8 @@ class ModelSpec(_Spec):
 
     id: str = Field(min_length=1, description="Hub id, local folder, GGUF file, or asset name.")
     revision: str | None = Field(None, description="Branch, tag or commit on the Hub (default: main).")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field("float32", description="Weight dtype while pruning and evaluating.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weight dtype while pruning and evaluating.")
     trust_remote_code: bool = Field(False, description="Run model code from the Hub; never unless true.")
     gguf_file: str | None = Field(None, description="GGUF file inside `id` to load weights from.")
     tokenizer: str | None = Field(None, description="Tokenizer id or path (default: `id`).")
@@ -254,3 +255,8 @@ def suite_json_schema() -> dict[str, Any]:
     """JSON Schema of a suite file, for editors and ``stadebench schema``."""
     schema = Suite.model_json_schema()
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+__all__ = ["AllocationSpec", "CalibrationSpec", "DENSE", "DatasetSpec", "EvaluationSpec", "ExcludeRule",
+           "MAX_DEVICE_INDEX", "MAX_SEED", "MAX_SEQLEN", "MAX_WINDOWS", "MetricSpec", "ModelSpec", "PatternSpec",
+           "Resolved", "SELECT_FIELDS", "Suite", "UNIFORM", "suite_json_schema"]

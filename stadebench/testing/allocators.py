@@ -43,13 +43,14 @@ class AllocatorConformance(Conformance):
     def layers(self, allocator: Allocator, strict: bool = True):
         """The tiny model's layers as an allocator sees them, with strict statistics."""
         from ..core import allocation
-        from ..core.engine import collect_statistics
+        from ..core.engine import Calibration, collect_statistics
         from ..core.models import layer_names
 
         model = make_tiny_model(layers=self.blocks)
         statistics = None
         if not allocator.data_free():
-            statistics = collect_statistics(model, make_windows(8, 32), STATISTICS, batch_size=4)
+            statistics = collect_statistics(model, make_windows(8, 32), STATISTICS,
+                                            calibration=Calibration(batch_size=4))
             if strict:
                 for stats in statistics.layers.values():
                     object.__setattr__(stats, "__class__", StrictLayerStats)
@@ -206,3 +207,6 @@ class AllocatorConformance(Conformance):
             if abs(pruned - s * total) > len(report.layers) + 1e-6 * total:
                 fail("allocation-realised", f"allocator {self.name!r}: {pruned} of {total} weights pruned for a "
                                             f"target of {s:g}, more than one weight per layer away")
+
+
+__all__ = ["AllocatorConformance"]

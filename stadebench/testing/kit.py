@@ -344,3 +344,9 @@ class Conformance:
         finally:
             if get_plugins() is plugins and plugins.pm.has_plugin(name):
                 plugins.unregister(name)
+
+
+__all__ = ["BUILTIN_PATTERNS", "Conformance", "ConformanceError", "FIELD_STATISTIC", "RULES", "StrictLayerStats",
+           "UnrequestedStatistic", "VOCAB", "check_metadata", "check_realised", "check_unknown_key", "documented_count",
+           "expected_count", "fail", "layer_inputs", "make_tiny_model", "make_windows", "patterns_to_test",
+           "prune_cases", "registered", "rule_checks", "same_output", "same_tensor", "shape_text", "stat_tensors"]

@@ -296,3 +296,6 @@ class MetricConformance(Conformance):
         s = pattern.resolve_sparsity(sparsity)
         check_realised(report, model, pattern, s, f"{self.name} with {spec}",
                         lambda shape, s: expected_count(pattern, shape, s))
+
+
+__all__ = ["MetricConformance"]

@@ -223,19 +223,19 @@ class PatternConformance(Conformance):
         shares = {name: (0.25, 0.5, 0.75)[i % 3] for i, name in enumerate(names)}
         if not pattern.per_layer_sparsity:
             from ..core import engine
-            from ..plugins import resolve_metric
+            from ..plugins import resolve_plugin
 
             try:
-                engine.prune(model, None, resolve_metric("magnitude"), pattern, allocation=shares)
+                engine.prune(model, None, resolve_plugin("metric", "magnitude"), pattern, sparsities=shares)
             except ConfigError:
                 return
             fail("allocated-sparsity", f"{pattern.spec} declares per_layer_sparsity = False but pruned layers at "
                                        f"sparsities other than its own without a ConfigError")
         from ..core import engine
-        from ..plugins import resolve_metric
+        from ..plugins import resolve_plugin
 
         try:
-            report = engine.prune(model, None, resolve_metric("magnitude"), pattern, 0.5, allocation=shares,
+            report = engine.prune(model, None, resolve_plugin("metric", "magnitude"), pattern, 0.5, sparsities=shares,
                                   device=self.device)
         except ConfigError as exc:
             pytest.skip(f"pattern {pattern.spec!r} does not fit the tiny model: {exc}")
@@ -280,3 +280,6 @@ class PatternConformance(Conformance):
                                           f"{type(exc).__name__}: {exc}")
             check_realised(report, model, pattern, s, f"{pattern.spec} with {metric}",
                             lambda shape, s: self.expected(pattern, shape, s))
+
+
+__all__ = ["PatternConformance"]

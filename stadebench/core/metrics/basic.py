@@ -58,3 +58,6 @@ def register_metrics(register):
     register(Magnitude)
     register(Random)
     register(Wanda)
+
+
+__all__ = ["Magnitude", "Random", "RandomOptions", "Wanda"]

@@ -182,3 +182,6 @@ def block_sparsities(pattern: Pattern, rows: int, cols: int, blocksize: int, spa
 @hookimpl
 def register_metrics(register):
     register(SparseGPT)
+
+
+__all__ = ["SparseGPT", "SparseGPTOptions", "block_sparsities"]

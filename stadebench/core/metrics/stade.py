@@ -75,3 +75,6 @@ class StadeW(Stade):
 def register_metrics(register):
     register(Stade)
     register(StadeW)
+
+
+__all__ = ["Stade", "StadeOptions", "StadeW"]
