@@ -64,7 +64,7 @@ def _clean_row(row: Any, i: int, now: datetime) -> dict[str, Any]:
         if unknown:
             hints = ", ".join(f"{u!r}{util.did_you_mean(str(u), _NAMES)}" for u in unknown)
             raise LeaderboardError(f"row {i}: unknown column(s) {hints}; "
-                                   "see stadebench.bench.record.Row for the columns.")
+                                   "see stadebench.results.row.Row for the columns.")
         fields = row
     else:
         raise LeaderboardError(f"row {i} is a {type(row).__name__}, not a dict or a Row")

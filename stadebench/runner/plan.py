@@ -79,7 +79,7 @@ class PlannedCell:
     @property
     def save_folder(self) -> Path | None:
         """Where the pruned model is saved: ``save`` itself (``save_exact``) or a subfolder
-        named after the cell (``bench.save.folder_name``); None when it is not saved."""
+        named after the cell (``runner.save.folder_name``); None when it is not saved."""
         c = self.cell
         if c.dense or not c.save:
             return None

@@ -404,7 +404,7 @@ def card_text(card: ModelCard, sha: str, warnings: list[str] = ()) -> str:
             for l in card.layers] or ["| (see sparsity.json) | | |"]
     out += ["", "## Loading", "", "```python", "from transformers import AutoModelForCausalLM", "",
             'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")', "```", "",
-            "`stadebench.bench.save.verify(folder)` recounts the zeros against `sparsity.json`.", ""]
+            "`stadebench.runner.save.verify(folder)` recounts the zeros against `sparsity.json`.", ""]
     return "\n".join(out)
 
 

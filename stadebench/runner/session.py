@@ -65,7 +65,7 @@ class CellResult:
         layers: one record per prunable layer (``layer_records``); None for dense.
         dense_layers: prunable layers left dense by the suite's targets / ignore.
         saved_path: the absolute folder the pruned model was saved to (``save:``), else None.
-        saved_sha256: that folder's ``bench.save.weights_sha256``.
+        saved_sha256: that folder's ``runner.save.weights_sha256``.
     """
 
     cell: PlannedCell
