@@ -19,14 +19,15 @@ from pathlib import Path
 
 import pytest
 import ray
+from tinymodel import build_model, shared_assets, suite_dict, write_suite
 
+from stadebench.plugins import get_plugins, reset_plugins
 from stadebench.results import store as lb
 from stadebench.runner.plan import make_plan
-from stadebench.runner.ray_executor import RayExecutor, pick, simulate, units
+from stadebench.runner.ray_executor import RayExecutor
 from stadebench.runner.run import run_suite
+from stadebench.runner.scheduler import pick, simulate, units
 from stadebench.suite import load_suite
-from stadebench.plugins import get_plugins, reset_plugins
-from tinymodel import build_model, shared_assets, suite_dict, write_suite
 
 PLUGIN_DIR = Path(__file__).parent / "hostile_plugin"
 EXE = shutil.which("stadebench") or str(Path(sys.executable).with_name("stadebench"))

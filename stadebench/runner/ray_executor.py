@@ -1,22 +1,9 @@
 """Run a plan on Ray: actors that each hold one model session.
 
-A model's cells are cut into units: the one-shot cells that share statistics form one
-unit, every other cell is its own. An idle actor takes the next unit of the model it
-holds, and when that model has none left, a unit of the model with the most units left
-per actor (so more GPUs than models spread a model over several actors, and actors
-whose model is done help with the longest one). An actor loads a model once and keeps
-it for the next unit of the same model, restores the dense weights in memory between cells as the local
-executor does, and returns one ``CellResult`` per call; only the driver writes the
-leaderboard, so workers need no shared file system.
-
-What travels: the planned cells (specs, plugin instances, row templates) and the
-calibration windows the preflight cut (once, through the object store). Evaluation
-token streams are rebuilt on the worker: deterministic, and cached on each node.
-
-An actor that dies (out of memory, a lost node, ``ray.kill``) has its unfinished cells
-retried on a fresh actor, up to ``max_retries`` times, then recorded as failed with the
-reason; the other actors go on. On any exit, Ctrl-C included, the driver kills its
-actors, and shuts Ray down if it started it.
+``RayExecutor`` starts actors (``Worker``), sends each the units its ``Scheduler`` gives it
+(``stadebench.runner.scheduler``: which actor runs which cells, retries after an actor
+dies), and turns the actors' answers into ``CellResult``s; only the driver writes the
+leaderboard. docs/ray.md explains the placement, what travels and the retries.
 """
 
 from __future__ import annotations
@@ -25,9 +12,7 @@ import contextlib
 import os
 import socket
 import time
-from collections import Counter, deque
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -36,6 +21,7 @@ from ..errors import ConfigError
 from ..util import first_line
 from .events import Events
 from .plan import ModelPlan, Plan, PlannedCell
+from .scheduler import UNPLACED, Scheduler, Unit
 from .session import CellResult, ModelSession, Windows, describe, headless
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -49,59 +35,6 @@ def import_ray():
         raise ConfigError("the Ray executor needs Ray: pip install 'stadebench[ray]' "
                           "(or run without --executor ray)") from None
     return ray
-
-
-@dataclass
-class Unit:
-    """Cells of one model that one actor runs in order: a sharing group, or one cell.
-    ``attempts`` counts the actor deaths it has been blamed for."""
-
-    model: ModelPlan
-    attempts: int = 0
-
-
-def units(plan: Plan) -> dict[str, deque[Unit]]:
-    """Each model's units in plan order, by model spec JSON: the one-shot cells that share
-    statistics form one unit (they must meet on one actor), every other cell is its own."""
-    out: dict[str, deque[Unit]] = {}
-    for model in plan.models:
-        atoms: dict[str, list[PlannedCell]] = {}
-        for i, c in enumerate(model.cells):
-            atoms.setdefault(c.group or f"cell {i}", []).append(c)
-        out[model.spec.model_dump_json()] = deque(Unit(_subplan(model, cells)) for cells in atoms.values())
-    return out
-
-
-def pick(queues: dict[str, deque[Unit]], held: str | None, holders: Counter) -> str | None:
-    """The model whose next unit an idle actor takes: the one it holds while that has work
-    (no reload), else the one with the most units left per actor holding it."""
-    if held is not None and queues.get(held):
-        return held
-    left = [(len(q) / (1 + holders[key]), key) for key, q in queues.items() if q]
-    return max(left)[1] if left else None
-
-
-def simulate(plan: Plan, slots: int, cell_seconds: Callable[[PlannedCell], float],
-             load_seconds: Callable[[ModelPlan], float], actor_start: float = 0.0) -> dict[str, float]:
-    """The schedule this executor makes of ``plan`` on ``slots`` actors, given each cell's
-    cost and each model's load time (e.g. from a leaderboard's recorded seconds): the
-    actor free first takes the next unit that ``pick`` gives it, loading when it changes
-    model. Returns the makespan, the summed cell seconds, the loads, and the efficiency:
-    cell seconds over slots × makespan."""
-    queues = units(plan)
-    free, held = [actor_start] * max(1, slots), [None] * max(1, slots)
-    work = loads = 0.0
-    while any(queues.values()):
-        k = free.index(min(free))
-        key = pick(queues, held[k], Counter(h for i, h in enumerate(held) if i != k))
-        unit = queues[key].popleft()
-        cells = sum(cell_seconds(c) for c in unit.model.cells)
-        load = load_seconds(unit.model) if held[k] != key else 0.0
-        free[k] += cells + load
-        held[k], work, loads = key, work + cells, loads + load
-    makespan = max(free)
-    return {"makespan": makespan, "cell_seconds": work, "load_seconds": loads,
-            "efficiency": work / (len(free) * makespan) if makespan else 1.0}
 
 
 class Worker:
@@ -133,7 +66,7 @@ class Worker:
 
 
 class RayExecutor:
-    """Cells on Ray actors; see the module docstring.
+    """Cells on Ray actors, placed by a ``Scheduler``; see docs/ray.md.
 
     Args:
         address: a running cluster (``ray://…`` or ``host:port``; default ``$RAY_ADDRESS``);
@@ -156,6 +89,7 @@ class RayExecutor:
         """What the last run did: actors started, actor deaths, seconds to start Ray."""
 
     def _gpus(self, model: ModelPlan, device: torch.device) -> float:
+        """The GPUs an actor holding ``model`` reserves."""
         if model.spec.num_gpus is not None:
             return model.spec.num_gpus
         if self.num_gpus is not None:
@@ -163,6 +97,7 @@ class RayExecutor:
         return 1.0 if device.type == "cuda" else 0.0
 
     def _slots(self, ray, plan: Plan, device: torch.device) -> int:
+        """How many actors the cluster holds at once for ``plan`` (a ConfigError if none can)."""
         total = ray.cluster_resources()
         cpus = int(total.get("CPU", 1) // self.num_cpus) if self.num_cpus else len(plan.todo)
         gpus = min((self._gpus(m, device) for m in plan.models), default=0.0)
@@ -196,135 +131,124 @@ class RayExecutor:
                 raise ConfigError(f"cannot start or reach {where} ({reason}); check --address "
                                   f"or ${ADDRESS_ENV}") from None
         self.last = {"start_seconds": time.perf_counter() - t0, "actors": 0, "deaths": 0}
-        actor_class = ray.remote(Worker)
-        live: list[Any] = []
+        driver = _Driver(self, ray, device, events)
         try:
-            yield from self._schedule(ray, actor_class, live, plan, device, windows, events)
+            yield from driver.results(plan, windows)
         finally:
-            for actor in live:
-                ray.kill(actor)
+            driver.stop_all()
             if started:
                 ray.shutdown()
 
-    def _schedule(self, ray, actor_class, live: list, plan: Plan, device: torch.device, windows: Windows,
-                  events: Events) -> Iterator[CellResult]:
-        total, index, slots = len(plan.todo), 0, self._slots(ray, plan, device)
-        queues = units(plan)
-        windows_ref = ray.put(windows)  # once, whatever the number of actors
-        inflight: dict[Any, tuple[_Running, int]] = {}  # ref -> (unit on its actor, cell index; -1: load)
-        idle: dict[Any, tuple[str, str | None]] = {}  # actor -> (its name, the model spec it holds)
-        holding: dict[Any, str] = {}  # every live actor -> the model it holds or loads
-        needs = {m.spec.model_dump_json(): self._gpus(m, device) for m in plan.models}
-        gpus_of: dict[Any, float] = {}  # an actor only takes models that need what it reserved
 
-        def fits(actor: Any | None) -> dict[str, deque[Unit]]:
-            return {k: q for k, q in queues.items() if actor is None or needs[k] == gpus_of[actor]}
+class _Driver:
+    """One run's Ray side: starts and stops the actors its ``Scheduler`` asks for, sends them
+    their units, and turns what comes back into results, in completion order."""
 
-        def give(actor: Any, name: str, key: str) -> None:
-            unit = queues[key].popleft()
-            if holding.get(actor) != key or unit.attempts:  # say who holds which model when it changes
-                events.note(f"{name}: {unit.model.spec.id}" + (f" (retry {unit.attempts})" if unit.attempts else ""))
-            holding[actor] = key
-            run = _Running(actor, name, unit, set(range(len(unit.model.cells))))
-            inflight[actor.load.remote(unit.model, windows_ref)] = (run, -1)
-            for i in sorted(run.left):  # an actor runs its calls in order
-                inflight[actor.run.remote(i)] = (run, i)
+    def __init__(self, executor: RayExecutor, ray, device: torch.device, events: Events):
+        self.executor, self.ray, self.device, self.events = executor, ray, device, events
+        self.actor_class = ray.remote(Worker)
+        self.scheduler: Scheduler | None = None
+        self.inflight: dict[Any, tuple[Any, int]] = {}  # ref -> (its actor, cell index; -1: the load)
+        self.names: dict[Any, str] = {}  # actor -> its name in notes
+        self.loads: dict[Any, float] = {}  # actor -> its last load's seconds, until its unit's first cell returns
+        self.windows_ref: Any = None
+        self.index = self.total = 0
 
-        def dispatch() -> None:
-            for actor, (name, held) in list(idle.items()):
-                key = pick(fits(actor), held, Counter(v for a, v in holding.items() if a is not actor))
-                if key is not None:
-                    del idle[actor]
-                    give(actor, name, key)
-            if any(queues.values()) and idle and len(live) >= slots:  # nothing fits an idle actor:
-                actor = next(iter(idle))                             # free its resources for one that fits
-                del idle[actor]
-                holding.pop(actor, None)
-                live.remove(actor)
-                ray.kill(actor)
-            while len(live) < slots and any(queues.values()):
-                key = pick(queues, None, Counter(holding.values()))
-                actor = actor_class.options(num_cpus=self.num_cpus, num_gpus=needs[key]).remote(
-                    device.type, max(1, int(self.num_cpus)))
-                live.append(actor)
-                gpus_of[actor] = needs[key]
-                self.last["actors"] += 1
-                give(actor, f"worker {self.last['actors']}", key)
-
-        def drop(run: _Running) -> list[PlannedCell]:
-            for ref in [r for r, (other, _) in inflight.items() if other is run]:
-                del inflight[ref]
-            return [run.unit.model.cells[i] for i in sorted(run.left)]
-
-        dispatch()
-        while inflight:
-            [ref], _ = ray.wait(list(inflight), num_returns=1)
-            run, i = inflight.pop(ref)
-            key = run.unit.model.spec.model_dump_json()
+    def results(self, plan: Plan, windows: Windows) -> Iterator[CellResult]:
+        """Every cell of ``plan``'s result; a cell no actor could be placed for fails."""
+        ex = self.executor
+        self.total = len(plan.todo)
+        slots = ex._slots(self.ray, plan, self.device)
+        self.scheduler = Scheduler(plan, slots, lambda m: ex._gpus(m, self.device), ex.max_retries)
+        self.windows_ref = self.ray.put(windows)  # once, whatever the number of actors
+        self._dispatch()
+        while self.inflight:
+            [ref], _ = self.ray.wait(list(self.inflight), num_returns=1)
+            actor, i = self.inflight.pop(ref)
             try:
-                value = ray.get(ref)
-            except ray.exceptions.RayActorError as exc:  # the actor died: every call it held fails alike
-                live.remove(run.actor)
-                holding.pop(run.actor, None)
-                self.last["deaths"] += 1
-                cells, unit = drop(run), run.unit
-                reason = first_line(str(exc)) or "no reason given"
-                # calls run in order: the first unfinished cell was running (or, before the load
-                # returned, the load was); only that one is blamed, the others go on unblamed
-                blamed, spared = (cells, []) if not run.loaded else (cells[:1], cells[1:])
-                events.note(f"{run.name} died ({reason}); {len(cells)} unfinished cell(s) go to fresh workers")
-                if spared:
-                    queues[key].appendleft(Unit(_subplan(unit.model, spared), unit.attempts))
-                if unit.attempts < self.max_retries:
-                    queues[key].appendleft(Unit(_subplan(unit.model, blamed), unit.attempts + 1))
-                else:
-                    for cell in blamed:
-                        index += 1
-                        events.cell_start(cell, index, total)
-                        yield CellResult(cell, error=f"the Ray worker died {unit.attempts + 1} time(s) running "
-                                                     f"this cell; last: {reason}")
-            except ray.exceptions.RayTaskError as exc:  # loading failed (a cell never raises): its cells fail
-                cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
-                for cell in drop(run):
-                    index += 1
-                    events.cell_start(cell, index, total)
-                    yield CellResult(cell, error=describe(cause))
-                idle[run.actor] = (run.name, None)
-                holding.pop(run.actor, None)
+                value = self.ray.get(ref)
+            except self.ray.exceptions.RayActorError as exc:  # the actor died: every call it held fails alike
+                yield from self._died(actor, exc)
+            except self.ray.exceptions.RayTaskError as exc:  # loading failed (a cell never raises)
+                yield from self._load_failed(actor, exc)
             else:
-                if i < 0:
-                    run.load, run.loaded = value, True
-                    if value:
-                        events.note(f"{run.name}: loaded {run.unit.model.spec.id} in {value:.1f} s")
-                else:
-                    run.left.discard(i)
-                    index += 1
-                    events.cell_start(value.cell, index, total)
-                    value.seconds["load"], run.load = run.load, 0.0
-                    yield value
-                    if not run.left:
-                        idle[run.actor] = (run.name, key)
-            dispatch()
-        for unit in [u for q in queues.values() for u in q]:  # never silently: what could not be placed fails
-            for cell in unit.model.cells:
-                index += 1
-                events.cell_start(cell, index, total)
-                yield CellResult(cell, error="no Ray worker could be placed for this model's resources")
+                yield from self._returned(actor, i, value)
+            self._dispatch()
+        for cell in self.scheduler.unplaced():  # never silently: what could not be placed fails
+            yield self._failed(cell, UNPLACED)
 
+    def stop_all(self) -> None:
+        """Kill every live actor."""
+        for actor in self.scheduler.live if self.scheduler else []:
+            self.ray.kill(actor)
 
-@dataclass
-class _Running:
-    actor: Any
-    name: str
-    unit: Unit
-    left: set[int]
-    load: float = 0.0
-    loaded: bool = False
+    def _dispatch(self) -> None:
+        """Start, stop and feed actors as the scheduler says."""
+        for actor, unit, moved in self.scheduler.dispatch(self._start, self.ray.kill):
+            if moved or unit.attempts:  # say who holds which model when it changes
+                retry = f" (retry {unit.attempts})" if unit.attempts else ""
+                self.events.note(f"{self.names[actor]}: {unit.model.spec.id}{retry}")
+            self._send(actor, unit)
 
+    def _start(self, gpus: float) -> Any:
+        """A fresh actor reserving ``gpus`` GPUs."""
+        ex = self.executor
+        actor = self.actor_class.options(num_cpus=ex.num_cpus, num_gpus=gpus).remote(
+            self.device.type, max(1, int(ex.num_cpus)))
+        ex.last["actors"] += 1
+        self.names[actor] = f"worker {ex.last['actors']}"
+        return actor
 
-def _subplan(model: ModelPlan, cells: list[PlannedCell]) -> ModelPlan:
-    groups = {key: g for key, g in model.groups.items() if any(c.group == key for c in cells)}
-    return ModelPlan(model.spec, model.identity, cells, groups)
+    def _send(self, actor: Any, unit: Unit) -> None:
+        """Queue ``unit``'s load and cells on ``actor`` (an actor runs its calls in order)."""
+        self.inflight[actor.load.remote(unit.model, self.windows_ref)] = (actor, -1)
+        for i in range(len(unit.model.cells)):
+            self.inflight[actor.run.remote(i)] = (actor, i)
+
+    def _returned(self, actor: Any, i: int, value: Any) -> Iterator[CellResult]:
+        """``actor``'s load (``i`` < 0: ``value`` its seconds) or cell ``i`` (its result) returned."""
+        if i < 0:
+            self.scheduler.loaded(actor)
+            self.loads[actor] = value
+            if value:
+                model = self.scheduler.running[actor].unit.model
+                self.events.note(f"{self.names[actor]}: loaded {model.spec.id} in {value:.1f} s")
+            return
+        self.scheduler.finished(actor, i)
+        self.index += 1
+        self.events.cell_start(value.cell, self.index, self.total)
+        value.seconds["load"] = self.loads.pop(actor, 0.0)
+        yield value
+
+    def _died(self, actor: Any, exc: Exception) -> Iterator[CellResult]:
+        """``actor`` died: its unfinished cells go back to the scheduler; those out of retries fail."""
+        self.executor.last["deaths"] += 1
+        reason = first_line(str(exc)) or "no reason given"
+        left = len(self.scheduler.running[actor].left)
+        self._drop(actor)
+        failed = self.scheduler.died(actor, reason)
+        self.events.note(f"{self.names[actor]} died ({reason}); {left} unfinished cell(s) go to fresh workers")
+        for cell, error in failed:
+            yield self._failed(cell, error)
+
+    def _load_failed(self, actor: Any, exc: Exception) -> Iterator[CellResult]:
+        """``actor`` could not load its unit's model: the unit's cells fail with the cause."""
+        cause = exc.cause if isinstance(getattr(exc, "cause", None), BaseException) else exc
+        self._drop(actor)
+        for cell in self.scheduler.load_failed(actor):
+            yield self._failed(cell, describe(cause))
+
+    def _drop(self, actor: Any) -> None:
+        """Forget ``actor``'s calls in flight."""
+        for ref in [r for r, (other, _) in self.inflight.items() if other is actor]:
+            del self.inflight[ref]
+        self.loads.pop(actor, None)
+
+    def _failed(self, cell: PlannedCell, error: str) -> CellResult:
+        """A failed result of ``cell``, counted as the next one."""
+        self.index += 1
+        self.events.cell_start(cell, self.index, self.total)
+        return CellResult(cell, error=error)
 
 
 def _check_reachable(address: str | None) -> None:
@@ -342,4 +266,4 @@ def _check_reachable(address: str | None) -> None:
                           f"head (`ray start --head`) or fix --address / ${ADDRESS_ENV}") from None
 
 
-__all__ = ["RayExecutor", "Unit", "Worker", "import_ray", "pick", "simulate", "units"]
+__all__ = ["RayExecutor", "Worker", "import_ray"]

@@ -6,7 +6,7 @@ Per-cell costs come from LEADERBOARD: a finished run of suites/smollm2.yaml, who
 record each cell's prune and evaluation seconds. A llama.yaml cell costs the SmolLM2
 cell of the same metric and pattern (unstructured-layer as unstructured, 4:8 as 2:4)
 times the parameter ratio; a model load is ``--load`` (SmolLM2's) times the same ratio.
-The schedule is ``stadebench.runner.ray_executor.simulate``: the executor's own rule.
+The schedule is ``stadebench.runner.scheduler.simulate``: the executor's own ``Scheduler``.
 Absolute hours carry the reference machine's speed; speed-up and efficiency do not.
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stadebench.data.loading import ModelIdentity
 from stadebench.results import store as lb
 from stadebench.runner.plan import plan
-from stadebench.runner.ray_executor import simulate
+from stadebench.runner.scheduler import simulate
 from stadebench.suite import load_suite
-from stadebench.data.loading import ModelIdentity
 
 SUITE = Path(__file__).parents[2] / "suites" / "llama.yaml"
 PARAMS_B = {"meta-llama/Llama-2-7b-hf": 6.74, "meta-llama/Llama-2-13b-hf": 13.0, "meta-llama/Meta-Llama-3-8B": 8.03}
