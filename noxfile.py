@@ -100,7 +100,7 @@ def docs(session: nox.Session) -> None:
     """Regenerate docs/suites.md and docs/leaderboard.md from the code, in the current environment.
 
     The pages are generated from the suite schema's field descriptions and the leaderboard
-    row's column docs (``stadebench/suite/reference.py``); tests/test_docs.py fails when a
+    row's column docs (``stadebench/results/reference.py``); tests/test_docs.py fails when a
     committed page differs from what it generates.
     """
-    session.run("python", "-m", "stadebench.suite.reference", "--write")
+    session.run("python", "-m", "stadebench.results.reference", "--write")

@@ -2,7 +2,7 @@
 file runs, every code block that shows a file shows it as it is, the tutorial's tests
 pass and its suite validates, the kit's page lists every conformance rule, and the pages
 generated from the code (docs/suites.md from the suite schema, docs/leaderboard.md from the
-row schema: ``stadebench.suite.reference.PAGES``) are current.
+row schema: ``stadebench.results.reference.PAGES``) are current.
 
 A docs page shows a file with a marker line right before a fenced block::
 
@@ -12,7 +12,7 @@ A docs page shows a file with a marker line right before a fenced block::
     ```
 
 ``python tests/test_docs.py --fix`` rewrites those blocks from the files;
-``python -m stadebench.suite.reference --write`` (``nox -s docs``) regenerates the pages.
+``python -m stadebench.results.reference --write`` (``nox -s docs``) regenerates the pages.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from stadebench import hookspecs
 from stadebench import suite as S
 from stadebench.plugins import get_plugins
 from stadebench.results.row import SCHEMA
-from stadebench.suite import reference
+from stadebench.results import reference
+from stadebench.suite import reference as suite_reference
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -88,12 +89,12 @@ def test_plugin_hooks_have_tests():
 
 
 def test_a_new_hook_without_docs_or_tests_is_caught(tmp_path):
-    hooks = hook_names() + ["register_widgets"]
-    assert undocumented(hooks) == ["register_widgets"]
-    assert untested(hooks) == ["register_widgets"]
+    hooks = hook_names() + ["register_gadgets"]
+    assert undocumented(hooks) == ["register_gadgets"]
+    assert untested(hooks) == ["register_gadgets"]
     (tmp_path / "plugins").mkdir()
-    (tmp_path / "plugins" / "register_widgets.md").write_text("# register_widgets\n\nNo example.\n")
-    assert undocumented(["register_widgets"], tmp_path) == ["register_widgets"]  # a page needs an example
+    (tmp_path / "plugins" / "register_gadgets.md").write_text("# register_gadgets\n\nNo example.\n")
+    assert undocumented(["register_gadgets"], tmp_path) == ["register_gadgets"]  # a page needs an example
 
 
 def test_the_plugins_index_links_every_hook_page():
@@ -212,24 +213,24 @@ def test_generated_pages_are_current(page):
 
 def test_the_suite_reference_has_every_field():
     """Every key of every suite section, with its description and default, is on docs/suites.md."""
-    page = reference.markdown()
-    sections = dict(reference.sections())
+    page = suite_reference.markdown()
+    sections = dict(suite_reference.sections())
     assert set(sections.values()) == {S.Suite, S.ModelSpec, S.MetricSpec, S.PatternSpec, S.AllocationSpec,
                                       S.ExcludeRule, S.CalibrationSpec, S.DatasetSpec, S.EvaluationSpec}
     for path, model in sections.items():
-        table = page.split(f'<a id="{reference._anchor(path)}"></a>', 1)[1].split("<a id=", 1)[0]
+        table = page.split(f'<a id="{suite_reference.anchor(path)}"></a>', 1)[1].split("<a id=", 1)[0]
         for name, info in model.model_fields.items():
             assert info.description, f"{model.__name__}.{name} has no description"
             row = next((line for line in table.splitlines() if line.startswith(f"| `{name}` |")), None)
-            assert row and reference._cell(info.description) in row, f"{path or 'top level'}: {name}"
-    assert reference.RULES in page and reference.CELLS in page
-    assert (REPO / reference.EXAMPLE).read_text(encoding="utf-8") in page
+            assert row and suite_reference.cell_text(info.description) in row, f"{path or 'top level'}: {name}"
+    assert suite_reference.RULES in page and suite_reference.CELLS in page
+    assert (REPO / suite_reference.EXAMPLE).read_text(encoding="utf-8") in page
 
 
 def test_a_changed_description_makes_the_page_stale(monkeypatch):
-    before = reference.markdown()
+    before = suite_reference.markdown()
     monkeypatch.setattr(S.CalibrationSpec.model_fields["seed"], "description", "A new description.")
-    after = reference.markdown()
+    after = suite_reference.markdown()
     assert after != before and "| `seed` | integer in [0, 9223372036854775807] | `0` | A new description. |" in after
 
 
@@ -237,10 +238,10 @@ def test_the_column_reference_has_every_column():
     page = reference.columns_markdown()
     for field in SCHEMA:
         doc = field.metadata[b"doc"].decode()
-        assert doc and f"| `{field.name}` |" in page and reference._cell(doc) in page, field.name
+        assert doc and f"| `{field.name}` |" in page and suite_reference.cell_text(doc) in page, field.name
         if pa.types.is_list(field.type) and pa.types.is_struct(field.type.value_type):
             for sub in field.type.value_type:
-                assert reference._cell(sub.metadata[b"doc"].decode()) in page, f"{field.name}.{sub.name}"
+                assert suite_reference.cell_text(sub.metadata[b"doc"].decode()) in page, f"{field.name}.{sub.name}"
 
 
 def fix() -> None:
