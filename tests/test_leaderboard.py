@@ -16,8 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stadebench.results import store as lb
 from stadebench.results import grid
+from stadebench.results import store as lb
 from stadebench.results.row import JSON_FIELDS
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
@@ -545,29 +545,33 @@ def test_pivot_small_grid(tmp_path):
         _row(metric="magnitude", value=None, status="failed", error="boom"),
         _row(task="boolq", score="acc", value=0.7),
     ])
-    grid = grid.pivot(lb.read(tmp_path), "wikitext2", "perplexity")
-    assert grid["columns"] == ["2:4 0.5", "unstructured 0.5"]
-    assert grid["higher_is_better"] is False
-    rows = {r["label"]: r for r in grid["rows"]}
+    shown = grid.pivot(lb.read(tmp_path), "wikitext2", "perplexity")
+    assert shown.columns == ("2:4 0.5", "unstructured 0.5")
+    assert shown.higher_is_better is False
+    rows = {r.label: r for r in shown.rows}
     assert set(rows) == {"wanda", "stade (bias_correction=false)"}
     wanda = rows["wanda"]
-    assert wanda["model"] == "tiny-llama" and wanda["dense"] == 10.0
-    cell = wanda["values"]["unstructured 0.5"]
-    assert cell == {"value": 11.0, "stderr": None, "relative": pytest.approx(0.1), "significant": None,
-                    "cell_key": cell["cell_key"]}
-    assert re.fullmatch(r"[0-9a-f]{64}", cell["cell_key"])
-    assert wanda["values"]["2:4 0.5"]["relative"] == pytest.approx(0.5)
-    assert list(rows["stade (bias_correction=false)"]["values"]) == ["unstructured 0.5"]
-    json.dumps(grid)  # plain data, ready for any renderer
+    assert wanda.model == "tiny-llama" and wanda.dense == 10.0
+    cell = wanda.values["unstructured 0.5"]
+    assert cell.to_dict() == {"value": 11.0, "stderr": None, "relative": pytest.approx(0.1), "significant": None,
+                              "cell_key": cell.cell_key}
+    assert re.fullmatch(r"[0-9a-f]{64}", cell.cell_key)
+    assert wanda.values["2:4 0.5"].relative == pytest.approx(0.5)
+    assert list(rows["stade (bias_correction=false)"].values) == ["unstructured 0.5"]
+    assert [c for c, cell in shown.cells(rows["stade (bias_correction=false)"]) if cell] == ["unstructured 0.5"]
+    plain = shown.to_dict()  # plain data, ready for any renderer
+    json.dumps(plain)
+    assert plain["columns"] == list(shown.columns) and plain["rows"][0]["values"] == {
+        c: v.to_dict() for c, v in shown.rows[0].values.items()}
 
 
 def test_pivot_labels_what_varies_and_handles_no_baseline():
     rows = [_row(calib_n=8, value=12.0), _row(calib_n=128, value=11.0)]
-    grid = grid.pivot(lb._to_table(rows), "wikitext2", "perplexity")
-    assert [r["label"] for r in grid["rows"]] == ["wanda calib_n=128", "wanda calib_n=8"]
-    assert all(r["dense"] is None and r["values"]["unstructured 0.5"]["relative"] is None
-               for r in grid["rows"])
-    assert grid.pivot(lb.SCHEMA.empty_table(), "x", "y")["rows"] == []
+    shown = grid.pivot(lb._to_table(rows), "wikitext2", "perplexity")
+    assert [r.label for r in shown.rows] == ["wanda calib_n=128", "wanda calib_n=8"]
+    assert all(r.dense is None and r.values["unstructured 0.5"].relative is None for r in shown.rows)
+    assert shown.models() == ["tiny-llama"] and shown.model_labels() == []  # no asset label to add
+    assert grid.pivot(lb.SCHEMA.empty_table(), "x", "y").rows == ()
 
 
 def test_pivot_labels_only_what_varies_within_a_metric_and_names_pattern_options():
@@ -577,11 +581,11 @@ def test_pivot_labels_only_what_varies_within_a_metric_and_names_pattern_options
     rows = [_row(**wanda, value=12.0), _row(**magnitude, value=30.0, metric_plugin="other", metric_version="3"),
             _row(**wanda, pattern="n:m", pattern_options={"n": 2, "m": 4}, pattern_version="2", value=16.0),
             _row(**wanda, pattern="n:m", pattern_options={"n": 4, "m": 8}, pattern_version="2", value=14.0)]
-    grid = grid.pivot(lb._to_table(rows), "wikitext2", "perplexity")
+    shown = grid.pivot(lb._to_table(rows), "wikitext2", "perplexity")
     # magnitude has no calibration and another plugin: that tells the metrics apart, not rows
-    assert [r["label"] for r in grid["rows"]] == ["magnitude", "wanda"]
-    assert grid["columns"] == ["n:m(m=4, n=2) 0.5", "n:m(m=8, n=4) 0.5", "unstructured 0.5"]
-    assert set(grid["rows"][1]["values"]) == set(grid["columns"])  # one row across pattern versions
+    assert [r.label for r in shown.rows] == ["magnitude", "wanda"]
+    assert shown.columns == ("n:m(m=4, n=2) 0.5", "n:m(m=8, n=4) 0.5", "unstructured 0.5")
+    assert set(shown.rows[1].values) == set(shown.columns)  # one row across pattern versions
 
 
 def test_a_schema_2_file_is_read_as_uniformly_pruned_under_the_same_key_a_new_run_computes(tmp_path):
@@ -633,10 +637,10 @@ def test_pivot_marks_a_change_inside_the_standard_error_and_drops_default_option
             _row(metric="stade", metric_options={"bias_correction": True}, value=0.70, stderr=0.07, **acc),
             _row(metric="wanda", value=0.40, stderr=0.07, **acc),
             _row(metric="magnitude", value=0.5, stderr=None, sparsity=0.6, **acc)]
-    grid = grid.pivot(lb._to_table(rows), "arc_easy", "acc")
-    cells = {r["label"]: next(iter(r["values"].values())) for r in grid["rows"]}
+    shown = grid.pivot(lb._to_table(rows), "arc_easy", "acc")
+    cells = {r.label: next(iter(r.values.values())) for r in shown.rows}
     assert set(cells) == {"stade", "wanda", "magnitude"}  # stade's default option is not in its label
-    assert cells["stade"]["significant"] is False and cells["wanda"]["significant"] is True
-    assert cells["magnitude"]["significant"] is True  # the dense stderr alone: 0.18 away is outside 0.07
+    assert cells["stade"].significant is False and cells["wanda"].significant is True
+    assert cells["magnitude"].significant is True  # the dense stderr alone: 0.18 away is outside 0.07
     assert grid.pivot(lb._to_table([_row(metric="stade", metric_options={"bias_correction": False})]), "wikitext2",
-                    "perplexity")["rows"][0]["label"] == "stade (bias_correction=false)"
+                      "perplexity").rows[0].label == "stade (bias_correction=false)"

@@ -206,7 +206,7 @@ def test_the_diagnosed_layers_are_tabled_in_their_cells_details(reported):
         assert len(cells) == len(records)
         for c, d in zip(cells, records):
             assert c[4] == (f"{row['metric']} (applied)" if d["applied"] else d["candidate"])
-            assert c[7] == page._fmt(d["relative_measured"]) and c[6] == page._fmt(d["relative_predicted"])
+            assert c[7] == page.fmt_value(d["relative_measured"]) and c[6] == page.fmt_value(d["relative_predicted"])
             assert (c[9] == "✓") == d["measured_winner"]
 
 

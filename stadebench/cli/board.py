@@ -6,7 +6,7 @@ import enum
 import math
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.table import Table
@@ -14,6 +14,11 @@ from rich.text import Text
 
 from ..util import visible
 from .common import Format, FormatOption, err, fail, handle_errors, out, styled, write_rows
+
+if TYPE_CHECKING:  # the grid module reads Parquet with pyarrow: imported when a table is shown
+    from ..results.grid import Grid, GridCell
+
+__all__ = ["app", "compare", "leaderboard", "show", "show_history", "show_leaderboard"]
 
 app = typer.Typer(help="Show the leaderboard (metric rows × pattern/sparsity columns).")
 
@@ -27,21 +32,21 @@ def _fmt(value: float | None, precision: int = 4) -> str:
     return f"{value:.{precision}g}" if abs(value) < 10 ** max(precision, 4) else f"{value:.{max(precision - 1, 1)}e}"
 
 
-def _relative(cell: dict, higher_is_better: bool | None) -> Text:
+def _relative(cell: GridCell, higher_is_better: bool | None) -> Text:
     """``(+3%)``, red when worse and green when better than dense, plain when the change is
     inside the combined standard error (noise, not a ranking)."""
-    rel = cell["relative"]
+    rel = cell.relative
     if rel is None:
         return Text()
-    if cell.get("significant") is False:
+    if cell.significant is False:
         return styled(" ", (f"(~{rel:+.0%})", "dim"))
     worse = (rel < 0) if higher_is_better else (rel > 0)
     return styled(" ", (f"({rel:+.0%})", "red" if worse else "green"))
 
 
-def _value_text(cell: dict, precision: int) -> str:
-    text = _fmt(cell["value"], precision)
-    return text if cell.get("stderr") is None else f"{text} ±{_fmt(cell['stderr'], 2)}"
+def _value_text(cell: GridCell, precision: int) -> str:
+    text = _fmt(cell.value, precision)
+    return text if cell.stderr is None else f"{text} ±{_fmt(cell.stderr, 2)}"
 
 
 def _available(table) -> str:
@@ -87,7 +92,7 @@ def _split(table) -> bool:
     return len({s for s in table["suite"].to_pylist() if s is not None}) > 1
 
 
-def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | None, dict]], int]:
+def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | None, Grid]], int]:
     """``(suite or None, pivot)`` per suite (when several are shown) and (task, score), and
     the number of failed rows; ``table``: the rows ``_selected`` picked, when already read."""
     import pyarrow.compute as pc
@@ -105,25 +110,24 @@ def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | No
         for task_name, score in sorted({(r["task"], r["score"]) for r in part.select(["task", "score"]).to_pylist()
                                         if r["task"] is not None}):
             grid = pivot(part, task_name, score)
-            if grid["rows"]:
+            if grid.rows:
                 grids.append((suite, grid))
     return grids, table.num_rows - ok.num_rows
 
 
-def _pivot_rows(grids: list[tuple[str | None, dict]], precision: int) -> list[dict]:
+def _pivot_rows(grids: list[tuple[str | None, Grid]], precision: int) -> list[dict]:
     """The tables as shown, one flat row per table row (for csv, json, markdown, latex)."""
     rows = []
     for suite, grid in grids:
-        for row in grid["rows"]:
-            flat = {"suite": suite, "task": grid["task"], "score": grid["score"], "model": row["model_label"],
-                    "metric": row["label"], "dense": _round(row["dense"], precision)}
+        for row in grid.rows:
+            flat = {"suite": suite, "task": grid.task, "score": grid.score, "model": row.model_label,
+                    "metric": row.label, "dense": _round(row.dense, precision)}
             if suite is None:
                 del flat["suite"]
-            for column in grid["columns"]:
-                cell = row["values"].get(column) or {}
-                flat[column] = _round(cell.get("value"), precision)
-                flat[f"{column} ±"] = _round(cell.get("stderr"), 2)
-                flat[f"{column} Δ"] = None if cell.get("relative") is None else round(cell["relative"], 4)
+            for column, cell in grid.cells(row):
+                flat[column] = None if cell is None else _round(cell.value, precision)
+                flat[f"{column} ±"] = None if cell is None else _round(cell.stderr, 2)
+                flat[f"{column} Δ"] = None if cell is None or cell.relative is None else round(cell.relative, 4)
             rows.append(flat)
     return rows
 
@@ -132,27 +136,26 @@ def _round(value: float | None, precision: int) -> float | None:
     return None if value is None else float(f"{value:.{precision}g}")
 
 
-def _markdown(grids: list[tuple[str | None, dict]], precision: int, latex: bool) -> str:
+def _markdown_cell(cell: GridCell | None, precision: int) -> str:
+    """value ± stderr (change vs dense, ~ inside the error); nothing for a missing cell."""
+    if cell is None:
+        return ""
+    text = _value_text(cell, precision)
+    if cell.relative is not None:
+        mark = "~" if cell.significant is False else ""
+        text += f" ({mark}{cell.relative:+.0%})"
+    return text
+
+
+def _markdown(grids: list[tuple[str | None, Grid]], precision: int, latex: bool) -> str:
     """One table per grid, as shown: value ± stderr (change vs dense, ~ inside the error)."""
     blocks = []
     for suite, grid in grids:
-        arrow = "↑" if grid["higher_is_better"] else "↓"
-        title = visible(" · ".join(filter(None, [suite, grid["task"], grid["score"]])) + f" {arrow}")
-        header = ["model", "metric", "dense", *map(visible, grid["columns"])]
-        body = []
-        for row in grid["rows"]:
-            cells = []
-            for column in grid["columns"]:
-                cell = row["values"].get(column)
-                if cell is None:
-                    cells.append("")
-                    continue
-                text = _value_text(cell, precision)
-                if cell["relative"] is not None:
-                    mark = "~" if cell.get("significant") is False else ""
-                    text += f" ({mark}{cell['relative']:+.0%})"
-                cells.append(text)
-            body.append([visible(row["model_label"]), visible(row["label"]), _fmt(row["dense"], precision), *cells])
+        arrow = "↑" if grid.higher_is_better else "↓"
+        title = visible(" · ".join(filter(None, [suite, grid.task, grid.score])) + f" {arrow}")
+        header = ["model", "metric", "dense", *map(visible, grid.columns)]
+        body = [[visible(row.model_label), visible(row.label), _fmt(row.dense, precision),
+                 *(_markdown_cell(cell, precision) for _, cell in grid.cells(row))] for row in grid.rows]
         if latex:
             esc = [[_tex(c) for c in r] for r in [header, *body]]
             lines = [f"% {title}", "\\begin{tabular}{ll" + "r" * (len(header) - 2) + "}", "\\toprule",
@@ -189,17 +192,7 @@ def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int
         write_rows(_paper_rows(papers), Format.csv if fmt in (Format.table, Format.latex) else fmt)
         return
     if long:
-        rows = []
-        for _, grid in grids:
-            for row in grid["rows"]:
-                for column in grid["columns"]:
-                    cell = row["values"].get(column)
-                    if cell:
-                        rows.append({"model": row["model"], "metric": row["label"], "task": grid["task"],
-                                     "score": grid["score"], "column": column, "value": cell["value"],
-                                     "stderr": cell["stderr"], "dense": row["dense"],
-                                     "relative": cell["relative"]})
-        write_rows(rows, Format.csv if fmt in (Format.table, Format.latex) else fmt)
+        write_rows(_long_rows(grids), Format.csv if fmt in (Format.table, Format.latex) else fmt)
         return
     if fmt in (Format.markdown, Format.latex):
         sys.stdout.write(_markdown(grids, precision, fmt is Format.latex))
@@ -211,34 +204,50 @@ def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int
         write_rows(_pivot_rows(grids, precision), fmt)
         return
     for suite, grid in grids:
-        arrow = "↑" if grid["higher_is_better"] else "↓"
-        title = " · ".join(filter(None, [suite, grid["task"], grid["score"]])) + f" {arrow}"
-        view = Table(title=title, title_justify="left")
-        view.add_column("model")
-        view.add_column("metric")
-        view.add_column("dense", justify="right")
-        for column in grid["columns"]:
-            view.add_column(column, justify="right")
-        for row in grid["rows"]:
-            cells = []
-            for column in grid["columns"]:
-                cell = row["values"].get(column)
-                cells.append("" if cell is None else styled(_value_text(cell, precision))
-                             + _relative(cell, grid["higher_is_better"]))
-            view.add_row(row["model"], row["label"], _fmt(row["dense"], precision), *cells)
-        named = sorted({row["model_label"] for row in grid["rows"] if row["model_label"] != row["model"]})
-        if named:
-            view.caption, view.caption_justify = "; ".join(named), "left"
-        out.print(view)
+        out.print(_table(suite, grid, precision))
         if papers:
             _print_papers([c for c in papers if (c.ours["suite"] if suite else None, c.ours["task"],
-                                                 c.ours["score"]) == (suite, grid["task"], grid["score"])],
+                                                 c.ours["score"]) == (suite, grid.task, grid.score)],
                           precision)
     if papers == []:
         err.print(f"no published result in {published} is of a cell shown here")
     if failed:
         err.print(f"{failed} failed row(s) not shown; see `stadebench leaderboard --long --format json` "
                   "or the error column")
+
+
+def _long_rows(grids: list[tuple[str | None, Grid]]) -> list[dict]:
+    """The tidy rows: one per (table row, column with a value), at full precision."""
+    rows = []
+    for _, grid in grids:
+        for row in grid.rows:
+            for column, cell in grid.cells(row):
+                if cell is not None:
+                    rows.append({"model": row.model, "metric": row.label, "task": grid.task, "score": grid.score,
+                                 "column": column, "value": cell.value, "stderr": cell.stderr, "dense": row.dense,
+                                 "relative": cell.relative})
+    return rows
+
+
+def _table(suite: str | None, grid: Grid, precision: int) -> Table:
+    """One grid as a rich table: value ± stderr and the coloured change vs dense per cell,
+    what the asset models really are in the caption."""
+    arrow = "↑" if grid.higher_is_better else "↓"
+    title = " · ".join(filter(None, [suite, grid.task, grid.score])) + f" {arrow}"
+    view = Table(title=title, title_justify="left")
+    view.add_column("model")
+    view.add_column("metric")
+    view.add_column("dense", justify="right")
+    for column in grid.columns:
+        view.add_column(column, justify="right")
+    for row in grid.rows:
+        cells = ["" if cell is None else styled(_value_text(cell, precision))
+                 + _relative(cell, grid.higher_is_better) for _, cell in grid.cells(row)]
+        view.add_row(row.model, row.label, _fmt(row.dense, precision), *cells)
+    named = grid.model_labels()
+    if named:
+        view.caption, view.caption_justify = "; ".join(named), "left"
+    return view
 
 
 # --- published results beside ours ------------------------------------------------------

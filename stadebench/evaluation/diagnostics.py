@@ -20,7 +20,7 @@ from pydantic import Field
 
 from ..base import CellContext, Evaluator, LayerResult, Options, Score
 from ..core import diagnostics as theory
-from ..core.engine import collect_statistics
+from ..core.engine import Calibration, collect_statistics
 from ..core.models import check_context, weight_of
 from ..data.calibration import eval_tokens
 from ..errors import ConfigError
@@ -91,9 +91,9 @@ class Diagnostics(Evaluator):
             self._dense.clear()  # one model at a time: they take the memory of two Gram matrices per layer
             needs = {"sum", "sumsq", "gram"}
             with cell.dense():
-                calibration = collect_statistics(model, cell.calibration, needs, batch_size=cell.batch_size,
-                                                 device=device)
-                heldout = collect_statistics(model, self.heldout(tokenizer), needs, batch_size=cell.batch_size,
+                settings = Calibration(sequential=False, batch_size=cell.batch_size)
+                calibration = collect_statistics(model, cell.calibration, needs, calibration=settings, device=device)
+                heldout = collect_statistics(model, self.heldout(tokenizer), needs, calibration=settings,
                                              device=device)
                 weights = {name: (weight_of(model.get_submodule(name)).detach().float().clone(),
                                   _bias(model.get_submodule(name))) for name in calibration.layers}

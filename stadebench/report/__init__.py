@@ -18,9 +18,8 @@ from datetime import datetime, timezone
 from html import escape
 from pathlib import Path
 
-from ..results import store as lb
-from ..results import grid
 from ..errors import ConfigError
+from ..results.grid import Grid, pivot
 from ..version import __version__
 from . import page, series
 from .figures import FORMATS, save
@@ -38,8 +37,8 @@ def _sections(table, ok: list[dict]) -> list[dict]:
     tasks: dict[str, dict] = {}
     for (task, score) in sorted(by_pair, key=lambda p: (series.is_diagnostics(by_pair[p]), p)):
         rows = by_pair[(task, score)]
-        grid = grid.pivot(table, task, score)
-        if not grid["rows"]:
+        grid = pivot(table, task, score)
+        if not grid.rows:
             continue
         matched = series.match_cells(grid, [r for r in rows if r["metric"] != "dense"])
         section = tasks.setdefault(task, {"task": task, "specs": [], "tables": []})
@@ -54,6 +53,31 @@ def _sections(table, ok: list[dict]) -> list[dict]:
         section = tasks.setdefault(series.DIAGNOSTICS, {"task": series.DIAGNOSTICS, "specs": [], "tables": []})
         section["specs"] = series.diagnostic_specs(diagnosed) + section["specs"]
     return list(tasks.values())
+
+
+def _grid_section(grid: Grid, matched: dict, dense: dict) -> list[str]:
+    """One grid's heading, its table and the details blocks its values link to."""
+    arrow = {True: " ↑", False: " ↓"}.get(grid.higher_is_better, "")
+    table_html, blocks = page.pivot_table(grid, matched, dense)
+    dense_blocks = [page.details(r, f"{r['model']} · dense") for r in dense.values()]
+    return [f"<h3>{escape(grid.task)} · {escape(grid.score)}{arrow}</h3>", table_html,
+            f"<details><summary>cell details ({len(blocks) + len(dense_blocks)})</summary>",
+            *dense_blocks, *blocks, "</details>"]
+
+
+def _task_sections(sections: list[dict], drawn: dict[str, tuple[dict, bytes]]) -> tuple[list[str], list[tuple]]:
+    """The HTML of each task (its figures, then its grids) and the (anchor, task) of each for the navigation."""
+    html, nav = [], []
+    for k, section in enumerate(sections):
+        anchor = f"task-{k}"
+        nav.append((anchor, section["task"]))
+        parts = [f'<h2 id="{anchor}">{escape(section["task"])}</h2>']
+        for spec in section["specs"]:
+            parts.append(page.figure(spec, drawn[spec["slug"]][1], spec["files"]))
+        for grid, matched, dense in section["tables"]:
+            parts += _grid_section(grid, matched, dense)
+        html.append("\n".join(parts))
+    return html, nav
 
 
 def _intro(folder: Path, filters: dict, table, failed: list[dict]) -> str:
@@ -73,7 +97,7 @@ def _intro(folder: Path, filters: dict, table, failed: list[dict]) -> str:
 def _failed(rows: list[dict]) -> str:
     body = "".join(
         f"<tr><td class=label>{escape(str(r['model']))}</td><td class=label>{escape(str(r['metric']))}</td>"
-        f"<td class=label>{escape(str(r['pattern'] or ''))}</td><td>{escape(page._fmt(r['sparsity']))}</td>"
+        f"<td class=label>{escape(str(r['pattern'] or ''))}</td><td>{escape(page.fmt_value(r['sparsity']))}</td>"
         f"<td class=label>{escape(str(r['task'] or ''))}</td><td class=label>{escape((r['error'] or '')[:300])}</td>"
         "</tr>" for r in rows)
     return ('<h2 id="failed">Failed</h2><table><thead><tr><th class=label>model</th><th class=label>metric</th>'
@@ -99,7 +123,7 @@ def _published(ok: list[dict], published: str | os.PathLike) -> str:
             verdict = "not compared: protocol differs in " + ", ".join(
                 f"{k} (ours {show_value(a)} vs paper {show_value(b)})" for k, a, b in c.differs)
         rows.append(f"<tr><td>{escape(cell)}</td><td>{escape(str(paper.task))} · {escape(str(paper.score))}</td>"
-                    f"<td>{escape(page._fmt(ours['value']))}</td><td>{escape(page._fmt(paper.value))}</td>"
+                    f"<td>{escape(page.fmt_value(ours['value']))}</td><td>{escape(page.fmt_value(paper.value))}</td>"
                     f"<td>{escape(verdict)}</td><td>{escape(paper.ref)}</td></tr>")
     return ('<h2 id="published">published</h2><table><thead><tr><th>cell</th><th>task</th><th>ours</th>'
             '<th>paper</th><th>difference</th><th>source</th></tr></thead><tbody>' + "".join(rows)
@@ -159,21 +183,7 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
         spec["files"] = {ext: f"figures/{p.name}" for ext, p in paths.items()}
         drawn[spec["slug"]] = (spec, data)
     _forget_stale(figures_dir, {p.name for spec in specs for p in map(Path, spec["files"].values())})
-    html, nav = [], []
-    for k, section in enumerate(sections):
-        anchor = f"task-{k}"
-        nav.append((anchor, section["task"]))
-        parts = [f'<h2 id="{anchor}">{escape(section["task"])}</h2>']
-        for spec in section["specs"]:
-            parts.append(page.figure(spec, drawn[spec["slug"]][1], spec["files"]))
-        for grid, matched, dense in section["tables"]:
-            arrow = {True: " ↑", False: " ↓"}.get(grid["higher_is_better"], "")
-            table_html, blocks = page.pivot_table(grid, matched, dense)
-            dense_blocks = [page.details(r, f"{r['model']} · dense") for r in dense.values()]
-            parts += [f"<h3>{escape(grid['task'])} · {escape(grid['score'])}{arrow}</h3>", table_html,
-                      f"<details><summary>cell details ({len(blocks) + len(dense_blocks)})</summary>",
-                      *dense_blocks, *blocks, "</details>"]
-        html.append("\n".join(parts))
+    html, nav = _task_sections(sections, drawn)
     papers = "" if published is None else _published(ok, published)
     if papers:
         nav.append(("published", "published"))

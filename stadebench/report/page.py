@@ -7,13 +7,18 @@ from __future__ import annotations
 import base64
 import json
 from html import escape
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from ..results.row import SCHEMA
 from ..util import digest
 from .series import finite
+
+if TYPE_CHECKING:
+    from ..results.grid import Grid
+
+__all__ = ["POLICY", "detail_id", "details", "embedded_json", "figure", "fmt_value", "page", "pivot_table"]
 
 POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 _SCALARS = [f.name for f in SCHEMA if not pa.types.is_list(f.type) and f.name != "details"]
@@ -65,7 +70,8 @@ def detail_id(row: dict) -> str:
     return "d-" + digest(row["cell_key"], str(row["task"]), str(row["score"]), length=16)
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
+    """A value as the page shows it: 4 significant digits, "—" when missing, NaN or infinite."""
     v = finite(value) if isinstance(value, float) else value
     if v is None:
         return "—"
@@ -95,8 +101,8 @@ def _layer_table(css: str, columns: tuple[str, ...], rows: list[tuple[str, tuple
     head = "".join(f"<th>{escape(c)}</th>" for c in columns)
     body = []
     for name, values in rows:
-        cells = "".join(f'<td class=label title="{escape(name)}">{escape(_fmt(v))}</td>' if c == "layer"
-                        else f"<td{' class=label' if c in labels else ''}>{escape(_fmt(v))}</td>"
+        cells = "".join(f'<td class=label title="{escape(name)}">{escape(fmt_value(v))}</td>' if c == "layer"
+                        else f"<td{' class=label' if c in labels else ''}>{escape(fmt_value(v))}</td>"
                         for c, v in zip(columns, values, strict=True))
         body.append(f"<tr>{cells}</tr>")
     return f'<table class="{css}"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
@@ -125,7 +131,7 @@ def _diagnostics(records: list[dict], metric: str) -> str:
 
 def details(row: dict, title: str) -> str:
     """A collapsed block with a row's provenance and, for a pruned cell, its per-layer records."""
-    meta = "".join(f'<dt title="{escape(_DOCS.get(k, ""))}">{k}</dt><dd>{escape(_fmt(row[k]))}</dd>'
+    meta = "".join(f'<dt title="{escape(_DOCS.get(k, ""))}">{k}</dt><dd>{escape(fmt_value(row[k]))}</dd>'
                    for k in _SCALARS if row.get(k) is not None)
     parts = [f'<details class="cell" id="{detail_id(row)}"><summary>{escape(title)}</summary>',
              f"<dl class=meta>{meta}</dl>"]
@@ -145,31 +151,29 @@ def details(row: dict, title: str) -> str:
     return "".join(parts)
 
 
-def pivot_table(grid: dict, matched: dict, dense_rows: dict) -> tuple[str, list[str]]:
+def pivot_table(grid: Grid, matched: dict, dense_rows: dict) -> tuple[str, list[str]]:
     """The pivot as HTML (each value links to its details) and the details blocks it links to."""
-    higher = grid["higher_is_better"]
-    head = "".join(f"<th>{escape(c)}</th>" for c in grid["columns"])
+    head = "".join(f"<th>{escape(c)}</th>" for c in grid.columns)
     body, blocks = [], []
-    for i, prow in enumerate(grid["rows"]):
-        dense = dense_rows.get((prow["model"], prow["dense"]))
-        dense_text = escape(_fmt(prow["dense"]))
+    for i, prow in enumerate(grid.rows):
+        dense = dense_rows.get((prow.model, prow.dense))
+        dense_text = escape(fmt_value(prow.dense))
         if dense is not None:
             dense_text = f'<a href="#{detail_id(dense)}">{dense_text}</a>'
         cells = []
-        for column in grid["columns"]:
-            cell = prow["values"].get(column)
+        for column, cell in grid.cells(prow):
             if cell is None:
                 cells.append("<td></td>")
                 continue
-            text = escape(_fmt(cell["value"]))
+            text = escape(fmt_value(cell.value))
             r = matched.get((i, column))
             if r is not None:
                 text = f'<a href="#{detail_id(r)}">{text}</a>'
-                blocks.append(details(r, f"{prow['model']} · {prow['label']} · {column}"))
-            err = finite(cell.get("stderr"))
-            stderr = f' <span class="stderr">± {_fmt(err)}</span>' if err is not None else ""
-            cells.append(f"<td>{text}{stderr}{_relative(cell['relative'], higher)}</td>")
-        body.append(f"<tr><td class=label>{escape(str(prow['model']))}</td><td class=label>{escape(prow['label'])}"
+                blocks.append(details(r, f"{prow.model} · {prow.label} · {column}"))
+            err = finite(cell.stderr)
+            stderr = f' <span class="stderr">± {fmt_value(err)}</span>' if err is not None else ""
+            cells.append(f"<td>{text}{stderr}{_relative(cell.relative, grid.higher_is_better)}</td>")
+        body.append(f"<tr><td class=label>{escape(str(prow.model))}</td><td class=label>{escape(prow.label)}"
                     f"</td><td>{dense_text}</td>{''.join(cells)}</tr>")
     table = (f"<table><thead><tr><th class=label>model</th><th class=label>metric</th><th>dense</th>{head}</tr>"
              f"</thead><tbody>{''.join(body)}</tbody></table>")

@@ -8,9 +8,15 @@ import math
 import re
 from collections import defaultdict
 from pathlib import PurePath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..results import store as lb
+
+if TYPE_CHECKING:
+    from ..results.grid import Grid
+
+__all__ = ["APPLIED", "DIAGNOSTICS", "diagnostic_specs", "finite", "is_diagnostics", "is_points", "log_scale",
+           "match_cells", "short_model", "slug", "split_column", "sweep_specs", "unique_slugs"]
 
 DIAGNOSTICS = "diagnostics"
 APPLIED = "applied"
@@ -61,7 +67,7 @@ def slug(*parts: str | None) -> str:
     return "_".join(words)[:120]
 
 
-def match_cells(grid: dict, rows: list[dict]) -> dict[tuple[int, str], dict]:
+def match_cells(grid: Grid, rows: list[dict]) -> dict[tuple[int, str], dict]:
     """The row behind each cell of ``grid`` (a ``pivot`` of ``rows``), by (row index, column).
 
     The pivot gives labels and values but not the cell keys, so a cell is matched to the
@@ -75,13 +81,13 @@ def match_cells(grid: dict, rows: list[dict]) -> dict[tuple[int, str], dict]:
         pool[(r["model"], r["metric"], r["value"])].append(r)
     used: set[int] = set()
     found = {}
-    for i, prow in enumerate(grid["rows"]):
-        for column, cell in prow["values"].items():
-            if cell.get("cell_key") in by_key:
-                found[(i, column)] = by_key[cell["cell_key"]]
+    for i, prow in enumerate(grid.rows):
+        for column, cell in prow.values.items():
+            if cell.cell_key in by_key:
+                found[(i, column)] = by_key[cell.cell_key]
                 continue
             family, sparsity = split_column(column)
-            for r in pool.get((prow["model"], prow["metric"], cell["value"]), ()):
+            for r in pool.get((prow.model, prow.metric, cell.value), ()):
                 if id(r) in used or not family.startswith(r["pattern"] or "-"):
                     continue
                 if sparsity is not None and f"{r['sparsity'] or 0.0:g}" != f"{sparsity:g}":
@@ -103,42 +109,54 @@ def log_scale(score: str, values: list[float]) -> bool:
         and max(values) / min(values) >= 3
 
 
-def sweep_specs(grid: dict, matched: dict[tuple[int, str], dict], rows: list[dict]) -> list[dict]:
+def _sweep_lines(grid: Grid, matched: dict[tuple[int, str], dict], model: str | None) -> dict[tuple, dict]:
+    """The lines of one model's figure, by (row label, pattern text): each with its points
+    ``(sparsity, value, stderr, cell key)`` in column order (sorted later)."""
+    lines: dict[tuple, dict] = {}
+    for i, prow in enumerate(grid.rows):
+        if prow.model != model:
+            continue
+        for column, cell in grid.cells(prow):
+            y = finite(cell and cell.value)
+            if y is None:
+                continue
+            family, parsed = split_column(column)
+            r = matched.get((i, column))
+            x = finite(r["sparsity"]) if r else parsed
+            if x is None:
+                continue
+            line = lines.setdefault((prow.label, family), {
+                "label": prow.label, "metric": prow.metric, "colour_key": _ALLOCATION.sub("", prow.label),
+                "family": family, "style": "points" if is_points(family) else "line",
+                "allocation": r["allocation"] if r else None, "points": []})
+            line["points"].append((x, y, finite(cell.stderr), r["cell_key"] if r else None))
+    return lines
+
+
+def _dense_lines(grid: Grid, dense_rows: list[dict], model: str | None) -> dict[float, str | None]:
+    """The distinct finite dense values of one model's rows, each with the cell key of a dense row of that value."""
+    dense: dict[float, str | None] = {}
+    for prow in grid.rows:
+        if prow.model == model and finite(prow.dense) is not None:
+            key = next((r["cell_key"] for r in dense_rows if r["model"] == model and r["value"] == prow.dense), None)
+            dense.setdefault(prow.dense, key)
+    return dense
+
+
+def sweep_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dict]) -> list[dict]:
     """One spec per model: the score against sparsity, a line per (pivot row, pattern) and the dense value.
 
     ``grid`` is a ``pivot`` of one task and score, ``matched`` its ``match_cells`` and
     ``rows`` the current ok rows of that task and score.
     """
-    task, score = grid["task"], grid["score"]
+    task, score = grid.task, grid.score
     dense_rows = [r for r in rows if r["metric"] == "dense"]
     specs = []
-    for model in sorted({prow["model"] for prow in grid["rows"]}, key=str):
-        lines: dict[tuple, dict] = {}
-        dense: dict[float, str | None] = {}
-        for i, prow in enumerate(grid["rows"]):
-            if prow["model"] != model:
-                continue
-            if finite(prow["dense"]) is not None:
-                key = next((r["cell_key"] for r in dense_rows if r["model"] == model and r["value"] == prow["dense"]),
-                           None)
-                dense.setdefault(prow["dense"], key)
-            for column in grid["columns"]:
-                cell = prow["values"].get(column)
-                y = finite(cell and cell["value"])
-                if y is None:
-                    continue
-                family, parsed = split_column(column)
-                r = matched.get((i, column))
-                x = finite(r["sparsity"]) if r else parsed
-                if x is None:
-                    continue
-                line = lines.setdefault((prow["label"], family), {
-                    "label": prow["label"], "metric": prow["metric"], "colour_key": _ALLOCATION.sub("", prow["label"]),
-                    "family": family, "style": "points" if is_points(family) else "line",
-                    "allocation": r["allocation"] if r else None, "points": []})
-                line["points"].append((x, y, finite(cell.get("stderr")), r["cell_key"] if r else None))
+    for model in grid.models():
+        lines = _sweep_lines(grid, matched, model)
         if not lines:
             continue
+        dense = _dense_lines(grid, dense_rows, model)
         families = {line["family"] for line in lines.values()}
         out = []
         for line in lines.values():
@@ -149,7 +167,7 @@ def sweep_specs(grid: dict, matched: dict[tuple[int, str], dict], rows: list[dic
         values = [y for line in out for y in line["y"]] + list(dense)
         specs.append({
             "slug": slug(model, task, score), "kind": "sweep", "model": model, "task": task, "score": score,
-            "higher_is_better": grid["higher_is_better"], "log_y": log_scale(score, values),
+            "higher_is_better": grid.higher_is_better, "log_y": log_scale(score, values),
             "title": f"{short_model(model)} · {task} · {score}", "lines": out,
             "dense": [{"value": v, "cell_key": k} for v, k in dense.items()]})
     return specs

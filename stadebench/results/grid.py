@@ -3,7 +3,8 @@ sparsity", each against its dense baseline, with labels that name only what vari
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
@@ -70,18 +71,103 @@ def model_label(model: str | None, source: str | None) -> str:
     return model or ""
 
 
-def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GridCell:
+    """One value of the grid: a pruned result in one row and column.
+
+    ``value``: the score (None when the row holds none); ``stderr``: its standard error,
+    None when unknown; ``relative``: ``value / dense - 1`` against the row's dense baseline,
+    None without a baseline or a value (or with a dense value of 0); ``significant``:
+    whether the value differs from that baseline by more than their combined standard
+    error, None when neither has a standard error or either value is missing;
+    ``cell_key``: the result key of the leaderboard row the value comes from.
+    """
+
+    value: float | None
+    stderr: float | None
+    relative: float | None
+    significant: bool | None
+    cell_key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"value", "stderr", "relative", "significant", "cell_key"}``: the cell as plain data."""
+        return {"value": self.value, "stderr": self.stderr, "relative": self.relative,
+                "significant": self.significant, "cell_key": self.cell_key}
+
+
+@dataclass(frozen=True)
+class GridRow:
+    """One row of the grid: one setting of the key fields other than the pattern's and the sparsity.
+
+    ``model``: the model id as results name it; ``model_label``: that id with what an asset
+    really is (see ``model_label``), the id itself for other models; ``metric``: the metric's
+    name; ``label``: the metric, its options that differ from the defaults, a non-uniform
+    allocation and any other key field that varies between rows of the same model, metric,
+    options and allocation (``wanda calib_n=128 · owl``); ``dense`` and ``dense_stderr``: the
+    value and standard error of the newest dense row with the same BASELINE_FIELDS (None
+    without one); ``values``: the row's cells by column name, only the columns it has.
+    """
+
+    model: str | None
+    model_label: str
+    metric: str | None
+    label: str
+    dense: float | None
+    dense_stderr: float | None
+    values: Mapping[str, GridCell]
+
+    def to_dict(self) -> dict[str, Any]:
+        """The row as plain data, its cells as ``GridCell.to_dict``."""
+        return {"model": self.model, "model_label": self.model_label, "metric": self.metric, "label": self.label,
+                "dense": self.dense, "dense_stderr": self.dense_stderr,
+                "values": {column: cell.to_dict() for column, cell in self.values.items()}}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The current ok values of one task and score as rows × "pattern sparsity" columns.
+
+    ``task`` and ``score``: what the values are; ``higher_is_better``: the score's direction,
+    None when its rows do not agree or say nothing; ``columns``: the column names in display
+    order, ``pattern(options) sparsity`` (non-default pattern options), with ``[plugin
+    version]`` where those alone tell two columns apart; ``rows``: ordered by model id then
+    label. A grid without rows has nothing to show.
+    """
+
+    task: str
+    score: str
+    higher_is_better: bool | None
+    columns: tuple[str, ...]
+    rows: tuple[GridRow, ...]
+
+    def cells(self, row: GridRow) -> Iterator[tuple[str, GridCell | None]]:
+        """``(column, cell)`` for every column in order; the cell is None where ``row`` has none."""
+        for column in self.columns:
+            yield column, row.values.get(column)
+
+    def models(self) -> list[str | None]:
+        """The distinct model ids of the rows, sorted as text."""
+        return sorted({row.model for row in self.rows}, key=str)
+
+    def model_labels(self) -> list[str]:
+        """The distinct model labels that say more than their model id, sorted (a table's caption)."""
+        return sorted({row.model_label for row in self.rows if row.model_label != row.model})
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"task", "score", "higher_is_better", "columns": [str], "rows": [row]}``: the grid
+        as plain data (``GridRow.to_dict``), ready for JSON."""
+        return {"task": self.task, "score": self.score, "higher_is_better": self.higher_is_better,
+                "columns": list(self.columns), "rows": [row.to_dict() for row in self.rows]}
+
+
+def pivot(table: pa.Table, task: str, score: str) -> Grid:
     """A metrics × "pattern sparsity" grid of the current ok values of one task and score.
 
-    Returns ``{"task", "score", "higher_is_better", "columns": [str], "rows": [row]}``,
-    each row ``{"model", "model_label", "metric", "label", "dense", "dense_stderr",
-    "values": {column: cell}}`` and each cell ``{"value", "stderr", "relative",
-    "significant", "cell_key"}`` (relative = value / dense - 1, with the newest dense row of the same
-    BASELINE_FIELDS; significant: the difference exceeds the combined standard error, None
-    without one). A row is one setting of the key fields other than the pattern's and the
-    sparsity; its label is the metric, its options that differ from the defaults, a
-    non-uniform allocation, and any other key field that varies between rows of the same
-    model, metric, options and allocation.
+    Each cell's relative change is against the newest dense row of the same BASELINE_FIELDS;
+    a row is one setting of the key fields other than the pattern's and the sparsity; its
+    label is the metric, its options that differ from the defaults, a non-uniform
+    allocation, and any other key field that varies between rows of the same model,
+    metric, options and allocation (see ``Grid``, ``GridRow`` and ``GridCell``).
     """
     table = current(table)
     picked = table.filter(pc.and_(pc.and_(is_value(table["task"], task), is_value(table["score"], score)),
@@ -89,8 +175,21 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
     higher = pc.unique(picked["higher_is_better"].drop_null()).to_pylist()
     is_dense = is_value(picked["metric"], "dense")
     picked = picked.drop_columns([f.name for f in SCHEMA if pa.types.is_list(f.type)])
-    dense, pruned = picked.filter(is_dense), picked.filter(pc.invert(is_dense))
+    pruned = _against_dense(picked.filter(pc.invert(is_dense)), picked.filter(is_dense))
+    columns, rows = _collect(pruned)
+    names = _column_names(columns)
+    order = sorted(columns, key=lambda c: (columns[c]["pattern"] or "", columns[c]["pattern_options"] or "",
+                                           columns[c]["sparsity"] or 0.0, names[c]))
+    built = [GridRow(**{**row, "values": {names[c]: cell for c, cell in row["values"].items()}})
+             for row in rows.values()]
+    return Grid(task=task, score=score, higher_is_better=higher[0] if len(higher) == 1 else None,
+                columns=tuple(names[c] for c in order),
+                rows=tuple(sorted(built, key=lambda r: (r.model or "", r.label))))
 
+
+def _against_dense(pruned: pa.Table, dense: pa.Table) -> pa.Table:
+    """``pruned`` with its row and column identities, the value and standard error of the
+    newest dense row of its BASELINE_FIELDS (``dense``, ``dense_stderr``) and ``relative``."""
     base = pa.table({"_base": identity(dense, BASELINE_FIELDS), "dense": dense["value"],
                      "dense_stderr": dense["stderr"], "t": dense["created_at"],
                      "i": pa.array(range(dense.num_rows), pa.int64())})
@@ -104,8 +203,12 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
     pruned = pruned.join(base, "_base", join_type="left outer")
     usable = pc.and_(pc.is_valid(pruned["value"]), pc.fill_null(pc.not_equal(pruned["dense"], 0.0), False))
     ratio = pc.subtract(pc.divide(pruned["value"], pc.if_else(usable, pruned["dense"], None)), 1.0)
-    pruned = pruned.append_column("relative", ratio)
+    return pruned.append_column("relative", ratio)
 
+
+def _collect(pruned: pa.Table) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The columns (identity -> pattern fields) and the rows (identity -> ``GridRow`` fields,
+    ``values`` by column identity) of ``_against_dense`` rows, in the order first met."""
     group = [*_NAMED, *_ALLOCATION]
     distinct = pruned.group_by(group).aggregate(
         [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING]).to_pylist()
@@ -129,20 +232,9 @@ def pivot(table: pa.Table, task: str, score: str) -> dict[str, Any]:
                 _allocation_label(r["allocation"], r["allocation_options"]),
                 *(f"{f}={r[f]}" for f in varies[tuple(r[g] for g in group)])])),
             "dense": r["dense"], "dense_stderr": r["dense_stderr"], "values": {}})
-        row["values"][r["_column"]] = {"value": r["value"], "stderr": r["stderr"], "relative": r["relative"],
-                                       "significant": _significant(r), "cell_key": r["cell_key"]}
-    names = _column_names(columns)
-    for row in rows.values():
-        row["values"] = {names[c]: cell for c, cell in row["values"].items()}
-    order = sorted(columns, key=lambda c: (columns[c]["pattern"] or "", columns[c]["pattern_options"] or "",
-                                           columns[c]["sparsity"] or 0.0, names[c]))
-    return {
-        "task": task,
-        "score": score,
-        "higher_is_better": higher[0] if len(higher) == 1 else None,
-        "columns": [names[c] for c in order],
-        "rows": sorted(rows.values(), key=lambda r: (r["model"] or "", r["label"])),
-    }
+        row["values"][r["_column"]] = GridCell(value=r["value"], stderr=r["stderr"], relative=r["relative"],
+                                               significant=_significant(r), cell_key=r["cell_key"])
+    return columns, rows
 
 
 def _significant(r: Mapping[str, Any]) -> bool | None:
@@ -166,4 +258,4 @@ def _column_names(columns: dict[str, dict]) -> dict[str, str]:
     return {k: name(c, short[k] in clash) for k, c in columns.items()}
 
 
-__all__ = ["model_label", "pivot"]
+__all__ = ["Grid", "GridCell", "GridRow", "model_label", "pivot"]
