@@ -86,8 +86,9 @@ def prune(
     metric, pattern = resolve(metric, pattern, metric_options, pattern_options)
     allocator = resolve_plugin("allocator", allocation, allocation_options)
     settings = engine.Calibration(sequential=sequential, batch_size=batch_size, accumulate=accumulate)
-    sparsities = allocating.layer_sparsities(model, allocator, pattern, sparsity, list(targets), list(ignore),
-                                             calibration, statistics, calibration=settings, device=device)
+    sparsities = allocating.layer_sparsities(model, allocator, pattern, sparsity, targets=list(targets),
+                                             ignore=list(ignore), windows=calibration, statistics=statistics,
+                                             calibration=settings, device=device)
     return engine.prune(model, calibration, metric, pattern, sparsity, calibration=settings, device=device,
                         reconstruction=reconstruction, offload=offload, progress=progress, statistics=statistics,
                         sparsities=sparsities)

@@ -52,7 +52,7 @@ def naive_owl(model, windows, sparsity, m=5.0, lam=0.08):
 
 def ours(model, windows, sparsity, pattern="unstructured", **options):
     owl = resolve_allocator("owl", options)
-    return allocating.layer_sparsities(model, owl, resolve_pattern(pattern), sparsity, [], [], windows,
+    return allocating.layer_sparsities(model, owl, resolve_pattern(pattern), sparsity, windows=windows,
                                        calibration=engine.Calibration(batch_size=4))
 
 

@@ -16,9 +16,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from stadebench.results import grid
+from stadebench.results import grid, upgrade
 from stadebench.results import store as lb
-from stadebench.results.row import JSON_FIELDS
+from stadebench.results.row import JSON_FIELDS, KEY_FIELDS
 
 T0 = datetime(2025, 1, 1, tzinfo=timezone.utc)
 
@@ -131,7 +131,7 @@ def test_upgrade_hook_runs_registered_steps(tmp_path, monkeypatch):
     old = lb._to_table([_row(value=3.0)]).rename_columns(
         ["val" if n == "value" else n for n in lb.SCHEMA.names])
     pq.write_table(old.replace_schema_metadata({lb.VERSION_KEY: "0"}), tmp_path / "old.parquet")
-    monkeypatch.setitem(lb._UPGRADES, "0", lambda t: t.rename_columns(
+    monkeypatch.setitem(upgrade.UPGRADES, "0", lambda t: t.rename_columns(
         ["value" if n == "val" else n for n in t.column_names]))
     assert lb.read(tmp_path)["value"].to_pylist() == [3.0]
 
@@ -496,13 +496,13 @@ def test_a_run_rewrites_old_schema_files_so_plain_readers_see_one_schema(tmp_pat
     assert sorted(tmp_path.glob("*.parquet")) == files
 
 
-_STR_KEYS = [f for f in lb.KEY_FIELDS
+_STR_KEYS = [f for f in KEY_FIELDS
              if lb.SCHEMA.field(f).type == pa.string() and f not in JSON_FIELDS]
 _key_values = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6),
                         st.text(max_size=8), st.floats(allow_nan=False, allow_infinity=False))
 
 
-@given(st.permutations(lb.KEY_FIELDS), st.dictionaries(st.sampled_from(_STR_KEYS), st.text()),
+@given(st.permutations(KEY_FIELDS), st.dictionaries(st.sampled_from(_STR_KEYS), st.text()),
        st.dictionaries(st.text(max_size=5), _key_values, max_size=4), st.floats(0, 1))
 def test_cell_key_ignores_order_and_non_key_fields(order, strings, options, extra):
     fields = {**_row(), **strings, "metric_options": options}

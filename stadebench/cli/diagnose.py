@@ -38,7 +38,8 @@ def diagnose(
 ) -> None:
     """Predicted against measured output error of every pruned layer, for each metric's
     mask and the masks the others would choose (docs/diagnostics.md)."""
-    _diagnose(model, metrics, pattern, sparsity, calibration, heldout, windows, one_shot, device, leaderboard)
+    _diagnose(model, metrics, pattern=pattern, sparsity=sparsity, calibration=calibration, heldout=heldout,
+              windows=windows, one_shot=one_shot, device=device, leaderboard=leaderboard)
 
 
 def _num(value: float | None) -> str:
@@ -46,7 +47,7 @@ def _num(value: float | None) -> str:
 
 
 @handle_errors
-def _diagnose(model, metrics, pattern, sparsity, calibration, heldout, windows, one_shot, device, leaderboard):
+def _diagnose(model, metrics, *, pattern, sparsity, calibration, heldout, windows, one_shot, device, leaderboard):
     from ..results import store as lb
     from ..suite import validate_suite
     from ..errors import ConfigError

@@ -183,7 +183,8 @@ def run(
                                 "transformers, the Hub).")] = False,
 ) -> None:
     """Run a suite: prune and evaluate every cell not yet in the leaderboard."""
-    _run(suite, only or [], force, dry_run, leaderboard, show, executor, address, workers, verbose)
+    _run(suite, only or [], force=force, dry_run=dry_run, folder=leaderboard, show=show, executor=executor,
+         address=address, workers=workers, verbose=verbose)
 
 
 def _options_key(options: Any) -> str:
@@ -283,7 +284,7 @@ def interrupted(folder: Path, run_id: str) -> typer.Exit:
 
 
 @handle_errors
-def _run(path: Path, only: list[str], force: bool, dry_run: bool, folder: Path | None, show: bool,
+def _run(path: Path, only: list[str], *, force: bool, dry_run: bool, folder: Path | None, show: bool,
          executor: str = "local", address: str | None = None, workers: int | None = None,
          verbose: bool = False) -> None:
     with quiet_libraries(verbose):  # before the suite's plugins import tqdm, which reads TQDM_DISABLE once

@@ -156,14 +156,14 @@ def allocate(model: torch.nn.Module, allocator: Allocator, sparsity: float, name
     return dict(zip(names, checked(allocator, layers, sparsity, who)))
 
 
-def layer_sparsities(model: torch.nn.Module, allocator: Allocator, pattern: Any, sparsity: float | None,
-                     targets: list[str], ignore: list[str], windows: torch.Tensor | None = None,
-                     statistics: Any = None, *, who: str | None = None, **collect: Any) -> dict[str, float] | None:
+def layer_sparsities(model: torch.nn.Module, allocator: Allocator, pattern: Any, sparsity: float | None, *,
+                     targets: list[str] = (), ignore: list[str] = (), windows: torch.Tensor | None = None,
+                     statistics: Any = None, who: str | None = None, **collect: Any) -> dict[str, float] | None:
     """The ``sparsities`` argument of ``engine.prune``: None when every layer is pruned at the
     target, else each pruned layer's sparsity. An allocator that reads statistics uses
     ``statistics`` when they cover it, else one dense pass over ``windows``
     (``collect``, e.g. ``calibration`` and ``device``, goes to ``collect_statistics``)."""
-    from .engine import collect_statistics
+    from .passes import collect_statistics
     from .models import layer_names, select_layers
 
     target = pattern.resolve_sparsity(sparsity)

@@ -12,313 +12,30 @@ One-shot statistics depend only on the dense model and the calibration windows, 
 ``collect_statistics`` gathers them once for several metrics (the union of what they
 need) and ``prune(..., statistics=...)`` then prunes from them with no forward pass:
 a one-shot grid of metrics × patterns × sparsities costs one statistics pass plus
-masking.
+masking. The passes over blocks live in ``core.passes``, the reports in ``core.reports``.
 
 The engine takes ``Metric`` and ``Pattern`` instances and never looks names up (that is
-``stadebench.prune`` and ``stadebench.plugins.resolve``). Each layer is decided by one
+``stadebench.prune`` and ``stadebench.plugins.resolve_plugin``). Each layer is decided by one
 call, ``metric.prune_layer``, and the ``LayerResult`` it returns is applied here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import resource
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..base import STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Pattern, check_finite
+from ..base import LayerInfo, LayerResult, LayerStats, Metric, Pattern, check_finite
 from ..errors import ConfigError
-from .models import (add_bias, enable_bias_flags, find_blocks, module_device, move_outside, prunable_layers,
+from .models import (add_bias, enable_bias_flags, find_blocks, module_device, prunable_layers,
                      set_weight, weight_of)
-from .statistics import ACCUMULATORS, BlockCollector
-
-
-@dataclass(frozen=True)
-class Calibration:
-    """How calibration windows feed the blocks: the suite's ``calibration`` knobs that the
-    engine reads, under the same names (a suite's ``CalibrationSpec`` is passed as it is).
-
-    Attributes:
-        sequential: each block sees the pruned outputs of the previous one (True), or
-            the dense ones (False, one-shot).
-        batch_size: calibration windows per forward pass.
-        accumulate: how input statistics are summed (``core.statistics.ACCUMULATORS``:
-            ``float64``, or the reference releases' ``released``).
-    """
-
-    sequential: bool = True
-    batch_size: int = 8
-    accumulate: str = "float64"
-
-
-@dataclass
-class LayerReport:
-    """What happened to one prunable layer."""
-
-    name: str
-    block: int
-    role: str | None
-    shape: tuple[int, int]
-    pruned: int
-    """Weights pruned (0 for a layer left dense)."""
-    sparsity: float
-    """Realised sparsity: pruned / weights."""
-    bias_added: bool = False
-    details: dict[str, Any] = field(default_factory=dict)
-    """What a solver reported for this layer, e.g. ``{"percdamp": 0.1}`` after a retry."""
-    allocated: float | None = None
-    """The sparsity this layer was asked for (the target, or its allocator's share); None
-    for a layer left dense."""
-    dense: bool = False
-    """Left dense: outside the layers selected for pruning (``targets`` / ``ignore``)."""
-    output_mse: float | None = None
-    """Mean squared error of the layer's outputs, pruned against dense, on the calibration
-    inputs, computed exactly from their Gram matrix when the metric collected it; else None."""
-
-
-@dataclass
-class BlockReport:
-    """One block: reconstruction error of its outputs on the calibration inputs."""
-
-    index: int
-    mse: float | None
-    """Mean squared error between dense and pruned block outputs (None: no forward pass)."""
-    cosine: float | None
-    """Mean over tokens of the cosine similarity of dense and pruned outputs."""
-    seconds: float
-
-
-@dataclass
-class PruneReport:
-    """What ``prune`` did: realised sparsity, reconstruction error, time, memory."""
-
-    metric: str
-    metric_version: str
-    metric_options: dict[str, Any]
-    pattern: str
-    target_sparsity: float
-    sparsity: float
-    """Realised sparsity over the pruned layers (pruned / their weights); layers left dense
-    by an allocation are not counted."""
-    sequential: bool
-    n: int
-    """Calibration windows (``calibration.n``); 0 for a data-free metric."""
-    seqlen: int
-    batch_size: int
-    device: str
-    seconds: float
-    """Wall time of the whole call."""
-    timings: dict[str, float]
-    """Seconds by phase: capture (block-0 inputs), stats (pass 1), prune, forward (pass 2)."""
-    block_passes: int
-    """Forward passes of blocks over the calibration batches (0 for data-free metrics)."""
-    peak_memory_bytes: int
-    """Peak CUDA memory allocated on a GPU; peak process RSS on a CPU."""
-    layers: list[LayerReport] = field(default_factory=list)
-    blocks: list[BlockReport] = field(default_factory=list)
-    offloaded: bool = False
-    """Whether block activations were kept in CPU memory between passes."""
-    config_flags: list[str] = field(default_factory=list)
-    """Config flags turned on so that added biases survive save and reload."""
-    accumulate: str = "float64"
-    """How input statistics were summed (``calibration.accumulate``)."""
-    shared_statistics: bool = False
-    """Statistics came from ``collect_statistics`` (its passes and seconds are counted
-    there, not here) and no reconstruction error was measured."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass
-class CalibrationStatistics:
-    """Input statistics of every prunable layer of a dense model (one-shot protocol).
-
-    Built by ``collect_statistics``; pass it to ``prune(..., statistics=...)`` for
-    each metric whose ``statistics`` it covers. Held in CPU memory.
-    """
-
-    needs: frozenset[str]
-    """The statistics collected (a union of metrics' ``statistics``)."""
-    layers: dict[str, LayerStats]
-    """By full layer name, with each layer's role."""
-    n: int
-    """Calibration windows (``calibration.n``)."""
-    seqlen: int
-    batch_size: int
-    seconds: float
-    """Wall time of the collection (capture and one pass of every block)."""
-    block_passes: int
-    nbytes: int
-    """Memory the statistics take."""
-    accumulate: str = "float64"
-    """How they were summed (``core.statistics.ACCUMULATORS``)."""
-
-
-def _device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    return torch.device("cuda") if torch.cuda.is_available() else module_device(model)
-
-
-class _Stop(Exception):
-    pass
-
-
-def capture_inputs(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
-                   device: torch.device) -> list[tuple[torch.Tensor, tuple, dict]]:
-    """Block 0's inputs and every argument it receives, one entry per batch."""
-    captured = []
-
-    def hook(module, args, kwargs):
-        captured.append((args[0], args[1:], kwargs))
-        raise _Stop
-
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for batch in batches:
-            try:
-                model(input_ids=batch.to(device), use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _block_output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple | list) else out
-
-
-def _peak_memory(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024
-
-
-def _check_stats(stats: LayerStats, metric: str | None) -> None:
-    for key in ("sum", "sumsq", "gram"):
-        value = getattr(stats, key)
-        if value is not None:
-            check_finite(value, f"input statistics ({key})", stats.layer.name, metric)
-
-
-def _moved(stats: LayerStats, device: torch.device, done: dict[int, torch.Tensor] | None = None) -> LayerStats:
-    """``stats`` with its tensors on ``device``; ``done`` maps tensors already moved (by id),
-    so layers that share statistics (q/k/v) share one copy there too."""
-    done = {} if done is None else done
-    moved = {}
-    for key in ("sum", "sumsq", "gram", "m2"):
-        t = getattr(stats, key)
-        if t is not None and id(t) not in done:
-            done[id(t)] = t.to(device)
-        moved[key] = None if t is None else done[id(t)]
-    return replace(stats, **moved)
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    """Eval mode and no KV cache while blocks run on calibration windows; both restored."""
-    was_training, use_cache = model.training, getattr(model.config, "use_cache", None)
-    model.eval()
-    if use_cache is not None:
-        model.config.use_cache = False
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
-        if use_cache is not None:
-            model.config.use_cache = use_cache
-
-
-# --- block activations --------------------------------------------------------------
-
-
-@dataclass
-class _Flow:
-    """The calibration activations entering the current block, batch by batch."""
-
-    inputs: list[torch.Tensor]
-    """The block's input hidden states, on the device or (offloaded) in CPU memory."""
-    extras: list[tuple[tuple, dict]]
-    """The other arguments block 0 received per batch (masks, positions), reused by every block."""
-    store: torch.device
-    """Where activations wait between passes."""
-    device: torch.device
-    """Where the block runs."""
-    input_normed: bool = False
-    """Whether the inputs are a normalisation layer's output (block 0 reads the embeddings)."""
-
-
-def _capture(model: nn.Module, blocks: nn.ModuleList, calibration: torch.Tensor, batch_size: int,
-             dev: torch.device, offload: bool | None) -> tuple[_Flow, bool]:
-    """Block 0's inputs, on the device or (offloaded) in CPU memory, and whether they were offloaded."""
-    home = module_device(model)
-    move_outside(model, blocks, dev)
-    try:
-        captured = capture_inputs(model, blocks, list(calibration.split(batch_size)), dev)
-    finally:
-        move_outside(model, blocks, home)
-    extras = [(c[1], c[2]) for c in captured]
-    # Two activation buffers (inputs, outputs); on a GPU they stay there only when they fit.
-    if offload is None:
-        need = 2 * sum(c[0].numel() * c[0].element_size() for c in captured)
-        offload = dev.type == "cuda" and need > 0.5 * torch.cuda.mem_get_info(dev)[0]
-    store = torch.device("cpu") if offload else dev
-    return _Flow([c[0].to(store) for c in captured], extras, store, dev), bool(offload)
-
-
-def _statistics_pass(block: nn.Module, block_layers: list[tuple[str, nn.Module]], needs: frozenset[str],
-                     flow: _Flow, accumulate: str, observed: list[tuple[str, nn.Module]] = ()
-                     ) -> tuple[BlockCollector, list[torch.Tensor], bool]:
-    """Pass 1 of one block over every batch, dense weights: the collector holding the
-    layers' statistics and roles (the ``observed`` layers' roles only), the block's
-    outputs, and whether they are normalised."""
-    collector = BlockCollector(block_layers, block, needs, accumulate, observed)
-    outputs = []
-    output_normed = flow.input_normed
-    with collector:
-        for b, (x, (args, kwargs)) in enumerate(zip(flow.inputs, flow.extras)):
-            x = x.to(flow.device, non_blocking=True)
-            out = _block_output(block(x, *args, **kwargs))
-            if b == 0:
-                output_normed = collector.end_first_batch(x, out, flow.input_normed)
-            outputs.append(out.to(flow.store, non_blocking=True))
-    return collector, outputs, output_normed
-
-
-def _pruned_pass(block: nn.Module, flow: _Flow, dense_out: list[torch.Tensor],
-                 sequential: bool) -> tuple[float, float]:
-    """Pass 2 of one block, pruned weights: mean squared error and mean cosine of its
-    outputs against ``dense_out``; in sequential mode the pruned outputs replace them."""
-    dev = flow.device
-    sq = torch.zeros((), dtype=torch.float64, device=dev)
-    cos = torch.zeros((), dtype=torch.float64, device=dev)
-    count = tokens = 0
-    for b, (x, (args, kwargs)) in enumerate(zip(flow.inputs, flow.extras)):
-        pruned = _block_output(block(x.to(dev, non_blocking=True), *args, **kwargs))
-        d, p = dense_out[b].to(dev).float(), pruned.float()
-        sq += (d - p).square().sum(dtype=torch.float64)
-        cos += torch.nn.functional.cosine_similarity(d, p, dim=-1).sum(dtype=torch.float64)
-        count += d.numel()
-        tokens += d.numel() // d.shape[-1]
-        if sequential:
-            dense_out[b] = pruned.to(flow.store, non_blocking=True)
-    return (sq / count).item(), (cos / tokens).item()
-
-
-def _received(collector: BlockCollector, short: str, name: str) -> None:
-    if short not in collector.acc:
-        raise ConfigError(f"layer {name} received no input during calibration")
+from .passes import (Flow, capture, check_stats, checked_accumulate, collect_statistics, eval_mode, moved,
+                     peak_memory, pruned_pass, received, statistics_pass, target_device)
+from .reports import BlockReport, Calibration, CalibrationStatistics, LayerReport, PruneReport
 
 
 # --- pruning ------------------------------------------------------------------------
@@ -357,7 +74,8 @@ def prune(
         raise TypeError("the engine takes Metric and Pattern instances; stadebench.prune also takes "
                         f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
     sequential, batch_size = calibration.sequential, calibration.batch_size
-    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, sparsities, calibration.accumulate)
+    run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, sparsities=sparsities,
+                         accumulate=calibration.accumulate)
     shared = statistics if statistics is not None and not metric.data_free() else None
     if shared is not None and shared.accumulate != run.accumulate:
         raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
@@ -371,18 +89,12 @@ def prune(
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
         peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
     )
-    with _eval_mode(model):
+    with eval_mode(model):
         if shared is not None or metric.data_free():
             run.without_passes(shared)
         else:
             run.calibrated(windows, batch_size, sequential, reconstruction, offload)
     return run.finish(t_start)
-
-
-def _accumulate(accumulate: str) -> str:
-    if accumulate not in ACCUMULATORS:
-        raise ConfigError(f"accumulate must be one of {sorted(ACCUMULATORS)}, got {accumulate!r}")
-    return accumulate
 
 
 def _protocol(metric: Metric, windows: torch.Tensor | None, shared: CalibrationStatistics | None,
@@ -428,13 +140,13 @@ class _Pruning:
 
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
-              device: str | torch.device | None, progress: Callable[[int, int], None] | None,
+              device: str | torch.device | None, progress: Callable[[int, int], None] | None, *,
               sparsities: Mapping[str, float] | None = None, accumulate: str = "float64") -> _Pruning:
         """Check the sparsity, the allocation, the accumulation and every pruned layer's
         shape against the pattern before anything runs."""
         target = pattern.resolve_sparsity(sparsity)
-        accumulate = _accumulate(accumulate)
-        dev = _device(device, model)
+        accumulate = checked_accumulate(accumulate)
+        dev = target_device(device, model)
         prefix, blocks = find_blocks(model)
         layers = [prunable_layers(b) for b in blocks]
         names = {f"{prefix}.{i}.{short}": layer for i, block_layers in enumerate(layers)
@@ -509,7 +221,7 @@ class _Pruning:
                     raise ConfigError(f"layer {name} has no shared statistics: they were collected on "
                                       "another model")
                 else:
-                    stats = _moved(shared.layers[name], self.device, on_device)
+                    stats = moved(shared.layers[name], self.device, on_device)
                 self.prune_layer(layer, stats)
             block.to(home)
             seconds = time.perf_counter() - t0
@@ -520,13 +232,13 @@ class _Pruning:
                    offload: bool | None) -> None:
         """The calibrated protocol: capture block 0's inputs, then each block in turn."""
         t0 = time.perf_counter()
-        flow, self.report.offloaded = _capture(self.model, self.blocks, calibration, batch_size, self.device,
+        flow, self.report.offloaded = capture(self.model, self.blocks, calibration, batch_size, self.device,
                                                offload)
         self.report.timings["capture"] = time.perf_counter() - t0
         for i in range(len(self.blocks)):
             self.calibrated_block(i, flow, sequential, reconstruction)
 
-    def calibrated_block(self, i: int, flow: _Flow, sequential: bool, reconstruction: bool) -> None:
+    def calibrated_block(self, i: int, flow: Flow, sequential: bool, reconstruction: bool) -> None:
         """Pass 1 (statistics), pruning of every layer, pass 2 (pruned outputs, reconstruction
         error); ``flow`` then holds the next block's inputs."""
         t_block = time.perf_counter()
@@ -536,7 +248,7 @@ class _Pruning:
         t0 = time.perf_counter()
         pruned = self.pruned(i)
         dense = [(short, layer) for short, layer in self.layers[i] if (short, layer) not in pruned]
-        collector, dense_out, flow.input_normed = _statistics_pass(block, pruned, self.metric.statistics,
+        collector, dense_out, flow.input_normed = statistics_pass(block, pruned, self.metric.statistics,
                                                                    flow, self.accumulate, dense)
         self.report.block_passes += 1
         t1 = time.perf_counter()
@@ -544,16 +256,16 @@ class _Pruning:
         self.leave_dense(i, collector.roles)
         for short, layer in pruned:
             info = LayerInfo(f"{self.prefix}.{i}.{short}", i, short, collector.roles.get(short))
-            _received(collector, short, info.name)
+            received(collector, short, info.name)
             stats = collector.stats(short, info)
-            _check_stats(stats, self.metric.name)
+            check_stats(stats, self.metric.name)
             self.prune_layer(layer, stats)
         del collector
         t2 = time.perf_counter()
         timings["prune"] += t2 - t1
         mse = cosine = None
         if sequential or reconstruction:
-            mse, cosine = _pruned_pass(block, flow, dense_out, sequential)
+            mse, cosine = pruned_pass(block, flow, dense_out, sequential)
             self.report.block_passes += 1
         timings["forward"] += time.perf_counter() - t2
         flow.inputs = dense_out
@@ -568,7 +280,7 @@ class _Pruning:
         pruned = [l for l in report.layers if not l.dense]
         total = sum(l.shape[0] * l.shape[1] for l in pruned)
         report.sparsity = sum(l.pruned for l in pruned) / max(total, 1)
-        report.peak_memory_bytes = _peak_memory(self.device)
+        report.peak_memory_bytes = peak_memory(self.device)
         report.seconds = time.perf_counter() - t_start
         return report
 
@@ -613,73 +325,5 @@ def _output_mse(dense: torch.Tensor, result: LayerResult, stats: LayerStats) -> 
     return max(float(second), 0.0) / dense.shape[0]
 
 
-# --- one-shot statistics shared by several prune calls -------------------------------
-
-
-def collect_statistics(
-    model: nn.Module,
-    windows: torch.Tensor,
-    needs: Iterable[str],
-    *,
-    calibration: Calibration = Calibration(),
-    device: str | torch.device | None = None,
-    offload: bool | None = None,
-    progress: Callable[[int, int], None] | None = None,
-) -> CalibrationStatistics:
-    """One dense pass of every block over ``windows``, fed as ``calibration`` says (its
-    ``batch_size`` and ``accumulate``; one-shot whatever its ``sequential``), gathering the statistics
-    named in ``needs`` (the union of the metrics' ``statistics``) for every prunable
-    layer, as the one-shot protocol of ``prune`` would; the model is not changed.
-
-    Statistics go to CPU memory block by block, so the device holds one block's.
-    """
-    t_start = time.perf_counter()
-    needs, accumulate = frozenset(needs), _accumulate(calibration.accumulate)
-    batch_size = calibration.batch_size
-    if not needs or not needs <= STATISTICS:
-        raise ConfigError(f"needs must be a non-empty subset of {sorted(STATISTICS)}, got {sorted(needs)}")
-    if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
-        raise ConfigError("collect_statistics needs calibration windows: a LongTensor [n, seqlen]")
-    dev = _device(device, model)
-    prefix, blocks = find_blocks(model)
-    layers: dict[str, LayerStats] = {}
-    with _eval_mode(model):
-        flow, _ = _capture(model, blocks, windows, batch_size, dev, offload)
-        for i, block in enumerate(blocks):
-            block_layers = prunable_layers(block)
-            block_home = module_device(block)
-            block.to(dev)
-            collector, outputs, normed = _statistics_pass(block, block_layers, needs, flow, accumulate)
-            block.to(block_home)
-            layers.update(_on_cpu(collector, block_layers, prefix, i))
-            flow.inputs, flow.input_normed = outputs, normed
-            if progress:
-                progress(i + 1, len(blocks))
-    tensors = {id(t): t for stats in layers.values() for t in (stats.sum, stats.sumsq, stats.gram, stats.m2)
-               if t is not None}
-    nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    return CalibrationStatistics(needs=needs, layers=layers, n=windows.shape[0],
-                                 seqlen=windows.shape[1], batch_size=batch_size,
-                                 seconds=time.perf_counter() - t_start, block_passes=len(blocks), nbytes=nbytes,
-                                 accumulate=accumulate)
-
-
-def _on_cpu(collector: BlockCollector, block_layers: list[tuple[str, nn.Module]], prefix: str,
-            i: int) -> dict[str, LayerStats]:
-    """Block ``i``'s statistics by full layer name, checked and copied to CPU memory;
-    layers that share an input share the copies."""
-    cpu: dict[int, LayerStats] = {}
-    out = {}
-    for short, _ in block_layers:
-        info = LayerInfo(f"{prefix}.{i}.{short}", i, short, collector.roles.get(short))
-        _received(collector, short, info.name)
-        key = id(collector.acc[short])
-        if key not in cpu:
-            cpu[key] = _moved(collector.stats(short, info), torch.device("cpu"))
-            _check_stats(cpu[key], None)
-        out[info.name] = replace(cpu[key], layer=info)
-    return out
-
-
-__all__ = ["BlockReport", "Calibration", "CalibrationStatistics", "LayerReport", "PruneReport", "capture_inputs",
-           "collect_statistics", "prune"]
+__all__ = ["BlockReport", "Calibration", "CalibrationStatistics", "LayerReport", "PruneReport", "collect_statistics",
+           "prune"]

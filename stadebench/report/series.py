@@ -177,6 +177,60 @@ def _setting(r: dict) -> str:
     return lb.canonical_json([r["model"], r["eval_options"]])
 
 
+def _diagnosed(cells: list[dict]) -> list[dict]:
+    """The diagnosed (layer, decision) records of one setting's cells, each counted once."""
+    seen, records = set(), []
+    for r in cells:
+        for d in r["layer_diagnostics"]:
+            metric = r["metric"] if d["candidate"] == APPLIED else d["candidate"]
+            point = (r["pattern"], r["sparsity"], r["allocation"], d["name"], metric,
+                     d["relative_predicted"], d["relative_measured"])
+            if point not in seen:
+                seen.add(point)
+                records.append({**d, "metric": metric, "sparsity": r["sparsity"], "pattern": r["pattern"]})
+    return records
+
+
+def _scatter_panels(records: list[dict], metrics: list[str]) -> list[dict]:
+    """Per metric: predicted against measured relative error, a series per pattern and sparsity."""
+    columns = sorted({(d["pattern"] or "", d["sparsity"]) for d in records if finite(d["sparsity"]) is not None},
+                     key=lambda c: (is_points(c[0]), c))
+    scatter = []
+    for metric in metrics:
+        series = []
+        for pattern, s in columns:
+            pts = [(x, y) for d in records
+                   if d["metric"] == metric and (d["pattern"] or "", d["sparsity"]) == (pattern, s)
+                   and (x := finite(d["relative_predicted"])) and (y := finite(d["relative_measured"]))
+                   and x > 0 and y > 0]
+            if pts:
+                series.append({"pattern": pattern, "sparsity": s, "label": f"{pattern} {s:g}",
+                               "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
+        if series:
+            scatter.append({"title": metric, "series": series})
+    return scatter
+
+
+def _depth_panels(records: list[dict], metrics: list[str]) -> list[dict]:
+    """Per layer role: measured relative error by block, a series per metric."""
+    depth = []
+    roles = sorted({d["role"] or "unknown" for d in records})
+    width = 0.6 / max(len(metrics), 1)
+    for role in roles:
+        series = []
+        for k, metric in enumerate(metrics):
+            pts = [(d["block"], y, finite(d["regime_median"])) for d in records
+                   if (d["role"] or "unknown") == role and d["metric"] == metric and d["block"] is not None
+                   and (y := finite(d["relative_measured"])) and y > 0]
+            if pts:
+                series.append({"metric": metric, "offset": (k - (len(metrics) - 1) / 2) * width,
+                               "block": [p[0] for p in pts], "y": [p[1] for p in pts],
+                               "regime": [p[2] for p in pts]})
+        if series:
+            depth.append({"title": role, "series": series})
+    return depth
+
+
 def diagnostic_specs(rows: list[dict]) -> list[dict]:
     """Per model (and diagnostics setting): predicted against measured relative error per
     metric, and measured error by block per role coloured by median |μ|/σ.
@@ -193,48 +247,11 @@ def diagnostic_specs(rows: list[dict]) -> list[dict]:
     for setting in settings:
         cells = groups[setting]
         model = cells[0]["model"]
-        seen, records = set(), []
-        for r in cells:
-            for d in r["layer_diagnostics"]:
-                metric = r["metric"] if d["candidate"] == APPLIED else d["candidate"]
-                point = (r["pattern"], r["sparsity"], r["allocation"], d["name"], metric,
-                         d["relative_predicted"], d["relative_measured"])
-                if point not in seen:
-                    seen.add(point)
-                    records.append({**d, "metric": metric, "sparsity": r["sparsity"], "pattern": r["pattern"]})
+        records = _diagnosed(cells)
         metrics = sorted({d["metric"] for d in records})
-        columns = sorted({(d["pattern"] or "", d["sparsity"]) for d in records if finite(d["sparsity"]) is not None},
-                         key=lambda c: (is_points(c[0]), c))
         base = slug(model, DIAGNOSTICS) + (f"-{settings.index(setting) + 1}" if len(settings) > 1 else "")
         title = short_model(model)
-        scatter = []
-        for metric in metrics:
-            series = []
-            for pattern, s in columns:
-                pts = [(x, y) for d in records
-                       if d["metric"] == metric and (d["pattern"] or "", d["sparsity"]) == (pattern, s)
-                       and (x := finite(d["relative_predicted"])) and (y := finite(d["relative_measured"]))
-                       and x > 0 and y > 0]
-                if pts:
-                    series.append({"pattern": pattern, "sparsity": s, "label": f"{pattern} {s:g}",
-                                   "x": [p[0] for p in pts], "y": [p[1] for p in pts]})
-            if series:
-                scatter.append({"title": metric, "series": series})
-        depth = []
-        roles = sorted({d["role"] or "unknown" for d in records})
-        width = 0.6 / max(len(metrics), 1)
-        for role in roles:
-            series = []
-            for k, metric in enumerate(metrics):
-                pts = [(d["block"], y, finite(d["regime_median"])) for d in records
-                       if (d["role"] or "unknown") == role and d["metric"] == metric and d["block"] is not None
-                       and (y := finite(d["relative_measured"])) and y > 0]
-                if pts:
-                    series.append({"metric": metric, "offset": (k - (len(metrics) - 1) / 2) * width,
-                                   "block": [p[0] for p in pts], "y": [p[1] for p in pts],
-                                   "regime": [p[2] for p in pts]})
-            if series:
-                depth.append({"title": role, "series": series})
+        scatter, depth = _scatter_panels(records, metrics), _depth_panels(records, metrics)
         common = {"model": model, "task": DIAGNOSTICS, "eval_options": cells[0]["eval_options"]}
         if scatter:
             specs.append({"slug": f"{base}-scatter", "kind": "diagnostics-scatter",

@@ -13,7 +13,7 @@ import os
 import re
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,7 +28,6 @@ from .. import util
 from ..errors import StadebenchError
 from ..util import canonical_json
 from .row import (
-    KEY_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
     STATUSES,
@@ -38,6 +37,7 @@ from .row import (
     cell_key,
     normalise,
 )
+from .upgrade import UPGRADES, conform
 
 HISTORY = "_history"
 LOCK = "_stadebench.lock"
@@ -137,67 +137,12 @@ def write_rows(folder: str | os.PathLike, rows: Iterable[Row | Mapping[str, Any]
 # --- reading -------------------------------------------------------------------------
 
 
-def _rekeyed(table: pa.Table) -> pa.Table:
-    """``table`` with ``cell_key`` recomputed from its key fields (after an upgrade filled them)."""
-    keys = [cell_key(fields) for fields in table.select(list(KEY_FIELDS)).to_pylist()]
-    return table.set_column(0, SCHEMA.field("cell_key"), pa.array(keys, pa.string()))
-
-
-def _filled(table: pa.Table, where: pa.ChunkedArray, values: dict[str, str]) -> pa.Table:
-    """``table`` with each string column of ``values`` set to its value on the rows ``where``
-    holds, null elsewhere."""
-    for name, value in values.items():
-        table = table.set_column(table.schema.get_field_index(name), SCHEMA.field(name),
-                                 pc.if_else(where, pa.scalar(value), pa.scalar(None, pa.string())))
-    return table
-
-
-def _upgrade_from_1(table: pa.Table) -> pa.Table:
-    """Schema 1 -> 2: the new knobs are null, the requested revision is the stored one, and
-    ``cell_key`` is recomputed from the upgraded key fields."""
-    columns = {name: table[name] for name in table.column_names}
-    if "model_revision" in columns:
-        columns["model_revision_requested"] = columns["model_revision"]
-    return _rekeyed(_conform(pa.table(columns)))
-
-
-def _upgrade_from_2(table: pa.Table) -> pa.Table:
-    """Schema 2 -> 3: every pruned row was pruned uniformly over all prunable layers (the
-    built-in ``uniform`` allocator, recorded as such); ``cell_key`` is recomputed."""
-    table = _conform(table)
-    return _rekeyed(_filled(table, pc.is_valid(table["pattern"]),
-                            {"allocation": "uniform", "allocation_version": "1", "allocation_options": "{}",
-                             "allocation_plugin": "stadebench"}))
-
-
-def _upgrade_from_3(table: pa.Table) -> pa.Table:
-    """Schema 3 -> 4: every row that read calibration data summed its statistics in float64
-    (``calib_accumulate: float64``, the only way before); ``cell_key`` is recomputed."""
-    table = _conform(table)
-    return _rekeyed(_filled(table, pc.is_valid(table["calib_n"]), {"calib_accumulate": "float64"}))
-
-
-_UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2,
-                                                        "3": _upgrade_from_3}
-"""``_UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
-with the same rows in the same order (compaction splits files by row position)."""
-
-
-def _conform(table: pa.Table, schema: pa.Schema = SCHEMA) -> pa.Table:
-    """``table`` with exactly ``schema``'s columns, in order: missing ones null, extras dropped."""
-    if table.schema.equals(schema):  # the common case; casting every column costs more than reading
-        return table.replace_schema_metadata(schema.metadata)
-    columns = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(len(table), f.type)
-               for f in schema]
-    return pa.Table.from_arrays(columns, schema=schema)
-
-
 def _check_version(version: str | None) -> None:
     if version is None:
         raise LeaderboardError(f"no {VERSION_KEY!r} in its metadata; not a stadebench file")
     v = version
     while v != SCHEMA_VERSION:
-        if v not in _UPGRADES:
+        if v not in UPGRADES:
             raise LeaderboardError(f"schema version {version!r} is unknown to this stadebench (which "
                                    f"writes {SCHEMA_VERSION!r}): it was written by a newer one; "
                                    "upgrade stadebench to read it")
@@ -235,12 +180,12 @@ def _read_file(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
         _check_version(version)
         if columns is not None and version == SCHEMA_VERSION:
             wanted = pa.schema([SCHEMA.field(n) for n in columns])
-            return _check_required(_conform(file.read(columns=[n for n in wanted.names if n in schema.names]),
+            return _check_required(conform(file.read(columns=[n for n in wanted.names if n in schema.names]),
                                             wanted))
         table = file.read()
     while version != SCHEMA_VERSION:
-        table, version = _UPGRADES[version](table), str(int(version) + 1)
-    table = _check_required(_conform(table))
+        table, version = UPGRADES[version](table), str(int(version) + 1)
+    table = _check_required(conform(table))
     return table.select(list(columns)) if columns is not None else table
 
 
@@ -465,7 +410,7 @@ def _upgrade_files(folder: Path) -> None:
             raw = (pq.read_schema(path).metadata or {}).get(VERSION_KEY.encode())
         except (OSError, pa.ArrowException):
             continue
-        if raw is None or raw.decode() == SCHEMA_VERSION or raw.decode() not in _UPGRADES:
+        if raw is None or raw.decode() == SCHEMA_VERSION or raw.decode() not in UPGRADES:
             continue
         table = _read_file(path)
         upgraded = path.with_name(f"{path.stem}_v{SCHEMA_VERSION}.parquet")

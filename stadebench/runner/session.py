@@ -237,8 +237,8 @@ class ModelSession:
                 stats = self.allocation_stats[stats_key]
             who = c.allocation_plugin.who("allocator", c.allocation_label) if c.allocation_plugin else None
             self.allocations[key] = allocating.layer_sparsities(self.model, allocator, cell.pattern, c.sparsity,
-                                                                list(c.targets), list(c.ignore), statistics=stats,
-                                                                who=who)
+                                                                targets=list(c.targets), ignore=list(c.ignore),
+                                                                statistics=stats, who=who)
         return self.allocations[key]
 
     def _prune(self, cell: PlannedCell, result: CellResult) -> Any:
@@ -373,9 +373,9 @@ def _checked(evaluator: str, scores: Any) -> list[Score]:
     for s in scores:
         if not isinstance(s.value, int | float) or isinstance(s.value, bool):
             raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} is {s.value!r}, not a number")
-        for field, value, what in (("details", s.details, "details"), ("layer_diagnostics", s.layers, "layers")):
+        for column, value, what in (("details", s.details, "details"), ("layer_diagnostics", s.layers, "layers")):
             try:
-                normalise(field, value)
+                normalise(column, value)
             except RecordError as exc:
                 raise PluginError(f"evaluator {evaluator!r}: score {s.name!r} has {what} that cannot be "
                                   f"stored: {exc}") from None

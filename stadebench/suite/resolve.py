@@ -13,7 +13,8 @@ from ..plugins import get_plugins
 from ..util import canonical_json, close_matches
 from .cells import Cell, expand, model_names
 from .problems import Loc, Problem, from_validation, loc_text
-from .schema import DENSE, AllocationSpec, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec, Resolved, Suite
+from .schema import (DENSE, AllocationSpec, CalibrationSpec, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec,
+                     Resolved, Suite)
 
 def _options(cls: type, options: dict[str, Any], loc: Loc) -> None:
     try:
@@ -98,34 +99,41 @@ def resolve_suite(suite: Suite) -> Suite:
         raise Problem(("evaluations",), "needs at least one entry (an empty list only prunes and saves: set "
                                          "`save:` to keep the pruned models)")
 
-    calibration = suite.calibration
-    dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
-    _check(dataset, ("calibration", "dataset", "options"))
-    calibration_dataset = calibration.dataset.model_copy(update={"options": options})
-    calibration_dataset._resolved = dataset
-    calibration = calibration.model_copy(update={"dataset": calibration_dataset})
-
-    evaluations, seen_evals = [], {}
-    for i, spec in enumerate(suite.evaluations):
-        evaluator, options = _plugin(plugins.evaluators, spec, ("evaluations", i))
-        if not spec.optional:  # an optional one whose data is missing is skipped, with a note
-            _check(evaluator, ("evaluations", i, "options"))
-        ident = (spec.name, canonical_json(options))
-        if ident in seen_evals:
-            raise Problem(("evaluations", i), f"duplicate of evaluations[{seen_evals[ident]}]")
-        seen_evals[ident] = i
-        evaluation = spec.model_copy(update={"options": options})
-        evaluation._resolved = evaluator
-        evaluations.append(evaluation)
-
     resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns, "allocations": allocations,
-                                        "calibration": calibration, "evaluations": evaluations})
+                                        "calibration": _calibration(plugins, suite.calibration),
+                                        "evaluations": _evaluations(plugins, suite.evaluations)})
     _check_exclude(resolved)
     cells = expand(resolved)
     if not cells:
         raise Problem(("exclude",), "every cell is excluded and `dense` is false: nothing would run")
     _check_allocations(resolved, cells)
     return resolved
+
+
+def _calibration(plugins: Any, calibration: CalibrationSpec) -> CalibrationSpec:
+    """The calibration protocol with its dataset resolved and checked."""
+    dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
+    _check(dataset, ("calibration", "dataset", "options"))
+    calibration_dataset = calibration.dataset.model_copy(update={"options": options})
+    calibration_dataset._resolved = dataset
+    return calibration.model_copy(update={"dataset": calibration_dataset})
+
+
+def _evaluations(plugins: Any, specs: list[EvaluationSpec]) -> list[EvaluationSpec]:
+    """Each evaluation resolved and checked (an optional one's data may be missing); no two alike."""
+    evaluations, seen = [], {}
+    for i, spec in enumerate(specs):
+        evaluator, options = _plugin(plugins.evaluators, spec, ("evaluations", i))
+        if not spec.optional:  # an optional one whose data is missing is skipped, with a note
+            _check(evaluator, ("evaluations", i, "options"))
+        ident = (spec.name, canonical_json(options))
+        if ident in seen:
+            raise Problem(("evaluations", i), f"duplicate of evaluations[{seen[ident]}]")
+        seen[ident] = i
+        evaluation = spec.model_copy(update={"options": options})
+        evaluation._resolved = evaluator
+        evaluations.append(evaluation)
+    return evaluations
 
 
 def _check_allocations(suite: Suite, cells: list[Cell]) -> None:

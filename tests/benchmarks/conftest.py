@@ -22,7 +22,7 @@ import stadebench
 # commit (tests/benchmarks/BASELINE), so they use the public API and the names below, which
 # serve both: the older package had the core at its top level and solvers with solve().
 try:
-    from stadebench.core.engine import capture_inputs
+    from stadebench.core.passes import capture_inputs
     from stadebench.core.models import find_blocks
     from stadebench.core.statistics import Accumulator
 except ImportError:  # the flat layout, before stadebench/core/
