@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from stadebench.data import assets
-from stadebench.data.assets import CATALOGUE, STAMP, Asset, AssetError, fetch, list_assets, wiki_to_text
+from stadebench.data.assets import CATALOGUE, STAMP, Asset, AssetError, fetch, list_assets
+from stadebench.data.wikitext import wiki_to_text
 from stadebench.errors import UnknownNameError
 
 DATA = b"calibration text, line by line\n" * 50
