@@ -335,3 +335,70 @@ def test_the_report_sets_published_rows_beside_the_cells(tiny, tmp_path):
     assert "not compared: protocol differs in eval_seqlen (ours 16 vs paper 8)" in html
     assert "published:hand:tiny-wanda" in html
     assert '<h2 id="published">' not in build_report(folder, tmp_path / "plain").read_text(encoding="utf-8")
+
+
+# --- hostile published files: the suite's limits, plain values, numbers in range ----
+
+
+def _bomb() -> str:
+    lines = ["a: &a [" + ", ".join(["x"] * 100) + "]"]
+    lines += [f"b{i}: &b{i} [" + ", ".join([f"*{'a' if i == 1 else f'b{i - 1}'}"] * 10) + "]" for i in range(1, 12)]
+    return "\n".join(lines) + "\n"
+
+
+def _with_value(value: str, row: int = 1) -> str:
+    data = _good()
+    data["rows"][row]["value"] = 123456.789
+    return yaml.safe_dump(data, sort_keys=False).replace("123456.789", value)
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    (_bomb(), ["expands to more than", "a published file holds a few hundred"]),
+    ("rows:\n" + "  - " * 40 + "x\n", ["nested deeper than"]),
+    ("citation: !!python/object/apply:os.system ['touch pwned']\nrows: []\n",
+     [":1: invalid YAML", "python/object", "no tags"]),
+    (_with_value(".nan"), ["rows[1]", "value: nan is not a finite number"]),
+    (_with_value(".inf"), ["rows[1]", "value: inf is not a finite number"]),
+    (_with_value("0.5"), ["rows[1]", "a perplexity is at least 1, not 0.5"]),
+])
+def test_a_hostile_published_file_is_refused_in_one_line_before_any_figure(tmp_path, text, words):
+    import subprocess
+    import sys
+
+    folder = tmp_path / "published"
+    folder.mkdir()
+    (folder / "hostile.yaml").write_text(text, encoding="utf-8")
+    with pytest.raises(pub.PublishedError) as info:
+        pub.load_published(folder)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+    from stadebench.results.row import Row
+
+    board = tmp_path / "lb"
+    lb.write_rows(board, [Row(model="m", dtype="float32", metric="dense", metric_options={}, sparsity=0.0,
+                              evaluator="perplexity", eval_options={}, task="wikitext2", score="ppl", value=10.0,
+                              higher_is_better=False, status="ok", suite="s")])
+    exe = Path(sys.executable).with_name("stadebench")
+    for args in (["leaderboard", "--dir", board, "--published", folder],
+                 ["report", board, "--published", folder, "-o", tmp_path / "report"]):
+        done = subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == ExitCode.USAGE, (args, done.stderr)
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and "hostile.yaml" in lines[0], done.stderr
+        assert "Traceback" not in done.stderr and not (tmp_path / "pwned").exists()
+    assert not (tmp_path / "report").exists()
+
+
+def test_the_protocol_is_built_from_the_rows_counted_fields():
+    # one declaration: each knob's type comes from the suite field it is read from
+    from typing import get_args
+
+    fields = pub.Protocol.model_fields
+    assert list(fields)[-2:] == ["eval_joiner", "eval_options"]
+    assert fields["model"].is_required() and fields["calib_n"].is_required()
+    assert set(get_args(get_args(fields["dtype"].annotation)[0]) or get_args(fields["dtype"].annotation)) == {
+        "float32", "float16", "bfloat16"}
+    knobs = pub.load_file(PUBLISHED / "wanda-llama2.yaml")[3].model_dump(include=set(fields))
+    assert pub.Protocol.model_validate(knobs).calib_n == knobs["calib_n"]
+    with pytest.raises(Exception, match="greater than or equal to 1"):
+        pub.Protocol.model_validate({**knobs, "calib_n": 0})

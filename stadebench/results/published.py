@@ -24,13 +24,14 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, get_type_hints
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic.fields import FieldInfo
 
 from ..errors import ConfigError
-from .row import COUNTED_FIELDS, KEY_FIELDS, OPTION_FIELDS
+from .row import COUNTED_FIELDS, KEY_FIELDS, OPTION_FIELDS, SOURCES, Row, meta
 from ..util import canonical_json, did_you_mean
 
 PREFIX = "published:"
@@ -92,43 +93,58 @@ class Citation(BaseModel):
 Options = dict[str, Any] | None
 
 
-class Protocol(BaseModel):
-    """Every knob that defines a result, under the leaderboard's Row field names (plus
-    ``eval_joiner``, the text between documents of the evaluation stream). All are required;
-    null where a knob does not apply (dense: no pattern; data-free metric: no calibration)."""
+def _suite_field(path: str) -> FieldInfo | None:
+    """The suite schema's field a Row source path reads (``cell.calibration.n`` ->
+    ``CalibrationSpec.n``), or None when the value is computed (identity, fingerprints)."""
+    from ..suite import Cell, EvaluationSpec
 
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    parts = path.split(".")
+    model: Any = {"cell": Cell, "evaluation": EvaluationSpec}.get(parts[0])
+    info = None
+    for part in parts[1:]:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        info = model.model_fields[part]
+        model = info.annotation
+    return info
 
-    model: str = Field(min_length=1, description="Model id as a suite would write it.")
-    model_revision: str | None = Field(description="Hub commit; null: the source pins none (matches any).")
-    model_file: str | None = Field(description="GGUF file; null for other formats.")
-    model_tokenizer: str | None = Field(description="Tokenizer when not the model's own.")
-    dtype: Literal["float32", "float16", "bfloat16"] = Field(description="Dtype while pruning and evaluating.")
-    metric: str = Field(min_length=1, description="Metric name as stadebench registers it; dense for the baseline.")
-    metric_options: dict[str, Any] = Field(description="Metric options under stadebench's names.")
-    pattern: str | None = Field(description="Pattern spec (unstructured, unstructured-layer, 2:4, ...).")
-    pattern_options: Options = Field(description="Pattern options.")
-    sparsity: float = Field(ge=0, lt=1, description="Target sparsity; 0 for dense.")
-    allocation: str | None = Field(description="Allocator (uniform, owl, ...); null for dense.")
-    allocation_options: Options = Field(description="Allocator options.")
-    layer_targets: list[str] | None = Field(description="Regexes of the layers pruned; null: all.")
-    layer_ignore: list[str] | None = Field(description="Regexes of layers left dense; null: none.")
-    calib_dataset: str | None = Field(description="Calibration dataset; null when nothing reads data.")
-    calib_options: Options = Field(description="Calibration dataset options.")
-    calib_n: int | None = Field(description="Calibration windows.")
-    calib_seqlen: int | None = Field(description="Tokens per calibration window.")
-    calib_seed: int | None = Field(description="Seed that picked the windows.")
-    sequential: bool | None = Field(description="Blocks calibrated on pruned outputs (true) or one-shot.")
-    calib_accumulate: Literal["float64", "released"] | None = Field(
-        description="How the source summed input statistics: released for the reference releases' float32 "
-                    "running updates.")
-    evaluator: str = Field(min_length=1, description="Evaluator, e.g. perplexity.")
-    eval_dataset: str | None = Field(description="Evaluated dataset, e.g. wikitext2.")
-    eval_split: str | None = Field(description="Evaluated split, e.g. test.")
-    eval_seqlen: int | None = Field(description="Tokens per evaluation window.")
-    eval_joiner: str | None = Field(description="Text joining the documents of the evaluation stream.")
-    eval_options: dict[str, Any] = Field(description="Other evaluator options (e.g. max_windows).")
 
+def _knob(name: str) -> tuple[Any, Any]:
+    """A protocol knob's published type and field, from its Row field: options are mappings,
+    regex lists are lists, a knob read from the suite takes that field's type and limits,
+    any other the Row's type; null is allowed unless the Row field is ``always`` set."""
+    doc = meta(name, "doc")
+    if meta(name, "options_of"):
+        kind: Any = dict[str, Any]
+    elif meta(name, "json"):
+        kind = list[str]
+    elif (info := _suite_field(SOURCES[name])) is not None:
+        kind = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    else:
+        kind = get_type_hints(Row)[name]
+    if not meta(name, "always"):
+        kind = kind | None
+    return kind, Field(description=doc)
+
+
+def _protocol_model() -> type[BaseModel]:
+    """``Protocol``, built from the Row's counted key fields (plus ``eval_joiner``); the
+    evaluation's own knobs come before the rest of its options, which are flattened last."""
+    names = [n for n in COUNTED_FIELDS if n != "eval_options"]
+    fields = {n: _knob(n) for n in names}
+    fields["eval_joiner"] = (str | None, Field(description="Text joining the documents of the evaluation stream."))
+    fields["eval_options"] = _knob("eval_options")
+    return create_model("Protocol", __config__=ConfigDict(extra="forbid", frozen=True, strict=True),
+                        __doc__=PROTOCOL_DOC, **fields)
+
+
+PROTOCOL_DOC = """Every knob that defines a result, under the leaderboard's Row field names (plus
+``eval_joiner``, the text between documents of the evaluation stream). All are required;
+null where a knob does not apply (dense: no pattern; data-free metric: no calibration).
+Built from the Row's counted key fields (``row.COUNTED_FIELDS``): a knob declared there is a
+knob here."""
+
+Protocol = _protocol_model()
 
 PROTOCOL_KNOBS = tuple(Protocol.model_fields)
 """The knobs that decide "same protocol", in display order (options are flattened)."""
@@ -149,6 +165,16 @@ class PublishedRow(Protocol):
                                      "subject, with `model` named as differing.")
     file: str = Field(description="Stem of the file it was read from (set by the loader).")
     citation: Citation = Field(description="The file's citation (set by the loader).")
+
+    @model_validator(mode="after")
+    def _in_range(self) -> PublishedRow:
+        if not math.isfinite(self.value):
+            raise ValueError(f"value: {self.value} is not a finite number")
+        if self.stderr is not None and not (math.isfinite(self.stderr) and self.stderr >= 0):
+            raise ValueError(f"stderr: {self.stderr} is not a finite number >= 0")
+        if self.score == "ppl" and self.value < 1:
+            raise ValueError(f"value: a perplexity is at least 1, not {self.value:g}")
+        return self
 
     @property
     def ref(self) -> str:
@@ -183,13 +209,29 @@ class PublishedFile(BaseModel):
 
 
 def _yaml(path: Path) -> Any:
-    # the suite loader: `2:4` stays a string (YAML 1.1 reads it as the base-60 number 124)
-    from ..suite.loading import Loader
+    """The file's YAML read under the suite's limits (size, depth, aliases) and loader
+    (safe tags only; `2:4` stays a string, which YAML 1.1 reads as the base-60 number 124)."""
+    from ..suite.loading import MAX_BYTES, Loader, check_size
 
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=Loader)  # noqa: S506 -- a SafeLoader subclass
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise PublishedError(f"{path}: cannot read it: {exc}") from None
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise PublishedError(f"{path}: the file is {size:,} bytes, over the limit of {MAX_BYTES:,}; a published "
+                                 "table is a few kilobytes")
+        text = path.read_text(encoding="utf-8")
+        check_size(text, str(path), "published file")
+        return yaml.load(text, Loader=Loader)  # noqa: S506 -- a SafeLoader subclass
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PublishedError(f"{path}: cannot read it: {getattr(exc, 'strerror', None) or exc}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        unsafe = isinstance(exc, yaml.constructor.ConstructorError)
+        hint = " (a published file holds plain values: no tags)" if unsafe else ""
+        raise PublishedError(f"{where}: invalid YAML: {what}{hint}") from None
+    except ConfigError as exc:
+        raise PublishedError(str(exc)) from None
 
 
 _ROW_FIELDS = tuple(f for f in PublishedRow.model_fields if f not in ("file", "citation"))
@@ -208,7 +250,8 @@ def _problems(where: str, exc: ValidationError, known: Iterable[str]) -> str:
             names = Citation.model_fields if e["loc"][0] == "citation" else known
             lines.append(f"{where}: unknown key {loc!r}{did_you_mean(str(e['loc'][-1]), names)}")
         else:
-            lines.append(f"{where}: {loc}: {e['msg']}")
+            message = e["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: {loc}: {message}" if loc else f"{where}: {message}")
     return "; ".join(lines)
 
 

@@ -96,7 +96,7 @@ GROUPS = ("model", "pruning", "calibration", "evaluation")
 
 def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool = False, label: bool = False,
          baseline: bool = False, source: str | None = None, group: str | None = None, dense: bool = False,
-         empty_null: bool = False, counted: bool = True, options_of: str | None = None) -> Any:
+         empty_null: bool = False, counted: bool = True, options_of: str | None = None, always: bool = False) -> Any:
     """A Row field: its Arrow type, what it holds, and which derived lists it joins.
 
     ``source`` is the field's one name on the way in: a dotted path into the plan's
@@ -105,11 +105,12 @@ def _col(type_: pa.DataType, doc: str, role: str = "provenance", *, json: bool =
     baseline too (other pruning fields are null there); ``empty_null``: an empty value is
     stored as null. ``counted``: a key field that decides "same protocol" against a
     published number (versions, plugins, fingerprints and batch sizes are not);
-    ``options_of``: the plugin kind whose options the field holds.
+    ``options_of``: the plugin kind whose options the field holds; ``always``: never null on
+    a finished row (so a published protocol must give it).
     """
     meta = {"type": type_, "doc": doc, "role": role, "json": json, "label": label, "baseline": baseline,
             "source": source, "group": group, "dense": dense, "empty_null": empty_null,
-            "counted": counted and role == "key", "options_of": options_of}
+            "counted": counted and role == "key", "options_of": options_of, "always": always}
     return field(default=None, metadata=meta)
 
 
@@ -123,7 +124,7 @@ class Row:
 
     # --- key: what was measured -------------------------------------------------------
     model: str | None = _col(_str, "Model id as written in the suite: Hub id, local path or asset name.",
-                             "key", baseline=True, source="cell.model.id", group="model")
+                             "key", baseline=True, source="cell.model.id", group="model", always=True)
     model_source: str | None = _col(_str, "Where the weights came from: hub, local, gguf or asset.",
                                     "key", baseline=True, source="identity.source", group="model", counted=False)
     model_revision: str | None = _col(_str, "Resolved Hub commit of the weights (asset: its package "
@@ -138,14 +139,15 @@ class Row:
                                          "key", baseline=True,
                                          source="identity.fingerprint", group="model", counted=False)
     dtype: str | None = _col(_str, "Model dtype while pruning and evaluating, e.g. bfloat16.", "key",
-                             baseline=True, source="cell.model.dtype", group="model")
+                             baseline=True, source="cell.model.dtype", group="model", always=True)
     metric: str | None = _col(_str, "Pruning metric name; 'dense' for the unpruned baseline.", "key",
-                              source="cell.metric", group="pruning", dense=True)
+                              source="cell.metric", group="pruning", dense=True, always=True)
     metric_version: str | None = _col(_str, "Version the metric plugin declares.", "key",
                                       source="cell.metric_plugin.version", group="pruning", counted=False)
     metric_options: str | None = _col(_str, "Metric options, defaults included, as canonical JSON.", "key",
                                       json=True,
-                                      source="cell.metric_options", group="pruning", dense=True, options_of="metric")
+                                      source="cell.metric_options", group="pruning", dense=True, options_of="metric",
+                                      always=True)
     metric_plugin: str | None = _col(_str, "Distribution that registered the metric.", "key",
                                      source="cell.metric_plugin.distribution", group="pruning", counted=False)
     pattern: str | None = _col(_str, "Sparsity pattern (unstructured, 2:4, ...); null for dense.", "key",
@@ -158,7 +160,7 @@ class Row:
     pattern_plugin: str | None = _col(_str, "Distribution that registered the pattern.", "key",
                                       source="cell.pattern_plugin.distribution", group="pruning", counted=False)
     sparsity: float | None = _col(_f64, "Target sparsity in [0, 1) over the pruned layers; 0 for dense.", "key",
-                                  source="cell.sparsity", group="pruning", dense=True)
+                                  source="cell.sparsity", group="pruning", dense=True, always=True)
     allocation: str | None = _col(_str, "Allocator that shared the target out among layers (uniform, owl, "
                                   "...); null for dense.", "key", source="cell.allocation", group="pruning")
     allocation_version: str | None = _col(_str, "Version the allocator plugin declares.", "key",
@@ -194,13 +196,13 @@ class Row:
                                         "reference releases' float32 running updates).", "key", label=True,
                                         source="cell.calibration.accumulate", group="calibration")
     evaluator: str | None = _col(_str, "Evaluator name, e.g. perplexity or lm-eval.", "key", baseline=True,
-                                 source="evaluation.name", group="evaluation")
+                                 source="evaluation.name", group="evaluation", always=True)
     evaluator_version: str | None = _col(_str, "Version the evaluator plugin declares.", "key",
                                          baseline=True,
                                          source="evaluation.resolved.version", group="evaluation", counted=False)
     eval_options: str | None = _col(_str, "Evaluator options (limit, tasks, ...) as canonical JSON.", "key",
                                     json=True, baseline=True,
-                                    source="eval_options", group="evaluation", options_of="evaluator")
+                                    source="eval_options", group="evaluation", options_of="evaluator", always=True)
     eval_dataset: str | None = _col(_str, "Dataset the evaluator read, e.g. wikitext2 or c4.", "key",
                                     baseline=True, source="eval_dataset", group="evaluation")
     eval_split: str | None = _col(_str, "Split of eval_dataset, e.g. test or validation.", "key",

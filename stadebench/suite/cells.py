@@ -23,13 +23,13 @@ class Cell(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     model: ModelSpec = Field(description="The model.")
-    metric: str = Field(description="Metric name, or `dense`.")
+    metric: str = Field(min_length=1, description="Metric name, or `dense`.")
     metric_label: str = Field(description="Metric label in results.")
     metric_options: dict[str, Any] = Field(default_factory=dict, description="Metric options, with defaults.")
     pattern: str | None = Field(None, description="Pattern spec; None for dense.")
     pattern_options: dict[str, Any] = Field(default_factory=dict,
                                             description="Pattern options, with defaults.")
-    sparsity: float = Field(0.0, description="Target sparsity over the pruned layers; 0 for dense.")
+    sparsity: float = Field(0.0, ge=0, lt=1, description="Target sparsity over the pruned layers; 0 for dense.")
     allocation: str | None = Field(None, description="Allocator name; None for dense.")
     allocation_label: str | None = Field(None, description="Allocation label in results.")
     allocation_options: dict[str, Any] = Field(default_factory=dict, description="Allocator options, with "

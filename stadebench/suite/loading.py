@@ -61,14 +61,14 @@ def load_suite(path: str | Path) -> Suite:
     return parse_suite(text, source=str(path), default_name=Path(path).stem)
 
 
-def _check_size(text: str, source: str) -> None:
+def check_size(text: str, source: str, what: str = "suite") -> None:
     """Refuse, before anything is built, a document over MAX_BYTES, nested deeper than
     MAX_DEPTH or holding more than MAX_NODES values once aliases are expanded. One pass
     over the parser's events, counting each anchor's expanded size once, so neither a deep
     document (which would overflow the recursive composer) nor an alias bomb costs more
     than reading the text."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_BYTES:
-        raise ConfigError(f"{source}: the suite is over the limit of {MAX_BYTES:,} bytes")
+        raise ConfigError(f"{source}: the {what} is over the limit of {MAX_BYTES:,} bytes")
     sizes: dict[str, int] = {}
     stack: list[list] = [[None, 0]]  # [anchor, expanded values so far] per open collection
     try:
@@ -77,7 +77,7 @@ def _check_size(text: str, source: str) -> None:
                 if len(stack) > MAX_DEPTH:
                     mark = event.start_mark
                     raise ConfigError(f"{source}:{mark.line + 1}: nested deeper than {MAX_DEPTH} levels; "
-                                      "a suite is a few levels deep")
+                                      f"a {what} is a few levels deep")
                 stack.append([event.anchor, 0])
                 continue
             if isinstance(event, yaml.CollectionEndEvent):
@@ -94,14 +94,14 @@ def _check_size(text: str, source: str) -> None:
             stack[-1][1] += count
             if stack[-1][1] > MAX_NODES:
                 raise ConfigError(f"{source}: expands to more than {MAX_NODES:,} values (YAML aliases "
-                                  "repeat what they name); a suite holds a few hundred")
+                                  f"repeat what they name); a {what} holds a few hundred")
     except yaml.YAMLError:
         return  # the loader reports it with its line and column
 
 
 def parse_suite(text: str, source: str = "<suite>", default_name: str = "suite") -> Suite:
     """Validate a suite given as YAML text; ``source`` names it in error messages."""
-    _check_size(text, source)
+    check_size(text, source)
     loader = Loader(text)
     try:
         node = loader.get_single_node()
@@ -192,5 +192,5 @@ def _where(source: str, lines: Lines, loc: Loc) -> str:
     return f"{source}:{line}: " if line else f"{source}: "
 
 
-__all__ = ["Loader", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "load_suite", "parse_suite", "parse_value",
+__all__ = ["Loader", "MAX_BYTES", "MAX_DEPTH", "MAX_NODES", "check_size", "load_suite", "parse_suite", "parse_value",
            "validate_suite"]
