@@ -7,6 +7,7 @@ pattern's version, the calibration of a data-free metric, the Hub commit.
 
 from __future__ import annotations
 
+import os
 import shutil
 import types
 from pathlib import Path
@@ -265,3 +266,72 @@ def test_the_published_protocol_is_the_rows_counted_key_fields():
     assert published.OPTION_KNOBS == row.OPTION_FIELDS
     assert set(published.NOT_COUNTED) - {"eval_options.batch_size"} == set(row.KEY_FIELDS) - set(row.COUNTED_FIELDS)
 
+
+
+_NEW_KNOB = '''
+    model_trust_remote_code: bool | None = _col(_bool, "Whether model code from the Hub was allowed to run.",
+                                                "key", label=True, source="cell.model.trust_remote_code",
+                                                group="model")'''
+
+_SEES_THE_KNOB = r'''
+import dataclasses, json, sys
+from pathlib import Path
+import pyarrow as pa
+from stadebench.results import grid, published, row, store
+from stadebench.runner.plan import make_plan
+from stadebench.suite import load_suite
+
+folder = Path(sys.argv[1])
+name = "model_trust_remote_code"
+# the schema, the key and the labels
+assert row.SCHEMA.field(name).type == pa.bool_() and name in row.KEY_FIELDS and name in row.LABEL_FIELDS
+# the plan: every template carries it, read from the suite's models[].trust_remote_code
+plan = make_plan(load_suite(folder / "suite.yaml"), folder / "lb")
+templates = [p.template for c in plan.todo for p in c.pending]
+assert templates and all(getattr(t, name) is False for t in templates)
+# the key: the same cell with the knob set is another measurement
+t = templates[-1]
+assert t.replace(**{name: True}).key() != t.key()
+# diff: the knob is named with both values
+on = t.replace(**{name: True})
+assert (name, False, True) in published.protocol_diff(dataclasses.asdict(t), dataclasses.asdict(on))
+# labels: two cells that differ only in it are told apart by it
+rows = [t.replace(**{name: v}, task="wikitext2", score="ppl", value=10.0 + v, status="ok", suite="s")
+        for v in (False, True)]
+store.write_rows(folder / "board", rows)
+labels = [r.label for r in grid.pivot(store.read(folder / "board"), "wikitext2", "ppl").rows]
+assert sorted(labels) == [f"wanda {name}=False", f"wanda {name}=True"], labels
+# the published protocol: a required knob of every published row
+assert name in published.Protocol.model_fields and name in published.PROTOCOL_KNOBS
+try:
+    published.load_published(Path(sys.argv[2]))
+except published.PublishedError as exc:
+    assert f"missing {name!r}" in str(exc), exc
+else:
+    raise AssertionError("a published row without the new knob loaded")
+print("SEEN")
+'''
+
+
+def test_a_knob_declared_on_the_row_alone_reaches_plan_key_diff_labels_and_published(tmp_path, assets):
+    # a throw-away key field, added to a copy of the package in one place (the Row) and nowhere else
+    import shutil
+    import subprocess
+    import sys
+
+    package = tmp_path / "pkg"
+    shutil.copytree(Path(stadebench.__file__).parent, package / "stadebench")
+    row_py = package / "stadebench" / "results" / "row.py"
+    text = row_py.read_text(encoding="utf-8")
+    anchor = 'group="model", always=True)\n    metric: str | None'
+    assert anchor in text
+    row_py.write_text(text.replace(anchor, 'group="model", always=True)' + _NEW_KNOB + "\n    metric: str | None"),
+                      encoding="utf-8")
+    load_tiny_suite(tmp_path, assets, metrics=["wanda"])
+    published = tmp_path / "published"
+    published.mkdir()
+    shutil.copy(Path(__file__).parents[1] / "published" / "wanda-llama2.yaml", published)
+    env = {**os.environ, "PYTHONPATH": str(package), "STADEBENCH_LOAD_PLUGINS": ""}
+    done = subprocess.run([sys.executable, "-c", _SEES_THE_KNOB, str(tmp_path), str(published)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "SEEN" in done.stdout, done.stderr[-3000:]
