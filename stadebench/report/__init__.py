@@ -6,13 +6,21 @@ demand, and the diagnostics plots when the leaderboard holds ``layer_diagnostics
 every figure as PNG, SVG and PDF under ``figures/``. The plotted data are embedded in the
 page (``<script type="application/json" id="figure-data">``), checked to equal what
 matplotlib drew. See docs/report.md.
+
+The report is built in a hidden folder and moved into place: a report that fails or is
+stopped halfway leaves no half-written report folder (a new folder appears whole, by one
+rename; in an existing one the figures are replaced first and ``index.html`` last, so its
+page is always a whole one). A stopped build's hidden folder is removed by the next report.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+import re
 import shutil
+import uuid
 from collections import defaultdict
 from datetime import datetime, timezone
 from html import escape
@@ -20,6 +28,7 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..results.grid import Grid, pivot
+from ..util import atomic_write
 from ..version import __version__
 from . import page, series
 from .figures import FORMATS, save
@@ -148,6 +157,59 @@ def _forget_stale(figures_dir: Path, written: set[str]) -> None:
     manifest.write_text(json.dumps(sorted(written)), encoding="utf-8")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # someone else's process
+        return True
+    return True
+
+
+def _stage(out_dir: Path) -> tuple[Path, list[Path]]:
+    """A new hidden folder to build in, on the file system of ``out_dir`` (inside it when it
+    exists, else beside it), and the folders made on the way (removed again on failure).
+    Stage folders of builds whose process is gone are removed first."""
+    home = out_dir if out_dir.is_dir() else out_dir.parent
+    made = []
+    for parent in [home, *home.parents]:
+        if parent.exists():
+            break
+        made.append(parent)
+    home.mkdir(parents=True, exist_ok=True)
+    prefix = ".report-" if home == out_dir else f".{out_dir.name}.report-"
+    pattern = re.compile(re.escape(prefix) + r"(\d+)-[0-9a-f]{8}")
+    for old in home.glob(f"{glob.escape(prefix)}*"):
+        m = pattern.fullmatch(old.name)
+        if m and old.is_dir() and not old.is_symlink() and not _alive(int(m[1])):
+            shutil.rmtree(old, ignore_errors=True)
+    stage = home / f"{prefix}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    stage.mkdir()
+    return stage, made
+
+
+def _publish(stage: Path, out_dir: Path, written: set[str]) -> None:
+    """Move the report built in ``stage`` to ``out_dir``: a new folder by one rename; into an
+    existing one, the figures first, then ``index.html`` (so the page there is always whole),
+    then the figures only the last report wrote are removed."""
+    if not out_dir.exists():
+        _forget_stale(stage / "figures", written)
+        try:
+            os.rename(stage, out_dir)
+            return
+        except OSError:  # made meanwhile by someone else: move in as below
+            if not out_dir.is_dir():
+                raise
+    figures = out_dir / "figures"
+    if written:
+        figures.mkdir(exist_ok=True)
+    for name in sorted(written):
+        os.replace(stage / "figures" / name, figures / name)
+    os.replace(stage / "index.html", out_dir / "index.html")
+    _forget_stale(figures, written)
+
+
 def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite=None, model=None, task=None,
                  metric=None, pattern=None, png: str | os.PathLike | None = None,
                  published: str | os.PathLike | None = None) -> Path:
@@ -159,7 +221,9 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     files are left alone). With ``png``, the selection's one score-against-sparsity
     figure is also copied to that file (a ConfigError when there is not exactly one).
     EmptySelection (a ConfigError) when the filters leave nothing. ``published``: a folder
-    of published results to set beside the shown cells (``bench.published``).
+    of published results to set beside the shown cells (``bench.published``). Built in a
+    hidden folder and moved into place (see the module docstring): an error or a stop
+    halfway leaves ``out_dir`` as it was.
     """
     folder, out_dir = Path(folder), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -176,13 +240,34 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
         listed = ", ".join(s["slug"] for s in sweeps) or "none"
         raise ConfigError(f"--png needs exactly one score-against-sparsity figure; this selection has "
                           f"{len(sweeps)} ({listed}): narrow it with --model and --task")
-    figures_dir = out_dir / "figures"
+    stage, made = _stage(out_dir)
+    try:
+        _build(stage, folder, filters, table, sections, specs, published, ok, failed)
+        _publish(stage, out_dir, {Path(f).name for spec in specs for f in spec["files"].values()})
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        for parent in made:  # the folders made for it, when still empty
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+    shutil.rmtree(stage, ignore_errors=True)
+    index = out_dir / "index.html"
+    if png is not None:
+        Path(png).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(Path(png), (out_dir / "figures" / f"{sweeps[0]['slug']}.png").read_bytes())
+    return index
+
+
+def _build(stage: Path, folder: Path, filters: dict, table, sections: list[dict], specs: list[dict],
+           published, ok: list[dict], failed: list[dict]) -> None:
+    """The report's files in ``stage``: figures/ and index.html."""
     drawn: dict[str, tuple[dict, bytes]] = {}
     for spec in specs:
-        paths, data = save(spec, figures_dir)
+        paths, data = save(spec, stage / "figures")
         spec["files"] = {ext: f"figures/{p.name}" for ext, p in paths.items()}
         drawn[spec["slug"]] = (spec, data)
-    _forget_stale(figures_dir, {p.name for spec in specs for p in map(Path, spec["files"].values())})
     html, nav = _task_sections(sections, drawn)
     papers = "" if published is None else _published(ok, published)
     if papers:
@@ -194,11 +279,4 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     embedded = [{k: v for k, v in spec.items()} for spec in specs]
     document = page.page(title=f"stadebench report · {folder.name or folder}",
                          intro=_intro(folder, filters, table, failed), nav=nav, sections=html, figures=embedded)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    index = out_dir / "index.html"
-    index.write_text(document, encoding="utf-8")
-    if png is not None:
-        target = Path(png)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(figures_dir / f"{sweeps[0]['slug']}.png", target)
-    return index
+    (stage / "index.html").write_text(document, encoding="utf-8")

@@ -3,12 +3,15 @@ and written as PNG (the page and the README), SVG and PDF (papers).
 
 matplotlib is the field's default: its PDF and SVG go into LaTeX papers as they are, and
 it renders without a display (the Agg canvas; no pyplot, so no global figure state).
+Every leaderboard string a figure shows (titles, legends, the score) is drawn literally:
+mathtext off (a ``$`` is a dollar sign), control characters as ``\\xNN``, long text cut.
 """
 
 from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,8 +72,28 @@ def _plain_log(axis) -> None:
     axis.set_minor_formatter(Plain(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
 def _short_label(text: str, limit: int = 60) -> str:
+    """A leaderboard string as a figure shows it: control characters as ``\\xNN`` (no font
+    draws them, and they are not valid in SVG), cut to ``limit`` characters."""
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
     return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _literal(*texts) -> None:
+    """Draw these Text artists as they are: a ``$`` in a label is no mathtext (a formula that
+    does not parse would fail the figure, one that does would change what it says)."""
+    for text in texts:
+        text.set_parse_math(False)
+
+
+def _legend(owner, handles: list, labels: list[str], **kwargs):
+    """A legend of these handles and labels, all shown (a label starting with '_' too) and literal."""
+    legend = owner.legend(handles, labels, **kwargs)
+    _literal(*legend.get_texts())
+    return legend
 
 
 def _sweep(fig, spec: dict, drawn: list) -> None:
@@ -85,6 +108,7 @@ def _sweep(fig, spec: dict, drawn: list) -> None:
         allocations.insert(0, "uniform")
     line_families = list(dict.fromkeys(line["family"] for line in spec["lines"] if line["style"] == "line"))
     point_families = list(dict.fromkeys(line["family"] for line in spec["lines"] if line["style"] == "points"))
+    handles, labels = [], []
     for k, line in enumerate(spec["lines"]):
         colour = colours[slots[line["colour_key"]]]
         dash = _DASHES[allocations.index(line["allocation"] or "uniform") % len(_DASHES)]
@@ -94,13 +118,15 @@ def _sweep(fig, spec: dict, drawn: list) -> None:
         yerr = [e or 0.0 for e in line["stderr"]] if any(e for e in line["stderr"]) else None
         container = ax.errorbar(line["x"], line["y"], yerr=yerr, color=colour, marker=marker,
                                 markersize=6 if points else 4, linestyle="none" if points else dash,
-                                linewidth=1.5, capsize=2, label=_short_label(line["legend"]),
-                                markerfacecolor="white" if points and dash != "-" else colour)
+                                linewidth=1.5, capsize=2, markerfacecolor="white" if points and dash != "-" else colour)
+        handles.append(container)
+        labels.append(_short_label(line["legend"]))
         container.lines[0].set_gid(f"series-{k}")  # names the line in the SVG, and for tests
         drawn.append((container.lines[0], line["x"], line["y"]))
     for i, d in enumerate(spec["dense"]):
-        h = ax.axhline(d["value"], color="0.35", linestyle=(0, (5, 3)), linewidth=1,
-                       label=f"dense ({d['value']:.4g})", gid=f"dense-{i}")
+        h = ax.axhline(d["value"], color="0.35", linestyle=(0, (5, 3)), linewidth=1, gid=f"dense-{i}")
+        handles.append(h)
+        labels.append(f"dense ({d['value']:.4g})")
         drawn.append((h, [0.0, 1.0], [d["value"], d["value"]]))  # axhline spans axes coordinates 0-1 in x
     if spec["log_y"]:
         ax.set_yscale("log")
@@ -109,9 +135,9 @@ def _sweep(fig, spec: dict, drawn: list) -> None:
     ax.set_xticks(xs, [f"{x:g}" for x in xs])
     ax.set_xlabel("sparsity")
     arrow = {True: " (higher is better)", False: " (lower is better)"}.get(spec["higher_is_better"], "")
-    ax.set_ylabel(f"{spec['score']}{' (log scale)' if spec['log_y'] else ''}{arrow}")
-    ax.set_title(spec["title"])
-    fig.legend(loc="outside right upper", fontsize=8, frameon=False)
+    _literal(ax.set_ylabel(f"{_short_label(spec['score'], 80)}{' (log scale)' if spec['log_y'] else ''}{arrow}"),
+             ax.set_title(_short_label(spec["title"], 120)))
+    _legend(fig, handles, labels, loc="outside right upper", fontsize=8, frameon=False)
 
 
 def _scatter(fig, spec: dict, drawn: list) -> None:
@@ -122,6 +148,7 @@ def _scatter(fig, spec: dict, drawn: list) -> None:
     rows = math.ceil(len(panels) / cols)
     fig.set_size_inches(3.2 * cols + 1.2, 3.0 * rows + 0.6)
     labels = list(dict.fromkeys(s["label"] for p in panels for s in p["series"]))
+    handles: dict[str, Any] = {}
     cmap = mpl.colormaps["viridis"]
     values = [v for p in panels for s in p["series"] for v in (*s["x"], *s["y"])]
     lo, hi = min(values) / 1.5, max(values) * 1.5
@@ -129,28 +156,26 @@ def _scatter(fig, spec: dict, drawn: list) -> None:
     for ax, panel in zip(axes.flat, panels):
         for s in panel["series"]:
             colour = cmap(labels.index(s["label"]) / max(len(labels) - 1, 1))
-            pc = ax.scatter(s["x"], s["y"], s=10, color=colour, alpha=0.8, label=s["label"])
+            pc = ax.scatter(s["x"], s["y"], s=10, color=colour, alpha=0.8)
+            handles.setdefault(s["label"], pc)
             drawn.append((pc, s["x"], s["y"]))
         ax.plot([lo, hi], [lo, hi], color="0.4", linewidth=0.8, linestyle="--")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlim(lo, hi)
         ax.set_ylim(lo, hi)
-        ax.set_title(panel["title"])
+        _literal(ax.set_title(_short_label(panel["title"])))
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     for ax in axes[-1]:
         ax.set_xlabel("predicted E|e|² / E|Wx|²")
     for ax in axes[:, 0]:
         ax.set_ylabel("measured E|e|² / E|Wx|²")
-    handles: dict[str, Any] = {}
-    for ax in axes.flat[:len(panels)]:
-        for h, label in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(label, h)
     order = [label for label in labels if label in handles]
-    fig.legend([handles[label] for label in order], order, title="pattern and sparsity", loc="outside lower center",
-               fontsize=8, ncols=min(len(order), 6), frameon=False)
-    fig.suptitle(spec["title"])
+    _legend(fig, [handles[label] for label in order], [_short_label(label) for label in order],
+            title="pattern and sparsity", loc="outside lower center", fontsize=8, ncols=min(len(order), 6),
+            frameon=False)
+    _literal(fig.suptitle(_short_label(spec["title"], 120)))
 
 
 def _depth(fig, spec: dict, drawn: list) -> None:
@@ -176,15 +201,15 @@ def _depth(fig, spec: dict, drawn: list) -> None:
         ax.set_yscale("log")
         ax.xaxis.set_major_locator(mpl.ticker.MaxNLocator(integer=True))
         ax.set_xlabel("block")
-        ax.set_title(panel["title"])
+        _literal(ax.set_title(_short_label(panel["title"])))
     axes[0].set_ylabel("measured E|e|² / E|Wx|²")
     if mappable is not None and norm is not None:
         bar = fig.colorbar(mappable, ax=list(axes), label="median |μ|/σ", pad=0.02)
         _plain_log(bar.ax.yaxis)
-    handles = [mpl.lines.Line2D([], [], color="0.3", linestyle="none", label=m,
-                                marker=_METRIC_MARKERS[i % len(_METRIC_MARKERS)]) for i, m in enumerate(metrics)]
-    axes[0].legend(handles=handles, fontsize=7, loc="best")
-    fig.suptitle(spec["title"])
+    handles = [mpl.lines.Line2D([], [], color="0.3", linestyle="none",
+                                marker=_METRIC_MARKERS[i % len(_METRIC_MARKERS)]) for i in range(len(metrics))]
+    _legend(axes[0], handles, [_short_label(m) for m in metrics], fontsize=7, loc="best")
+    _literal(fig.suptitle(_short_label(spec["title"], 120)))
 
 
 _DRAW = {"sweep": _sweep, "diagnostics-scatter": _scatter, "diagnostics-depth": _depth}

@@ -1,10 +1,16 @@
 """The report page: one self-contained HTML file. Figures are inlined as PNG data URIs,
 style and script are inline, and a Content-Security-Policy forbids fetching anything, so
-the page opens from disk with no network and shows the same everywhere."""
+the page opens from disk with no network and shows the same everywhere.
+
+A leaderboard's strings are untrusted (a shared leaderboard is someone else's text): every
+one is HTML-escaped where it lands (text, attribute, embedded JSON), none becomes a link,
+control characters show as their Unicode pictures, and the policy runs only the page's
+own script (by its hash): no inline handler or injected ``<script>`` could run."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from html import escape
 from typing import TYPE_CHECKING, Any
@@ -20,7 +26,6 @@ if TYPE_CHECKING:
 
 __all__ = ["POLICY", "detail_id", "details", "embedded_json", "figure", "fmt_value", "page", "pivot_table"]
 
-POLICY = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 _SCALARS = [f.name for f in SCHEMA if not pa.types.is_list(f.type) and f.name != "details"]
 _DOCS = {f.name: (f.metadata or {}).get(b"doc", b"").decode() for f in SCHEMA}
 _LAYER_COLUMNS = ("block", "layer", "role", "shape", "allocated", "sparsity", "pruned", "bias_added", "output_mse",
@@ -63,6 +68,14 @@ _SCRIPT = """
   });
 })();
 """
+# inline script runs only when it is this one (its hash): never a leaderboard string's
+POLICY = ("default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+          f"script-src 'sha256-{base64.b64encode(hashlib.sha256(_SCRIPT.encode()).digest()).decode()}'; "
+          "base-uri 'none'; form-action 'none'")
+# C0 controls (but tab, newline, carriage return) and DEL as their Unicode control pictures (U+2400...)
+_VISIBLE = {**{c: 0x2400 + c for c in range(0x20) if chr(c) not in "\t\n\r"}, 0x7F: 0x2421}
+_JSON_ESCAPES = {ord("<"): "\\u003c", ord(">"): "\\u003e", ord("&"): "\\u0026", 0x2028: "\\u2028",
+                 0x2029: "\\u2029"}
 
 
 def detail_id(row: dict) -> str:
@@ -129,6 +142,15 @@ def _diagnostics(records: list[dict], metric: str) -> str:
     return _layer_table("layers diagnostics", _DIAGNOSTIC_COLUMNS, rows, {"role", "mask"})
 
 
+def _details_text(raw: str) -> str:
+    """A row's ``details`` indented; text that is not JSON (a leaderboard written by another
+    tool) as it is stored, said so."""
+    try:
+        return f"<pre>{escape(json.dumps(json.loads(raw), indent=1, ensure_ascii=False))}</pre>"
+    except (ValueError, RecursionError):
+        return f'<p class="muted">not valid JSON; shown as stored:</p><pre>{escape(str(raw))}</pre>'
+
+
 def details(row: dict, title: str) -> str:
     """A collapsed block with a row's provenance and, for a pruned cell, its per-layer records."""
     meta = "".join(f'<dt title="{escape(_DOCS.get(k, ""))}">{k}</dt><dd>{escape(fmt_value(row[k]))}</dd>'
@@ -136,8 +158,7 @@ def details(row: dict, title: str) -> str:
     parts = [f'<details class="cell" id="{detail_id(row)}"><summary>{escape(title)}</summary>',
              f"<dl class=meta>{meta}</dl>"]
     if row.get("details"):
-        text = json.dumps(json.loads(row["details"]), indent=1, ensure_ascii=False)
-        parts.append(f"<details><summary>details</summary><pre>{escape(text)}</pre></details>")
+        parts.append(f"<details><summary>details</summary>{_details_text(row['details'])}</details>")
     if row.get("layers"):
         pruned = [la for la in row["layers"] if not la["dense"]]
         parts.append(f"<h4>{len(row['layers'])} prunable layer(s), {len(pruned)} pruned: realised sparsity and "
@@ -189,8 +210,10 @@ def figure(spec: dict, png: bytes, files: dict[str, str]) -> str:
 
 
 def embedded_json(value: Any) -> str:
-    """JSON safe inside a <script> element: no '</' can close it early."""
-    return json.dumps(value, ensure_ascii=False, allow_nan=False).replace("</", "<\\/")
+    """JSON safe inside a <script> element: no '<', '>' or '&' (each only ever inside a JSON
+    string, written as its \\u escape), so no text closes the element, opens a comment or
+    reads as markup; JSON.parse gives back the same strings."""
+    return json.dumps(value, ensure_ascii=False, allow_nan=False).translate(_JSON_ESCAPES)
 
 
 def page(*, title: str, intro: str, nav: list[tuple[str, str]], sections: list[str], figures: list[dict]) -> str:
@@ -209,4 +232,4 @@ def page(*, title: str, intro: str, nav: list[tuple[str, str]], sections: list[s
         f'<script type="application/json" id="figure-data">{embedded_json({"figures": figures})}</script>',
         f"<script>{_SCRIPT}</script>",
         "</body></html>",
-    ]) + "\n"
+    ]).translate(_VISIBLE) + "\n"  # the template and the JSON hold no control character: only strings shown
