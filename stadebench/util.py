@@ -113,6 +113,12 @@ def hub_offline() -> bool:
     return offline_variable() is not None
 
 
+def cut(text: str, limit: int = 80) -> str:
+    """``text`` cut to at most ``limit`` characters, ending in "…" where it was cut: a user's
+    argument quoted in a message stays one readable line however long it was."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def first_line(text: str | None) -> str:
     """The first line of ``text`` once stripped ("" for none): a docstring's summary, an error's headline."""
     return text.strip().splitlines()[0] if text and text.strip() else ""
@@ -129,5 +135,5 @@ def visible(text: str) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}" if ord(m[0]) < 0x100 else f"\\u{ord(m[0]):04x}", text)
 
 
-__all__ = ["OFFLINE_VARS", "atomic_write", "canonical_json", "close_matches", "did_you_mean", "digest", "file_sha256",
-           "first_line", "fsync_dir", "hub_offline", "offline_variable", "package_version", "visible"]
+__all__ = ["OFFLINE_VARS", "atomic_write", "canonical_json", "close_matches", "cut", "did_you_mean", "digest",
+           "file_sha256", "first_line", "fsync_dir", "hub_offline", "offline_variable", "package_version", "visible"]

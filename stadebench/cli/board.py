@@ -12,7 +12,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ..util import visible
+from ..util import cut, visible
 from .common import Format, FormatOption, err, fail, handle_errors, out, styled, write_rows
 
 if TYPE_CHECKING:  # the grid module reads Parquet with pyarrow: imported when a table is shown
@@ -400,11 +400,11 @@ def _show(cell: str, folder: Path, fmt: Format) -> None:
             found.setdefault(_cell_label(r) + " " + lb.canonical_json(r["layers"]), r)
     if not found:
         close = sorted({_cell_label(r) for r in rows})
-        raise fail(f"no cell matches {cell!r} in {folder}; cells: " + "; ".join(close[:8])
+        raise fail(f"no cell matches {cut(cell)!r} in {folder}; cells: " + "; ".join(close[:8])
                    + (" …" if len(close) > 8 else ""))
     if len(found) > 1:
         listed = "; ".join(f"{_cell_label(r)} [{r['cell_key'][:12]}]" for r in found.values())
-        raise fail(f"{cell!r} matches {len(found)} pruned cells: {listed}; give more of the label or a key")
+        raise fail(f"{cut(cell)!r} matches {len(found)} pruned cells: {listed}; give more of the label or a key")
     r = next(iter(found.values()))
     layers = [{k: layer[k] for k in ("block", *LAYER_COLUMNS)} | {"dense": layer["dense"]} for layer in r["layers"]]
     if fmt is not Format.table:
@@ -463,6 +463,7 @@ def compare(
 @handle_errors
 def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
     from ..results import store as lb
+    from ..results.row import KEY_FIELDS
 
     # a run's rows that a later run superseded live in _history/
     table = lb.read(folder, history=True) if by is By.run else lb.current(lb.read(folder))
@@ -470,9 +471,9 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
     # two metrics are matched on model, pattern, sparsity and evaluation: a data-free
     # metric has no calibration to match, so calibration is left out of the match too
     ignore = {"run_id"} if by is By.run else {"metric", "metric_version", "metric_options", "metric_plugin",
-                                              *(f for f in lb.KEY_FIELDS if f.startswith("calib_")),
+                                              *(f for f in KEY_FIELDS if f.startswith("calib_")),
                                               "sequential", "batch_size"}
-    key_fields = [f for f in (*lb.KEY_FIELDS, "task", "score") if f not in ignore]
+    key_fields = [f for f in (*KEY_FIELDS, "task", "score") if f not in ignore]
     if by is By.run:
         key_fields.insert(0, "cell_key")
     sides: dict[str, dict[tuple, dict]] = {a: {}, b: {}}
@@ -484,7 +485,7 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
             from ..util import did_you_mean
 
             known = sorted({str(r[field]) for r in table.to_pylist() if r[field] is not None})
-            raise fail(f"no results with {field} = {name!r} in {folder}{did_you_mean(name, known)} "
+            raise fail(f"no results with {field} = {cut(name)!r} in {folder}{did_you_mean(name, known)} "
                        f"({field}s: {', '.join(known[:12])}{' …' if len(known) > 12 else ''})")
     rows = []
     for key in sorted(sides[a].keys() & sides[b].keys()):
@@ -495,7 +496,7 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
                      "evaluation": _evaluation(ra), "task": ra["task"], "score": ra["score"], a: ra["value"],
                      b: rb["value"], "delta": delta, "better": _better(ra, rb, a, b)})
     if not rows:
-        raise fail(f"{a!r} and {b!r} share no cells to compare in {folder}")
+        raise fail(f"{cut(a)!r} and {cut(b)!r} share no cells to compare in {folder}")
     if fmt is not Format.table:
         write_rows(rows, fmt)
         return

@@ -14,7 +14,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from ..util import first_line
+from ..util import cut, first_line
 from .common import ExitCode, err, handle_errors, out, quiet_libraries, styled
 from .prune import DEFAULT_CALIBRATION, parse_calibration, run_cells
 
@@ -46,6 +46,29 @@ def _num(value: float | None) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
+def _check_loads(spec) -> None:
+    """Refuse, naming it, a model whose weight files, config or tokenizer cannot be read or
+    that is not a causal language model, before the run makes its leaderboard folder: what
+    ``run`` records as each cell's failure, a diagnosis of that model cannot use."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from ..data.loading import check_files, load_config_and_tokenizer
+    from ..errors import ConfigError
+
+    try:
+        check_files(spec)
+        config, _ = load_config_and_tokenizer(spec)
+        with torch.device("meta"):  # the architecture only: no weights are read or allocated
+            AutoModelForCausalLM.from_config(config, trust_remote_code=spec.trust_remote_code)
+    except ConfigError as exc:
+        raise ConfigError(f"model {cut(spec.id)!r}: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 -- transformers' errors: OSError, ValueError, KeyError, ...
+        why = cut(first_line(str(exc)).rstrip(".") or type(exc).__name__, 300)
+        raise ConfigError(f"cannot load model {cut(spec.id)!r}: {why}; give a causal language model: a Hub id, "
+                          "a local model folder, a GGUF file or an asset (`stadebench assets list`)") from None
+
+
 @handle_errors
 def _diagnose(model, metrics, *, pattern, sparsity, calibration, heldout, windows, one_shot, device, leaderboard):
     from ..results import store as lb
@@ -65,6 +88,7 @@ def _diagnose(model, metrics, *, pattern, sparsity, calibration, heldout, window
                                                                 "max_windows": int(n), "metrics": names}}]}
     with quiet_libraries():
         suite = validate_suite(data, source="stadebench diagnose", default_name=SUITE_NAME)
+        _check_loads(suite.models[0])  # before the run: a model that cannot load gets no failed rows
         summary = run_cells(suite, leaderboard)
     rows = [r for r in lb.read(leaderboard, suite=[SUITE_NAME]).to_pylist()
             if r["run_id"] == summary.run_id and r["status"] == "ok" and r["task"] == "diagnostics"]
@@ -72,7 +96,10 @@ def _diagnose(model, metrics, *, pattern, sparsity, calibration, heldout, window
     for r in rows:
         by_metric.setdefault(r["metric"], {})[r["score"]] = r["value"]
     if not by_metric:
-        raise ConfigError("no cell was diagnosed")
+        for label, message in summary.failed:
+            err.print(styled(("failed:", "red"), f" {label}: {first_line(message)}"))
+        raise ConfigError(f"no cell of model {cut(model)!r} was diagnosed (see the failures above, and the rows "
+                          f"in {leaderboard})")
     cells = Table("cell (applied mask)", "layers", "ρ(predicted, measured)", "mean relative error",
                   title="pruned cells", title_justify="left")
     for name, values in by_metric.items():

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from ..util import cut
 from .common import Format, FormatOption, err, fail, handle_errors, out, write_rows
 
 Side = Annotated[str, typer.Argument(help="A cell key (or its first characters), part of a cell label such as "
@@ -61,22 +62,30 @@ def _resolve(ref: str, folder: Path, published: Path, memo: dict) -> tuple[str, 
     if ref.startswith(pub.PREFIX):
         if "published" not in memo:
             memo["published"] = pub.load_published(published)
-        row = pub.find_published(memo["published"], ref)
+        try:
+            row = pub.find_published(memo["published"], ref)
+        except pub.PublishedError as exc:  # it quotes the file and row id given: cut them as ours are
+            file, _, rid = ref.removeprefix(pub.PREFIX).partition(":")
+            message = str(exc)
+            for part in (file.removesuffix(".yaml"), rid):
+                message = message.replace(repr(part), repr(cut(part)))
+            raise pub.PublishedError(message) from None
         return row.ref, row.protocol(), row
     if "cells" not in memo:
         memo["cells"] = _cells(folder)
     cells = memo["cells"]
     if not cells:
-        raise fail(f"no results in {folder} to find {ref!r} in (or name a published row: published:<file>:<id>)")
+        raise fail(f"no results in {folder} to find {cut(ref)!r} in (or name a published row: "
+                   "published:<file>:<id>)")
     found = {k: r for k, r in cells.items() if k.startswith(ref)} or \
         {k: r for k, r in cells.items() if ref == label(r)} or {k: r for k, r in cells.items() if ref in label(r)}
     if not found:
         labels = sorted(label(r) for r in cells.values())
         close = close_matches(ref, labels, n=4, cutoff=0.3) or labels[:4]
-        raise fail(f"no cell matches {ref!r} in {folder}; close: " + "; ".join(close))
+        raise fail(f"no cell matches {cut(ref)!r} in {folder}; close: " + "; ".join(close))
     if len(found) > 1:
         listed = "; ".join(f"{label(r)} [{k[:12]}]" for k, r in sorted(found.items(), key=lambda kv: label(kv[1])))
-        raise fail(f"{ref!r} matches {len(found)} cells: {listed}; give more of the label or a cell key")
+        raise fail(f"{cut(ref)!r} matches {len(found)} cells: {listed}; give more of the label or a cell key")
     key, row = next(iter(found.items()))
     return f"{label(row)} [{key[:12]}]", row, None
 

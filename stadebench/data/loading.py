@@ -60,7 +60,8 @@ class ModelIdentity:
         file: the GGUF file the weights are read from, if any.
         tokenizer: the tokenizer id or path when it is not the model's own.
         fingerprint: sha256 over the local files that define the model (names and
-            contents), or over an asset's pinned identity; None for the Hub.
+            contents; documentation such as the card is left out, see ``is_documentation``),
+            or over an asset's pinned identity; None for the Hub.
     """
 
     source: str
@@ -98,8 +99,22 @@ def identify(spec: Any) -> ModelIdentity:
         return ModelIdentity(source, resolve_revision(spec.id, spec.revision), gguf, tokenizer, None)
     folder = Path(where)
     files = [folder / gguf] if gguf else sorted(p for p in folder.iterdir() if p.is_file()
-                                                 and not p.name.startswith("."))
+                                                 and not p.name.startswith(".") and not is_documentation(p.name))
     return ModelIdentity(source, None, gguf, tokenizer, fingerprint(files, folder))
+
+
+_DOC_SUFFIXES = frozenset({".md", ".markdown", ".rst", ".pdf", ".png", ".jpg", ".jpeg", ".gif", ".svg", ".webp"})
+_DOC_STEMS = frozenset({"README", "LICENSE", "LICENCE", "NOTICE", "COPYING", "AUTHORS", "CITATION", "CHANGELOG"})
+
+
+def is_documentation(name: str) -> bool:
+    """Whether a model folder's file ``name`` documents the model rather than defines it: the
+    card (README.md) and other Markdown or reStructuredText, licences and notices, figures.
+    The fingerprint leaves them out, so editing a card does not make a new model; weights,
+    config, tokenizer, code and anything else stay in (merges.txt and vocab.txt are tokenizer
+    files, so text files are not documentation by their suffix)."""
+    path = Path(name)
+    return path.suffix.lower() in _DOC_SUFFIXES or path.stem.upper() in _DOC_STEMS
 
 
 def fingerprint(files: list[Path], root: Path) -> str:
@@ -267,5 +282,5 @@ def load_model(spec: Any, device: str | torch.device = "cpu") -> Loaded:
     return Loaded(model, tokenizer, source, spec.revision)
 
 
-__all__ = ["DTYPES", "Loaded", "ModelIdentity", "check_files", "fingerprint", "identify", "load_config_and_tokenizer",
-           "load_model", "on_this_machine", "resolve_revision"]
+__all__ = ["DTYPES", "Loaded", "ModelIdentity", "check_files", "fingerprint", "identify", "is_documentation",
+           "load_config_and_tokenizer", "load_model", "on_this_machine", "resolve_revision"]

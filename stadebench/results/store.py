@@ -168,7 +168,12 @@ def _check_required(table: pa.Table) -> pa.Table:
 
 def _read_file(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
     """One file under the current schema (only ``columns``, if given). FileNotFoundError
-    when it is gone (moved by a compaction); LeaderboardError when it is not readable."""
+    when it is gone (moved by a compaction); LeaderboardError when it is not readable.
+
+    Asking for some ``columns`` never makes a file readable that is not readable whole:
+    only a file stored under exactly the current schema reads just those columns; any
+    other is read and conformed whole, so a column of the wrong type elsewhere in it (say
+    ``sparsity`` as text) refuses it here too, and compaction skips what readers skip."""
     with open(path, "rb") as fh:  # once open, the file reads to the end even if it is moved
         try:
             file = pq.ParquetFile(fh)
@@ -178,7 +183,7 @@ def _read_file(path: Path, columns: Iterable[str] | None = None) -> pa.Table:
         raw = (schema.metadata or {}).get(VERSION_KEY.encode())
         version = raw.decode() if raw is not None else None
         _check_version(version)
-        if columns is not None and version == SCHEMA_VERSION:
+        if columns is not None and version == SCHEMA_VERSION and schema.equals(SCHEMA):
             wanted = pa.schema([SCHEMA.field(n) for n in columns])
             return _check_required(conform(file.read(columns=[n for n in wanted.names if n in schema.names]),
                                             wanted))
@@ -223,6 +228,19 @@ def _read_keys(path: Path) -> pa.Table | Exception:
     return result
 
 
+_NAMED: dict[str, str] = {}
+"""The skipped files this process has named, by path, with what was said of them: a
+command that reads a folder several times (plan, compaction, the table shown) names each
+once; a file is named again when what is wrong with it changes."""
+
+
+def _name_skipped(path: Path, exc: Exception) -> None:
+    message = f"skipping leaderboard file {path}: {exc}"
+    if _NAMED.get(str(path)) != message:
+        _NAMED[str(path)] = message
+        warnings.warn(message, LeaderboardWarning, stacklevel=4)
+
+
 def _read_folders(folders: list[Path], columns: Iterable[str] | None = None, *,
                   warn: bool = True) -> list[tuple[Path, pa.Table]]:
     """(path, table) of every readable data file in ``folders``, sorted by file name.
@@ -248,8 +266,7 @@ def _read_folders(folders: list[Path], columns: Iterable[str] | None = None, *,
             elif isinstance(result, Exception):  # one bad file must not hide the rest of the leaderboard
                 got[path.name] = (path, None)
                 if warn:
-                    warnings.warn(f"skipping leaderboard file {path}: {result}", LeaderboardWarning,
-                                  stacklevel=3)
+                    _name_skipped(path, result)
             else:
                 got[path.name] = (path, result)
         if not vanished:
@@ -272,7 +289,8 @@ def read(folder: str | os.PathLike, *, history: bool = False, suite=None, model=
     filtered as in ``query``, as one SCHEMA table in file-name order.
 
     Temporary files are ignored; an unreadable file (not Parquet, no stadebench version, a
-    version newer than this stadebench) is skipped with a LeaderboardWarning. Older files
+    version newer than this stadebench, a column of the wrong type) is skipped with a
+    LeaderboardWarning, once per process for each file and fault. Older files
     are upgraded as they are read: schema-1 rows get null for the knobs that version did
     not record and a ``cell_key`` recomputed from their upgraded fields, so a stored key
     always matches its fields. Those keys generally do not match the cells of a new run
@@ -404,7 +422,8 @@ def compact(folder: str | os.PathLike, *, upgrade: bool = False) -> None:
 def _upgrade_files(folder: Path) -> None:
     """Rewrite every readable file of an older schema version under the current one. A
     kill between the write and the move leaves identical rows twice, which the next
-    compaction resolves like any duplicate."""
+    compaction resolves like any duplicate. A file readers skip (another tool's, say,
+    without ``created_at``) is left as it is, as compaction leaves it: readers name it."""
     for path in _data_files(folder):
         try:
             raw = (pq.read_schema(path).metadata or {}).get(VERSION_KEY.encode())
@@ -412,7 +431,9 @@ def _upgrade_files(folder: Path) -> None:
             continue
         if raw is None or raw.decode() == SCHEMA_VERSION or raw.decode() not in UPGRADES:
             continue
-        table = _read_file(path)
+        table = _try_read(path, None)
+        if isinstance(table, Exception):
+            continue
         upgraded = path.with_name(f"{path.stem}_v{SCHEMA_VERSION}.parquet")
         util.atomic_write(upgraded, lambda fh, table=table: pq.write_table(table, fh))
         _move_to_history(folder, path)
