@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .util import close_matches
+from .util import suggestion
 
 
 class StadebenchError(Exception):
@@ -20,9 +20,8 @@ class UnknownNameError(ConfigError, KeyError):
 
     def __init__(self, kind: str, name: str, known: Iterable[str], hint: str = ""):
         self.kind, self.name, self.known = kind, name, sorted(known)
-        close = close_matches(name, self.known, n=3, cutoff=0.5)
-        msg = f"unknown {kind} {name!r}"
-        msg += f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else "."
+        close = suggestion(name, self.known, n=3, cutoff=0.5)
+        msg = f"unknown {kind} {name!r}" + (f"; {close}" if close else ".")
         if len(self.known) <= 30:
             msg += f" Known {kind}s: {', '.join(self.known) or '(none)'}."
         if hint:

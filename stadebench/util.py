@@ -86,10 +86,16 @@ def close_matches(name: str, known: Iterable[str], n: int = 3, cutoff: float = 0
     return difflib.get_close_matches(name, [str(k) for k in known], n=n, cutoff=cutoff)
 
 
+def suggestion(name: str, known: Iterable[str], n: int = 1, cutoff: float = 0.6) -> str:
+    """``did you mean 'x'?`` (or ``'x' or 'y'``) for the closest known names; empty when none is close."""
+    close = close_matches(name, known, n, cutoff)
+    return f"did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+
+
 def did_you_mean(name: str, known: Iterable[str], n: int = 1) -> str:
     """``" (did you mean 'x'?)"`` for the closest known names, or an empty string."""
-    close = close_matches(name, known, n)
-    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+    hint = suggestion(name, known, n)
+    return f" ({hint})" if hint else ""
 
 
 def package_version(distribution: str) -> str | None:
@@ -136,4 +142,5 @@ def visible(text: str) -> str:
 
 
 __all__ = ["OFFLINE_VARS", "atomic_write", "canonical_json", "close_matches", "cut", "did_you_mean", "digest",
-           "file_sha256", "first_line", "fsync_dir", "hub_offline", "offline_variable", "package_version", "visible"]
+           "file_sha256", "first_line", "fsync_dir", "hub_offline", "offline_variable", "package_version", "suggestion",
+           "visible"]

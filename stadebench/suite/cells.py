@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..errors import ConfigError
-from ..util import close_matches
+from ..util import suggestion
 from .schema import (DENSE, SELECT_FIELDS, UNIFORM, CalibrationSpec, EvaluationSpec, ExcludeRule, ModelSpec, Resolved,
                      Suite)
 
@@ -140,9 +140,8 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
             wanted.setdefault("", []).append(item)
             continue
         if field not in SELECT_FIELDS:
-            close = close_matches(field, SELECT_FIELDS, n=1)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"--only {item!r}: unknown field {field!r}; {hint}"
+            hint = suggestion(field, SELECT_FIELDS)
+            raise ConfigError(f"--only {item!r}: unknown field {field!r}; {hint + ' ' if hint else ''}"
                               f"use one of {', '.join(SELECT_FIELDS)}, or a bare part of a cell label")
         values = [v.strip() for v in value.split(",") if v.strip()]
         if not values:

@@ -6,7 +6,7 @@ from typing import Any, get_args
 
 from pydantic import BaseModel, ValidationError
 
-from ..util import close_matches
+from ..util import suggestion
 
 Loc = tuple[str | int, ...]
 Lines = dict[Loc, int]  # path in the file -> 1-based line
@@ -57,8 +57,8 @@ def from_validation(exc: ValidationError, model: type[BaseModel], prefix: Loc = 
         loc, kind, msg = tuple(err["loc"]), err["type"], err["msg"].removeprefix("Value error, ")
         if kind == "extra_forbidden":
             allowed = fields_at(model, loc[:-1])
-            close = close_matches(str(loc[-1]), allowed, n=1)
-            msg = f"unknown key {loc[-1]!r}; " + (f"did you mean {close[0]!r}? " if close else "")
+            hint = suggestion(str(loc[-1]), allowed)
+            msg = f"unknown key {loc[-1]!r}; " + (f"{hint} " if hint else "")
             msg += f"Expected one of: {', '.join(allowed)}"
         elif kind == "missing":
             msg = "required field is missing"

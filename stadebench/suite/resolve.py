@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from ..errors import ConfigError, UnknownNameError
 from ..plugins import get_plugins
-from ..util import canonical_json, close_matches
+from ..util import canonical_json, suggestion
 from .cells import Cell, expand, model_names
 from .problems import Loc, Problem, from_validation, loc_text
 from .schema import (DENSE, AllocationSpec, CalibrationSpec, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec,
@@ -212,8 +212,8 @@ def _check_exclude(suite: Suite) -> None:
         for field in ("model", "metric", "pattern", "allocation"):
             value = getattr(rule, field)
             if value is not None and value not in known[field]:
-                close = close_matches(value, known[field], n=1)
-                hint = f"; did you mean {close[0]!r}?" if close else ""
+                hint = suggestion(value, known[field])
+                hint = f"; {hint}" if hint else ""
                 raise Problem(("exclude", i, field), f"{value!r} matches no {field} of this suite{hint} "
                                                       f"({field}s: {', '.join(sorted(known[field]))})")
         if rule.sparsity is not None and not any(math.isclose(rule.sparsity, s) for s in sparsities):
