@@ -6,11 +6,13 @@ recorded with every result, and an ``Options`` pydantic model (unknown keys reje
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError, NumericalError
 
@@ -21,9 +23,40 @@ if TYPE_CHECKING:
 
 
 class Options(BaseModel):
-    """Base of every options model: unknown keys are an error, values are frozen."""
+    """Base of every options model: unknown keys are an error, values are frozen, and no
+    number in an option (nested in a list or mapping too) is NaN or infinite."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        where = _non_finite(value)
+        if where is not None:
+            inner, number = where
+            raise PydanticCustomError("finite_number", "{inner}must be a finite number, not NaN or infinite",
+                                      {"inner": f"{inner} is {number!r}: " if inner else ""})
+        return value
+
+
+def _non_finite(value: Any, path: str = "", depth: int = 0) -> tuple[str, float] | None:
+    """``(where, number)`` of the first NaN or infinite float in ``value``, else None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else (path, value)
+    if depth > 50:  # a suite's nesting is bounded when it is read; this guards direct calls
+        return None
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, list | tuple):
+        items = enumerate(value)
+    else:
+        return None
+    for key, item in items:
+        step = f"[{key!r}]" if not isinstance(key, str) else f".{key}" if path else key
+        found = _non_finite(item, path + step, depth + 1)
+        if found is not None:
+            return found
+    return None
 
 
 def _validate_options(cls: type, options: dict[str, Any] | BaseModel | None) -> BaseModel:

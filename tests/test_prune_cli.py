@@ -84,14 +84,21 @@ def test_prune_saves_a_folder_plain_transformers_reloads_with_equal_logits(asset
     assert f"| weights sha256 | {sha} |" in card and "| text | ppl |" in card
 
 
-def test_force_replaces_a_non_empty_out(assets, tmp_path):
+def test_force_replaces_a_folder_stadebench_saved_and_nothing_else(assets, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("x")
-    r = invoke(*prune_args(assets, out, tmp_path / "lb", "--metric", "magnitude", "--pattern", "2:4",
-                           "--eval", "none", "--force"))
+    args = prune_args(assets, out, tmp_path / "lb", "--metric", "magnitude", "--pattern", "2:4", "--eval", "none",
+                      "--force")
+    r = invoke(*args)
+    assert r.exit_code == ExitCode.USAGE and "is not a model stadebench saved" in r.output, r.output
+    assert (out / "old.txt").read_text() == "x"  # a folder stadebench did not save is never replaced
+    (out / "old.txt").unlink()
+    assert invoke(*args).exit_code == ExitCode.OK  # an empty folder is written
+    (out / "stale.txt").write_text("x")
+    r = invoke(*args)  # a saved folder is replaced, leaving nothing stale
     assert r.exit_code == ExitCode.OK, r.output
-    assert not (out / "old.txt").exists() and save.verify(out) == []
+    assert not (out / "stale.txt").exists() and save.verify(out) == []
     assert f"saved: {out}" in r.stdout and "ppl" not in r.stdout
     assert lb.read(tmp_path / "lb").num_rows == 0  # nothing evaluated: no rows
 
@@ -205,10 +212,10 @@ def test_a_suite_saves_every_pruned_cell_and_its_rows_find_the_folder(assets, tm
 def test_a_failed_save_fails_its_cell_only(assets, tmp_path, monkeypatch):
     real = save.save_pruned
 
-    def flaky(model, tokenizer, folder, card, force=False):
+    def flaky(model, tokenizer, folder, card, force=False, option="--out"):
         if card.metric == "magnitude":
             raise OSError(28, "No space left on device")
-        return real(model, tokenizer, folder, card, force)
+        return real(model, tokenizer, folder, card, force, option)
 
     monkeypatch.setattr(save, "save_pruned", flaky)
     suite = load_suite(write_suite(tmp_path / "s.yaml", suite_dict(assets, save=str(tmp_path / "models"),

@@ -151,7 +151,8 @@ def test_check_out_dir(tmp_path):
     (full / "x").write_text("x")
     with pytest.raises(ConfigError, match=r"full exists and is not empty; pass --force"):
         check_out_dir(full)
-    assert check_out_dir(full, force=True) == full
+    with pytest.raises(ConfigError, match=r"not a model stadebench saved"):
+        check_out_dir(full, force=True)  # --force replaces only a folder stadebench saved
     file = tmp_path / "file.txt"
     file.write_text("x")
     with pytest.raises(ConfigError, match="is a file"):

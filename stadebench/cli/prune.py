@@ -126,7 +126,9 @@ def prune(
                                                   show_default=False)] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     leaderboard: Annotated[Path, typer.Option(help="Results folder: the cell's rows go here.")] = Path("leaderboard"),
-    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace a non-empty --out folder that stadebench "
+                                                        "saved (never a link, the model, or the leaderboard).")
+                     ] = False,
 ) -> None:
     """Prune one model with one metric, pattern and sparsity, evaluate it, and save it as a
     plain Hugging Face folder (--out) that transformers loads with no stadebench installed.
@@ -146,8 +148,8 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
     from ..runner.save import check_out_dir
 
     # before anything is loaded: a folder the model cannot go to costs nothing
-    target = check_out_dir(out_dir, force)
     calib = {**parse_calibration(calibration), "seed": seed, "sequential": not one_shot}
+    target = check_out_dir(out_dir, force, keep=_kept(model, model_options.get("tokenizer"), calib, leaderboard))
     data = suite_data(model, metric, target, options=parse_options(options, "--option"), pattern=pattern,
                       sparsity=sparsity, allocation=allocation,
                       allocation_options=parse_options(allocation_options, "--allocation-option"),
@@ -164,6 +166,20 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
             err.print(styled(("failed:", "red"), f" {label}: {first_line(message)}"))
         raise typer.Exit(int(ExitCode.CELLS_FAILED))
     _report(summary, leaderboard)
+
+
+def _kept(model: str, tokenizer: str | None, calibration: dict[str, Any], leaderboard: Path
+          ) -> list[tuple[str, Path]]:
+    """What --out must neither be nor hold, even with --force: the leaderboard, and the
+    model, tokenizer and calibration text when they are files on this machine."""
+    kept = [("the leaderboard folder", leaderboard)]
+    dataset = calibration.get("dataset")
+    text = dataset.get("options", {}).get("path") if isinstance(dataset, dict) else None
+    for what, where in (("the model being pruned", model), ("the tokenizer", tokenizer),
+                        ("the calibration text", text)):
+        if where and Path(where).expanduser().exists():
+            kept.append((what, Path(where).expanduser()))
+    return kept
 
 
 def run_cells(suite, leaderboard: Path):

@@ -175,7 +175,9 @@ def run(
         envvar="STADEBENCH_EXECUTOR", help="Where cells run: local (this process) or ray (actors on a Ray "
                                            "cluster; pip install 'stadebench[ray]').")] = "local",
     address: Annotated[str | None, typer.Option(
-        envvar="RAY_ADDRESS", help="Ray cluster to join (default: start a local Ray instance).")] = None,
+        help="Ray executor: the cluster to join, host:port or ray://host:port (default: $RAY_ADDRESS, else a "
+             "local Ray instance); a head that does not answer within 5 s is an error. $RAY_ADDRESS alone "
+             "never turns the Ray executor on.")] = None,
     workers: Annotated[int | None, typer.Option(
         min=1, help="Ray executor: at most this many actors (default: as many as the resources hold).")] = None,
     verbose: Annotated[bool, typer.Option(

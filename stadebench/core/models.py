@@ -8,7 +8,7 @@ block. Embeddings and the LM head are outside the blocks and never pruned.
 
 from __future__ import annotations
 
-import re
+import time
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -159,19 +159,53 @@ def select_layers(model: nn.Module, targets: Sequence[str] = (), ignore: Sequenc
     """Full names of the prunable layers to prune, in model order: those a ``targets``
     regex finds (``re.search``; all of them when there is none), minus those an
     ``ignore`` regex finds. Every regex must find some linear module of the model (the
-    LM head counts, although it is never pruned), so that a misspelt one is an error."""
+    LM head counts, although it is never pruned), so that a misspelt one is an error. All
+    the searches together get MATCH_SECONDS: a regex that backtracks catastrophically is
+    a ConfigError naming it, not a hang."""
     linears = [name for name, mod in model.named_modules() if is_prunable(mod)]
+    finds = _Finder(type(model).__name__, targets, ignore)
     for key, patterns in (("targets", targets), ("ignore", ignore)):
         for k, pattern in enumerate(patterns):
-            if not any(re.search(pattern, name) for name in linears):
+            if not any(finds(key, k, name) for name in linears):
                 raise ConfigError(f"{key}[{k}] {pattern!r} matches no linear layer of {type(model).__name__} "
                                   f"(names look like {linears[0]!r} … {linears[-1]!r})")
     names = [n for n in layer_names(model)
-             if (not targets or any(re.search(t, n) for t in targets)) and not any(re.search(i, n) for i in ignore)]
+             if (not targets or any(finds("targets", k, n) for k in range(len(targets))))
+             and not any(finds("ignore", k, n) for k in range(len(ignore)))]
     if not names:
         raise ConfigError(f"targets {list(targets)} and ignore {list(ignore)} leave no layer of "
                           f"{type(model).__name__} to prune")
     return names
+
+
+MATCH_SECONDS = 0.5
+"""Time all of one ``select_layers`` call's regex searches may take together: a regex that
+backtracks catastrophically on the layer names is refused instead of hanging the run."""
+
+
+class _Finder:
+    """``re.search`` of the ``targets`` / ``ignore`` regexes over layer names, run by the
+    ``regex`` engine (the same syntax and matches for these patterns) under one deadline."""
+
+    def __init__(self, model: str, targets: Sequence[str], ignore: Sequence[str]):
+        import regex  # a dependency of transformers; unlike re, it can stop a search
+
+        self.model, self.regex = model, regex
+        self.patterns = {"targets": list(targets), "ignore": list(ignore)}
+        self.deadline = time.monotonic() + MATCH_SECONDS
+
+    def __call__(self, key: str, k: int, name: str) -> bool:
+        pattern = self.patterns[key][k]
+        try:
+            compiled = self.regex.compile(pattern, self.regex.V0)
+            return compiled.search(name, timeout=max(self.deadline - time.monotonic(), 1e-3)) is not None
+        except TimeoutError:
+            shown = repr(pattern) if len(pattern) <= 80 else f"{pattern[:80]!r}…"
+            raise ConfigError(f"{key}[{k}] {shown} takes longer than {MATCH_SECONDS:g} s to search the layer names of "
+                              f"{self.model} (e.g. {name[:120]!r}): it backtracks catastrophically, as a repeated "
+                              "group inside a repeat does; write it without nested or overlapping repeats") from None
+        except self.regex.error as exc:  # what re accepts, regex should too; say so if not
+            raise ConfigError(f"{key}[{k}] {pattern!r} cannot be used as a layer regex: {exc}") from None
 
 
 def check_context(config, seqlen: int, what: str) -> None:

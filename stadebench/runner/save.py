@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import glob
 import hashlib
 import json
 import os
@@ -21,6 +22,7 @@ import re
 import shutil
 import tempfile
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -110,17 +112,41 @@ def card_from_report(report: Any, base_model: str, *, calibration: dict[str, Any
 # --- the output folder --------------------------------------------------------------
 
 
-def check_out_dir(path: str | os.PathLike, force: bool = False, option: str = "--out") -> Path:
-    """The output folder, absolute, once it is known that a save there can succeed; call it
-    before pruning. Raises ConfigError when ``path`` is a file, lies under a file, is a
-    non-empty folder (unless ``force``) or cannot be written in; ``option`` is what the
-    message tells the user to change (``--out``, or a suite's ``save:``)."""
+def check_out_dir(path: str | os.PathLike, force: bool = False, option: str = "--out",
+                  keep: Sequence[tuple[str, str | os.PathLike]] = ()) -> Path:
+    """The output folder, absolute, once it is known that a save there can succeed and
+    destroys nothing it was not asked to replace; call it before pruning.
+
+    Raises ConfigError when ``path`` is a link, a file, lies under a file, is or holds one
+    of ``keep`` (``(what, path)`` pairs, e.g. ``("the model being pruned", …)``), is a
+    non-empty folder without ``force``, is a non-empty folder stadebench did not save
+    (``force`` replaces only those: ``is_saved_folder``), or cannot be written in;
+    ``option`` is what the message tells the user to change (``--out``, or a suite's ``save:``)."""
     target = Path(path).expanduser().absolute()
+    if target.is_symlink():
+        raise ConfigError(f"output folder {target} is a link (to {os.readlink(target)}); a save would replace "
+                          f"the link, not what it points to: give the real folder path for {option}")
     if target.is_file() or (target.exists() and not target.is_dir()):
         raise ConfigError(f"output folder {target} is a file; choose a folder path for {option}")
-    if target.is_dir() and any(target.iterdir()) and not force:
-        raise ConfigError(f"output folder {target} exists and is not empty; pass --force to replace it, "
-                          f"or choose another {option}")
+    real = Path(os.path.realpath(target))
+    for what, other in keep:
+        other_real = Path(os.path.realpath(Path(other).expanduser().absolute()))
+        if real == other_real or real in other_real.parents:
+            relation = "is" if real == other_real else "holds"
+            raise ConfigError(f"output folder {target} {relation} {what} ({other}); a save there would replace it: "
+                              f"choose another {option}")
+    if target.is_dir() and any(target.iterdir()):
+        saved = is_saved_folder(target)
+        if not force:
+            raise ConfigError(f"output folder {target} exists and is not empty; pass --force to replace it, "
+                              f"or choose another {option}" if saved else
+                              f"output folder {target} exists and is not empty; pass --force to replace a model "
+                              f"stadebench saved, but this is not one (no {SPARSITY_FILE} and {CARD_FILE} of its "
+                              f"own): choose another {option}")
+        if not saved:
+            raise ConfigError(f"output folder {target} is not a model stadebench saved (no {SPARSITY_FILE} and "
+                              f"{CARD_FILE} of its own), and --force replaces only those; empty or remove it "
+                              f"yourself, or choose another {option}")
     # The save writes beside the target and renames: what must be writable is its parent.
     parent = target.parent
     while not parent.exists() and parent != parent.parent:
@@ -135,6 +161,21 @@ def check_out_dir(path: str | os.PathLike, force: bool = False, option: str = "-
         raise ConfigError(f"output folder {target} cannot be written: no write access to {parent} "
                           f"({exc.strerror or exc}); choose another {option}") from None
     return target
+
+
+def is_saved_folder(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a model folder stadebench saved: its marker files, a
+    ``sparsity.json`` of ours and a model card, are in it (not in a link)."""
+    folder = Path(folder)
+    sparsity, card = folder / SPARSITY_FILE, folder / CARD_FILE
+    try:
+        if sparsity.is_symlink() or card.is_symlink() or not card.is_file():
+            return False
+        doc = json.loads(sparsity.read_text(encoding="utf-8"))
+        return (isinstance(doc, dict) and doc.get("schema") == SCHEMA and doc.get("format") == "dense"
+                and isinstance(doc.get("layers"), list) and "stadebench" in card.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
 
 
 def folder_name(model: str, metric_label: str, pattern: str, sparsity: float, allocation: str | None = "uniform",
@@ -163,16 +204,17 @@ def _safe(part: str) -> str:
 
 
 def save_pruned(model: nn.Module, tokenizer: Any, folder: str | os.PathLike, card: ModelCard,
-                force: bool = False) -> SavedModel:
+                force: bool = False, option: str = "--out") -> SavedModel:
     """Save ``model`` (and ``tokenizer``, unless None) to ``folder`` so that
     ``AutoModelForCausalLM.from_pretrained(folder)`` gives the same logits, with
     ``sparsity.json`` and a model card; returns the folder and its ``weights_sha256``.
 
-    ``force`` replaces an existing folder, once the new one is complete. The in-memory
+    ``force`` replaces an existing folder stadebench saved, once the new one is complete
+    (``option`` names, in a refusal, what sets the folder). The in-memory
     model is unchanged, except that the config's ``*_bias`` flags are turned on when a
     bias the pruning added would otherwise not load.
     """
-    target = check_out_dir(folder, force)
+    target = check_out_dir(folder, force, option)
     target.parent.mkdir(parents=True, exist_ok=True)
     state_dict, warnings = _reloadable_state(model)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")
@@ -193,9 +235,10 @@ def save_pruned(model: nn.Module, tokenizer: Any, folder: str | os.PathLike, car
 
 
 def _install(tmp: Path, target: Path) -> None:
-    """Rename the complete ``tmp`` folder to ``target``; an old ``target`` is removed only after."""
+    """Rename the complete ``tmp`` folder to ``target``; an old ``target`` is removed only
+    after, with any old one a killed save left beside it."""
     old = None
-    if target.exists():
+    if target.exists() or target.is_symlink():
         old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
         os.replace(target, old)
     try:
@@ -205,8 +248,17 @@ def _install(tmp: Path, target: Path) -> None:
             os.replace(old, target)
         raise
     fsync_dir(target.parent)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    for stale in target.parent.glob(f".{glob.escape(target.name)}.old-*"):
+        if re.fullmatch(r"[0-9a-f]{8}", stale.name.rpartition(".old-")[2]):
+            _remove(stale)
+
+
+def _remove(path: Path) -> None:
+    """Remove a file, link or folder tree (a link is removed, never followed)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _reloadable_state(model: nn.Module) -> tuple[dict[str, torch.Tensor] | None, list[str]]:
@@ -456,4 +508,4 @@ def _check_nm(name: str, w: torch.Tensor, n: int, m: int) -> list[str]:
 
 
 __all__ = ["CARD_FILE", "ModelCard", "SCHEMA", "SPARSITY_FILE", "SavedModel", "card_from_report", "card_text",
-           "check_out_dir", "folder_name", "save_pruned", "verify", "weights_sha256"]
+           "check_out_dir", "folder_name", "is_saved_folder", "save_pruned", "verify", "weights_sha256"]

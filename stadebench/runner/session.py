@@ -280,7 +280,8 @@ class ModelSession:
                                      allocation=c.allocation, allocation_options=c.allocation_options,
                                      cell_key=cell.prune_key)
         try:
-            saved = save.save_pruned(self.model, self.tokenizer, folder, card, force=True)
+            option = "--out" if c.save_exact else "`save:` in the suite"
+            saved = save.save_pruned(self.model, self.tokenizer, folder, card, force=True, option=option)
         except Exception as exc:  # noqa: BLE001 -- disk full, permissions, a model transformers cannot save
             raise StadebenchError(f"cannot save the pruned model to {folder}: "
                                   f"{exc if isinstance(exc, StadebenchError) else f'{type(exc).__name__}: {exc}'}"

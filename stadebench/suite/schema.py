@@ -136,10 +136,18 @@ class AllocationSpec(_Spec):
         return self.label or self.name
 
 
+REGEX_LIMIT = 1000
+"""Characters a ``targets`` / ``ignore`` regex may have; matching is bounded in time too
+(``core.models.select_layers``)."""
+
+
 def _regex(value: str) -> str:
+    if len(value) > REGEX_LIMIT:
+        raise ValueError(f"{value[:40]!r}… is {len(value)} characters long; a layer regex may have at most "
+                         f"{REGEX_LIMIT}")
     try:
         re.compile(value)
-    except re.error as exc:
+    except (re.error, RecursionError, OverflowError) as exc:
         raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
     return value
 
