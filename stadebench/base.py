@@ -284,6 +284,12 @@ class Pattern(_Named):
         """The spelling recorded in results."""
         return self.name
 
+    @property
+    def fixed_sparsity(self) -> tuple[float, str] | None:
+        """``(sparsity, what fixes it)`` for a pattern that admits one sparsity only (N:M:
+        ``(N/M, "prunes N of every M weights")``); None when it takes any."""
+        return None
+
     def resolve_sparsity(self, sparsity: float | None) -> float:
         """The target sparsity, checked; None means this pattern's default."""
         if sparsity is None:

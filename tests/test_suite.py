@@ -97,6 +97,10 @@ class NM(Pattern):
     def spec(self):
         return f"{self.n}:{self.m}"
 
+    @property
+    def fixed_sparsity(self):
+        return self.n / self.m, f"prunes {self.n} of every {self.m} weights"
+
 
 class C4(Dataset):
     name = "c4"

@@ -120,6 +120,10 @@ class NM(Pattern):
     def spec(self) -> str:
         return f"{self.n}:{self.m}"
 
+    @property
+    def fixed_sparsity(self) -> tuple[float, str]:
+        return self.n / self.m, f"prunes {self.n} of every {self.m} weights"
+
     def resolve_sparsity(self, sparsity: float | None) -> float:
         implied = self.n / self.m
         if sparsity is not None and not math.isclose(float(sparsity), implied, abs_tol=1e-9):

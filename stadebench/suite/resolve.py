@@ -168,17 +168,16 @@ def _pattern(plugins: Any, suite: Suite, spec: PatternSpec, loc: Loc, specs: dic
 
     own = spec.sparsities is not None
     values, where = (spec.sparsities, (*loc, "sparsities")) if own else (suite.sparsities, ("sparsities",))
-    if hasattr(pattern, "n") and hasattr(pattern, "m"):
-        n, m = pattern.n, pattern.m
+    if pattern.fixed_sparsity is not None:
+        fixed, why = pattern.fixed_sparsity
         for k, s in enumerate(values or ()):
-            if not math.isclose(s, n / m, abs_tol=1e-9):
-                fix = (f"an N:M pattern's sparsity is fixed: drop its `sparsities` or write [{n / m:g}]"
+            if not math.isclose(s, fixed, abs_tol=1e-9):
+                fix = (f"its sparsity is fixed: drop its `sparsities` or write [{fixed:g}]"
                        if own else
                        "give other patterns their own sparsities: {name: unstructured, sparsities: [...]}")
-                raise Problem((*where, k), f"pattern {pattern.spec!r} prunes {n} of every {m} weights "
-                                            f"(sparsity {n / m:g}); {loc_text((*where, k))} = {s:g} conflicts; "
-                                            f"{fix}")
-        values = [n / m]
+                raise Problem((*where, k), f"pattern {pattern.spec!r} {why} (sparsity {fixed:g}); "
+                                            f"{loc_text((*where, k))} = {s:g} conflicts; {fix}")
+        values = [fixed]
     if not values:
         try:
             values = [pattern.resolve_sparsity(None)]
