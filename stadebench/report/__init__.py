@@ -242,7 +242,8 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
                           f"{len(sweeps)} ({listed}): narrow it with --model and --task")
     stage, made = _stage(out_dir)
     try:
-        _build(stage, folder, filters, table, sections, specs, published, ok, failed)
+        _build(stage, folder, filters, table, sections=sections, specs=specs, published=published, ok=ok,
+               failed=failed)
         _publish(stage, out_dir, {Path(f).name for spec in specs for f in spec["files"].values()})
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
@@ -260,7 +261,7 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     return index
 
 
-def _build(stage: Path, folder: Path, filters: dict, table, sections: list[dict], specs: list[dict],
+def _build(stage: Path, folder: Path, filters: dict, table, *, sections: list[dict], specs: list[dict],
            published, ok: list[dict], failed: list[dict]) -> None:
     """The report's files in ``stage``: figures/ and index.html."""
     drawn: dict[str, tuple[dict, bytes]] = {}
