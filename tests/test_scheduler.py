@@ -212,3 +212,21 @@ def test_simulate_gives_the_makespan_of_a_known_schedule():
 def test_simulate_of_an_empty_plan(slots):
     assert simulate(make(), slots, lambda c: 1.0, lambda m: 1.0, actor_start=3.0) == {
         "makespan": 3.0, "cell_seconds": 0.0, "load_seconds": 0.0, "efficiency": 0.0}
+
+
+def test_a_load_seen_after_its_units_cells_marks_that_unit_not_the_actors_next():
+    # ray.wait may hand back an actor's results out of call order: the load of its first unit
+    # can be seen after that unit's cells, when the actor already runs its second unit
+    scheduler = Scheduler(make(model("a", cell("dense"), cell("mag"))), slots=1)
+    fleet = Fleet(scheduler)
+    assert fleet.dispatch() == [(0, "a", ["dense"], True)]
+    first = scheduler.running[0]
+    assert scheduler.finished(0, 0)  # the cell came back before its load
+    assert fleet.dispatch() == [(0, "a", ["mag"], False)]
+    second = scheduler.running[0]
+    scheduler.loaded(0, first)
+    assert first.loaded and not second.loaded
+    # so a death now blames the whole second unit (its load had not returned)
+    assert scheduler.died(0, "oom") == []
+    assert [[c.label for c in u.model.cells] for u in scheduler.queues[key("a")]] == [["mag"]]
+    assert scheduler.queues[key("a")][0].attempts == 1

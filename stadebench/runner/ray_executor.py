@@ -22,7 +22,7 @@ from ..errors import ConfigError
 from ..util import first_line
 from .events import Events
 from .plan import ModelPlan, Plan, PlannedCell
-from .scheduler import UNPLACED, Scheduler, Unit
+from .scheduler import UNPLACED, Running, Scheduler, Unit
 from .session import CellResult, ModelSession, Windows, describe, headless
 
 ADDRESS_ENV = "RAY_ADDRESS"
@@ -157,9 +157,8 @@ class _Driver:
         self.executor, self.ray, self.device, self.events = executor, ray, device, events
         self.actor_class = ray.remote(Worker)
         self.scheduler: Scheduler | None = None
-        self.inflight: dict[Any, tuple[Any, int]] = {}  # ref -> (its actor, cell index; -1: the load)
+        self.inflight: dict[Any, tuple[Any, Running, int]] = {}  # ref -> (actor, its unit, cell; -1: the load)
         self.names: dict[Any, str] = {}  # actor -> its name in notes
-        self.loads: dict[Any, float] = {}  # actor -> its last load's seconds, until its unit's first cell returns
         self.windows_ref: Any = None
         self.index = self.total = 0
 
@@ -173,7 +172,7 @@ class _Driver:
         self._dispatch()
         while self.inflight:
             [ref], _ = self.ray.wait(list(self.inflight), num_returns=1)
-            actor, i = self.inflight.pop(ref)
+            actor, run, i = self.inflight.pop(ref)
             try:
                 value = self.ray.get(ref)
             except self.ray.exceptions.RayActorError as exc:  # the actor died: every call it held fails alike
@@ -181,7 +180,7 @@ class _Driver:
             except self.ray.exceptions.RayTaskError as exc:  # loading failed (a cell never raises)
                 yield from self._load_failed(actor, exc)
             else:
-                yield from self._returned(actor, i, value)
+                yield from self._returned(actor, run, i, value)
             self._dispatch()
         for cell in self.scheduler.unplaced():  # never silently: what could not be placed fails
             yield self._failed(cell, UNPLACED)
@@ -209,24 +208,25 @@ class _Driver:
         return actor
 
     def _send(self, actor: Any, unit: Unit) -> None:
-        """Queue ``unit``'s load and cells on ``actor`` (an actor runs its calls in order)."""
-        self.inflight[actor.load.remote(unit.model, self.windows_ref)] = (actor, -1)
+        """Queue ``unit``'s load and cells on ``actor`` (an actor runs its calls in order, but
+        ``ray.wait`` may hand their results back in another)."""
+        run = self.scheduler.running[actor]
+        self.inflight[actor.load.remote(unit.model, self.windows_ref)] = (actor, run, -1)
         for i in range(len(unit.model.cells)):
-            self.inflight[actor.run.remote(i)] = (actor, i)
+            self.inflight[actor.run.remote(i)] = (actor, run, i)
 
-    def _returned(self, actor: Any, i: int, value: Any) -> Iterator[CellResult]:
-        """``actor``'s load (``i`` < 0: ``value`` its seconds) or cell ``i`` (its result) returned."""
+    def _returned(self, actor: Any, run: Running, i: int, value: Any) -> Iterator[CellResult]:
+        """``actor``'s load of ``run`` (``i`` < 0: ``value`` its seconds) or its cell ``i`` (the result) returned."""
         if i < 0:
-            self.scheduler.loaded(actor)
-            self.loads[actor] = value
+            self.scheduler.loaded(actor, run)
+            run.load = value
             if value:
-                model = self.scheduler.running[actor].unit.model
-                self.events.note(f"{self.names[actor]}: loaded {model.spec.id} in {value:.1f} s")
+                self.events.note(f"{self.names[actor]}: loaded {run.unit.model.spec.id} in {value:.1f} s")
             return
         self.scheduler.finished(actor, i)
         self.index += 1
         self.events.cell_start(value.cell, self.index, self.total)
-        value.seconds["load"] = self.loads.pop(actor, 0.0)
+        value.seconds["load"], run.load = run.load, 0.0
         yield value
 
     def _died(self, actor: Any, exc: Exception) -> Iterator[CellResult]:
@@ -249,9 +249,8 @@ class _Driver:
 
     def _drop(self, actor: Any) -> None:
         """Forget ``actor``'s calls in flight."""
-        for ref in [r for r, (other, _) in self.inflight.items() if other is actor]:
+        for ref in [r for r, (other, _, _) in self.inflight.items() if other is actor]:
             del self.inflight[ref]
-        self.loads.pop(actor, None)
 
     def _failed(self, cell: PlannedCell, error: str) -> CellResult:
         """A failed result of ``cell``, counted as the next one."""

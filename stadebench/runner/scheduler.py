@@ -30,12 +30,14 @@ class Unit:
 @dataclass
 class Running:
     """A unit on its actor: ``left`` the indices of its cells not yet returned, ``loaded``
-    whether the actor finished loading the model."""
+    whether the actor finished loading the model, ``load`` the seconds that took (until the
+    unit's next cell result carries them)."""
 
     unit: Unit
     key: str
     left: set[int]
     loaded: bool = False
+    load: float = 0.0
 
 
 class Assignment(NamedTuple):
@@ -123,9 +125,11 @@ class Scheduler:
             self.gpus_of[actor] = self.needs[key]
             yield self._give(actor, key)
 
-    def loaded(self, actor: Hashable) -> None:
-        """``actor`` finished loading its unit's model."""
-        self.running[actor].loaded = True
+    def loaded(self, actor: Hashable, run: Running | None = None) -> None:
+        """``actor`` finished loading the model of ``run`` (default: its unit now). Results
+        may be seen out of call order, so a load can be reported after its unit finished:
+        it then marks that finished unit, never the actor's next one."""
+        (run or self.running[actor]).loaded = True
 
     def finished(self, actor: Hashable, index: int) -> bool:
         """``actor`` returned cell ``index`` of its unit; whether that was the unit's last."""
