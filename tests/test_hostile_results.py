@@ -166,6 +166,15 @@ def test_very_long_arguments_are_cut_in_messages(command, env, baseline, tmp_pat
     assert done.stdout == ""
 
 
+@pytest.mark.parametrize("command", ["leaderboard", "report"])
+def test_a_path_no_file_system_takes_is_one_exit_2_line(command, env, tmp_path):
+    path = tmp_path / ("x" * 5000)
+    args = ["leaderboard", "--dir", path] if command == "leaderboard" else ["report", path, "-o", tmp_path / "out"]
+    done = stadebench(env, *args, cwd=tmp_path)
+    line = refused(done, "File name too long", "shorter path")
+    assert str(path) not in done.stderr and len(line) < 300, line
+
+
 def _diagnose(env: dict, model: Path, assets: dict, board: Path) -> subprocess.CompletedProcess:
     return stadebench(env, "diagnose", model, "--metrics", "magnitude", "--device", "cpu", "--leaderboard", board,
                       "--calibration", f"{assets['corpus']}:4x16", "--windows", "4x16", cwd=board.parent)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import errno
 import functools
 import logging
 import os
@@ -17,7 +18,7 @@ from rich.console import Console
 from rich.text import Text
 
 from ..errors import ConfigError, StadebenchError
-from ..util import visible
+from ..util import cut, visible
 
 
 class PlainConsole(Console):
@@ -75,6 +76,9 @@ def fail(message: str, code: ExitCode = ExitCode.USAGE) -> typer.Exit:
     return typer.Exit(int(code))
 
 
+_PATH_ERRNOS = (errno.ENAMETOOLONG, errno.ELOOP)
+
+
 def handle_errors(func):
     """Known errors become one line and an exit code, warnings one line each; tracebacks
     only when debugging."""
@@ -98,6 +102,14 @@ def handle_errors(func):
         except KeyboardInterrupt:
             err.print("interrupted")
             raise typer.Exit(int(ExitCode.INTERRUPTED)) from None
+        except OSError as exc:
+            if os.environ.get("STADEBENCH_DEBUG"):
+                traceback.print_exc()
+            if exc.errno in _PATH_ERRNOS:  # a path the user gave that no file system takes
+                raise fail(f"{cut(str(exc.filename or ''))}: {exc.strerror}; give a shorter path, or one without "
+                           "a loop of links", ExitCode.USAGE) from None
+            raise fail(f"{type(exc).__name__}: {exc} (set STADEBENCH_DEBUG=1 for the traceback)",
+                       ExitCode.ERROR) from None
         except Exception as exc:
             if os.environ.get("STADEBENCH_DEBUG"):
                 traceback.print_exc()
