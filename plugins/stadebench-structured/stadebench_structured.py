@@ -1,9 +1,10 @@
 """Structured sparsity patterns for stadebench: ``columns`` prunes whole input channels.
 
 ``columns`` aggregates each input column's scores over all output rows (``reduce``:
-sum, l2 or max) and prunes every weight of the ⌊in·s⌋ columns with the lowest aggregate,
-ties to the lower column index. Every row then loses the same inputs, so a layer's
-input channel can be dropped (and the layer feeding it shrunk) after pruning.
+sum, l2 (signed by the sum) or max) and prunes every weight of the ⌊in·s⌋ columns with
+the lowest aggregate, ties to the lower column index. Every row then loses the same
+inputs, so a layer's input channel can be dropped (and the layer feeding it shrunk)
+after pruning.
 
 The spec carries the reduction, so it is recorded with every result and survives a
 round trip through a suite: ``columns`` (sum), ``columns:l2``, ``columns:max``; writing
@@ -26,14 +27,15 @@ REDUCTIONS = ("sum", "l2", "max")
 
 class ColumnsOptions(stadebench.Options):
     reduce: Literal["sum", "l2", "max"] = "sum"
-    """How a column's scores over all rows become one number: Σ, sqrt(Σ s²) or max."""
+    """How a column's scores over all rows become one number: Σ, sqrt(Σ s²) signed by Σ (so
+    that lower scores still mean pruned first when scores can be negative), or max."""
 
 
 class Columns(stadebench.Pattern):
     """Prune whole input columns: the ⌊in·s⌋ with the lowest aggregated score (ties: lower index)."""
 
     name = "columns"
-    version = "1"
+    version = "2"  # 2: l2 carries the sign of the column's sum (1 pruned negated scores like the originals)
     Options = ColumnsOptions
 
     @classmethod
@@ -65,7 +67,7 @@ class Columns(stadebench.Pattern):
         if reduce == "sum":
             return s.sum(0)
         if reduce == "l2":
-            return torch.linalg.vector_norm(s, dim=0)
+            return torch.sign(s.sum(0)) * torch.linalg.vector_norm(s, dim=0)
         return s.amax(0)
 
     def select(self, scores: torch.Tensor, sparsity: float) -> torch.Tensor:
