@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -32,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from test_report import Chromium, page_data
+from test_report import Chromium, chromium_binary, page_data  # noqa: F401 -- chromium_binary is a fixture
 
 from stadebench.report import figures, page
 from stadebench.results import store as lb
@@ -290,18 +289,6 @@ def test_a_killed_report_leaves_no_report_folder(hostile, tmp_path):
 
 
 # --- a real browser ----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def chromium_binary():
-    """As in tests/test_report.py: STADEBENCH_NO_BROWSER=1 skips, a missing Chromium fails."""
-    if os.environ.get("STADEBENCH_NO_BROWSER") == "1":
-        pytest.skip("STADEBENCH_NO_BROWSER=1: the report is not opened in a browser")
-    binary = shutil.which("chromium") or shutil.which("chromium-browser")
-    if binary is None:
-        pytest.fail("no chromium on PATH: `.ci/run` installs it (apt-get install chromium); set "
-                    "STADEBENCH_NO_BROWSER=1 to skip this test")
-    return binary
 
 
 def _navigate(browser: Chromium, url: str) -> str:
