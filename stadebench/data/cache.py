@@ -3,8 +3,8 @@
 The cache may be shared and read-only (clusters often mount it so). Its memo folders
 (``MEMOS``: token streams, file hashes) only save time: when one cannot be made or
 written, the run goes on without it, with one warning that caching is off. What must be
-written (an asset not fetched yet) asks for a writable folder with
-``cache_dir(..., optional=False)`` or ``writable_dir``, a ConfigError naming the folder.
+written (an asset not fetched yet) asks for a writable folder with ``writable_dir``, a
+ConfigError naming the folder.
 """
 
 from __future__ import annotations
@@ -36,19 +36,17 @@ def cache_root(override: str | os.PathLike | None = None) -> tuple[Path, str]:
     return Path(root).expanduser(), origin
 
 
-def cache_dir(override: str | os.PathLike | None = None, sub: str | None = None, *,
-              optional: bool | None = None) -> Path:
+def cache_dir(override: str | os.PathLike | None = None, sub: str | None = None) -> Path:
     """The cache root, or its folder ``sub``, created if needed: ``override``, else
     ``$STADEBENCH_CACHE``, else the platform default.
 
-    ``optional`` (default: ``sub`` is one of ``MEMOS``): a folder that cannot be created or
-    written is returned all the same, after one warning that caching is off; readers find
-    nothing or what is there, writers' OSErrors are theirs to ignore. Otherwise a folder
-    that cannot be created is a ConfigError naming it and where it was set."""
+    A ``MEMOS`` folder that cannot be created or written is returned all the same, after
+    one warning that caching is off; readers find nothing or what is there, writers'
+    OSErrors are theirs to ignore. Any other folder that cannot be created is a
+    ConfigError naming it and where it was set."""
     root, origin = cache_root(override)
     target = root / sub if sub else root
-    if optional is None:
-        optional = sub in MEMOS
+    optional = sub in MEMOS
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
