@@ -84,7 +84,11 @@ class _Named:
 # --- pruning ---------------------------------------------------------------------
 
 
-STATISTICS = frozenset({"sum", "sumsq", "gram"})
+INPUT_STATISTICS = frozenset({"sum", "sumsq", "gram"})
+"""Statistics of a layer's inputs, gathered by forward hooks in the block-wise passes."""
+STATISTICS = INPUT_STATISTICS | {"gradient"}
+"""Every statistic a plugin may declare: the input statistics and ``gradient`` (per-weight
+statistics of the loss's gradient, from a backward pass of the whole model)."""
 
 
 @dataclass(frozen=True)
@@ -112,8 +116,8 @@ class LayerStats:
     """Input statistics of one linear layer, accumulated over calibration tokens.
 
     Only the statistics the metric asked for (``Metric.statistics``) are filled; the
-    others are None. Sums are float64, the Gram matrix float32, all on the device
-    where pruning runs.
+    others are None. Sums are float64, the Gram matrix and the gradient statistics
+    float32 (float16 under ``accumulate: released``), all on the device where pruning runs.
 
     Attributes:
         layer: which layer these statistics belong to.
@@ -122,6 +126,11 @@ class LayerStats:
         sumsq: Σ_t x_t² (shape ``[in]``).
         gram: Σ_t x_t x_tᵀ (shape ``[in, in]``).
         m2: Σ_t (x_t − μ)², kept with ``sum`` for an accurate variance.
+        windows: number of calibration windows seen (the releases average Σ_t x_t² over
+            windows: ``sumsq / windows``).
+        grad_l1: Σ_w |s·∂L_w/∂W| over calibration windows w (shape ``[out, in]``, like
+            the weight), s the metric's ``gradient_scale()``; with ``gradient``.
+        grad_l2: sqrt(Σ_w (s·∂L_w/∂W)²), GBLM-Pruner's gradient; with ``gradient``.
     """
 
     layer: LayerInfo
@@ -130,6 +139,9 @@ class LayerStats:
     sumsq: torch.Tensor | None = None
     gram: torch.Tensor | None = None
     m2: torch.Tensor | None = None
+    windows: int = 0
+    grad_l1: torch.Tensor | None = None
+    grad_l2: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -200,10 +212,12 @@ class Metric(_Named):
     - ``prune_layer`` itself (solvers such as SparseGPT): pick the mask with
       ``pattern.select`` and return the reconstructed weight with it.
 
-    ``statistics`` names the input statistics the metric reads (a subset of ``{"sum",
-    "sumsq", "gram"}``); the engine collects exactly those. It is the one declaration of
-    data use: an empty set makes the metric ``data_free()``, and pruning then runs no
-    forward pass and needs no calibration windows.
+    ``statistics`` names the statistics the metric reads (a subset of ``{"sum", "sumsq",
+    "gram", "gradient"}``); the engine collects exactly those. ``gradient`` costs one
+    forward and backward pass of the whole model per calibration window, at the scale
+    ``gradient_scale()`` gives. It is the one declaration of data use: an empty set makes
+    the metric ``data_free()``, and pruning then runs no forward pass and needs no
+    calibration windows.
 
     Every method receives the layer's float32 ``[out, in]`` weight, which may be the
     layer's own storage, and ``LayerStats`` shared between layers that read the same
@@ -218,6 +232,12 @@ class Metric(_Named):
         """Whether this metric reads no input statistics (``statistics`` is empty): pruning
         with it runs no forward pass, needs no calibration and knows no layer roles."""
         return not cls.statistics
+
+    def gradient_scale(self) -> float:
+        """The scale s of the gradient statistics this metric reads (``"gradient"`` in
+        ``statistics``): the engine sums |s·g| and (s·g)², 100 by default as in GBLM-Pruner.
+        Cells whose metrics give the same scale share one gradient pass."""
+        return 100.0
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
         """Scores of ``weight`` (float32 ``[out, in]``, never modified), same shape; lower is
@@ -493,5 +513,5 @@ class Evaluator(_Named):
         return None
 
 
-__all__ = ["AllocationLayer", "Allocator", "CellContext", "Dataset", "Evaluator", "LayerInfo", "LayerResult",
-           "LayerStats", "Metric", "NM_RE", "Options", "Pattern", "STATISTICS", "Score", "check_finite"]
+__all__ = ["INPUT_STATISTICS", "STATISTICS", "AllocationLayer", "Allocator", "CellContext", "Dataset", "Evaluator",
+           "LayerInfo", "LayerResult", "LayerStats", "Metric", "NM_RE", "Options", "Pattern", "Score", "check_finite"]

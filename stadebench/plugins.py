@@ -40,6 +40,7 @@ DEFAULT_PLUGINS = (
     "stadebench.core.metrics.basic",
     "stadebench.core.metrics.stade",
     "stadebench.core.metrics.sparsegpt",
+    "stadebench.core.metrics.gradient",
     "stadebench.core.patterns",
     "stadebench.core.allocation",
     "stadebench.data.datasets",

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -33,6 +33,7 @@ from ..base import LayerInfo, LayerResult, LayerStats, Metric, Pattern, check_fi
 from ..errors import ConfigError
 from .models import (add_bias, enable_bias_flags, find_blocks, module_device, prunable_layers,
                      set_weight, weight_of)
+from .gradients import GradientStatistics, gradient_statistics
 from .passes import (Flow, capture, check_stats, checked_accumulate, collect_statistics, eval_mode, moved,
                      peak_memory, pruned_pass, received, statistics_pass, target_device)
 from .reports import BlockReport, Calibration, CalibrationStatistics, LayerReport, PruneReport
@@ -55,6 +56,7 @@ def prune(
     progress: Callable[[int, int], None] | None = None,
     statistics: CalibrationStatistics | None = None,
     sparsities: Mapping[str, float] | None = None,
+    gradients: GradientStatistics | None = None,
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place with ``metric`` and
     ``pattern`` (instances: ``stadebench.prune`` takes registered names and documents
@@ -67,7 +69,9 @@ def prune(
     ``calibration`` says (a ``Calibration``, or anything with its fields, such as the
     suite's ``CalibrationSpec``). ``sparsities`` maps the full name of each layer to prune
     to its sparsity (an allocator's answer); layers it does not name stay dense. None
-    prunes every layer at the target ``sparsity``.
+    prunes every layer at the target ``sparsity``. A metric that reads ``gradient`` gets
+    ``gradients`` (computed once for several metrics with ``gradient_statistics``), else
+    the gradient pass runs here first, over ``windows``.
     """
     t_start = time.perf_counter()
     if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
@@ -80,6 +84,7 @@ def prune(
     if shared is not None and shared.accumulate != run.accumulate:
         raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
     n, seqlen, batch_size = _protocol(metric, windows, shared, sequential, batch_size)
+    run.gradients = _gradients(model, windows, metric, gradients, run)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
     run.report = PruneReport(
@@ -89,6 +94,11 @@ def prune(
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
         peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
     )
+    if run.gradients is not None:
+        run.report.timings["gradients"] = 0.0 if gradients is not None else run.gradients.seconds
+        run.report.gradients = {"seconds": run.gradients.seconds, "cached": run.gradients.cached,
+                                "shared": gradients is not None, "scale": run.gradients.scale,
+                                "megabytes": round(run.gradients.nbytes / 2**20, 1)}
     with eval_mode(model):
         if shared is not None or metric.data_free():
             run.without_passes(shared)
@@ -104,7 +114,7 @@ def _protocol(metric: Metric, windows: torch.Tensor | None, shared: CalibrationS
     if shared is not None:
         if sequential:
             raise ConfigError("shared statistics are the dense model's (one-shot): use sequential=False")
-        missing = set(metric.statistics) - shared.needs
+        missing = set(metric.statistics) - shared.needs - {"gradient"}
         if missing:
             raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
                               f"collected (have {sorted(shared.needs)})")
@@ -115,6 +125,24 @@ def _protocol(metric: Metric, windows: torch.Tensor | None, shared: CalibrationS
         raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
     n, seqlen = windows.shape
     return n, seqlen, batch_size
+
+
+def _gradients(model: nn.Module, windows: torch.Tensor | None, metric: Metric, given: GradientStatistics | None,
+               run: _Pruning) -> GradientStatistics | None:
+    """The gradient statistics ``metric`` reads: ``given`` when they match its scale and the
+    accumulation, else computed now; None when it reads none."""
+    if "gradient" not in metric.statistics:
+        return None
+    scale = metric.gradient_scale()
+    if given is not None:
+        if not given.matches(scale, run.accumulate):
+            raise ConfigError(f"the gradient statistics given were computed at scale {given.scale:g}, accumulate "
+                              f"{given.accumulate!r}; metric {metric.name!r} needs scale {scale:g}, accumulate "
+                              f"{run.accumulate!r}")
+        return given
+    if windows is None:
+        raise ConfigError(f"metric {metric.name!r} reads gradients: it needs calibration windows")
+    return gradient_statistics(model, windows, scale=scale, accumulate=run.accumulate, device=run.device)
 
 
 @dataclass
@@ -137,6 +165,7 @@ class _Pruning:
     progress: Callable[[int, int], None] | None = None
     report: PruneReport | None = None
     accumulate: str = "float64"
+    gradients: GradientStatistics | None = None
 
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
@@ -178,6 +207,11 @@ class _Pruning:
         check_finite(dense, "weights", name, self.metric.name)
         had_bias = getattr(layer, "bias", None) is not None
         sparsity = self.sparsities[name]
+        if self.gradients is not None:
+            if name not in self.gradients.layers:
+                raise ConfigError(f"layer {name} has no gradient statistics: they were computed on another model")
+            l1, l2 = self.gradients.layers[name]
+            stats = replace(stats, grad_l1=l1.to(dense.device), grad_l2=l2.to(dense.device))
         result = self.metric.prune_layer(dense, stats, self.pattern, sparsity)
         error = _output_mse(dense, result, stats)
         self.apply(layer, name, result)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..base import STATISTICS, LayerInfo, LayerStats, check_finite
+from ..base import INPUT_STATISTICS, STATISTICS, LayerInfo, LayerStats, check_finite
 from ..errors import ConfigError
 from .models import find_blocks, module_device, move_outside, prunable_layers
 from .reports import Calibration, CalibrationStatistics
@@ -199,9 +199,10 @@ def collect_statistics(
     progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationStatistics:
     """One dense pass of every block over ``windows``, fed as ``calibration`` says (its
-    ``batch_size`` and ``accumulate``; one-shot whatever its ``sequential``), gathering the statistics
-    named in ``needs`` (the union of the metrics' ``statistics``) for every prunable
-    layer, as the one-shot protocol of ``prune`` would; the model is not changed.
+    ``batch_size`` and ``accumulate``; one-shot whatever its ``sequential``), gathering the input
+    statistics named in ``needs`` (the union of the metrics' ``statistics``; ``gradient``
+    is left to ``core.gradients``) for every prunable layer, as the one-shot protocol of
+    ``prune`` would; the model is not changed.
 
     Statistics go to CPU memory block by block, so the device holds one block's.
     """
@@ -210,6 +211,7 @@ def collect_statistics(
     batch_size = calibration.batch_size
     if not needs or not needs <= STATISTICS:
         raise ConfigError(f"needs must be a non-empty subset of {sorted(STATISTICS)}, got {sorted(needs)}")
+    needs &= INPUT_STATISTICS
     if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
         raise ConfigError("collect_statistics needs calibration windows: a LongTensor [n, seqlen]")
     dev = target_device(device, model)

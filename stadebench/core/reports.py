@@ -101,6 +101,10 @@ class PruneReport:
     shared_statistics: bool = False
     """Statistics came from ``collect_statistics`` (its passes and seconds are counted
     there, not here) and no reconstruction error was measured."""
+    gradients: dict[str, Any] | None = None
+    """For a metric that reads ``gradient``: the gradient pass's ``seconds``, whether it was
+    ``cached`` (read from disk) or ``shared`` (given to ``prune``, its seconds not counted
+    here), its ``scale`` and ``megabytes``; None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

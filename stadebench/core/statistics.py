@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from ..base import STATISTICS, LayerInfo, LayerStats
+from ..base import INPUT_STATISTICS, LayerInfo, LayerStats
 from .models import norm_modules
 
 
@@ -27,10 +27,11 @@ class Accumulator:
 
     def __init__(self, needs: frozenset[str]):
         self.needs = needs
-        self.count = 0
+        self.count = self.windows = 0
         self.mean = self.m2 = self.sumsq = self.gram = None
 
     def add(self, x: torch.Tensor) -> None:
+        self.windows += x.shape[0] if x.ndim > 2 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         n, nb = self.count, x.shape[0]
         # (x * x).sum(0): ~10x faster on a CPU than vector_norm over dim 0 (a strided reduction)
@@ -57,7 +58,7 @@ class Accumulator:
 
     def stats(self, layer: LayerInfo) -> LayerStats:
         total = None if self.mean is None else self.mean * self.count
-        return LayerStats(layer, self.count, total, self.sumsq, self.gram, self.m2)
+        return LayerStats(layer, self.count, total, self.sumsq, self.gram, self.m2, self.windows)
 
 
 class ReleasedAccumulator(Accumulator):
@@ -112,7 +113,7 @@ class ReleasedAccumulator(Accumulator):
         total = m2 = None
         if self.mean is not None:
             total, m2 = self.mean.double() * self.count, self.var.double() * (self.count - 1)
-        return LayerStats(layer, self.count, total, sumsq, gram, m2)
+        return LayerStats(layer, self.count, total, sumsq, gram, m2, self.windows)
 
 
 ACCUMULATORS = {"float64": Accumulator, "released": ReleasedAccumulator}
@@ -136,8 +137,7 @@ class BlockCollector:
 
     def __init__(self, layers: list[tuple[str, nn.Module]], block: nn.Module, needs: frozenset[str],
                  accumulate: str = "float64", observed: list[tuple[str, nn.Module]] = ()):
-        assert needs <= STATISTICS, needs
-        self.layers, self.block, self.needs = layers, block, needs
+        self.layers, self.block, self.needs = layers, block, needs & INPUT_STATISTICS
         self.observed = list(observed)
         self._seen: dict[str, torch.Tensor] = {}
         self.accumulator = ACCUMULATORS[accumulate]

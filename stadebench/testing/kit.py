@@ -68,7 +68,8 @@ RULES: dict[str, str] = {
 }
 
 # Which declared statistic fills each LayerStats field (m2 comes with the mean).
-FIELD_STATISTIC = {"sum": "sum", "sumsq": "sumsq", "gram": "gram", "m2": "sum"}
+FIELD_STATISTIC = {"sum": "sum", "sumsq": "sumsq", "gram": "gram", "m2": "sum", "grad_l1": "gradient",
+                   "grad_l2": "gradient"}
 BUILTIN_PATTERNS = ("unstructured", "unstructured-layer", "2:4", "4:8")
 VOCAB = 128
 
@@ -198,12 +199,15 @@ def layer_inputs(shape: tuple[int, int] = (24, 40), *, statistics=STATISTICS, ro
         x[:, 2] = 0
     info = LayerInfo(f"model.layers.0.conformance.{role or 'layer'}", 0, f"conformance.{role or 'layer'}", role)
     statistics = frozenset(statistics)
+    # 4 windows' gradients, scaled x100 as GBLM's; a weight whose input is always 0 gets none
+    grads = torch.randn(4, out, inp, generator=g) * 1e-2 * x.abs().mean(0).float()
     values: dict[str, Any] = {"sum": x.sum(0), "sumsq": x.square().sum(0), "gram": (x.t() @ x).float(),
-                              "m2": (x - x.mean(0)).square().sum(0)}
+                              "m2": (x - x.mean(0)).square().sum(0), "grad_l1": grads.abs().sum(0) * 100,
+                              "grad_l2": grads.square().sum(0).sqrt() * 100}
     names = {f.name for f in dataclasses.fields(LayerStats)}
     kwargs = {k: v.to(device) for k, v in values.items() if k in names and FIELD_STATISTIC[k] in statistics}
     cls = StrictLayerStats if strict else LayerStats
-    stats = cls(info, tokens if statistics else 0, **kwargs)
+    stats = cls(info, tokens if statistics else 0, **kwargs, windows=4 if statistics else 0)
     if strict:
         object.__setattr__(stats, "_allowed", statistics)
         object.__setattr__(stats, "_reads", [])
