@@ -363,7 +363,8 @@ class Allocator(_Named):
     returns one sparsity per layer. The host checks the answer: each value lies in
     [0, 1), and the mean weighted by each layer's number of weights equals the target,
     so the model as a whole is pruned as asked. ``statistics`` names the input
-    statistics of the dense model it reads (as ``Metric.statistics``); they come from one
+    statistics of the dense model it reads (as ``Metric.statistics``, but drawn from
+    ``INPUT_STATISTICS``: an allocator reads no gradients); they come from one
     dense pass over the calibration windows, shared with one-shot statistics. ``uniform``
     marks an allocator that always returns the target for every layer, which patterns
     with a fixed sparsity (N:M) accept.

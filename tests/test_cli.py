@@ -293,7 +293,7 @@ def test_schema_is_json_schema_of_a_suite():
 
 
 BUILT_INS = {
-    "metrics": {"magnitude", "random", "wanda", "stade", "stade-w", "sparsegpt"},
+    "metrics": {"magnitude", "random", "wanda", "stade", "stade-w", "sparsegpt", "gblm", "pruner-zero"},
     "patterns": {"unstructured", "unstructured-layer", "N:M"},
     "allocators": {"uniform", "owl"},
     "datasets": {"wikitext2", "c4", "text", "enwiki-2016"},

@@ -72,6 +72,30 @@ class TestSparseGPTNoUpdate(MetricConformance):
     sparsities = (0.5,)
 
 
+class TestGblm(MetricConformance):
+    metric = "gblm"
+
+
+class TestGblmInverseL1(MetricConformance):
+    metric = "gblm"
+    options = {"inverse": True, "gradient": "l1"}
+
+
+class TestGblmGradientAlone(MetricConformance):
+    metric = "gblm"
+    options = {"wanda": False, "scale": 10}
+
+
+class TestPrunerZero(MetricConformance):
+    metric = "pruner-zero"
+
+
+class TestPrunerZeroWithX(MetricConformance):
+    metric = "pruner-zero"
+    options = {"tree": {"data": "add", "left": {"data": "mul", "left": {"data": "W"}, "right": {"data": "X"}},
+                        "right": {"data": "div", "left": {"data": "W"}, "right": {"data": "G"}}}}
+
+
 class TestUnstructured(PatternConformance):
     pattern = "unstructured"
 
@@ -410,7 +434,7 @@ def test_the_pytest_plugin_provides_fixtures(pytester):
             assert calibration_windows.shape == (4, 16)
             assert isolated_plugins is stadebench.get_plugins()
             assert set(isolated_plugins.metrics.names()) == {
-                "magnitude", "random", "wanda", "stade", "stade-w", "sparsegpt"}
+                "magnitude", "random", "wanda", "stade", "stade-w", "sparsegpt", "gblm", "pruner-zero"}
             report = stadebench.prune(tiny_model, calibration_windows, metric="wanda", pattern="2:4")
             assert report.sparsity == 0.5
     ''')

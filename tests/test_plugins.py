@@ -21,7 +21,8 @@ from stadebench.plugins import DEFAULT_PLUGINS, Plugins, get_plugins, resolve, r
 
 BUILTIN_METRICS = {"magnitude": "stadebench.core.metrics.basic", "random": "stadebench.core.metrics.basic",
                    "wanda": "stadebench.core.metrics.basic", "stade": "stadebench.core.metrics.stade",
-                   "stade-w": "stadebench.core.metrics.stade", "sparsegpt": "stadebench.core.metrics.sparsegpt"}
+                   "stade-w": "stadebench.core.metrics.stade", "sparsegpt": "stadebench.core.metrics.sparsegpt",
+                   "gblm": "stadebench.core.metrics.gradient", "pruner-zero": "stadebench.core.metrics.gradient"}
 
 
 # No installed entry points, and a fresh process-wide manager before and after each test.

@@ -297,7 +297,9 @@ def _run(path: Path, only: list[str], *, force: bool, dry_run: bool, folder: Pat
     s = summary.seconds
     err.print(f"{len(summary.finished)} cell(s) ran, {summary.skipped} skipped, {len(summary.failed)} failed "
               f"in {s['total']:.1f} s (load {s['load']:.1f}, calibration {s['calibration']:.1f}, "
-              f"statistics {s['statistics']:.1f}, prune {s['prune']:.1f}, eval {s['eval']:.1f}, "
+              f"statistics {s['statistics']:.1f}, "
+              f"{'gradients %.1f, ' % s['gradients'] if s['gradients'] else ''}prune {s['prune']:.1f}, "
+              f"eval {s['eval']:.1f}, "
               f"restore {s['restore']:.2f}, write {s['write']:.2f}); results in {folder}")
     if show:
         from .board import show_leaderboard

@@ -26,7 +26,7 @@ from typing import Literal
 
 import torch
 
-from ..base import STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Pattern
+from ..base import INPUT_STATISTICS, LayerInfo, LayerResult, LayerStats, Metric, Pattern
 from ..errors import ConfigError
 from .statistics import Accumulator
 
@@ -35,12 +35,13 @@ _CHUNK = 8192  # tokens per matmul in measured errors: bounds memory on long hel
 
 
 def stats_from_inputs(x: torch.Tensor, layer_info: LayerInfo,
-                      needs: Iterable[str] = frozenset(STATISTICS)) -> LayerStats:
+                      needs: Iterable[str] = INPUT_STATISTICS) -> LayerStats:
     """The ``LayerStats`` the engine would collect from inputs ``x`` (``[tokens, in]``, any float
     dtype), through the engine's own accumulator: sums float64, Gram float32."""
     needs = frozenset(needs)
-    if not needs <= STATISTICS:
-        raise ConfigError(f"unknown statistics {sorted(needs - STATISTICS)}; known: {sorted(STATISTICS)}")
+    if not needs <= INPUT_STATISTICS:
+        raise ConfigError(f"unknown input statistics {sorted(needs - INPUT_STATISTICS)}; known: "
+                          f"{sorted(INPUT_STATISTICS)}")
     acc = Accumulator(needs)
     acc.add(x)
     return acc.stats(layer_info)

@@ -89,6 +89,10 @@ def needed_bytes(model: nn.Module, seqlen: int, accumulators_on_device: bool, ch
     return params + biggest + accumulators + activations + logits
 
 
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**30:.1f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MiB"
+
+
 def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
@@ -194,10 +198,9 @@ def gradient_statistics(
     on_device = needed_bytes(model, seqlen, True, checkpointing) < 0.5 * free
     need = needed_bytes(model, seqlen, on_device, checkpointing)
     if need > free:
-        raise ConfigError(f"the gradient pass needs about {need / 2**30:.1f} GiB on {dev} (the model, one "
-                          f"window's activations of {seqlen} tokens"
-                          f"{'' if checkpointing else ' without checkpointing'}), which has "
-                          f"{free / 2**30:.1f} GiB free: use shorter calibration windows (calibration.seqlen) "
+        raise ConfigError(f"the gradient pass needs about {_size(need)} on {dev} (the model, one window's "
+                          f"activations of {seqlen} tokens{'' if checkpointing else ' without checkpointing'}), "
+                          f"which has {_size(free)} free: use shorter calibration windows (calibration.seqlen) "
                           "or a larger device")
     store = dev if on_device else torch.device("cpu")
     low = torch.float16 if accumulate == "released" else torch.float32

@@ -1,7 +1,7 @@
 """Where stadebench keeps downloaded assets and tokenised text.
 
 The cache may be shared and read-only (clusters often mount it so). Its memo folders
-(``MEMOS``: token streams, file hashes) only save time: when one cannot be made or
+(``MEMOS``: token streams, file hashes, gradient statistics) only save time: when one cannot be made or
 written, the run goes on without it, with one warning that caching is off. What must be
 written (an asset not fetched yet) asks for a writable folder with ``writable_dir``, a
 ConfigError naming the folder.
@@ -19,7 +19,7 @@ import platformdirs
 from ..errors import ConfigError
 
 CACHE_ENV = "STADEBENCH_CACHE"
-MEMOS = frozenset({"tokens", "fingerprints"})
+MEMOS = frozenset({"tokens", "fingerprints", "gradients"})
 """Sub-folders whose contents are only remembered work: a run does without them."""
 
 _WARNED: set[str] = set()  # cache roots already said to be off, once per process
@@ -88,7 +88,7 @@ def caching_off(folder: Path, reason: str, override: str | os.PathLike | None = 
         return
     _WARNED.add(str(root))
     warnings.warn(f"cache folder {str(folder)!r} (from {origin}) cannot be written ({reason}): caching is off, "
-                  "so token streams and file hashes are recomputed each run; set "
+                  "so token streams, file hashes and gradient statistics are recomputed each run; set "
                   f"{CACHE_ENV} to a folder you can write to keep them", stacklevel=3)
 
 

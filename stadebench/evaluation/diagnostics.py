@@ -55,6 +55,11 @@ class Diagnostics(Evaluator):
         unknown = [m for m in self.options.metrics if m not in get_plugins().metrics]
         if unknown:
             raise ConfigError(f"diagnostics: unknown metric {unknown[0]!r} in metrics; see `stadebench list metrics`")
+        plugins = get_plugins().metrics
+        graded = [m for m in self.options.metrics if "gradient" in plugins.get(m).cls.statistics]
+        if graded:
+            raise ConfigError(f"diagnostics: metric {graded[0]!r} in metrics reads gradients, which diagnostics do "
+                              "not compute (they compare input statistics); leave it out of metrics")
         self._dense: dict[tuple, tuple[Any, Any]] = {}
 
     def _windows(self) -> Perplexity:

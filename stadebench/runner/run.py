@@ -39,7 +39,7 @@ from ..results.row import RecordError, Row
 from .session import CellResult, Windows, watch_ctrl_c
 from ..suite import Cell, EvaluationSpec, ModelSpec, Suite, expand
 
-PHASES = ("load", "restore", "calibration", "statistics", "prune", "eval", "save", "write", "total")
+PHASES = ("load", "restore", "calibration", "statistics", "gradients", "prune", "eval", "save", "write", "total")
 
 
 @dataclass(frozen=True)

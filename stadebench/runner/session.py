@@ -26,11 +26,13 @@ from ..base import CellContext, Score
 from ..core import allocation as allocating
 from ..core import engine
 from ..core.engine import CalibrationStatistics
-from ..core.models import iter_layers, weight_of
+from ..core.gradients import GradientStatistics, gradient_statistics
+from ..core.models import find_blocks, iter_layers, prunable_layers, weight_of
 from ..data import loading
 from ..data.calibration import calibration_windows
 from ..errors import NumericalError, PluginError, StadebenchError
 from ..util import canonical_json
+from . import gradients as grad_cache
 from .plan import ModelPlan, PlannedCell, SharingGroup, calibration_key
 from ..results.row import RecordError, normalise
 
@@ -61,7 +63,8 @@ class CellResult:
         peak_memory_bytes: peak accelerator memory (CPU: process RSS) during the cell.
         details: per-block errors, timings, solver notes, shared statistics.
         seconds: phases of this cell: restore, calibration, statistics (a shared pass it
-            triggered, or the dense pass its allocator read), prune, eval.
+            triggered, or the dense pass its allocator read), gradients (the gradient pass it
+            triggered; 0 when the gradients were in memory or on disk), prune, eval.
         layers: one record per prunable layer (``layer_records``); None for dense.
         dense_layers: prunable layers left dense by the suite's targets / ignore.
         saved_path: the absolute folder the pruned model was saved to (``save:``), else None.
@@ -121,7 +124,8 @@ class ModelSession:
                  progress: Callable[[int, int], None] | None = None):
         self.plan, self.device, self.progress = model_plan, device, progress
         self.windows = windows if windows is not None else {}
-        self.seconds: dict[str, float] = {"load": 0.0, "restore": 0.0, "calibration": 0.0, "statistics": 0.0}
+        self.seconds: dict[str, float] = {"load": 0.0, "restore": 0.0, "calibration": 0.0, "statistics": 0.0,
+                                          "gradients": 0.0}
         t0 = time.perf_counter()
         # Weights stay on the CPU when pruning on a GPU: the engine moves one block at a time.
         loaded = loading.load_model(model_plan.spec, "cpu" if device.type == "cuda" else device)
@@ -158,6 +162,12 @@ class ModelSession:
         self.shared: dict[str, CalibrationStatistics | StadebenchError] = {}
         self.allocations: dict[str, dict[str, float] | None] = {}
         self.allocation_stats: dict[str, CalibrationStatistics] = {}
+        self.gradient_users: dict[str, int] = {}
+        for c in model_plan.cells:
+            key = _gradient_key(c)
+            if key is not None:
+                self.gradient_users[key] = self.gradient_users.get(key, 0) + 1
+        self.gradients: dict[str, GradientStatistics | StadebenchError] = {}
 
     def restore(self) -> None:
         """Put the dense weights back (and drop biases that pruning added)."""
@@ -215,6 +225,44 @@ class ModelSession:
             raise stats
         return stats
 
+    def gradients_for(self, cell: PlannedCell) -> GradientStatistics | None:
+        """The gradient statistics ``cell``'s metric reads (None when it reads none): from
+        memory when another cell of this model computed them, else from the disk cache,
+        else computed (and cached); freed after the last cell that uses them."""
+        key = _gradient_key(cell)
+        if key is None:
+            return None
+        if key not in self.gradients:
+            self.restore()
+            windows = self.calibration(cell)
+            scale, accumulate = cell.metric.gradient_scale(), cell.calibration.accumulate
+            disk = grad_cache.entry_key(self.plan.spec.model_dump_json(), self.plan.identity, windows, scale,
+                                        accumulate, self.device)
+            expected = {f"{prefix}.{i}.{short}": tuple(weight_of(layer).shape)
+                        for prefix, blocks in [find_blocks(self.model)] for i, block in enumerate(blocks)
+                        for short, layer in prunable_layers(block)}
+            found = grad_cache.load(disk, expected) if disk else None
+            if found is not None:
+                self.gradients[key] = found
+            else:
+                try:
+                    found = self.gradients[key] = gradient_statistics(
+                        self.model, windows, scale=scale, accumulate=accumulate, device=self.device,
+                        progress=self.progress)
+                except StadebenchError as exc:  # every cell that needs them fails the same way
+                    self.gradients[key] = exc
+                else:
+                    self.seconds["gradients"] += found.seconds
+                    if disk:
+                        grad_cache.store(disk, found)
+        stats = self.gradients[key]
+        self.gradient_users[key] -= 1
+        if not self.gradient_users[key]:
+            del self.gradients[key], self.gradient_users[key]
+        if isinstance(stats, StadebenchError):
+            raise stats
+        return stats
+
     def allocation(self, cell: PlannedCell, shared: CalibrationStatistics | None) -> dict[str, float] | None:
         """Each layer's sparsity for ``cell`` (None: every layer at the target), from the dense
         model: computed once per allocation, sparsity and layer selection. An allocator's
@@ -251,10 +299,12 @@ class ModelSession:
         sparsities = self.allocation(cell, shared)
         if cell.metric.data_free():
             windows = shared = None
+        gradients = self.gradients_for(cell)
         self.dirty = True
         report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity,
                               calibration=cell.calibration or engine.Calibration(), device=self.device,
-                              progress=self.progress, statistics=shared, sparsities=sparsities)
+                              progress=self.progress, statistics=shared, sparsities=sparsities,
+                              gradients=gradients)
         result.actual_sparsity, result.prune_seconds = report.sparsity, report.seconds
         result.layers = layer_records(report)
         result.dense_layers = sum(layer.dense for layer in report.layers)
@@ -362,9 +412,19 @@ class ModelSession:
             result.error = describe(exc, cell)
             result.evaluations = []
             result.saved_path = result.saved_sha256 = None
-        for phase in ("restore", "calibration", "statistics"):
+        for phase in ("restore", "calibration", "statistics", "gradients"):
             result.seconds[phase] = self.seconds[phase] - before[phase]
         return result
+
+
+def _gradient_key(cell: PlannedCell) -> str | None:
+    """Which gradient statistics ``cell`` reads, within its model's session: its windows
+    (the calibration protocol), scale and accumulation; None when it reads none."""
+    if cell.metric is None or "gradient" not in cell.metric.statistics or cell.calibration is None:
+        return None
+    c = cell.calibration
+    return canonical_json([c.dataset.name, c.dataset.options, c.n, c.seqlen, c.seed, c.accumulate,
+                           cell.metric.gradient_scale()])
 
 
 def _checked(evaluator: str, scores: Any) -> list[Score]:

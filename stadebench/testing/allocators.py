@@ -7,7 +7,7 @@ import math
 from typing import ClassVar
 
 
-from ..base import STATISTICS, Allocator
+from ..base import INPUT_STATISTICS, Allocator
 from ..errors import ConfigError
 from ..plugins import get_plugins
 from .kit import (Conformance, StrictLayerStats, UnrequestedStatistic, check_metadata, check_unknown_key, fail,
@@ -49,7 +49,7 @@ class AllocatorConformance(Conformance):
         model = make_tiny_model(layers=self.blocks)
         statistics = None
         if not allocator.data_free():
-            statistics = collect_statistics(model, make_windows(8, 32), STATISTICS,
+            statistics = collect_statistics(model, make_windows(8, 32), INPUT_STATISTICS,
                                             calibration=Calibration(batch_size=4))
             if strict:
                 for stats in statistics.layers.values():
@@ -96,9 +96,9 @@ class AllocatorConformance(Conformance):
 
     def test_statistics_declared(self):
         declared = getattr(self.allocator_class(), "statistics", None)
-        if not isinstance(declared, frozenset | set) or not set(declared) <= STATISTICS:
+        if not isinstance(declared, frozenset | set) or not set(declared) <= INPUT_STATISTICS:
             fail("statistics-declared", f"allocator {self.name!r} declares statistics {declared!r}; use a set drawn "
-                                        f"from {sorted(STATISTICS)}")
+                                        f"from {sorted(INPUT_STATISTICS)} (an allocator reads no gradients)")
 
     def test_statistics_unrequested(self):
         for layers, _, _ in self.each("statistics-unrequested"):

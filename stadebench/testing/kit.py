@@ -22,7 +22,7 @@ RULES: dict[str, str] = {
     "metadata": "name and version are non-empty strings; the class has a docstring (its first line is "
                 "what `stadebench list` shows); a metric implements score or prune_layer, a pattern select, an "
                 "allocator allocate",
-    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram'}",
+    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram', 'gradient'}",
     "options-unknown-key": "an unknown option key raises stadebench.ConfigError (subclass stadebench.Options)",
     "options-roundtrip": "options survive JSON: the class rebuilt from options.model_dump(mode='json') has "
                          "equal options (results record them, the runner rebuilds from them)",
