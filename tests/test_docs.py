@@ -189,6 +189,16 @@ def test_tutorial_suite_validates_with_the_plugin_and_fails_without(isolated_plu
     assert {c.metric_label for c in cells} >= {"wanda-alpha-0.5", "wanda-alpha-2", "wanda"}
 
 
+def test_the_gradients_example_suite_validates():
+    """docs/gradients.md's suite (docs/examples/gradients.yaml): the built-in gradient metrics, a tree option."""
+    from stadebench.suite import expand, load_suite
+
+    cells = expand(load_suite(EXAMPLES / "gradients.yaml"))
+    assert {c.metric_label for c in cells} == {"dense", "wanda", "gblm", "gblm-l1", "pruner-zero",
+                                               "pruner-zero-wanda"}
+    assert len(cells) == 1 + 5 * 2  # dense + 5 metrics x 2 patterns
+
+
 # --- the conformance kit's page ----------------------------------------------------
 
 

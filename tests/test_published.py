@@ -67,6 +67,18 @@ def test_the_wanda_readme_table_as_typed_in():
     assert rows["70b-sparsegpt-50"].pattern_options == {"threshold": "inclusive"}
 
 
+def test_the_gblm_model_zoo_table_as_typed_in():
+    rows = {r.id: r for r in pub.load_file(PUBLISHED / "gblm-llama.yaml")}
+    assert len(rows) == 14 and rows["llama2-7b-gblm-50"].value == 6.86 and rows["llama1-30b-gblm-4-8"].value == 5.89
+    gblm = rows["llama2-13b-chat-gblm-50"]
+    assert (gblm.metric, gblm.pattern, gblm.calib_seqlen, gblm.eval_seqlen, gblm.calib_accumulate) == \
+        ("gblm", "unstructured", 2048, 2048, "released")
+    assert gblm.metric_options == {"gradient": "l2", "scale": 100, "wanda": True, "inverse": False}
+    assert rows["llama2-70b-gblm-4-8"].pattern_options == {"ties": "topk"}
+    # the options as written are the registered metric's defaults: nothing is left implicit
+    assert pub.protocol_diff(gblm.protocol(), {**gblm.protocol(), "metric_options": {}}) == []
+
+
 # --- the schema rejects what it must --------------------------------------------------
 
 
@@ -187,19 +199,22 @@ def _planned_rows(name: str) -> list[dict]:
     return rows
 
 
-@pytest.mark.parametrize(("suite", "differs"), [
-    ("wanda-llama2", []),
-    ("owl-llama1", [("model", "huggyllama/llama-7b", "decapoda-research/llama-7b-hf")]),
+@pytest.mark.parametrize(("suite", "table", "replayed", "differs"), [
+    ("wanda-llama2", "wanda-llama2", "", []),
+    ("owl-llama1", "owl-llama1", "", [("model", "huggyllama/llama-7b", "decapoda-research/llama-7b-hf")]),
+    ("gblm-llama2", "gblm-llama", "llama2-", []),  # the LLaMA-2 rows; LLaMA-1 has no replay suite
 ])
-def test_a_replay_suite_plans_exactly_the_published_protocol(suite, differs):
-    rows = pub.load_file(PUBLISHED / f"{suite}.yaml")
+def test_a_replay_suite_plans_exactly_the_published_protocol(suite, table, replayed, differs):
+    rows = pub.load_file(PUBLISHED / f"{table}.yaml")
     comparisons = pub.compare(_planned_rows(suite), rows)
-    assert sorted(c.published.id for c in comparisons) == sorted(r.id for r in rows)  # each has its cell
+    expected = sorted(r.id for r in rows if r.id.startswith(replayed))
+    assert expected and sorted(c.published.id for c in comparisons) == expected  # each has its cell
     assert all(c.differs == differs for c in comparisons)
 
 
-def test_the_sparsegpt_opt_suite_validates():
-    r = invoke("validate", REPO / "suites" / "sparsegpt-opt.yaml")
+@pytest.mark.parametrize("suite", ["sparsegpt-opt", "gblm-llama2"])
+def test_a_replay_suite_validates_without_its_weights(suite):
+    r = invoke("validate", REPO / "suites" / f"{suite}.yaml")
     assert r.exit_code == ExitCode.OK, r.output
 
 
