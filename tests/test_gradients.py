@@ -3,6 +3,7 @@ runner's sharing and on-disk cache of gradients, on tiny random models."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -298,3 +299,51 @@ def test_cli_validate_names_a_bad_tree(tmp_path, assets):
 def test_diagnostics_do_not_rescore_gradient_metrics():
     with pytest.raises(ConfigError, match="metric 'gblm' in metrics reads gradients"):
         stadebench.plugins.resolve_plugin("evaluator", "diagnostics", {"metrics": ["wanda", "gblm"]})
+
+
+def _entry(tmp_path, monkeypatch):
+    from stadebench.runner import gradients as cache
+
+    monkeypatch.setenv("STADEBENCH_CACHE", str(tmp_path / "cache"))
+    windows = make_windows(2, 16)
+    stats = gradient_statistics(make_tiny_model(), windows)
+    key = cache.entry_key("{}", {"revision": "r", "fingerprint": None}, windows, 100.0, "float64",
+                          torch.device("cpu"))
+    return cache, key, stats, {name: tuple(l1.shape) for name, (l1, _) in stats.layers.items()}
+
+
+def test_a_write_interrupted_midway_leaves_no_entry(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    cache, key, stats, shapes = _entry(tmp_path, monkeypatch)
+
+    def killed(tensors, path, metadata=None):
+        Path(path).write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        cache.store(key, stats)
+    assert list((tmp_path / "cache" / "gradients").iterdir()) == []
+    assert cache.load(key, shapes) is None
+
+
+def test_what_a_killed_writer_left_is_removed_by_the_next(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    cache, key, stats, shapes = _entry(tmp_path, monkeypatch)
+    folder = tmp_path / "cache" / "gradients"
+    folder.mkdir(parents=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = folder / f"{cache._PARTIAL}{cache._HOST}-{dead}-x.safetensors"
+    alive = folder / f"{cache._PARTIAL}{cache._HOST}-{os.getpid()}-y.safetensors"
+    elsewhere = folder / f"{cache._PARTIAL}otherhost-{dead}-z.safetensors"
+    for path in (stale, alive, elsewhere):
+        path.write_bytes(b"partial")
+    assert cache.load(key, shapes) is None  # a partial file is never read as the entry
+    cache.store(key, stats)
+    assert not stale.exists() and alive.exists() and elsewhere.exists()
+    again = cache.load(key, shapes)
+    assert again.cached and all(torch.equal(again.layers[k][1], v[1]) for k, v in stats.layers.items())

@@ -5,8 +5,9 @@ of what determines its values: the model (its spec and identity), the calibratio
 windows themselves, the scale, the accumulation, the statistic's version, the torch
 version and the device type (kernels round differently). It is written to a temporary
 file and renamed into place when complete, so a killed pass leaves nothing a later run
-would read. An entry that cannot be read, or whose recorded key or layers do not match
-the model, is removed with a warning and computed again. The folder only saves time
+would read (a writer killed mid-write leaves a hidden partial file, which the next writer
+on the same host removes). An entry that cannot be read, or whose recorded key or layers
+do not match the model, is removed with a warning and computed again. The folder only saves time
 (``data.cache.MEMOS``): where it cannot be written, runs go on without it.
 """
 
@@ -16,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import socket
 import tempfile
 import warnings
 from pathlib import Path
@@ -79,6 +81,23 @@ def load(key: str, expected: dict[str, tuple[int, int]]) -> GradientStatistics |
                               nbytes=nbytes, cached=True)
 
 
+_PARTIAL = ".partial-"
+_HOST = socket.gethostname().replace("-", "_")
+
+
+def _reap(folder: Path) -> None:
+    """Remove what writers on this host that were killed mid-write left behind (a shared
+    cache's other hosts are left alone: their writers may be alive)."""
+    for path in folder.glob(f"{_PARTIAL}{_HOST}-*"):
+        try:
+            pid = int(path.name[len(_PARTIAL) + len(_HOST) + 1:].split("-", 1)[0])
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            continue
+
+
 def store(key: str, stats: GradientStatistics) -> Path | None:
     """Write ``stats`` under ``key``, atomically; None (and a warning) when the cache
     folder cannot take it (read-only, or too little free space)."""
@@ -98,7 +117,8 @@ def store(key: str, stats: GradientStatistics) -> Path | None:
                    for which, t in zip(("l1", "l2"), pair)}
         meta = {"key": key, "n": str(stats.n), "seqlen": str(stats.seqlen), "scale": repr(stats.scale),
                 "accumulate": stats.accumulate, "seconds": repr(stats.seconds)}
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".partial-", suffix=".safetensors")
+        _reap(folder)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{_PARTIAL}{_HOST}-{os.getpid()}-", suffix=".safetensors")
         os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
