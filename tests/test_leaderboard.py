@@ -619,6 +619,23 @@ def test_a_schema_3_file_reads_as_float64_accumulation_under_the_key_a_new_run_c
     assert lb.cell_key({**calibrated, "calib_accumulate": "released"}) != lb.cell_key(calibrated)
 
 
+def test_a_schema_4_lm_eval_row_reads_as_the_stock_path_under_the_key_a_new_run_computes(tmp_path):
+    zero_shot = _row(evaluator="lm-eval", eval_options={"tasks": ["arc_easy"], "limit": 50}, task="arc_easy",
+                     score="acc", value=0.5)
+    perplexity = _row(value=12.0)
+    table = lb._to_table([zero_shot, perplexity]).replace_schema_metadata({lb.VERSION_KEY: "4"})
+    rows = [r | {"cell_key": "d" * 64} for r in table.to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=table.schema), tmp_path / "v4.parquet")
+    by_evaluator = {r["evaluator"]: r for r in lb.read(tmp_path).to_pylist()}
+    stock = {**zero_shot, "eval_options": {"tasks": ["arc_easy"], "limit": 50, "fast": False}}
+    assert json.loads(by_evaluator["lm-eval"]["eval_options"]) == {"tasks": ["arc_easy"], "limit": 50, "fast": False}
+    assert by_evaluator["lm-eval"]["cell_key"] == lb.cell_key(stock)
+    assert by_evaluator["perplexity"]["cell_key"] == lb.cell_key(perplexity)
+    # the shared-prefix path is another measurement
+    assert lb.cell_key({**stock, "eval_options": {"tasks": ["arc_easy"], "limit": 50, "fast": True}}) != lb.cell_key(
+        stock)
+
+
 def test_a_schema_3_file_written_before_the_saved_columns_reads_them_as_null(tmp_path):
     early = pa.schema([f for f in lb.SCHEMA if f.name not in ("saved_path", "saved_sha256")],
                       metadata={lb.VERSION_KEY: lb.SCHEMA_VERSION})

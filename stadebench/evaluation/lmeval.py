@@ -294,6 +294,10 @@ class LmEval(Evaluator):
                                 "(offline when the Hub is unreachable)")
         bootstrap_iters: int = Field(100000, ge=0, description="bootstrap resamples for stderrs that need "
                                                                "them (lambada perplexity); 0 skips them")
+        fast: bool = Field(True, description="log-likelihoods by shared prefixes: each distinct context runs "
+                                             "once for all its choices (evaluation.prefix); equal to lm-eval's "
+                                             "own path up to float rounding, which is why it is part of the "
+                                             "result's key; false runs lm-eval's own path")
 
     def __init__(self, options=None):
         super().__init__(options)
@@ -353,7 +357,8 @@ class LmEval(Evaluator):
         opts = self.options
         source, why = self.resolve_source()
         common = {"source": source, "source_reason": why, "limit": opts.limit, "num_fewshot": opts.num_fewshot,
-                  "batch_size": opts.batch_size, "lm_eval_version": lmeval_version()}
+                  "batch_size": opts.batch_size, "lm_eval_version": lmeval_version(),
+                  "loglikelihood": "shared-prefix" if opts.fast else "stock"}
         scores: list[Score] = []
         was_training = model.training
         offline = hub_offline() if source == "offline" else contextlib.nullcontext()
@@ -361,7 +366,7 @@ class LmEval(Evaluator):
         with offline, contextlib.redirect_stdout(sys.stderr), placed(model, device):
             try:
                 prepared = prepare_tasks(opts.tasks, source, num_fewshot=opts.num_fewshot)
-                lm = harness_model(model, tokenizer, opts.batch_size)
+                lm = harness_model(model, tokenizer, opts.batch_size, fast=opts.fast)
                 for task in prepared:
                     for task_obj in task.loaded["tasks"].values():
                         task_obj.set_config(key="num_fewshot", value=opts.num_fewshot)
@@ -382,14 +387,18 @@ def _bars_disabled() -> bool:
     return os.environ.get("TQDM_DISABLE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def harness_model(model: torch.nn.Module, tokenizer: Any, batch_size: int | str):
+def harness_model(model: torch.nn.Module, tokenizer: Any, batch_size: int | str, *, fast: bool = True):
     """lm-eval's ``HFLM`` around the in-memory model (given a copy of the tokenizer, to
-    which HFLM may add a pad token). Its request bars pass ``disable=`` explicitly, which
+    which HFLM may add a pad token); with ``fast``, its shared-prefix subclass
+    (``evaluation.prefix``). Its request bars pass ``disable=`` explicitly, which
     beats tqdm's ``TQDM_DISABLE``; with that set (the CLI sets it unless ``--verbose``)
     they are turned off here."""
     from lm_eval.models.huggingface import HFLM
 
-    lm = HFLM(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
+    from .prefix import shared_prefix_class
+
+    cls = shared_prefix_class() if fast else HFLM
+    lm = cls(pretrained=model, tokenizer=copy.deepcopy(tokenizer), batch_size=batch_size)
     if _bars_disabled():
         for name in ("loglikelihood", "loglikelihood_rolling", "generate_until"):
             setattr(lm, name, functools.partial(getattr(lm, name), disable_tqdm=True))

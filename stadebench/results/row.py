@@ -28,7 +28,7 @@ import pyarrow as pa
 from ..errors import StadebenchError
 from ..util import canonical_json
 
-SCHEMA_VERSION = "4"
+SCHEMA_VERSION = "5"
 VERSION_KEY = "stadebench.schema_version"
 STATUSES = ("ok", "failed")
 

@@ -3,11 +3,13 @@ the current one (``UPGRADES``), and any table conformed to the current columns."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..util import canonical_json
 from .row import KEY_FIELDS, SCHEMA, cell_key
 
 
@@ -51,8 +53,27 @@ def _upgrade_from_3(table: pa.Table) -> pa.Table:
     return _rekeyed(_filled(table, pc.is_valid(table["calib_n"]), {"calib_accumulate": "float64"}))
 
 
+def _stock(options: str | None) -> str | None:
+    """lm-eval options with ``fast: false``; what is not a JSON object is left as it is."""
+    try:
+        value = json.loads(options) if options else None
+    except ValueError:
+        return options
+    return canonical_json({**value, "fast": False}) if isinstance(value, dict) else options
+
+
+def _upgrade_from_4(table: pa.Table) -> pa.Table:
+    """Schema 4 -> 5: every lm-eval row was scored on lm-eval's own log-likelihood path
+    (its option ``fast: false``, the only way before); ``cell_key`` is recomputed."""
+    table = conform(table)
+    evaluators, options = table["evaluator"].to_pylist(), table["eval_options"].to_pylist()
+    fixed = [_stock(o) if e == "lm-eval" else o for e, o in zip(evaluators, options)]
+    return _rekeyed(table.set_column(table.schema.get_field_index("eval_options"), SCHEMA.field("eval_options"),
+                                     pa.array(fixed, pa.string())))
+
+
 UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2,
-                                                        "3": _upgrade_from_3}
+                                                        "3": _upgrade_from_3, "4": _upgrade_from_4}
 """``UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
 with the same rows in the same order (compaction splits files by row position)."""
 
