@@ -102,9 +102,13 @@ def test_requests_longer_than_the_window_take_the_stock_path(tokenizer, monkeypa
     long_context = list(range(3, 123)) * 2  # 240 tokens: lm-eval cuts it from the left
     requests = [(("long", "a"), long_context, [5, 6]), (("short", "a"), [7, 8, 9], [10])]
     seen = []
-    real = prefix.score_group
-    monkeypatch.setattr(prefix, "score_group", lambda model, context, *a: seen.append(context) or real(model,
-                                                                                                        context, *a))
+    real = prefix.score_contexts
+
+    def spy(model, contexts, *args):
+        seen.extend(contexts)
+        return real(model, contexts, *args)
+
+    monkeypatch.setattr(prefix, "score_contexts", spy)
     _compare(stock, fast, requests)
     assert seen == [[7, 8, 9]]
 
