@@ -184,3 +184,11 @@ def _recording(method, into: dict):
             into[(key, tuple(context), tuple(continuation))] = answer
         return out
     return recorded
+
+
+def test_padding_is_counted(tokenizer):
+    model = make_tiny("llama")
+    _, fast = _lms(model, tokenizer, batch_size=4)
+    fast._loglikelihood_tokens(_requests(model, seed=3), disable_tqdm=True)
+    tokens, padding = fast.counts["tokens"], fast.counts["padding"]
+    assert tokens > 0 and 0 <= padding < tokens

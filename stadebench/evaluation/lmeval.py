@@ -371,16 +371,26 @@ class LmEval(Evaluator):
                     for task_obj in task.loaded["tasks"].values():
                         task_obj.set_config(key="num_fewshot", value=opts.num_fewshot)
                         task_obj.set_fewshot_seed(seed=1234)  # simple_evaluate's default
-                    t0 = time.perf_counter()
+                    t0, before = time.perf_counter(), dict(getattr(lm, "counts", {}))
                     results = evaluator.evaluate(lm=lm, task_dict=task.loaded, limit=opts.limit,
                                                  bootstrap_iters=opts.bootstrap_iters, log_samples=False)
                     seconds = time.perf_counter() - t0
                     names = set(results.get("results", {})) | set(results.get("groups", {}))
                     scores += scores_from_results(
-                        results, {n: {**common, **task.data, "seconds": seconds} for n in names})
+                        results, {n: {**common, **task.data, "seconds": seconds, **_padding(lm, before)}
+                                  for n in names})
             finally:
                 model.train(was_training)
         return scores
+
+
+def _padding(lm: Any, before: dict[str, int]) -> dict[str, float]:
+    """``padding_share``: padding over all tokens of the shared-prefix passes since ``before``."""
+    counts = getattr(lm, "counts", None)
+    if not counts:
+        return {}
+    tokens, padding = (counts[k] - before.get(k, 0) for k in ("tokens", "padding"))
+    return {"padding_share": round(padding / (tokens + padding), 4)} if tokens + padding else {}
 
 
 def _bars_disabled() -> bool:
