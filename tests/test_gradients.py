@@ -347,3 +347,14 @@ def test_what_a_killed_writer_left_is_removed_by_the_next(tmp_path, monkeypatch)
     assert not stale.exists() and alive.exists() and elsewhere.exists()
     again = cache.load(key, shapes)
     assert again.cached and all(torch.equal(again.layers[k][1], v[1]) for k, v in stats.layers.items())
+
+
+def test_an_entry_written_for_another_key_is_removed_and_not_used(tmp_path, monkeypatch):
+    cache, key, stats, shapes = _entry(tmp_path, monkeypatch)
+    cache.store(key, stats)
+    other = key.replace('"scale":100.0', '"scale":10.0')
+    assert other != key
+    cache._path(key).rename(cache._path(other))  # a file under another entry's name: e.g. copied by hand
+    with pytest.warns(UserWarning, match="written for another model or calibration"):
+        assert cache.load(other, shapes) is None
+    assert not cache._path(other).exists()
