@@ -192,3 +192,15 @@ def test_padding_is_counted(tokenizer):
     fast._loglikelihood_tokens(_requests(model, seed=3), disable_tqdm=True)
     tokens, padding = fast.counts["tokens"], fast.counts["padding"]
     assert tokens > 0 and 0 <= padding < tokens
+
+
+def test_passes_keep_to_the_budget_and_the_padding_cap():
+    from stadebench.evaluation.prefix import MAX_PADDING, packed
+
+    lengths = sorted([random.Random(5).randint(1, 60) for _ in range(300)], reverse=True)
+    groups = list(packed(lengths, budget=8 * 64))
+    assert sorted(k for g in groups for k in g) == list(range(300))
+    for group in groups:
+        size = len(group) * lengths[group[0]]
+        assert len(group) == 1 or size <= 8 * 64
+        assert size - sum(lengths[k] for k in group) <= MAX_PADDING * size

@@ -14,8 +14,9 @@ answers the same requests in two passes per batch of distinct contexts:
    log-softmax is taken at the continuation's positions only.
 
 Both passes are batched by length, longest first, each holding at most as many padded
-tokens as lm-eval's longest batch would (the batch size times the longest request): rows
-of alike lengths pad little, and short rows (a choice of a few tokens) fill a pass.
+tokens as lm-eval's longest batch would (the batch size times the longest request) and
+at most ``MAX_PADDING`` (25%) padding: short rows (a choice of a few tokens) fill a pass,
+and rows of unlike lengths do not share one.
 
 Everything else (request order, lm-eval's caching hook, what a request returns) is
 lm-eval's. The values equal the stock path's up to float rounding (the same operations in
@@ -86,14 +87,7 @@ def score_contexts(model: torch.nn.Module, contexts: list[list[int]], choices: l
             return None
     rows = [(i, j) for i, conts in enumerate(choices) for j in range(len(conts))]
     rows.sort(key=lambda ij: -len(choices[ij[0]][ij[1]]))
-    passes, current = [], []
-    for row in rows:  # longest first: a pass's width is its first row's
-        width = len(choices[current[0][0]][current[0][1]]) if current else len(choices[row[0]][row[1]])
-        if current and (len(current) + 1) * width > budget:
-            passes.append(current)
-            current = []
-        current.append(row)
-    passes.append(current)
+    passes = [[rows[k] for k in group] for group in packed([len(choices[i][j]) for i, j in rows], budget)]
     answers: list[list[Answer | None]] = [[None] * len(conts) for conts in choices]
     for n, members in enumerate(passes):
         owner = [i for i, _ in members]
@@ -121,19 +115,40 @@ def _count(counts: dict[str, int], mask: torch.Tensor) -> None:
     counts["padding"] = counts.get("padding", 0) + mask.numel() - real
 
 
+MAX_PADDING = 0.25
+"""The most padding a pass may hold, as a share of its tokens (a row that would take it over
+starts the next pass)."""
+
+
+def packed(lengths: list[int], budget: int) -> Iterator[list[int]]:
+    """Indices of ``lengths`` (longest first) in passes of at most ``budget`` padded tokens
+    and ``MAX_PADDING`` padding: a pass's width is its first row's."""
+    group: list[int] = []
+    real = 0
+    for k, length in enumerate(lengths):
+        if group:
+            width = lengths[group[0]]
+            size = (len(group) + 1) * width
+            if size > budget or size - real - length > MAX_PADDING * size:
+                yield group
+                group, real = [], 0
+        group.append(k)
+        real += length
+    if group:
+        yield group
+
+
 def batches(contexts: list[tuple[int, ...]], budget: int) -> Iterator[list[tuple[int, ...]]]:
-    """Contexts in prefix passes of at most ``budget`` padded tokens, longest first (a pass
-    that cannot fit fails at once, as in lm-eval; each pass's lengths are alike, so it pads
-    little); one-token contexts, which have no prefix to pass, apart."""
-    batch: list[tuple[int, ...]] = []
-    for context in sorted(contexts, key=lambda c: (-len(c), c)):
-        # a row of padding alone in a prefix pass would attend to nothing
-        if batch and ((len(batch) + 1) * (len(batch[0]) - 1) > budget or (len(context) == 1) != (len(batch[0]) == 1)):
-            yield batch
-            batch = []
-        batch.append(context)
-    if batch:
-        yield batch
+    """Contexts in prefix passes (``packed`` by the length of the prefix, longest first: a
+    pass that cannot fit fails at once, as in lm-eval); one-token contexts, which have no
+    prefix to pass (a row of padding alone would attend to nothing), apart."""
+    ordered = sorted(contexts, key=lambda c: (-len(c), c))
+    single = [c for c in ordered if len(c) == 1]
+    longer = [c for c in ordered if len(c) > 1]
+    for group in packed([len(c) - 1 for c in longer], budget):
+        yield [longer[k] for k in group]
+    if single:
+        yield single
 
 
 @functools.cache
