@@ -156,6 +156,7 @@ def shared_prefix_class() -> type:
     """``SharedPrefixLM``: lm-eval's ``HFLM`` answering ``loglikelihood`` requests by
     shared prefixes (built on first use: lm-eval is an optional dependency)."""
     from lm_eval.models.huggingface import HFLM
+    from tqdm import tqdm
 
     class SharedPrefixLM(HFLM):
         """``HFLM`` whose log-likelihood requests share each distinct context's forward pass."""
@@ -181,6 +182,8 @@ def shared_prefix_class() -> type:
             # a pass holds as many padded tokens as lm-eval's first (longest) batch would
             budget = size * max((len(requests[i][1]) + len(requests[i][2]) for m in groups.values() for i in m),
                                 default=1)
+            bar = tqdm(total=len(requests), disable=disable_tqdm or self.rank != 0,
+                       desc="Running loglikelihood requests")  # lm-eval's own bar, as its path shows it
             for batch in batches(list(groups), budget):
                 with torch.no_grad(), torch.autocast(device_type=self.device.type, dtype=self.mixed_precision_dtype,
                                                      enabled=self.mixed_precision_dtype is not None):
@@ -195,6 +198,8 @@ def shared_prefix_class() -> type:
                         answers[i] = answer
                         if requests[i][0] is not None:
                             self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+                    bar.update(len(results))
+            bar.close()
             if stock:
                 stock.sort()
                 done = super()._loglikelihood_tokens([requests[i] for i in stock], disable_tqdm, override_bs)
