@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -73,14 +74,15 @@ def needed_bytes(model: nn.Module, seqlen: int, accumulators_on_device: bool, ch
     gradient, the accumulators if they stay on the device, and the activations of one window
     (every block's when not checkpointed, one block's and the block inputs when it is)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    prunable = [layer.weight for _, blocks in [find_blocks(model)] for b in blocks for _, layer in prunable_layers(b)]
+    _, blocks = find_blocks(model)
+    prunable = [layer.weight for block in blocks for _, layer in prunable_layers(block)]
     biggest = max((w.numel() * w.element_size() for w in prunable), default=0)
     accumulators = 8 * sum(w.numel() for w in prunable) if accumulators_on_device else 0
     config = model.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     vocab = getattr(config, "vocab_size", 0)
-    n_blocks = len(find_blocks(model)[1])
+    n_blocks = len(blocks)
     itemsize = next(model.parameters()).element_size()
     # per block and token: ~16 hidden-sized tensors and ~4 of the MLP's width are kept for backward
     per_block = seqlen * (16 * hidden + 4 * inner) * itemsize
@@ -97,8 +99,6 @@ def _free_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     try:
-        import os
-
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
         return 1 << 62  # unknown: do not refuse
