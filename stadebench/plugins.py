@@ -45,6 +45,7 @@ DEFAULT_PLUGINS = (
     "stadebench.core.allocation",
     "stadebench.data.datasets",
     "stadebench.evaluation.perplexity",
+    "stadebench.evaluation.fidelity",
     "stadebench.evaluation.speed",
     "stadebench.evaluation.diagnostics",
     "stadebench.evaluation.lmeval",

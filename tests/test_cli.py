@@ -297,7 +297,7 @@ BUILT_INS = {
     "patterns": {"unstructured", "unstructured-layer", "N:M"},
     "allocators": {"uniform", "owl"},
     "datasets": {"wikitext2", "c4", "text", "enwiki-2016"},
-    "evaluators": {"perplexity", "speed", "diagnostics"},
+    "evaluators": {"perplexity", "speed", "diagnostics", "fidelity"},
 }
 
 

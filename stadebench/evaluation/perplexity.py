@@ -74,26 +74,30 @@ class Perplexity(Evaluator):
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
                  ) -> list[Score]:
         """Perplexity of ``model`` as it is now; ``device`` defaults to the model's."""
+        ids, details = self.windows(model, tokenizer)
+        with placed(model, device) as dev:
+            nll = total_nll(model, ids, self.options.batch_size, dev)
+        ppl = float(torch.tensor(nll / details["predicted_tokens"], dtype=torch.float64).exp())  # inf on overflow
+        return [Score(task=self.dataset().name, name="ppl", value=ppl, stderr=None, higher_is_better=False,
+                      details=details)]
+
+    def windows(self, model: torch.nn.Module, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The evaluated windows, LongTensor ``[windows, seqlen]``, and what they are (the
+        score's details)."""
         opts = self.options
         dataset = self.dataset()
         split = opts.split or dataset.eval_split
-        _check_positions(model, opts.seqlen)
+        _check_positions(model, opts.seqlen, self.name)
         stream = eval_tokens(dataset, tokenizer, split)
         windows = stream.numel() // opts.seqlen
         if windows == 0:
-            raise ConfigError(f"perplexity: the {split} split of {dataset.name!r} has {stream.numel()} tokens, "
+            raise ConfigError(f"{self.name}: the {split} split of {dataset.name!r} has {stream.numel()} tokens, "
                               f"fewer than one window of seqlen={opts.seqlen}; use a smaller seqlen")
         windows = min(w for w in (windows, dataset.eval_windows, opts.max_windows) if w is not None)
-        ids = stream[: windows * opts.seqlen].view(windows, opts.seqlen)
-        with placed(model, device) as dev:
-            nll = total_nll(model, ids, opts.batch_size, dev)
-        predicted = windows * (opts.seqlen - 1)
-        ppl = float(torch.tensor(nll / predicted, dtype=torch.float64).exp())  # inf on overflow, NaN kept
-        details = {"windows": windows, "tokens": windows * opts.seqlen, "predicted_tokens": predicted,
+        details = {"windows": windows, "tokens": windows * opts.seqlen, "predicted_tokens": windows * (opts.seqlen - 1),
                    "stream_tokens": stream.numel(), "seqlen": opts.seqlen, "split": split,
                    "max_windows": opts.max_windows, "dataset_fingerprint": dataset.fingerprint()}
-        return [Score(task=dataset.name, name="ppl", value=ppl, stderr=None, higher_is_better=False,
-                      details=details)]
+        return stream[: windows * opts.seqlen].view(windows, opts.seqlen), details
 
 
 def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
@@ -117,8 +121,8 @@ def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device
     return total.item()
 
 
-def _check_positions(model: torch.nn.Module, seqlen: int) -> None:
-    check_context(getattr(model, "config", None), seqlen, "perplexity: seqlen")
+def _check_positions(model: torch.nn.Module, seqlen: int, who: str = "perplexity") -> None:
+    check_context(getattr(model, "config", None), seqlen, f"{who}: seqlen")
 
 
 @contextlib.contextmanager
