@@ -26,13 +26,14 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..errors import ConfigError, NumericalError
-from .models import find_blocks, module_device, prunable_layers, transposed
+from .models import find_blocks, module_device, named_layers, transposed
 from .passes import checked_accumulate, peak_memory, target_device
 
 VERSION = "1"
@@ -63,6 +64,11 @@ class GradientStatistics:
     def matches(self, scale: float, accumulate: str) -> bool:
         return self.scale == float(scale) and self.accumulate == accumulate
 
+    def summary(self, shared: bool) -> dict[str, Any]:
+        """What a ``PruneReport`` records of them (``shared``: given to ``prune``, not computed there)."""
+        return {"seconds": self.seconds, "cached": self.cached, "shared": shared, "scale": self.scale,
+                "megabytes": round(self.nbytes / 2**20, 1)}
+
 
 def _grad_view(layer: nn.Module, grad: torch.Tensor) -> torch.Tensor:
     """A gradient as ``[out, in]`` (Conv1D stores its weight transposed)."""
@@ -74,15 +80,14 @@ def needed_bytes(model: nn.Module, seqlen: int, accumulators_on_device: bool, ch
     gradient, the accumulators if they stay on the device, and the activations of one window
     (every block's when not checkpointed, one block's and the block inputs when it is)."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
-    _, blocks = find_blocks(model)
-    prunable = [layer.weight for block in blocks for _, layer in prunable_layers(block)]
+    prunable = [layer.weight for layer in named_layers(model).values()]
     biggest = max((w.numel() * w.element_size() for w in prunable), default=0)
     accumulators = 8 * sum(w.numel() for w in prunable) if accumulators_on_device else 0
     config = model.config
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
     inner = getattr(config, "intermediate_size", None) or 4 * hidden
     vocab = getattr(config, "vocab_size", 0)
-    n_blocks = len(blocks)
+    n_blocks = len(find_blocks(model)[1])
     itemsize = next(model.parameters()).element_size()
     # per block and token: ~16 hidden-sized tensors and ~4 of the MLP's width are kept for backward
     per_block = seqlen * (16 * hidden + 4 * inner) * itemsize
@@ -158,6 +163,93 @@ def check_language_model(model: nn.Module, what: str = "gradient statistics") ->
                           "language-modelling head: load the model with its head (AutoModelForCausalLM)")
 
 
+class _Sums:
+    """The two running sums of every prunable weight, filled by a hook on each weight as
+    its gradient arrives (the gradient is dropped then); ``missing`` names the layers that
+    have not received one since it was last filled."""
+
+    def __init__(self, layers: dict[str, nn.Module], scale: float, store: torch.device, accumulate: str):
+        self.scale, self.store, self.accumulate = scale, store, accumulate
+        self.low = torch.float16 if accumulate == "released" else torch.float32
+        self.sums = {name: (torch.zeros(tuple(_grad_view(layer, layer.weight).shape), dtype=self.low, device=store),
+                            torch.zeros(tuple(_grad_view(layer, layer.weight).shape), dtype=torch.float32,
+                                        device=store))
+                     for name, layer in layers.items()}
+        self.missing: set[str] = set()
+
+    def hook(self, name: str, layer: nn.Module) -> Callable[[torch.Tensor], None]:
+        def add(param: torch.Tensor) -> None:
+            g = _grad_view(layer, param.grad.detach()).float() * self.scale
+            l1, l2 = self.sums[name]
+            l1.add_(g.abs().to(self.store, self.low))
+            l2.add_(g.square().to(self.store))
+            self.missing.discard(name)
+            param.grad = None
+        return add
+
+    def results(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """``(l1, l2)`` by layer in CPU memory, l2 square-rooted (float16 under ``released``)."""
+        out = {}
+        for name, (l1, l2) in self.sums.items():
+            l2 = l2.sqrt_()
+            out[name] = (l1.cpu(), (l2.half() if self.accumulate == "released" else l2).cpu())
+        return out
+
+
+def _checked(model: nn.Module, windows: torch.Tensor, scale: float) -> tuple[int, int]:
+    """``(n, seqlen)`` of ``windows``; ConfigError for what no pass could serve."""
+    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
+        raise ConfigError(f"the gradient scale must be a positive finite number, got {scale!r}")
+    if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
+        raise ConfigError("gradient statistics need calibration windows: a LongTensor [n, seqlen]")
+    n, seqlen = windows.shape
+    if n < 1 or seqlen < 2:
+        raise ConfigError(f"gradient statistics need at least one calibration window of 2 or more tokens "
+                          f"(a next-token loss), got {n} windows of {seqlen}")
+    check_language_model(model)
+    return n, seqlen
+
+
+def _store(model: nn.Module, dev: torch.device, seqlen: int, checkpointing: bool) -> torch.device:
+    """Where the sums go: the device when the pass with them there needs less than half its
+    free memory, else CPU memory; ConfigError when the pass cannot fit at all."""
+    free = _free_bytes(dev)
+    on_device = needed_bytes(model, seqlen, True, checkpointing) < 0.5 * free
+    need = needed_bytes(model, seqlen, on_device, checkpointing)
+    if need > free:
+        raise ConfigError(f"the gradient pass needs about {_size(need)} on {dev} (the model, one window's "
+                          f"activations of {seqlen} tokens{'' if checkpointing else ' without checkpointing'}), "
+                          f"which has {_size(free)} free: use shorter calibration windows (calibration.seqlen) "
+                          "or a larger device")
+    return dev if on_device else torch.device("cpu")
+
+
+def _backward(model: nn.Module, windows: torch.Tensor, dev: torch.device, layers: dict[str, nn.Module],
+              sums: _Sums, progress: Callable[[int, int], None] | None) -> None:
+    """One forward and backward pass per window, the hooks of ``sums`` collecting."""
+    handles = [layer.weight.register_post_accumulate_grad_hook(sums.hook(name, layer))
+               for name, layer in layers.items()]
+    try:
+        for w, window in enumerate(windows):
+            sums.missing.update(layers)
+            ids = window.unsqueeze(0).to(dev)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            if loss is None:
+                raise ConfigError(f"{type(model).__name__} returned no loss for labelled input: gradient "
+                                  "statistics need a causal language model")
+            if not torch.isfinite(loss):
+                raise NumericalError(f"the language-modelling loss of calibration window {w} is {loss.item()}")
+            loss.backward()
+            if sums.missing:
+                raise NumericalError(f"layer {sorted(sums.missing)[0]} received no gradient from calibration "
+                                     f"window {w}: it does not take part in the loss")
+            if progress:
+                progress(w + 1, len(windows))
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def gradient_statistics(
     model: nn.Module,
     windows: torch.Tensor,
@@ -180,80 +272,22 @@ def gradient_statistics(
     """
     t_start = time.perf_counter()
     accumulate = checked_accumulate(accumulate)
-    if not (isinstance(scale, int | float) and math.isfinite(scale) and scale > 0):
-        raise ConfigError(f"the gradient scale must be a positive finite number, got {scale!r}")
-    if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
-        raise ConfigError("gradient statistics need calibration windows: a LongTensor [n, seqlen]")
-    n, seqlen = windows.shape
-    if n < 1 or seqlen < 2:
-        raise ConfigError(f"gradient statistics need at least one calibration window of 2 or more tokens "
-                          f"(a next-token loss), got {n} windows of {seqlen}")
-    check_language_model(model)
+    n, seqlen = _checked(model, windows, scale)
     dev = target_device(device, model)
     checkpointing = dev.type == "cuda" if checkpointing is None else checkpointing
-    prefix, blocks = find_blocks(model)
-    layers = {f"{prefix}.{i}.{short}": layer for i, block in enumerate(blocks)
-              for short, layer in prunable_layers(block)}
-    free = _free_bytes(dev)
-    on_device = needed_bytes(model, seqlen, True, checkpointing) < 0.5 * free
-    need = needed_bytes(model, seqlen, on_device, checkpointing)
-    if need > free:
-        raise ConfigError(f"the gradient pass needs about {_size(need)} on {dev} (the model, one window's "
-                          f"activations of {seqlen} tokens{'' if checkpointing else ' without checkpointing'}), "
-                          f"which has {_size(free)} free: use shorter calibration windows (calibration.seqlen) "
-                          "or a larger device")
-    store = dev if on_device else torch.device("cpu")
-    low = torch.float16 if accumulate == "released" else torch.float32
-    sums = {name: (torch.zeros(tuple(_grad_view(layer, layer.weight).shape), dtype=low, device=store),
-                   torch.zeros(tuple(_grad_view(layer, layer.weight).shape), dtype=torch.float32, device=store))
-            for name, layer in layers.items()}
-    missing: set[str] = set()
-
-    def hook_for(name: str, layer: nn.Module):
-        def hook(param: torch.Tensor) -> None:
-            g = _grad_view(layer, param.grad.detach()).float() * scale
-            l1, l2 = sums[name]
-            l1.add_(g.abs().to(store, low))
-            l2.add_(g.square().to(store))
-            missing.discard(name)
-            param.grad = None
-        return hook
-
+    layers = named_layers(model)
+    sums = _Sums(layers, scale, _store(model, dev, seqlen, checkpointing), accumulate)
     home = module_device(model)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    handles = []
     try:
         model.to(dev)
         with _only_weights_train(model, [layer.weight for layer in layers.values()]), \
-                _checkpointed(blocks, checkpointing):
-            handles = [layer.weight.register_post_accumulate_grad_hook(hook_for(name, layer))
-                       for name, layer in layers.items()]
-            for w, window in enumerate(windows):
-                missing.update(layers)
-                ids = window.unsqueeze(0).to(dev)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                if loss is None:
-                    raise ConfigError(f"{type(model).__name__} returned no loss for labelled input: gradient "
-                                      "statistics need a causal language model")
-                if not torch.isfinite(loss):
-                    raise NumericalError(f"the language-modelling loss of calibration window {w} is {loss.item()}")
-                loss.backward()
-                if missing:
-                    raise NumericalError(f"layer {sorted(missing)[0]} received no gradient from calibration "
-                                         f"window {w}: it does not take part in the loss")
-                if progress:
-                    progress(w + 1, n)
+                _checkpointed(find_blocks(model)[1], checkpointing):
+            _backward(model, windows, dev, layers, sums, progress)
     finally:
-        for h in handles:
-            h.remove()
         model.to(home)
-    out = {}
-    for name, (l1, l2) in sums.items():
-        l2 = l2.sqrt_()
-        if accumulate == "released":
-            l2 = l2.half()
-        out[name] = (l1.cpu(), l2.cpu())
+    out = sums.results()
     nbytes = sum(t.numel() * t.element_size() for pair in out.values() for t in pair)
     return GradientStatistics(out, n=n, seqlen=seqlen, scale=float(scale), accumulate=accumulate,
                               seconds=time.perf_counter() - t_start, nbytes=nbytes,

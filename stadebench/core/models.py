@@ -149,10 +149,15 @@ def iter_layers(model: nn.Module) -> Iterator[tuple[int, str, nn.Module]]:
             yield i, name, layer
 
 
+def named_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every prunable layer by its full name (``model.layers.3.self_attn.o_proj``), in model order."""
+    prefix, _ = find_blocks(model)
+    return {f"{prefix}.{i}.{name}": layer for i, name, layer in iter_layers(model)}
+
+
 def layer_names(model: nn.Module) -> list[str]:
     """Full names of every prunable layer, in model order."""
-    prefix, _ = find_blocks(model)
-    return [f"{prefix}.{i}.{name}" for i, name, _ in iter_layers(model)]
+    return list(named_layers(model))
 
 
 def select_layers(model: nn.Module, targets: Sequence[str] = (), ignore: Sequence[str] = ()) -> list[str]:
@@ -218,5 +223,5 @@ def check_context(config, seqlen: int, what: str) -> None:
 
 
 __all__ = ["add_bias", "check_context", "enable_bias_flags", "find_blocks", "is_prunable", "iter_layers", "layer_names",
-           "module_device", "move_outside", "norm_modules", "num_layers", "prunable_layers", "select_layers",
-           "set_weight", "text_config", "transposed", "weight_of"]
+           "module_device", "move_outside", "named_layers", "norm_modules", "num_layers", "prunable_layers",
+           "select_layers", "set_weight", "text_config", "transposed", "weight_of"]

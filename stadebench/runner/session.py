@@ -27,7 +27,7 @@ from ..core import allocation as allocating
 from ..core import engine
 from ..core.engine import CalibrationStatistics
 from ..core.gradients import GradientStatistics, gradient_statistics
-from ..core.models import find_blocks, iter_layers, prunable_layers, weight_of
+from ..core.models import iter_layers, named_layers, weight_of
 from ..data import loading
 from ..data.calibration import calibration_windows
 from ..errors import NumericalError, PluginError, StadebenchError
@@ -238,9 +238,7 @@ class ModelSession:
             scale, accumulate = cell.metric.gradient_scale(), cell.calibration.accumulate
             disk = grad_cache.entry_key(self.plan.spec.model_dump_json(), self.plan.identity, windows, scale,
                                         accumulate, self.device)
-            expected = {f"{prefix}.{i}.{short}": tuple(weight_of(layer).shape)
-                        for prefix, blocks in [find_blocks(self.model)] for i, block in enumerate(blocks)
-                        for short, layer in prunable_layers(block)}
+            expected = {name: tuple(weight_of(layer).shape) for name, layer in named_layers(self.model).items()}
             found = grad_cache.load(disk, expected) if disk else None
             if found is not None:
                 self.gradients[key] = found
