@@ -94,11 +94,7 @@ def prune(
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
         peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
     )
-    if run.gradients is not None:
-        run.report.timings["gradients"] = 0.0 if gradients is not None else run.gradients.seconds
-        run.report.gradients = {"seconds": run.gradients.seconds, "cached": run.gradients.cached,
-                                "shared": gradients is not None, "scale": run.gradients.scale,
-                                "megabytes": round(run.gradients.nbytes / 2**20, 1)}
+    _report_gradients(run.report, run.gradients, shared=gradients is not None)
     with eval_mode(model):
         if shared is not None or metric.data_free():
             run.without_passes(shared)
@@ -143,6 +139,13 @@ def _gradients(model: nn.Module, windows: torch.Tensor | None, metric: Metric, g
     if windows is None:
         raise ConfigError(f"metric {metric.name!r} reads gradients: it needs calibration windows")
     return gradient_statistics(model, windows, scale=scale, accumulate=run.accumulate, device=run.device)
+
+
+def _report_gradients(report: PruneReport, gradients: GradientStatistics | None, shared: bool) -> None:
+    """Record the gradient statistics a metric read; a pass run here counts in the timings."""
+    if gradients is not None:
+        report.gradients = gradients.summary(shared)
+        report.timings["gradients"] = 0.0 if shared else gradients.seconds
 
 
 @dataclass
