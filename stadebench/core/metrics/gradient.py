@@ -32,13 +32,22 @@ class _GradientOptions(Options):
     100); it weighs the gradient term against the Wanda term."""
 
 
-def _gradient(stats: LayerStats, which: str) -> torch.Tensor:
-    return stats.grad_l2 if which == "l2" else stats.grad_l1
+def _scaler_row(stats: LayerStats) -> torch.Tensor:
+    """The releases' ``scaler_row``: Σ_t x_t² averaged over windows, float32 ``[1, in]``."""
+    return (stats.sumsq / stats.windows).float().reshape(1, -1)
 
 
-def _input_norm(stats: LayerStats) -> torch.Tensor:
-    """sqrt of the releases' ``scaler_row``: Σ_t x_t² averaged over windows, float32 ``[1, in]``."""
-    return torch.sqrt((stats.sumsq / stats.windows).float()).reshape(1, -1)
+class _GradientMetric(Metric):
+    """What both metrics share: they read the input norms and the gradient statistic, at
+    their option ``scale``, the ``gradient`` their options name."""
+
+    statistics = frozenset({"sumsq", "gradient"})
+
+    def gradient_scale(self) -> float:
+        return self.options.scale
+
+    def gradient(self, stats: LayerStats) -> torch.Tensor:
+        return stats.grad_l2 if self.options.gradient == "l2" else stats.grad_l1
 
 
 class GblmOptions(_GradientOptions):
@@ -51,7 +60,7 @@ class GblmOptions(_GradientOptions):
     with float16 gradients (``accumulate: released``), as in the release."""
 
 
-class Gblm(Metric):
+class Gblm(_GradientMetric):
     """GBLM-Pruner: |W|·(‖X‖ + |G|), Wanda plus the scaled gradient (Das et al., 2023).
 
     With the defaults, score = |W_ij|·sqrt(scaler_row_j) + |W_ij|·G_ij with G the l2
@@ -61,21 +70,17 @@ class Gblm(Metric):
     name = "gblm"
     version = "1"
     Options = GblmOptions
-    statistics = frozenset({"sumsq", "gradient"})
-
-    def gradient_scale(self) -> float:
-        return self.options.scale
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        g = _gradient(stats, self.options.gradient)
+        g = self.gradient(stats)
         magnitude = weight.abs()
         if self.options.inverse:
             small = torch.tensor(1e-8, dtype=g.dtype, device=g.device)
             factor = (1 / (g.abs() + small)).float()
-            base = magnitude * _input_norm(stats) if self.options.wanda else magnitude
+            base = magnitude * torch.sqrt(_scaler_row(stats)) if self.options.wanda else magnitude
             return base * factor
         term = magnitude * g.abs().float()
-        return magnitude * _input_norm(stats) + term if self.options.wanda else term
+        return magnitude * torch.sqrt(_scaler_row(stats)) + term if self.options.wanda else term
 
 
 # --- Pruner-Zero's symbolic metrics ----------------------------------------------------
@@ -186,7 +191,7 @@ class PrunerZeroOptions(_GradientOptions):
         return tree
 
 
-class PrunerZero(Metric):
+class PrunerZero(_GradientMetric):
     """Pruner-Zero: a symbolic metric of |W|, G and X (default its best: |W|²·mms(G)).
 
     Evaluated in float32 as the release's ``GPTree.compute_tree`` with W = |W|, G the
@@ -197,14 +202,9 @@ class PrunerZero(Metric):
     name = "pruner-zero"
     version = "1"
     Options = PrunerZeroOptions
-    statistics = frozenset({"sumsq", "gradient"})
-
-    def gradient_scale(self) -> float:
-        return self.options.scale
 
     def score(self, weight: torch.Tensor, stats: LayerStats) -> torch.Tensor:
-        g = _gradient(stats, self.options.gradient)
-        terminals = {"W": weight.abs(), "G": g.float(), "X": (stats.sumsq / stats.windows).float().reshape(1, -1)}
+        terminals = {"W": weight.abs(), "G": self.gradient(stats).float(), "X": _scaler_row(stats)}
         value = evaluate(self.options.tree, terminals)
         return value.expand_as(weight).contiguous() if value.shape != weight.shape else value
 
