@@ -226,7 +226,7 @@ def test_the_suite_reference_has_every_field():
     page = suite_reference.markdown()
     sections = dict(suite_reference.sections())
     assert set(sections.values()) == {S.Suite, S.ModelSpec, S.MetricSpec, S.PatternSpec, S.AllocationSpec,
-                                      S.ExcludeRule, S.CalibrationSpec, S.DatasetSpec, S.EvaluationSpec}
+                                      S.ExcludeRule, S.CalibrationGrid, S.DatasetSpec, S.EvaluationSpec}
     for path, model in sections.items():
         table = page.split(f'<a id="{suite_reference.anchor(path)}"></a>', 1)[1].split("<a id=", 1)[0]
         for name, info in model.model_fields.items():
@@ -239,9 +239,10 @@ def test_the_suite_reference_has_every_field():
 
 def test_a_changed_description_makes_the_page_stale(monkeypatch):
     before = suite_reference.markdown()
-    monkeypatch.setattr(S.CalibrationSpec.model_fields["seed"], "description", "A new description.")
+    monkeypatch.setattr(S.CalibrationGrid.model_fields["seed"], "description", "A new description.")
     after = suite_reference.markdown()
-    assert after != before and "| `seed` | integer in [0, 9223372036854775807] | `0` | A new description. |" in after
+    assert after != before and ("| `seed` | integer in [0, 9223372036854775807], or a non-empty list of them (one cell each) | `0` | "
+                                    "A new description. |") in after
 
 
 def test_the_column_reference_has_every_column():

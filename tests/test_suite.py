@@ -214,7 +214,7 @@ def test_example_loads_and_round_trips(tmp_path):
     assert s.metrics[0].options == {"blocksize": 128, "update": True}  # defaults filled in
     assert s.metrics[3].options == {"bias_correction": False}
     assert [(p.name, p.sparsities) for p in s.patterns] == [("unstructured", [0.5]), ("2:4", [0.5])]
-    assert s.calibration.dataset.name == "enwiki-2016" and s.calibration.n == 16
+    assert s.calibration.first().dataset.name == "enwiki-2016" and s.calibration.n == [16]
     assert s.evaluations[0].options == {"dataset": "enwiki-2016", "seqlen": 512}
 
     dumped = yaml.safe_dump(s.model_dump(mode="json"), sort_keys=False)
@@ -240,7 +240,7 @@ def test_defaults_and_name_from_file_stem(tmp_path):
     s = S.load_suite(path)
     assert s.name == "tiny" and s.leaderboard == "leaderboard" and s.dense is True
     assert s.models[0].dtype == "float32" and s.models[0].trust_remote_code is False
-    assert s.calibration.dataset.name == "c4" and s.calibration.sequential is True
+    assert s.calibration.first().dataset.name == "c4" and s.calibration.sequential == [True]
     assert [e.name for e in s.evaluations] == ["perplexity"]
     assert [p.sparsities for p in s.patterns] == [[0.5], [1 / 3], [0.3]]  # N:M implies N/M
 
@@ -337,6 +337,40 @@ def test_own_sparsities_and_exclude():
         "stade-r · unstructured · 0.5", "stade-r · unstructured · 0.7",
         "stade-r · unstructured-layer · 0.5",
     ]
+
+
+def test_calibration_lists_vary_cells_that_read_data():
+    s = suite(metrics=["magnitude", "wanda"], calibration={"seed": [3, 1, 2], "dataset": ["c4", "enwiki-2016"]})
+    cells = S.expand(s)
+    assert [c.label for c in cells] == [
+        "dense", "magnitude · unstructured · 0.5",
+        *(f"wanda · unstructured · 0.5 · dataset={d} · seed={seed}" for d in ("c4", "enwiki-2016")
+          for seed in (3, 1, 2))]
+    wanda = [c for c in cells if c.metric == "wanda"]
+    assert [(c.calibration.dataset.name, c.calibration.seed) for c in wanda] == [
+        (d, seed) for d in ("c4", "enwiki-2016") for seed in (3, 1, 2)]
+    assert all(c.calibration.dataset.resolved.instance.name == c.calibration.dataset.name for c in wanda)
+    assert all(c.metric_plugin is not None and c.uses_data for c in wanda)
+    # the data-free cell and the dense cell carry the first protocol and name none in their label
+    assert cells[1].calibration.seed == 3 and not cells[1].uses_data
+    # each seed's cell has its own key; magnitude's key has no calibration, so it is one cell
+    keys = [r.key() for r in plan_rows(s)]
+    assert len(keys) == len(set(keys)) == len(cells)
+    assert {r.calib_seed for r in plan_rows(s) if r.metric == "wanda"} == {1, 2, 3}
+    assert S.select(cells, ["seed=1"]) == [c for c in wanda if c.calibration.seed == 1]
+    with pytest.raises(ConfigError, match="a seed is an integer"):
+        S.select(cells, ["seed=x"])
+
+
+def test_a_single_value_list_is_the_same_cell_as_the_value():
+    one, listed = suite(calibration={"seed": 4}), suite(calibration={"seed": [4]})
+    assert [r.key() for r in plan_rows(one)] == [r.key() for r in plan_rows(listed)]
+    assert [c.label for c in S.expand(listed)] == ["dense", "wanda · unstructured · 0.5"]
+
+
+def test_a_calibration_dataset_listed_twice_is_refused():
+    with pytest.raises(ConfigError, match="listed twice"):
+        suite(calibration={"dataset": ["c4", {"name": "c4"}]})
 
 
 def test_everything_excluded_is_an_error():

@@ -61,5 +61,5 @@ patterns: [unstructured]
 calibration: {dataset: {name: proverbs, options: {repeat: 50}}, n: 8, seqlen: 128}
 evaluations: [{name: perplexity, options: {dataset: proverbs, seqlen: 128}}]
 """)
-    print("calibration:", suite.calibration.dataset.name, suite.calibration.dataset.options)
-    assert suite.calibration.dataset.options == {"repeat": 50}
+    print("calibration:", suite.calibration.dataset[0].name, suite.calibration.dataset[0].options)
+    assert suite.calibration.dataset[0].options == {"repeat": 50}

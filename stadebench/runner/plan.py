@@ -192,8 +192,7 @@ class Sources:
 
 def uses_data(cell: Cell) -> bool:
     """Whether the cell reads calibration data: its metric or its allocator does."""
-    return not cell.dense and not (cell.metric_plugin.instance.data_free()
-                                   and cell.allocation_plugin.instance.data_free())
+    return cell.uses_data
 
 
 Fingerprints = Callable[[DatasetSpec | EvaluationSpec], str | None]

@@ -37,6 +37,8 @@ class Cell(BaseModel):
     targets: tuple[str, ...] = Field((), description="Regexes of the layers to prune (empty: all).")
     ignore: tuple[str, ...] = Field((), description="Regexes of the layers left dense.")
     calibration: CalibrationSpec = Field(description="Calibration protocol (unused by dense cells).")
+    calibration_varied: tuple[str, ...] = Field((), description="Calibration knobs the suite varies (named in "
+                                                                "the label).")
     evaluations: tuple[EvaluationSpec, ...] = Field((), description="Evaluations to run.")
     save: str | None = Field(None, description="Absolute folder to save the pruned model under (None: not "
                                                "saved); not part of the key.")
@@ -51,12 +53,23 @@ class Cell(BaseModel):
         return self.metric == DENSE
 
     @property
+    def uses_data(self) -> bool:
+        """Whether the cell reads calibration data: its metric or its allocator does."""
+        return not self.dense and not (self._metric.instance.data_free() and self._allocation.instance.data_free())
+
+    @property
     def label(self) -> str:
-        """Short human label, e.g. ``wanda · unstructured · 0.5`` (``· owl`` when not uniform)."""
+        """Short human label, e.g. ``wanda · unstructured · 0.5`` (``· owl`` when not uniform,
+        ``· seed=3`` for each calibration knob the suite varies)."""
         if self.dense:
             return DENSE
         label = f"{self.metric_label} · {self.pattern} · {self.sparsity:g}"
-        return label if self.allocation == UNIFORM else f"{label} · {self.allocation_label}"
+        if self.allocation != UNIFORM:
+            label += f" · {self.allocation_label}"
+        for knob in self.calibration_varied:
+            value = getattr(self.calibration, knob)
+            label += f" · {knob}={value.name if knob == 'dataset' else value}"
+        return label
 
     @property
     def metric_plugin(self) -> Resolved | None:
@@ -102,12 +115,14 @@ def _excluded(rule: ExcludeRule, cell: Cell) -> bool:
 
 
 def expand(suite: Suite) -> list[Cell]:
-    """The cells of a validated suite, grouped by model: dense first, then metric × pattern × sparsity."""
+    """The cells of a validated suite, grouped by model: dense first, then metric × pattern ×
+    sparsity × allocation × calibration protocol (one protocol only for a cell that reads no data)."""
     cells = []
+    protocols, varied = suite.calibration.protocols(), suite.calibration.varied
     for model in suite.models:
-        common = {"model": model, "calibration": suite.calibration, "evaluations": tuple(suite.evaluations)}
+        common = {"model": model, "evaluations": tuple(suite.evaluations)}
         if suite.dense:
-            cells.append(Cell(metric=DENSE, metric_label=DENSE, **common))
+            cells.append(Cell(metric=DENSE, metric_label=DENSE, calibration=protocols[0], **common))
         for metric in suite.metrics:
             for pattern in suite.patterns:
                 for sparsity in pattern.sparsities or suite.sparsities or ():
@@ -117,20 +132,31 @@ def expand(suite: Suite) -> list[Cell]:
                                     pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
                                     allocation=allocation.name, allocation_label=allocation.display,
                                     allocation_options=allocation.options, targets=tuple(suite.targets),
-                                    ignore=tuple(suite.ignore), save=_absolute(save),
+                                    ignore=tuple(suite.ignore), save=_absolute(save), calibration=protocols[0],
                                     save_exact=suite._save_exact, **common)
                         cell._metric, cell._pattern = metric._resolved, pattern._resolved
                         cell._allocation = allocation._resolved
-                        if not any(_excluded(rule, cell) for rule in suite.exclude):
-                            cells.append(cell)
+                        if any(_excluded(rule, cell) for rule in suite.exclude):
+                            continue
+                        cells += _per_protocol(cell, protocols, varied) if cell.uses_data else [cell]
     return cells
+
+
+def _per_protocol(cell: Cell, protocols: list[CalibrationSpec], varied: tuple[str, ...]) -> list[Cell]:
+    """``cell`` once per calibration protocol, each naming the knobs that vary."""
+    out = []
+    for protocol in protocols:
+        copy = cell.model_copy(update={"calibration": protocol, "calibration_varied": varied})
+        copy._metric, copy._pattern, copy._allocation = cell._metric, cell._pattern, cell._allocation
+        out.append(copy)
+    return out
 
 
 def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """Cells matching ``--only`` items: ``field=value[,value]`` or a bare label substring.
 
     Items naming the same field (bare substrings count as one field) are alternatives;
-    different fields must all match. Fields: model, metric, pattern, sparsity, dtype.
+    different fields must all match. Fields: model, metric, pattern, sparsity, dtype, allocation, seed.
     """
     wanted: dict[str, list[str]] = {}
     for item in only:
@@ -146,6 +172,11 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
         values = [v.strip() for v in value.split(",") if v.strip()]
         if not values:
             raise ConfigError(f"--only {item!r}: give a value, e.g. {field}=...")
+        if field == "seed":
+            try:
+                values = [int(v) for v in values]
+            except ValueError:
+                raise ConfigError(f"--only {item!r}: a seed is an integer, e.g. seed=0") from None
         if field == "sparsity":
             try:
                 values = [float(v) for v in values]
@@ -170,6 +201,8 @@ def _selected(cell: Cell, field: str, value: Any) -> bool:
         return math.isclose(value, cell.sparsity)
     if field == "dtype":
         return value == cell.model.dtype
+    if field == "seed":
+        return cell.uses_data and value == cell.calibration.seed
     if field == "allocation":
         return value in (cell.allocation, cell.allocation_label)
     return value == cell.pattern

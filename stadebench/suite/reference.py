@@ -25,7 +25,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator
 from pydantic.fields import FieldInfo
 
-from .schema import Suite
+from .schema import AXIS, Suite
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = "docs/examples/suite.yaml"
@@ -67,7 +67,11 @@ RULES = """\
 CELLS = """\
 `expand` turns a suite into cells grouped by model: the dense cell first (when `dense:
 true`), then metric × pattern × sparsity × allocation in the order written, minus the
-excluded ones."""
+excluded ones. A calibration knob given as a list (`seed: [0, 1, 2]`) repeats each cell
+that reads data once per value, per combination when several knobs are lists, the first
+knob varying slowest (dataset, n, seqlen, seed, ...); a cell that reads no data (dense,
+magnitude) runs once, and its label names no calibration. Listing a value twice is an
+error."""
 
 
 # --- docs/suites.md ------------------------------------------------------------------
@@ -157,6 +161,8 @@ def _type(tp: Any, meta: list[Any] = (), plural: bool = False) -> str:
         return text + " or null" if type(None) in args else text
     if origin is Literal:
         return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin is list and AXIS in meta:
+        return f"{_type(args[0])}, or a non-empty list of them (one cell each)"
     if origin is list:
         return ("non-empty list of " if non_empty else "list of ") + _type(args[0], plural=True)
     if origin is dict or tp is dict:
@@ -188,11 +194,18 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _bare(model: type[BaseModel]) -> BaseModel | None:
+    """``model()`` with every default (its axis defaults validated into lists); None when it needs fields."""
+    return None if any(f.is_required() for f in model.model_fields.values()) else model()
+
+
 def _default(info: FieldInfo) -> str:
     if info.is_required():
         return "*required*"
     value = info.get_default(call_default_factory=True)
-    if isinstance(value, BaseModel) and not value.model_dump(exclude_defaults=True):
+    if AXIS in info.metadata:
+        value = value[0] if isinstance(value, list) else value
+    if isinstance(value, BaseModel) and (not value.model_dump(exclude_defaults=True) or value == _bare(type(value))):
         return "its fields' defaults"
     text = yaml.safe_dump(_plain(value), default_flow_style=True, width=math.inf, sort_keys=False)
     return f"`{text.removesuffix(chr(10)).removesuffix('...').strip()}`"

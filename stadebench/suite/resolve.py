@@ -13,7 +13,7 @@ from ..plugins import get_plugins
 from ..util import canonical_json, suggestion
 from .cells import Cell, expand, model_names
 from .problems import Loc, Problem, from_validation, loc_text
-from .schema import (DENSE, AllocationSpec, CalibrationSpec, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec,
+from .schema import (DENSE, AllocationSpec, CalibrationGrid, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec,
                      Resolved, Suite)
 
 def _options(cls: type, options: dict[str, Any], loc: Loc) -> None:
@@ -110,13 +110,19 @@ def resolve_suite(suite: Suite) -> Suite:
     return resolved
 
 
-def _calibration(plugins: Any, calibration: CalibrationSpec) -> CalibrationSpec:
-    """The calibration protocol with its dataset resolved and checked."""
-    dataset, options = _plugin(plugins.datasets, calibration.dataset, ("calibration", "dataset"))
-    _check(dataset, ("calibration", "dataset", "options"))
-    calibration_dataset = calibration.dataset.model_copy(update={"options": options})
-    calibration_dataset._resolved = dataset
-    return calibration.model_copy(update={"dataset": calibration_dataset})
+def _calibration(plugins: Any, calibration: CalibrationGrid) -> CalibrationGrid:
+    """The calibration knobs with each dataset resolved and checked."""
+    datasets = []
+    for i, spec in enumerate(calibration.dataset):
+        loc = ("calibration", "dataset", i) if len(calibration.dataset) > 1 else ("calibration", "dataset")
+        dataset, options = _plugin(plugins.datasets, spec, loc)
+        _check(dataset, (*loc, "options"))
+        datasets.append(spec.model_copy(update={"options": options}))
+        datasets[-1]._resolved = dataset
+    if len({(d.name, canonical_json(d.options)) for d in datasets}) < len(datasets):
+        raise Problem(("calibration", "dataset"), "the same dataset is listed twice once defaults are filled in; "
+                                                  "list each calibration dataset once")
+    return calibration.model_copy(update={"dataset": datasets})
 
 
 def _evaluations(plugins: Any, specs: list[EvaluationSpec]) -> list[EvaluationSpec]:

@@ -9,13 +9,14 @@ tests/test_docs.py fails when the page and the models differ.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, create_model,
+                      field_validator, model_validator)
 
 from ..errors import ConfigError
 
@@ -25,7 +26,7 @@ MAX_WINDOWS = 65_536
 MAX_SEQLEN = 1 << 20
 MAX_SEED = (1 << 63) - 1
 MAX_DEVICE_INDEX = 255
-SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype", "allocation")
+SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype", "allocation", "seed")
 UNIFORM = "uniform"
 
 @dataclass(frozen=True)
@@ -187,6 +188,59 @@ class CalibrationSpec(_Spec):
                                "to reproduce their numbers.")
 
 
+AXIS = "axis"
+"""Metadata marking a calibration knob that a list varies (docs render it as "X, or a list")."""
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+def _distinct(values: list) -> list:
+    seen = []
+    for value in values:
+        if value in seen:
+            shown = value.name if isinstance(value, DatasetSpec) and not value.options else value
+            raise ValueError(f"{shown!r} is listed twice; list each value once")
+        seen.append(value)
+    return values
+
+
+def _axis(info: Any) -> tuple[Any, Any]:
+    """A ``CalibrationSpec`` field as a grid axis: the value, or a list of values (one cell each)."""
+    element = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+    kind = Annotated[list[element], BeforeValidator(_as_list), AfterValidator(_distinct), AXIS]
+    return kind, Field(info.default, min_length=1, validate_default=True,
+                       description=f"{info.description} A list varies it: one cell per value.")
+
+
+class _CalibrationGrid(_Spec):
+    """Calibration knobs, each a value or a list of values that the grid varies."""
+
+    @property
+    def varied(self) -> tuple[str, ...]:
+        """The knobs given more than one value, in declaration order."""
+        return tuple(name for name in type(self).model_fields if len(getattr(self, name)) > 1)
+
+    def protocols(self) -> list[CalibrationSpec]:
+        """One calibration protocol per combination of the knobs' values (the first knob varies slowest)."""
+        names = list(type(self).model_fields)
+        return [CalibrationSpec(**dict(zip(names, combo, strict=True)))
+                for combo in itertools.product(*(getattr(self, n) for n in names))]
+
+    def first(self) -> CalibrationSpec:
+        """The protocol of every knob's first value (the one data-free and dense cells carry)."""
+        return CalibrationSpec(**{n: getattr(self, n)[0] for n in type(self).model_fields})
+
+
+CalibrationGrid = create_model(
+    "CalibrationGrid", __base__=_CalibrationGrid, __module__=__name__,
+    __doc__="How calibration windows are drawn and fed through the model. Any knob may be a list, "
+            "e.g. ``seed: [0, 1, 2, 3, 4]``: the grid then has one cell per value (per combination "
+            "when several knobs are lists) for each metric that reads data.",
+    **{name: _axis(info) for name, info in CalibrationSpec.model_fields.items()})
+
+
 class ExcludeRule(_Spec):
     """Drops the pruned cells that match every field given."""
 
@@ -226,7 +280,8 @@ class Suite(_Spec):
     ignore: list[LayerRegex] = Field(default_factory=list, description="Regexes over layer paths: layers left "
                                                                        "dense, e.g. ['layers[.]0[.]', self_attn].")
     exclude: list[ExcludeRule] = Field(default_factory=list, description="Pruned cells to drop.")
-    calibration: CalibrationSpec = Field(CalibrationSpec(), description="Calibration protocol.")
+    calibration: CalibrationGrid = Field(CalibrationGrid(), description="Calibration protocol; a list "
+                                         "for a knob varies it (e.g. seeds).")
     evaluations: list[_shorthand(EvaluationSpec)] = Field(
         default_factory=lambda: [EvaluationSpec(name="perplexity")],
         description="Evaluations run on every cell; empty only to prune and save (`save:` set).")
@@ -265,6 +320,6 @@ def suite_json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
-__all__ = ["AllocationSpec", "CalibrationSpec", "DENSE", "DatasetSpec", "EvaluationSpec", "ExcludeRule",
+__all__ = ["AXIS", "AllocationSpec", "CalibrationGrid", "CalibrationSpec", "DENSE", "DatasetSpec", "EvaluationSpec", "ExcludeRule",
            "MAX_DEVICE_INDEX", "MAX_SEED", "MAX_SEQLEN", "MAX_WINDOWS", "MetricSpec", "ModelSpec", "PatternSpec",
            "Resolved", "SELECT_FIELDS", "Suite", "UNIFORM", "suite_json_schema"]
