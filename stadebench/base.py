@@ -444,6 +444,13 @@ class Score:
         details: extra provenance (number of windows/docs, split, seqlen, …).
         layers: per-layer records behind the score, stored as typed Arrow data with its
             row (``record.DIAGNOSTIC_TYPE``); None for most scores.
+        items: what the score is an average of, one ``{"id", "value", "weight"}`` per
+            evaluation item (a perplexity window, a document), ``id`` an integer naming
+            the same item in every cell of the same evaluation; paired comparisons
+            resample them. None when the evaluator does not say.
+        aggregate: how ``value`` follows from ``items``: ``mean`` (Σ weight·value /
+            Σ weight) or ``exp_mean`` (its exponential: a perplexity from per-window mean
+            NLLs weighted by predicted tokens). Required with ``items``.
     """
 
     task: str
@@ -453,6 +460,8 @@ class Score:
     higher_is_better: bool = True
     details: dict[str, Any] = field(default_factory=dict)
     layers: list[dict[str, Any]] | None = None
+    items: list[dict[str, Any]] | None = None
+    aggregate: str | None = None
 
 
 @dataclass

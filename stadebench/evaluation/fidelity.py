@@ -8,7 +8,7 @@ max_windows, batch_size), at every predicted position t of every window:
 over the whole vocabulary (exact, no top-k), in float32 from each model's logits, and
 whether both models' top-1 tokens agree. Scores: ``kl``, the mean of KL_t over all
 predicted tokens (nats), and ``top1_agreement``, the share of them whose top-1 is
-unchanged; each with its per-window values in the details. The dense model's outputs come
+unchanged; each with its per-window values as its items (``Score.items``). The dense model's outputs come
 from the cell's own model with its dense weights swapped in for each batch
 (``CellContext.dense``), so nothing of the model's size is kept; the dense baseline is
 compared with itself: KL 0, agreement 1, computed like any other cell.
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..base import CellContext, Score
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from .perplexity import Perplexity, placed
+from .perplexity import Perplexity, placed, window_items
 
 
 def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
@@ -74,12 +74,12 @@ class Fidelity(Perplexity):
         with placed(model, device) as dev:
             kl, agree = divergence(model, ids, self.options.batch_size, dev, cell.dense)
         task = self.dataset().name
-        windows = len(kl)
+        windows, predicted = len(kl), ids.shape[1] - 1
         # every window predicts seqlen - 1 tokens: the mean over tokens is the mean over windows
         return [Score(task=task, name="kl", value=sum(kl) / windows, stderr=None, higher_is_better=False,
-                      details={**details, "per_window": kl}),
+                      details=details, items=window_items(kl, predicted), aggregate="mean"),
                 Score(task=task, name="top1_agreement", value=sum(agree) / windows, stderr=None,
-                      higher_is_better=True, details={**details, "per_window": agree})]
+                      higher_is_better=True, details=details, items=window_items(agree, predicted), aggregate="mean")]
 
 
 @hookimpl

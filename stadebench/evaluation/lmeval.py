@@ -241,13 +241,47 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
-def scores_from_results(results: dict, details: dict[str, dict[str, Any]] | None = None) -> list[Score]:
+def _item(rule: str, sample_value: Any) -> tuple[float, float]:
+    """An lm-eval per-document metric value as (value, weight) under our aggregate ``rule``."""
+    if rule == "weighted_perplexity":  # (loglikelihood, words or bytes)
+        loglik, units = sample_value
+        return -float(loglik) / float(units), float(units)
+    return (-float(sample_value) if rule == "perplexity" else float(sample_value)), 1.0
+
+
+_RULES = {"mean": "mean", "perplexity": "exp_mean", "weighted_perplexity": "exp_mean"}
+"""lm-eval aggregations whose score is an average of per-document items, and our rule for them."""
+
+
+def sample_items(results: dict, tasks: dict[str, Any]) -> dict[tuple[str, str], tuple[list[dict], str]]:
+    """Per (task, metric as ``scores_from_results`` names it): the per-document items of a run
+    with ``log_samples=True`` and their aggregate (``Score.items``); metrics whose
+    aggregation is not an average of documents (f1, bits per byte, ...) have none."""
+    out: dict[tuple[str, str], tuple[list[dict], str]] = {}
+    for task, samples in results.get("samples", {}).items():
+        task_obj = tasks.get(task)
+        for metric, fn in (task_obj.aggregation() if task_obj is not None else {}).items():
+            rule = getattr(fn, "__name__", "")
+            if rule not in _RULES:
+                continue
+            for sample in samples:
+                if metric in sample:
+                    value, weight = _item(rule, sample[metric])
+                    name = metric if sample["filter"] == "none" else f"{metric},{sample['filter']}"
+                    out.setdefault((task, name), ([], _RULES[rule]))[0].append(
+                        {"id": int(sample["doc_id"]), "value": value, "weight": weight})
+    return out
+
+
+def scores_from_results(results: dict, details: dict[str, dict[str, Any]] | None = None,
+                        items: dict[tuple[str, str], tuple[list[dict], str]] | None = None) -> list[Score]:
     """Turn lm-eval's results dict into Scores: one per (task, metric), ``"acc,none"`` → ``acc``.
 
     A metric under a filter other than ``none`` keeps lm-eval's spelling (``exact_match,
-    strict-match``). ``details`` adds provenance per task.
+    strict-match``). ``details`` adds provenance per task; ``items`` (``sample_items``) the
+    per-document evidence.
     """
-    details = details or {}
+    details, items = details or {}, items or {}
     scores = []
     tables = [(name, row, False) for name, row in results.get("results", {}).items()]
     tables += [(name, row, True) for name, row in results.get("groups", {}).items()]
@@ -266,10 +300,11 @@ def scores_from_results(results: dict, details: dict[str, dict[str, Any]] | None
             }
             if group:
                 info["group"] = True
+            name = metric if filt == "none" else key
+            evidence, rule = items.get((task, name), (None, None))
             scores.append(Score(
-                task=task, name=metric if filt == "none" else key, value=float(value),
-                stderr=_number(row.get(f"{metric}_stderr,{filt}")),
-                higher_is_better=bool(better.get(metric, True)), details=info,
+                task=task, name=name, value=float(value), stderr=_number(row.get(f"{metric}_stderr,{filt}")),
+                higher_is_better=bool(better.get(metric, True)), details=info, items=evidence, aggregate=rule,
             ))
     return scores
 
@@ -373,12 +408,12 @@ class LmEval(Evaluator):
                         task_obj.set_fewshot_seed(seed=1234)  # simple_evaluate's default
                     t0, before = time.perf_counter(), dict(getattr(lm, "counts", {}))
                     results = evaluator.evaluate(lm=lm, task_dict=task.loaded, limit=opts.limit,
-                                                 bootstrap_iters=opts.bootstrap_iters, log_samples=False)
+                                                 bootstrap_iters=opts.bootstrap_iters, log_samples=True)
                     seconds = time.perf_counter() - t0
                     names = set(results.get("results", {})) | set(results.get("groups", {}))
                     scores += scores_from_results(
                         results, {n: {**common, **task.data, "seconds": seconds, **_padding(lm, before)}
-                                  for n in names})
+                                  for n in names}, sample_items(results, task.loaded["tasks"]))
             finally:
                 model.train(was_training)
         return scores
@@ -421,5 +456,5 @@ def register_evaluators(register):
 
 
 __all__ = ["DEFAULT_TASKS", "INSTALL_HINT", "LmEval", "LmEvalMissing", "PreparedTask", "STOCK_DIRS", "harness_model",
-           "hub_offline", "lmeval_unavailable", "lmeval_version", "offline_task_yaml", "prepare_tasks",
+           "hub_offline", "lmeval_unavailable", "lmeval_version", "offline_task_yaml", "prepare_tasks", "sample_items",
            "scores_from_results", "stock_split", "stock_task_manager"]

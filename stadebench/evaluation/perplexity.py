@@ -76,10 +76,12 @@ class Perplexity(Evaluator):
         """Perplexity of ``model`` as it is now; ``device`` defaults to the model's."""
         ids, details = self.windows(model, tokenizer)
         with placed(model, device) as dev:
-            nll = total_nll(model, ids, self.options.batch_size, dev)
-        ppl = float(torch.tensor(nll / details["predicted_tokens"], dtype=torch.float64).exp())  # inf on overflow
+            nll = window_nll(model, ids, self.options.batch_size, dev)
+        predicted = ids.shape[1] - 1
+        ppl = float(torch.tensor(sum(nll) / details["predicted_tokens"], dtype=torch.float64).exp())  # inf on overflow
         return [Score(task=self.dataset().name, name="ppl", value=ppl, stderr=None, higher_is_better=False,
-                      details=details)]
+                      details=details, items=window_items([t / predicted for t in nll], predicted),
+                      aggregate="exp_mean")]
 
     def windows(self, model: torch.nn.Module, tokenizer: Any) -> tuple[torch.Tensor, dict[str, Any]]:
         """The evaluated windows, LongTensor ``[windows, seqlen]``, and what they are (the
@@ -100,9 +102,9 @@ class Perplexity(Evaluator):
         return stream[: windows * opts.seqlen].view(windows, opts.seqlen), details
 
 
-def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Sum of next-token cross-entropies (nats) over the rows of ``ids`` ``[windows, seqlen]``."""
-    total = torch.zeros((), dtype=torch.float64, device=device)
+def window_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> list[float]:
+    """Summed next-token cross-entropy (nats, float64) of each row of ``ids`` ``[windows, seqlen]``."""
+    sums = []
     was_training = model.training
     model.eval()
     try:
@@ -112,13 +114,24 @@ def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device
                 logits = model(input_ids=batch, use_cache=False).logits
                 labels = batch.to(logits.device)
                 # One window at a time: float32 logits of a whole batch can take GBs.
-                for row in range(batch.shape[0]):
-                    loss = F.cross_entropy(logits[row, :-1].float(), labels[row, 1:], reduction="sum")
-                    total += loss.to(device, torch.float64)
+                losses = [F.cross_entropy(logits[row, :-1].float(), labels[row, 1:], reduction="sum")
+                          for row in range(batch.shape[0])]
+                sums += torch.stack(losses).double().tolist()
                 del logits
     finally:
         model.train(was_training)
-    return total.item()
+    return sums
+
+
+def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Sum of next-token cross-entropies (nats) over the rows of ``ids`` ``[windows, seqlen]``."""
+    return sum(window_nll(model, ids, batch_size, device))
+
+
+def window_items(means: list[float], predicted: int) -> list[dict[str, float]]:
+    """``Score.items`` of windows that predict ``predicted`` tokens each: the window's index,
+    its mean per token, and the tokens as its weight."""
+    return [{"id": i, "value": mean, "weight": predicted} for i, mean in enumerate(means)]
 
 
 def _check_positions(model: torch.nn.Module, seqlen: int, who: str = "perplexity") -> None:
@@ -146,4 +159,4 @@ def register_evaluators(register):
     register(Perplexity)
 
 
-__all__ = ["DatasetRef", "Perplexity", "placed", "total_nll"]
+__all__ = ["DatasetRef", "Perplexity", "placed", "total_nll", "window_items", "window_nll"]

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import ConfigError
+from .row import AGGREGATES
 
-AGGREGATES = ("mean", "exp_mean")
 DEFAULT_RESAMPLES = 2000
 DEFAULT_LEVEL = 0.95
 

@@ -28,7 +28,7 @@ import pyarrow as pa
 from ..errors import StadebenchError
 from ..util import canonical_json
 
-SCHEMA_VERSION = "5"
+SCHEMA_VERSION = "6"
 VERSION_KEY = "stadebench.schema_version"
 STATUSES = ("ok", "failed")
 
@@ -87,6 +87,18 @@ DIAGNOSTIC_TYPE = pa.struct([
     _doc("measured_winner", _bool, "This candidate has the layer's lowest measured error."),
 ])
 """One (layer, candidate decision) of a ``diagnostics`` evaluation (``Row.layer_diagnostics``)."""
+
+
+ITEM_TYPE = pa.struct([
+    _doc("id", _i64, "The item: a window's index, or lm-eval's doc_id; the same id names the same item in every "
+                     "row of the same evaluation."),
+    _doc("value", _f64, "The item's value: a window's mean NLL or KL per token, a document's 0/1 outcome or "
+                        "negative log-likelihood."),
+    _doc("weight", _f64, "Its weight in the score: predicted tokens of a window, 1 for a document."),
+])
+"""One evaluation item behind a score (``Row.items`` holds a list of them)."""
+AGGREGATES = ("mean", "exp_mean")
+"""How a score follows from its items: ``mean`` = Σ weight·value / Σ weight; ``exp_mean`` = exp of that."""
 
 
 GROUPS = ("model", "pruning", "calibration", "evaluation")
@@ -259,6 +271,11 @@ class Row:
     layers: list[dict[str, Any]] | None = _col(pa.list_(LAYER_TYPE), "Every prunable layer of a pruned cell: "
                                                "name, block, role, allocated and realised sparsity, errors "
                                                "(see LAYER_TYPE); null for dense.")
+    item_aggregate: str | None = _col(_str, "How value follows from items: mean (sum of weight * value over sum "
+                                      "of weight) or exp_mean (exp of that: a perplexity); null without items.")
+    items: list[dict[str, Any]] | None = _col(pa.list_(ITEM_TYPE), "Per evaluation item (window or document): "
+                                              "id, value, weight (see ITEM_TYPE), what value is an average of; "
+                                              "paired comparisons resample them. Null when the evaluator gives none.")
     layer_diagnostics: list[dict[str, Any]] | None = _col(
         pa.list_(DIAGNOSTIC_TYPE), "Per (layer, candidate mask): predicted and measured output error "
         "(see DIAGNOSTIC_TYPE); on the diagnostics evaluation's `layers` row only.")
@@ -266,6 +283,11 @@ class Row:
     def __post_init__(self):
         for f in dataclasses.fields(self):
             object.__setattr__(self, f.name, normalise(f.name, getattr(self, f.name)))
+        if (self.items is None) != (self.item_aggregate is None) or (
+                self.item_aggregate is not None and self.item_aggregate not in AGGREGATES):
+            raise RecordError(f"items need an item_aggregate, one of {', '.join(AGGREGATES)} (got items="
+                              f"{'null' if self.items is None else len(self.items)}, "
+                              f"item_aggregate={self.item_aggregate!r})")
 
     def key(self) -> str:
         """The cell key: sha256 hex of the canonical JSON of the key fields."""
@@ -364,9 +386,9 @@ def normalise(name: str, value: Any) -> Any:
 
 
 def _layers(name: str, value: Any) -> tuple[dict[str, Any], ...]:
-    """Per-layer records checked against the column's struct (a tuple, so a Row stays hashable)."""
+    """Records (per layer, per item) checked against the column's struct (a tuple, so a Row stays hashable)."""
     if isinstance(value, str | bytes | Mapping) or not isinstance(value, list | tuple):
-        raise RecordError(f"{name} must be a list of per-layer records, not {type(value).__name__}")
+        raise RecordError(f"{name} must be a list of records, not {type(value).__name__}")
     out = []
     for i, entry in enumerate(value):
         if not isinstance(entry, Mapping):
@@ -385,6 +407,7 @@ def cell_key(fields: Mapping[str, Any]) -> str:
     return hashlib.sha256(canonical_json(key).encode()).hexdigest()
 
 
-__all__ = ["BASELINE_FIELDS", "COUNTED_FIELDS", "DIAGNOSTIC_TYPE", "GROUPS", "JSON_FIELDS", "KEY_FIELDS",
-           "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "OPTION_FIELDS", "SCHEMA", "SCHEMA_VERSION", "SOURCES",
-           "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "meta", "normalise"]
+__all__ = ["AGGREGATES", "BASELINE_FIELDS", "COUNTED_FIELDS", "DIAGNOSTIC_TYPE", "GROUPS", "ITEM_TYPE",
+           "JSON_FIELDS", "KEY_FIELDS", "LABEL_FIELDS", "LAYER_FIELDS", "LAYER_TYPE", "OPTION_FIELDS", "SCHEMA",
+           "SCHEMA_VERSION", "SOURCES", "STATUSES", "VERSION_KEY", "RecordError", "Row", "cell_key", "meta",
+           "normalise"]

@@ -72,8 +72,14 @@ def _upgrade_from_4(table: pa.Table) -> pa.Table:
                                      pa.array(fixed, pa.string())))
 
 
+def _upgrade_from_5(table: pa.Table) -> pa.Table:
+    """Schema 5 -> 6: rows made before per-item evidence have no ``items`` (null); keys are unchanged."""
+    return conform(table)
+
+
 UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2,
-                                                        "3": _upgrade_from_3, "4": _upgrade_from_4}
+                                                        "3": _upgrade_from_3, "4": _upgrade_from_4,
+                                                        "5": _upgrade_from_5}
 """``UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
 with the same rows in the same order (compaction splits files by row position)."""
 

@@ -339,7 +339,7 @@ def rows_of(result: CellResult, provenance: dict[str, Any]) -> list[Row]:
             rows.append(p.template.replace(
                 task=s.task, score=s.name, value=s.value, stderr=s.stderr, higher_is_better=s.higher_is_better,
                 status="ok", eval_seconds=evaluation.seconds, details={**result.details, "eval": s.details},
-                layer_diagnostics=s.layers, **common))
+                layer_diagnostics=s.layers, items=s.items, item_aggregate=s.aggregate, **common))
     return rows
 
 

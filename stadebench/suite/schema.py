@@ -320,6 +320,6 @@ def suite_json_schema() -> dict[str, Any]:
     return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
-__all__ = ["AXIS", "AllocationSpec", "CalibrationGrid", "CalibrationSpec", "DENSE", "DatasetSpec", "EvaluationSpec", "ExcludeRule",
-           "MAX_DEVICE_INDEX", "MAX_SEED", "MAX_SEQLEN", "MAX_WINDOWS", "MetricSpec", "ModelSpec", "PatternSpec",
-           "Resolved", "SELECT_FIELDS", "Suite", "UNIFORM", "suite_json_schema"]
+__all__ = ["AXIS", "AllocationSpec", "CalibrationGrid", "CalibrationSpec", "DENSE", "DatasetSpec", "EvaluationSpec",
+           "ExcludeRule", "MAX_DEVICE_INDEX", "MAX_SEED", "MAX_SEQLEN", "MAX_WINDOWS", "MetricSpec", "ModelSpec",
+           "PatternSpec", "Resolved", "SELECT_FIELDS", "Suite", "UNIFORM", "suite_json_schema"]
