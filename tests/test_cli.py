@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 import stadebench
 from stadebench.results import store as lb
+from stadebench.results.paired import paired_bootstrap
 from stadebench.cli import ExitCode, app
 from stadebench.plugins import DEFAULT_PLUGINS
 from tinymodel import shared_assets, suite_dict, write_suite
@@ -445,7 +446,14 @@ def test_leaderboard_compare_metrics_side_by_side(board):
     assert row["wanda"] == pytest.approx(wanda, rel=1e-12)
     assert row["magnitude"] == pytest.approx(magnitude, rel=1e-12)
     assert row["delta"] == pytest.approx(magnitude - wanda, rel=1e-9)
-    assert row["better"] == ("wanda" if wanda < magnitude else "magnitude")  # perplexity: lower is better
+    # the verdict is the paired bootstrap's over the windows both cells were evaluated on
+    items = {m: next(r["items"] for r in board.rows if r["metric"] == m and r["score"] == "ppl")
+             for m in ("wanda", "magnitude")}
+    interval = paired_bootstrap({None: items["magnitude"]}, {None: items["wanda"]}, "exp_mean")
+    assert (row["ci_low"], row["ci_high"], row["items"], row["seeds"]) == (interval.low, interval.high, 4, 1)
+    assert row["ci_low"] <= row["delta"] <= row["ci_high"]
+    expected = "~" if not interval.detectable() else "wanda" if wanda < magnitude else "magnitude"
+    assert row["better"] == expected  # perplexity: lower is better
     assert row["evaluation"] == "perplexity(text, test, seqlen=16)" and row["allocation"] == "uniform"
 
     r = invoke("leaderboard", "compare", "wanda", "magnitude", "--dir", board.folder)

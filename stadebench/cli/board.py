@@ -12,6 +12,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from ..results.compare import evaluation_label
+from ..results.paired import DEFAULT_LEVEL, DEFAULT_RESAMPLES
 from ..util import cut, visible
 from .common import Format, FormatOption, err, fail, handle_errors, out, styled, write_rows
 
@@ -279,7 +281,7 @@ def _paper_rows(papers: list, precision: int | None = None) -> list[dict]:
     def num(v):
         return v if precision is None or v is None else _round(v, precision)
 
-    return [{"model": c.ours["model"], "cell": _subject_label(c.ours), "evaluation": _evaluation(c.ours),
+    return [{"model": c.ours["model"], "cell": _subject_label(c.ours), "evaluation": evaluation_label(c.ours),
              "ours": num(c.ours["value"]) if c.compared else None, "paper": num(c.published.value),
              "relative": None if c.relative is None else round(c.relative, 4), "published": c.published.ref,
              "not compared: protocol differs in": _differs_text(c.differs) or None}
@@ -423,26 +425,6 @@ def _show(cell: str, folder: Path, fmt: Format) -> None:
     out.print(view)
 
 
-def _evaluation(r: dict) -> str:
-    """What tells two evaluations of one task apart: ``perplexity(enwiki-2016, seqlen=512)``."""
-    parts = [p for p in (r["eval_dataset"], r["eval_split"]) if p]
-    if r["eval_seqlen"] is not None:
-        parts.append(f"seqlen={r['eval_seqlen']}")
-    return f"{r['evaluator']}({', '.join(parts)})" if parts else str(r["evaluator"])
-
-
-def _better(ra: dict, rb: dict, a: str, b: str) -> str:
-    """Which side scores better, ``~`` when the difference is inside their combined standard error."""
-    if ra["value"] is None or rb["value"] is None or ra["value"] == rb["value"]:
-        return "="
-    if ra["stderr"] is not None or rb["stderr"] is not None:
-        spread = ((ra["stderr"] or 0.0) ** 2 + (rb["stderr"] or 0.0) ** 2) ** 0.5
-        if abs(ra["value"] - rb["value"]) <= spread:
-            return "~"
-    b_wins = (rb["value"] > ra["value"]) == bool(ra["higher_is_better"])
-    return b if b_wins else a
-
-
 class By(str, enum.Enum):
     run = "run"
     metric = "metric"
@@ -455,53 +437,50 @@ def compare(
     by: Annotated[By, typer.Option(help="Compare two runs (same cells) or two metrics (same settings).")] = By.metric,
     folder: DirOption = Path("leaderboard"),
     fmt: FormatOption = Format.table,
+    resamples: Annotated[int, typer.Option(min=100, max=1_000_000, help="Bootstrap resamples of the paired "
+                                           "interval.")] = DEFAULT_RESAMPLES,
+    level: Annotated[float, typer.Option(min=0.5, max=0.999, help="Level of the paired interval.")] = DEFAULT_LEVEL,
 ) -> None:
-    """Put two runs or two metrics side by side, matched on everything else."""
-    _compare(a, b, by, folder, fmt)
+    """Put two runs or two metrics side by side, matched on everything else; each difference
+    (b − a) judged by a paired bootstrap over shared windows/documents and calibration seeds."""
+    _compare(a, b, by, folder, fmt, resamples, level)
 
 
 @handle_errors
-def _compare(a: str, b: str, by: By, folder: Path, fmt: Format) -> None:
+def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, level: float) -> None:
     from ..results import store as lb
-    from ..results.row import KEY_FIELDS
+    from ..results.compare import compare_rows
 
     # a run's rows that a later run superseded live in _history/
     table = lb.read(folder, history=True) if by is By.run else lb.current(lb.read(folder))
     field = "run_id" if by is By.run else "metric"
-    # two metrics are matched on model, pattern, sparsity and evaluation: a data-free
-    # metric has no calibration to match, so calibration is left out of the match too
-    ignore = {"run_id"} if by is By.run else {"metric", "metric_version", "metric_options", "metric_plugin",
-                                              *(f for f in KEY_FIELDS if f.startswith("calib_")),
-                                              "sequential", "batch_size"}
-    key_fields = [f for f in (*KEY_FIELDS, "task", "score") if f not in ignore]
-    if by is By.run:
-        key_fields.insert(0, "cell_key")
-    sides: dict[str, dict[tuple, dict]] = {a: {}, b: {}}
-    for r in table.to_pylist():
-        if r[field] in sides and r["status"] == "ok":
-            sides[r[field]][tuple(str(r[f]) for f in key_fields)] = r
-    for name, rows in sides.items():
-        if not rows:
+    known = {str(v) for v in table[field].to_pylist() if v is not None}
+    for name in (a, b):
+        if name not in known:
             from ..util import did_you_mean
 
-            known = sorted({str(r[field]) for r in table.to_pylist() if r[field] is not None})
-            raise fail(f"no results with {field} = {cut(name)!r} in {folder}{did_you_mean(name, known)} "
-                       f"({field}s: {', '.join(known[:12])}{' …' if len(known) > 12 else ''})")
-    rows = []
-    for key in sorted(sides[a].keys() & sides[b].keys()):
-        ra, rb = sides[a][key], sides[b][key]
-        delta = rb["value"] - ra["value"] if None not in (ra["value"], rb["value"]) else None
-        rows.append({"model": ra["model"], "metric": ra["metric"] if by is By.run else None,
-                     "pattern": ra["pattern"], "sparsity": ra["sparsity"], "allocation": ra["allocation"],
-                     "evaluation": _evaluation(ra), "task": ra["task"], "score": ra["score"], a: ra["value"],
-                     b: rb["value"], "delta": delta, "better": _better(ra, rb, a, b)})
+            listed = sorted(known)
+            raise fail(f"no results with {field} = {cut(name)!r} in {folder}{did_you_mean(name, listed)} "
+                       f"({field}s: {', '.join(listed[:12])}{' …' if len(listed) > 12 else ''})")
+    rows = compare_rows(table, a, b, by.value, resamples=resamples, level=level)
     if not rows:
         raise fail(f"{cut(a)!r} and {cut(b)!r} share no cells to compare in {folder}")
     if fmt is not Format.table:
         write_rows(rows, fmt)
         return
-    view = Table(*[c for c in rows[0] if not (c == "metric" and by is By.metric)], title=f"{a} vs {b}")
+    _print_comparison(rows, a, b, by, level)
+
+
+def _print_comparison(rows: list[dict], a: str, b: str, by: By, level: float) -> None:
+    hidden = {"level", "ci_low", "ci_high", "items"} | ({"metric"} if by is By.metric else set())
+    if all(r["calibration"] == "—" for r in rows):
+        hidden.add("calibration")
+    columns = [c for c in rows[0] if c not in hidden]
+    ci = f"{level:.0%} CI"
+    columns.insert(columns.index("delta") + 1, ci)
+    view = Table(*columns, title=f"{a} vs {b} (delta = {b} − {a}; ~: no detectable difference)")
     for r in rows:
-        view.add_row(*[_fmt(v) if isinstance(v, float) else str(v) for c, v in r.items()
-                       if not (c == "metric" and by is By.metric)])
+        interval = "—" if r["ci_low"] is None else f"{_fmt(r['ci_low'])} … {_fmt(r['ci_high'])}"
+        cells = {**r, ci: interval}
+        view.add_row(*[_fmt(cells[c]) if isinstance(cells[c], float) else str(cells[c]) for c in columns])
     out.print(view)

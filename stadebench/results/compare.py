@@ -1,0 +1,146 @@
+"""Two runs or two metrics side by side, matched on everything else, each difference judged
+by a paired bootstrap over the evaluation items both share and, where a metric was
+calibrated on several seeds, over the seeds too (``results.paired``).
+
+Two metrics are matched on model, pattern, sparsity, allocation and evaluation. Cells that
+differ only in the calibration seed are one entry, their values averaged over the seeds
+both metrics have; cells calibrated otherwise (another dataset, n, seqlen, ...) are
+separate entries, never pooled. A metric that reads no data (magnitude) has no seeds and
+pairs with every calibration of the other metric.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Mapping
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from .paired import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, paired_bootstrap
+from .row import KEY_FIELDS, meta
+
+CALIBRATION = tuple(f for f in KEY_FIELDS if meta(f, "group") == "calibration")
+"""The key fields that say how a cell was calibrated (null for a cell that reads no data)."""
+PROTOCOL = tuple(f for f in CALIBRATION if f != "calib_seed")
+"""The calibration fields other than the seed: cells that share them are seeds of one protocol."""
+_METRIC = ("metric", "metric_version", "metric_options", "metric_plugin")
+
+Side = dict[tuple, dict[tuple | None, dict[int | None, dict]]]
+"""match key -> calibration protocol (None: reads no data) -> seed (None: one row) -> row."""
+
+
+def _protocol(r: Mapping[str, Any]) -> tuple | None:
+    return None if r["calib_n"] is None else tuple(str(r[f]) for f in PROTOCOL)
+
+
+def _sides(table: pa.Table, field: str, names: tuple[str, str], match: list[str]) -> dict[str, Side]:
+    """Each name's ok rows, grouped by match key, protocol and seed."""
+    sides: dict[str, Side] = {name: {} for name in names}
+    for r in table.to_pylist():
+        if r[field] in sides and r["status"] == "ok":
+            protocol = _protocol(r) if field == "metric" else None
+            seed = r["calib_seed"] if protocol is not None else None
+            key = tuple(str(r[f]) for f in match)
+            sides[r[field]].setdefault(key, {}).setdefault(protocol, {})[seed] = r
+    return sides
+
+
+def _pairs(a: dict, b: dict) -> list[tuple[tuple | None, dict, dict]]:
+    """The protocols of two sides that pair: equal ones, or any with a side that reads no data."""
+    if None in a or None in b:
+        return [(pa_ if pa_ is not None else pb, sa, sb) for pa_, sa in a.items() for pb, sb in b.items()
+                if pa_ is None or pb is None]
+    return [(p, a[p], b[p]) for p in a.keys() & b.keys()]
+
+
+def _paired_seeds(a: dict, b: dict) -> tuple[dict, dict]:
+    """The seeds both sides have (all of one side when the other has a single unseeded row)."""
+    if None in a or None in b:
+        return a, b
+    shared = a.keys() & b.keys()
+    return {s: a[s] for s in shared}, {s: b[s] for s in shared}
+
+
+def _interval(a: dict, b: dict, resamples: int, level: float) -> Interval | None:
+    """The paired bootstrap interval of b − a, or None when a row has no items (older rows)."""
+    rows = [*a.values(), *b.values()]
+    rules = {r["item_aggregate"] for r in rows}
+    if any(r["items"] is None for r in rows) or len(rules) != 1:
+        return None
+    return paired_bootstrap({s: r["items"] for s, r in b.items()}, {s: r["items"] for s, r in a.items()},
+                            rules.pop(), resamples=resamples, level=level)
+
+
+def _better(ra: dict, rb: dict, a: str, b: str, interval: Interval | None, seeds: int) -> str:
+    """Which side scores better; ``~`` when the difference is not detectable (the interval
+    holds 0, or, without items, the values are inside their combined standard error)."""
+    va, vb = ra["value"], rb["value"]
+    if va is None or vb is None:
+        return "="
+    higher = bool(ra["higher_is_better"])
+    if interval is not None:
+        return "~" if not interval.detectable() else (b if (interval.difference > 0) == higher else a)
+    if va == vb:
+        return "="
+    if seeds == 1 and (ra["stderr"] is not None or rb["stderr"] is not None):
+        if abs(va - vb) <= ((ra["stderr"] or 0.0) ** 2 + (rb["stderr"] or 0.0) ** 2) ** 0.5:
+            return "~"
+    return b if (vb > va) == higher else a
+
+
+def _mean(rows: dict) -> float | None:
+    values = [r["value"] for r in rows.values()]
+    return None if None in values else statistics.fmean(values)
+
+
+def _calibration_label(r: Mapping[str, Any]) -> str:
+    if r["calib_n"] is None:
+        return "—"
+    label = f"{r['calib_dataset']} {r['calib_n']}×{r['calib_seqlen']}"
+    return label + ("" if r["sequential"] else " one-shot")
+
+
+def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "run"] = "metric", *,
+                 resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
+    """One entry per result ``a`` and ``b`` share: their values (means over paired seeds),
+    ``delta`` = b − a, its paired bootstrap interval (``ci_low``, ``ci_high``; null for rows
+    stored without items), the seeds and items it pairs, and which side is ``better``
+    (``~``: no detectable difference). Empty when the two share nothing; ``PairingError``
+    when results that match share no evaluation items."""
+    field = "metric" if by == "metric" else "run_id"
+    ignore = {*_METRIC, *CALIBRATION} if by == "metric" else {"run_id"}
+    match = [f for f in (*KEY_FIELDS, "task", "score") if f not in ignore]
+    if by == "run":
+        match.insert(0, "cell_key")
+    sides = _sides(table, field, (a, b), match)
+    out = []
+    for key in sorted(sides[a].keys() & sides[b].keys()):
+        for _, rows_a, rows_b in sorted(_pairs(sides[a][key], sides[b][key]), key=lambda p: str(p[0])):
+            rows_a, rows_b = _paired_seeds(rows_a, rows_b)
+            if not rows_a or not rows_b:
+                continue
+            ra, rb = next(iter(rows_a.values())), next(iter(rows_b.values()))
+            seeds = max(len(rows_a), len(rows_b))
+            interval = _interval(rows_a, rows_b, resamples, level)
+            va, vb = _mean(rows_a), _mean(rows_b)
+            out.append({
+                "model": ra["model"], "metric": ra["metric"] if by == "run" else None, "pattern": ra["pattern"],
+                "sparsity": ra["sparsity"], "allocation": ra["allocation"],
+                "calibration": _calibration_label(ra if ra["calib_n"] is not None else rb),
+                "evaluation": evaluation_label(ra), "task": ra["task"], "score": ra["score"], a: va, b: vb,
+                "delta": None if None in (va, vb) else vb - va, "ci_low": interval and interval.low,
+                "ci_high": interval and interval.high, "level": interval and interval.level, "seeds": seeds,
+                "items": interval and interval.items, "better": _better(ra, rb, a, b, interval, seeds)})
+    return out
+
+
+def evaluation_label(r: Mapping[str, Any]) -> str:
+    """What tells two evaluations of one task apart: ``perplexity(enwiki-2016, seqlen=512)``."""
+    parts = [p for p in (r["eval_dataset"], r["eval_split"]) if p]
+    if r["eval_seqlen"] is not None:
+        parts.append(f"seqlen={r['eval_seqlen']}")
+    return f"{r['evaluator']}({', '.join(parts)})" if parts else str(r["evaluator"])
+
+
+__all__ = ["CALIBRATION", "PROTOCOL", "compare_rows", "evaluation_label"]

@@ -1,0 +1,132 @@
+"""Verdicts with uncertainty on a leaderboard: cells that differ only in the calibration
+seed compared as one, paired window by window and seed by seed (`leaderboard compare`)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from datetime import datetime, timezone
+
+import pytest
+from typer.testing import CliRunner
+
+from stadebench.cli import ExitCode, app
+from stadebench.results import store
+from stadebench.results.paired import paired_bootstrap
+from stadebench.results.row import Row
+
+WINDOWS = 8
+
+
+def _items(nll: list[float]) -> list[dict]:
+    return [{"id": i, "value": v, "weight": 511} for i, v in enumerate(nll)]
+
+
+def _row(metric: str, nll: list[float] | None, *, seed: int | None = None, dataset: str = "enwiki-2016",
+         value: float | None = None, **extra) -> Row:
+    calibration = {} if seed is None else {"calib_dataset": dataset, "calib_options": "{}", "calib_n": 16,
+                                           "calib_seqlen": 256, "calib_seed": seed, "sequential": True,
+                                           "batch_size": 8, "calib_accumulate": "float64"}
+    pruned = {} if metric == "dense" else {"pattern": "unstructured", "allocation": "uniform"}
+    ppl = value if nll is None else math.exp(sum(nll) / len(nll))
+    items = {} if nll is None else {"items": _items(nll), "item_aggregate": "exp_mean"}
+    return Row(model="m", dtype="float32", metric=metric, metric_options="{}", sparsity=0.0 if metric == "dense"
+               else 0.5, evaluator="perplexity", eval_options='{"seqlen": 512}', eval_dataset="enwiki-2016",
+               eval_seqlen=512, task="enwiki-2016", score="ppl", value=ppl, higher_is_better=False, status="ok",
+               run_id="r", created_at=datetime.now(timezone.utc), **pruned, **calibration, **items, **extra)
+
+
+def _windows(base: float, shift: float, rng: random.Random, noise: float = 0.0) -> list[float]:
+    return [base + 0.1 * i + shift + rng.gauss(0, noise) for i in range(WINDOWS)]
+
+
+@pytest.fixture
+def board(tmp_path):
+    """dense; magnitude (no data); wanda and stade on 5 seeds of two calibration datasets, stade
+    better than wanda on enwiki by a clear margin and the same as wanda on shakespeare."""
+    rng = random.Random(0)
+    rows = [_row("dense", _windows(2.0, 0, rng)), _row("magnitude", _windows(2.0, 0.5, rng))]
+    for seed in range(5):
+        seed_shift = rng.gauss(0, 0.02)
+        for dataset, gap in (("enwiki-2016", -0.1), ("shakespeare", 0.0)):
+            wanda = _windows(2.0, 0.2 + seed_shift, rng, 0.01)
+            rows.append(_row("wanda", wanda, seed=seed, dataset=dataset))
+            stade = [v + gap for v in wanda] if gap == 0 else _windows(2.0, 0.2 + gap + seed_shift, rng, 0.01)
+            rows.append(_row("stade", stade, seed=seed, dataset=dataset))
+    store.write_rows(tmp_path, rows)
+    return tmp_path
+
+
+def compare(folder, *args):
+    return CliRunner().invoke(app, ["leaderboard", "compare", *args, "--dir", str(folder), "--format", "json"],
+                              catch_exceptions=False)
+
+
+def test_seeds_are_averaged_and_paired(board):
+    r = compare(board, "wanda", "stade")
+    assert r.exit_code == ExitCode.OK, r.output
+    rows = {row["calibration"]: row for row in json.loads(r.stdout)}
+    assert set(rows) == {"enwiki-2016 16×256", "shakespeare 16×256"}  # two protocols, never pooled
+    table = store.read(board).to_pylist()
+    for name, row in rows.items():
+        dataset = name.split()[0]
+        side = {m: {r["calib_seed"]: r for r in table if r["metric"] == m and r["calib_dataset"] == dataset}
+                for m in ("wanda", "stade")}
+        assert row["seeds"] == 5 and row["items"] == WINDOWS and row["level"] == 0.95
+        for m in ("wanda", "stade"):
+            assert row[m] == pytest.approx(sum(r["value"] for r in side[m].values()) / 5, rel=1e-12)
+        interval = paired_bootstrap({s: r["items"] for s, r in side["stade"].items()},
+                                    {s: r["items"] for s, r in side["wanda"].items()}, "exp_mean")
+        assert (row["ci_low"], row["ci_high"]) == (interval.low, interval.high)
+    enwiki, shakespeare = rows["enwiki-2016 16×256"], rows["shakespeare 16×256"]
+    assert enwiki["delta"] < 0 and enwiki["ci_high"] < 0 and enwiki["better"] == "stade"
+    # identical windows on every seed: exactly no difference
+    assert (shakespeare["delta"], shakespeare["ci_low"], shakespeare["ci_high"]) == (0.0, 0.0, 0.0)
+    assert shakespeare["better"] == "~"
+
+
+def test_a_metric_without_data_pairs_with_every_calibration(board):
+    r = compare(board, "magnitude", "wanda")
+    assert r.exit_code == ExitCode.OK, r.output
+    rows = json.loads(r.stdout)
+    assert sorted(row["calibration"] for row in rows) == ["enwiki-2016 16×256", "shakespeare 16×256"]
+    assert all(row["seeds"] == 5 and row["better"] == "wanda" for row in rows)
+
+
+def test_seeds_only_one_metric_has_are_left_out(board, tmp_path):
+    store.write_rows(board, [_row("wanda", _windows(9.0, 0, random.Random(1)), seed=7)])
+    (row,) = [r for r in json.loads(compare(board, "wanda", "stade").stdout) if r["calibration"].startswith("en")]
+    table = store.read(board).to_pylist()
+    means = sum(r["value"] for r in table if r["metric"] == "wanda" and r["calib_dataset"] == "enwiki-2016"
+                and r["calib_seed"] != 7) / 5
+    assert row["seeds"] == 5 and row["wanda"] == pytest.approx(means, rel=1e-12)
+
+
+def test_results_with_no_shared_windows_are_refused(tmp_path):
+    shifted = [{**item, "id": item["id"] + 100} for item in _items([2.0] * WINDOWS)]
+    store.write_rows(tmp_path, [_row("wanda", [2.0] * WINDOWS, seed=0),
+                                _row("stade", [2.1] * WINDOWS, seed=0).replace(items=shifted)])
+    r = compare(tmp_path, "wanda", "stade")
+    assert r.exit_code == ExitCode.USAGE
+    assert "share no evaluation items" in " ".join(r.stderr.split()) and r.stdout == ""
+
+
+def test_rows_without_items_compare_without_an_interval(tmp_path):
+    store.write_rows(tmp_path, [_row("wanda", None, seed=0, value=20.0), _row("stade", None, seed=0, value=19.0)])
+    (row,) = json.loads(compare(tmp_path, "wanda", "stade").stdout)
+    assert row["ci_low"] is None and row["items"] is None and row["delta"] == -1.0 and row["better"] == "stade"
+
+
+def test_interval_options_are_recorded_and_checked(board):
+    r = compare(board, "wanda", "stade", "--resamples", "500", "--level", "0.9")
+    assert r.exit_code == ExitCode.OK and {row["level"] for row in json.loads(r.stdout)} == {0.9}
+    r = compare(board, "wanda", "stade", "--level", "1.5")
+    assert r.exit_code == ExitCode.USAGE
+
+
+def test_the_table_names_the_interval(board):
+    r = CliRunner().invoke(app, ["leaderboard", "compare", "wanda", "stade", "--dir", str(board)],
+                           env={"COLUMNS": "200"}, catch_exceptions=False)
+    assert r.exit_code == ExitCode.OK, r.output
+    assert "95% CI" in r.stdout and "no detectable difference" in r.stdout and "calibration" in r.stdout
