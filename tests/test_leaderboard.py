@@ -554,7 +554,7 @@ def test_pivot_small_grid(tmp_path):
     assert wanda.model == "tiny-llama" and wanda.dense == 10.0
     cell = wanda.values["unstructured 0.5"]
     assert cell.to_dict() == {"value": 11.0, "stderr": None, "relative": pytest.approx(0.1), "significant": None,
-                              "cell_key": cell.cell_key}
+                              "cell_key": cell.cell_key, "n": 1, "sd": None, "seeds": {}}
     assert re.fullmatch(r"[0-9a-f]{64}", cell.cell_key)
     assert wanda.values["2:4 0.5"].relative == pytest.approx(0.5)
     assert list(rows["stade (bias_correction=false)"].values) == ["unstructured 0.5"]

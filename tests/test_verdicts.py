@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 from datetime import datetime, timezone
 
 import pytest
@@ -130,3 +131,30 @@ def test_the_table_names_the_interval(board):
                            env={"COLUMNS": "200"}, catch_exceptions=False)
     assert r.exit_code == ExitCode.OK, r.output
     assert "95% CI" in r.stdout and "no detectable difference" in r.stdout and "calibration" in r.stdout
+
+
+def test_the_table_averages_seeds_and_keeps_calibrations_apart(board):
+    from stadebench.results.grid import pivot
+
+    grid = pivot(store.read(board), "enwiki-2016", "ppl")
+    rows = {row.label: row for row in grid.rows}
+    assert set(rows) == {"magnitude", "wanda calib_dataset=enwiki-2016", "wanda calib_dataset=shakespeare",
+                         "stade calib_dataset=enwiki-2016", "stade calib_dataset=shakespeare"}
+    cell = rows["wanda calib_dataset=enwiki-2016"].values["unstructured 0.5"]
+    table = store.read(board).to_pylist()
+    values = {r["calib_seed"]: r["value"] for r in table if r["metric"] == "wanda"
+              and r["calib_dataset"] == "enwiki-2016"}
+    assert cell.n == 5 and dict(cell.seeds) == values and cell.stderr is None
+    assert cell.value == pytest.approx(sum(values.values()) / 5, rel=1e-12)
+    assert cell.sd == pytest.approx(statistics.stdev(values.values()), rel=1e-12)
+    assert cell.significant is True  # 0.2 nats per token worse than dense on every window
+    # one flag away: a row per seed
+    per_seed = pivot(store.read(board), "enwiki-2016", "ppl", seeds=True)
+    assert len(per_seed.rows) == 1 + 4 * 5 and all(c.n == 1 for r in per_seed.rows for c in r.values.values())
+
+    r = CliRunner().invoke(app, ["leaderboard", "--dir", str(board), "--format", "markdown"],
+                           catch_exceptions=False)
+    assert r.exit_code == ExitCode.OK and "(n=5)" in r.stdout
+    r = CliRunner().invoke(app, ["leaderboard", "--dir", str(board), "--seeds", "--format", "markdown"],
+                           catch_exceptions=False)
+    assert r.exit_code == ExitCode.OK and "(n=5)" not in r.stdout and "calib_seed=4" in r.stdout

@@ -47,7 +47,10 @@ def _relative(cell: GridCell, higher_is_better: bool | None) -> Text:
 
 
 def _value_text(cell: GridCell, precision: int) -> str:
+    """``value ±stderr``, or for results averaged over calibration seeds ``mean ±sd (n=5)``."""
     text = _fmt(cell.value, precision)
+    if cell.n > 1:
+        return f"{text} ±{_fmt(cell.sd, 2)} (n={cell.n})"
     return text if cell.stderr is None else f"{text} ±{_fmt(cell.stderr, 2)}"
 
 
@@ -94,9 +97,11 @@ def _split(table) -> bool:
     return len({s for s in table["suite"].to_pylist() if s is not None}) > 1
 
 
-def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | None, Grid]], int]:
+def _grids(folder: Path, filters: dict, table=None, seeds: bool = False
+           ) -> tuple[list[tuple[str | None, Grid]], int]:
     """``(suite or None, pivot)`` per suite (when several are shown) and (task, score), and
-    the number of failed rows; ``table``: the rows ``_selected`` picked, when already read."""
+    the number of failed rows; ``table``: the rows ``_selected`` picked, when already read;
+    ``seeds``: a row per calibration seed rather than their mean."""
     import pyarrow.compute as pc
 
     from ..results import store as lb
@@ -111,7 +116,7 @@ def _grids(folder: Path, filters: dict, table=None) -> tuple[list[tuple[str | No
         part = lb.query(ok, suite=suite) if split else ok
         for task_name, score in sorted({(r["task"], r["score"]) for r in part.select(["task", "score"]).to_pylist()
                                         if r["task"] is not None}):
-            grid = pivot(part, task_name, score)
+            grid = pivot(part, task_name, score, seeds=seeds)
             if grid.rows:
                 grids.append((suite, grid))
     return grids, table.num_rows - ok.num_rows
@@ -128,7 +133,8 @@ def _pivot_rows(grids: list[tuple[str | None, Grid]], precision: int) -> list[di
                 del flat["suite"]
             for column, cell in grid.cells(row):
                 flat[column] = None if cell is None else _round(cell.value, precision)
-                flat[f"{column} ±"] = None if cell is None else _round(cell.stderr, 2)
+                flat[f"{column} ±"] = None if cell is None else _round(cell.sd if cell.n > 1 else cell.stderr, 2)
+                flat[f"{column} n"] = None if cell is None else cell.n
                 flat[f"{column} Δ"] = None if cell is None or cell.relative is None else round(cell.relative, 4)
             rows.append(flat)
     return rows
@@ -179,16 +185,18 @@ def _tex(text: str) -> str:
 
 
 def show_leaderboard(folder: Path, *, fmt: Format = Format.table, precision: int = 4, long: bool = False,
-                     published: Path | None = None, **filters) -> None:
+                     published: Path | None = None, seeds: bool = False, **filters) -> None:
     """Print one pivot table per (suite when several, task, score) of the current results,
     or the same tables as Markdown, LaTeX, CSV or JSON; ``long``: the tidy rows.
 
     ``published``: a folder of published results; under each table, the published rows of
     its cells: beside ours with the relative difference where the protocol matches, else
     the knobs that differ. With ``long``, JSON or CSV: those comparison rows instead.
+    Results that differ only in their calibration seed are one cell (mean ± sd, n) unless
+    ``seeds``.
     """
     table = _selected(folder, filters)
-    grids, failed = _grids(folder, filters, table)
+    grids, failed = _grids(folder, filters, table, seeds)
     papers = None if published is None else _papers(table, published)
     if papers is not None and (long or fmt in (Format.json, Format.csv)):
         write_rows(_paper_rows(papers), Format.csv if fmt in (Format.table, Format.latex) else fmt)
@@ -226,8 +234,8 @@ def _long_rows(grids: list[tuple[str | None, Grid]]) -> list[dict]:
             for column, cell in grid.cells(row):
                 if cell is not None:
                     rows.append({"model": row.model, "metric": row.label, "task": grid.task, "score": grid.score,
-                                 "column": column, "value": cell.value, "stderr": cell.stderr, "dense": row.dense,
-                                 "relative": cell.relative})
+                                 "column": column, "value": cell.value, "stderr": cell.stderr, "sd": cell.sd,
+                                 "n": cell.n, "dense": row.dense, "relative": cell.relative})
     return rows
 
 
@@ -330,9 +338,12 @@ def leaderboard(
     published: Annotated[Path | None, typer.Option(
         "--published", help="Folder of published results (e.g. published): each one beside our value of the same "
                             "cell where the protocol matches, else the knobs that differ.")] = None,
+    seeds: Annotated[bool, typer.Option("--seeds", help="A row per calibration seed instead of their mean ± sd "
+                                                        "(n).")] = False,
 ) -> None:
     """Show the current results: one table per task and score, dense baseline and change
-    (± standard error where known; a change inside it is marked ~)."""
+    (± standard error, or ± sd over calibration seeds with their n; a change that a paired
+    bootstrap over the evaluation items cannot tell from noise is marked ~)."""
     if ctx.invoked_subcommand is None:
         filters = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern,
                    "sparsity": sparsity}
@@ -340,7 +351,7 @@ def leaderboard(
             handle_errors(show_history)(folder, suite=suite, model=model, task=task, fmt=fmt)
         else:
             handle_errors(show_leaderboard)(folder, fmt=fmt, precision=precision, long=long, published=published,
-                                            **filters)
+                                            seeds=seeds, **filters)
 
 
 HISTORY_COLUMNS = ("created_at", "run_id", "model", "metric", "pattern", "sparsity", "task", "score", "value",

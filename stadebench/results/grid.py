@@ -4,7 +4,8 @@ sparsity", each against its dense baseline, with labels that name only what vari
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import statistics
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -20,6 +21,8 @@ _NAMED = ("model", "metric", "metric_options")  # always in a row's label
 _ALLOCATION = ("allocation", "allocation_options")  # in the label unless uniform
 # Fields shown when they vary, calibration and the like first, then the rest of the key.
 _VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in (*_NAMED, *_ALLOCATION)))
+_SEED = "calib_seed"
+_UNSEEDED = tuple(f for f in _ROW_FIELDS if f != _SEED)  # a row's fields when seeds are averaged
 
 
 def _defaults(kind: str, name: str | None) -> dict[str, Any]:
@@ -73,14 +76,19 @@ def model_label(model: str | None, source: str | None) -> str:
 
 @dataclass(frozen=True)
 class GridCell:
-    """One value of the grid: a pruned result in one row and column.
+    """One value of the grid: a pruned result in one row and column, or the mean of the
+    results that differ only in their calibration seed.
 
-    ``value``: the score (None when the row holds none); ``stderr``: its standard error,
-    None when unknown; ``relative``: ``value / dense - 1`` against the row's dense baseline,
+    ``value``: the score, or its mean over ``n`` seeds (None when a row holds none);
+    ``stderr``: its standard error, None when unknown or when seeds are averaged; ``sd``:
+    the standard deviation over the seeds (None for one); ``n``: the seeds averaged (1 for a
+    single result); ``relative``: ``value / dense - 1`` against the row's dense baseline,
     None without a baseline or a value (or with a dense value of 0); ``significant``:
-    whether the value differs from that baseline by more than their combined standard
-    error, None when neither has a standard error or either value is missing;
-    ``cell_key``: the result key of the leaderboard row the value comes from.
+    whether the value differs detectably from that baseline: by a paired bootstrap over
+    the evaluation items (and seeds) where the rows carry items, else by more than their
+    combined standard error; None when there is nothing to judge by; ``cell_key``: the
+    result key of the (first) leaderboard row the value comes from; ``seeds``: the
+    per-seed values by seed, empty for a single result.
     """
 
     value: float | None
@@ -88,11 +96,16 @@ class GridCell:
     relative: float | None
     significant: bool | None
     cell_key: str
+    n: int = 1
+    sd: float | None = None
+    seeds: Mapping[int, float | None] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"value", "stderr", "relative", "significant", "cell_key"}``: the cell as plain data."""
+        """``{"value", "stderr", "relative", "significant", "cell_key", "n", "sd", "seeds"}``:
+        the cell as plain data."""
         return {"value": self.value, "stderr": self.stderr, "relative": self.relative,
-                "significant": self.significant, "cell_key": self.cell_key}
+                "significant": self.significant, "cell_key": self.cell_key, "n": self.n, "sd": self.sd,
+                "seeds": dict(self.seeds)}
 
 
 @dataclass(frozen=True)
@@ -160,23 +173,26 @@ class Grid:
                 "columns": list(self.columns), "rows": [row.to_dict() for row in self.rows]}
 
 
-def pivot(table: pa.Table, task: str, score: str) -> Grid:
+def pivot(table: pa.Table, task: str, score: str, *, seeds: bool = False) -> Grid:
     """A metrics × "pattern sparsity" grid of the current ok values of one task and score.
 
     Each cell's relative change is against the newest dense row of the same BASELINE_FIELDS;
-    a row is one setting of the key fields other than the pattern's and the sparsity; its
-    label is the metric, its options that differ from the defaults, a non-uniform
-    allocation, and any other key field that varies between rows of the same model,
-    metric, options and allocation (see ``Grid``, ``GridRow`` and ``GridCell``).
+    a row is one setting of the key fields other than the pattern's, the sparsity and the
+    calibration seed (results that differ only in it are one cell: their mean, sd and n;
+    ``seeds=True``: a row per seed instead); its label is the metric, its options that
+    differ from the defaults, a non-uniform allocation, and any other key field that
+    varies between rows of the same model, metric, options and allocation (see ``Grid``,
+    ``GridRow`` and ``GridCell``).
     """
     table = current(table)
     picked = table.filter(pc.and_(pc.and_(is_value(table["task"], task), is_value(table["score"], score)),
                                   is_value(table["status"], "ok")))
     higher = pc.unique(picked["higher_is_better"].drop_null()).to_pylist()
     is_dense = is_value(picked["metric"], "dense")
+    evidence = _evidence(picked, is_dense)
     picked = picked.drop_columns([f.name for f in SCHEMA if pa.types.is_list(f.type)])
-    pruned = _against_dense(picked.filter(pc.invert(is_dense)), picked.filter(is_dense))
-    columns, rows = _collect(pruned)
+    pruned = _against_dense(picked.filter(pc.invert(is_dense)), picked.filter(is_dense), seeds)
+    columns, rows = _collect(pruned, evidence, seeds)
     names = _column_names(columns)
     order = sorted(columns, key=lambda c: (columns[c]["pattern"] or "", columns[c]["pattern_options"] or "",
                                            columns[c]["sparsity"] or 0.0, names[c]))
@@ -187,7 +203,18 @@ def pivot(table: pa.Table, task: str, score: str) -> Grid:
                 rows=tuple(sorted(built, key=lambda r: (r.model or "", r.label))))
 
 
-def _against_dense(pruned: pa.Table, dense: pa.Table) -> pa.Table:
+def _evidence(picked: pa.Table, is_dense: pa.ChunkedArray) -> dict[str, tuple]:
+    """The items behind each row: ``cell_key`` -> (items, aggregate), and for the dense
+    baselines ``"dense:" + baseline identity`` -> those of the newest dense row."""
+    evidence: dict[str, tuple] = {}
+    rows = picked.append_column("_base", identity(picked, BASELINE_FIELDS)).append_column("_dense", is_dense)
+    for r in sorted(rows.select(["cell_key", "_base", "_dense", "created_at", "items", "item_aggregate"]).to_pylist(),
+                    key=lambda r: r["created_at"]):
+        evidence["dense:" + r["_base"] if r["_dense"] else r["cell_key"]] = (r["items"], r["item_aggregate"])
+    return evidence
+
+
+def _against_dense(pruned: pa.Table, dense: pa.Table, seeds: bool = True) -> pa.Table:
     """``pruned`` with its row and column identities, the value and standard error of the
     newest dense row of its BASELINE_FIELDS (``dense``, ``dense_stderr``) and ``relative``."""
     base = pa.table({"_base": identity(dense, BASELINE_FIELDS), "dense": dense["value"],
@@ -198,7 +225,7 @@ def _against_dense(pruned: pa.Table, dense: pa.Table) -> pa.Table:
         .aggregate([("dense", "last", last), ("dense_stderr", "last", last)]) \
         .rename_columns({"dense_last": "dense", "dense_stderr_last": "dense_stderr"})
     pruned = pruned.append_column("_base", identity(pruned, BASELINE_FIELDS)) \
-        .append_column("_row", identity(pruned, _ROW_FIELDS)) \
+        .append_column("_row", identity(pruned, _ROW_FIELDS if seeds else _UNSEEDED)) \
         .append_column("_column", identity(pruned, _COLUMN_FIELDS))
     pruned = pruned.join(base, "_base", join_type="left outer")
     usable = pc.and_(pc.is_valid(pruned["value"]), pc.fill_null(pc.not_equal(pruned["dense"], 0.0), False))
@@ -206,40 +233,75 @@ def _against_dense(pruned: pa.Table, dense: pa.Table) -> pa.Table:
     return pruned.append_column("relative", ratio)
 
 
-def _collect(pruned: pa.Table) -> tuple[dict[str, dict], dict[str, dict]]:
+def _collect(pruned: pa.Table, evidence: Mapping[str, tuple], seeds: bool = True
+             ) -> tuple[dict[str, dict], dict[str, dict]]:
     """The columns (identity -> pattern fields) and the rows (identity -> ``GridRow`` fields,
-    ``values`` by column identity) of ``_against_dense`` rows, in the order first met."""
+    ``values`` by column identity) of ``_against_dense`` rows, in the order first met;
+    results that differ only in their seed share a row and a cell unless ``seeds``."""
     group = [*_NAMED, *_ALLOCATION]
+    varying_fields = _VARYING if seeds else tuple(f for f in _VARYING if f != _SEED)
     distinct = pruned.group_by(group).aggregate(
-        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in _VARYING]).to_pylist()
+        [(f, "count_distinct", pc.CountOptions(mode="all")) for f in varying_fields]).to_pylist()
     # a field names a row only where it varies among the rows of its model, metric and allocation
-    varies = {tuple(d[g] for g in group): [f for f in _VARYING if d[f"{f}_count_distinct"] > 1] for d in distinct}
+    varies = {tuple(d[g] for g in group): [f for f in varying_fields if d[f"{f}_count_distinct"] > 1]
+              for d in distinct}
     varying = sorted({f for fields in varies.values() for f in fields}, key=_VARYING.index)
 
     columns: dict[str, dict] = {}  # column identity -> its fields
     rows: dict[str, dict] = {}
+    members: dict[tuple[str, str], list[dict]] = {}  # (row, column) -> its results, one per seed
     defaults: dict[str | None, dict[str, Any]] = {}
-    for r in pruned.select(["_row", "_column", "cell_key", "model", "model_source", "metric", "metric_options",
-                            "value", "stderr", "dense", "dense_stderr", "relative", *_ALLOCATION, *_COLUMN_FIELDS,
-                            *varying]).to_pylist():
+    for r in pruned.select(["_row", "_column", "_base", "cell_key", "model", "model_source", "metric",
+                            "metric_options", "value", "stderr", "dense", "dense_stderr", "relative", _SEED,
+                            *_ALLOCATION, *_COLUMN_FIELDS, *varying]).to_pylist():
         columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
         if r["metric"] not in defaults:
             defaults[r["metric"]] = _defaults("metric", r["metric"])
-        row = rows.setdefault(r["_row"], {
+        rows.setdefault(r["_row"], {
             "model": r["model"], "model_label": model_label(r["model"], r["model_source"]), "metric": r["metric"],
             "label": " ".join(filter(None, [
                 r["metric"], f"({o})" if (o := _options_label(r["metric_options"], defaults[r["metric"]])) else "",
                 _allocation_label(r["allocation"], r["allocation_options"]),
                 *(f"{f}={r[f]}" for f in varies[tuple(r[g] for g in group)])])),
             "dense": r["dense"], "dense_stderr": r["dense_stderr"], "values": {}})
-        row["values"][r["_column"]] = GridCell(value=r["value"], stderr=r["stderr"], relative=r["relative"],
-                                               significant=_significant(r), cell_key=r["cell_key"])
+        members.setdefault((r["_row"], r["_column"]), []).append(r)
+    for (row, column), results in members.items():
+        rows[row]["values"][column] = _cell(results, evidence)
     return columns, rows
+
+
+def _cell(results: list[dict], evidence: Mapping[str, tuple]) -> GridCell:
+    """One result as it is, or the mean (sd, n) of results that differ only in their seed."""
+    first = results[0]
+    if len(results) == 1:
+        return GridCell(value=first["value"], stderr=first["stderr"], relative=first["relative"],
+                        significant=_judged(results, evidence), cell_key=first["cell_key"])
+    values = [r["value"] for r in results]
+    mean = None if None in values else statistics.fmean(values)
+    dense = first["dense"]
+    relative = mean / dense - 1 if mean is not None and dense not in (None, 0.0) else None
+    return GridCell(value=mean, stderr=None, relative=relative, significant=_judged(results, evidence),
+                    cell_key=first["cell_key"], n=len(results), sd=None if mean is None else statistics.stdev(values),
+                    seeds={r[_SEED]: r["value"] for r in results})
+
+
+def _judged(results: list[dict], evidence: Mapping[str, tuple]) -> bool | None:
+    """Whether the results differ detectably from their dense baseline: a paired bootstrap
+    over items and seeds where all have items, else the standard-error rule (one result)."""
+    from .paired import paired_bootstrap
+
+    dense_items, dense_rule = evidence.get("dense:" + results[0]["_base"], (None, None))
+    mine = [evidence.get(r["cell_key"], (None, None)) for r in results]
+    if dense_items is not None and all(items is not None and rule == dense_rule for items, rule in mine):
+        side = {r[_SEED]: items for r, (items, _) in zip(results, mine)}
+        return paired_bootstrap(side if len(results) > 1 else {None: mine[0][0]}, {None: dense_items},
+                                dense_rule).detectable()
+    return _significant(results[0]) if len(results) == 1 else None
 
 
 def _significant(r: Mapping[str, Any]) -> bool | None:
     """Whether a value differs from its dense baseline by more than their combined standard
-    error; None when neither has one (nothing to judge by)."""
+    error; None when neither has one (nothing to judge by). For rows stored without items."""
     if r["value"] is None or r["dense"] is None or (r["stderr"] is None and r["dense_stderr"] is None):
         return None
     spread = ((r["stderr"] or 0.0) ** 2 + (r["dense_stderr"] or 0.0) ** 2) ** 0.5
