@@ -486,6 +486,9 @@ class CellContext:
     pattern: Pattern | None = None
     layers: list[Any] = field(default_factory=list)
     batch_size: int = 8
+    shared: dict[Any, Any] = field(default_factory=dict)
+    """What one evaluation of the cell computed that another can reuse as it is (e.g. the
+    pruned model's per-window NLL from fidelity's forward pass), keyed by what it is."""
 
 
 class Evaluator(_Named):
@@ -493,15 +496,19 @@ class Evaluator(_Named):
 
     An evaluator that needs more than the pruned model (its dense weights, the calibration
     windows, what the engine did per layer) sets ``needs_cell = True`` and receives a
-    ``CellContext`` as ``cell``.
+    ``CellContext`` as ``cell``; the runner evaluates those first. One that can reuse what
+    they computed (``CellContext.shared``) sets ``reuses_cell = True`` and receives the
+    cell's context when there is one.
     """
 
     kind: ClassVar[str] = "evaluator"
     needs_cell: ClassVar[bool] = False
+    reuses_cell: ClassVar[bool] = False
 
     def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None,
                  cell: CellContext | None = None) -> list[Score]:
-        """Evaluate ``model`` as it is now (``cell``: only when ``needs_cell`` is set)."""
+        """Evaluate ``model`` as it is now (``cell``: with ``needs_cell``, or ``reuses_cell`` when
+        another evaluation of the cell needed one)."""
         raise NotImplementedError
 
     def unavailable(self) -> str | None:

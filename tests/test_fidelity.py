@@ -40,7 +40,7 @@ def test_kl_and_agreement_are_the_definitions():
                 module.weight.mul_(torch.rand_like(module.weight) > 0.5)
     ids = torch.randint(0, 128, (3, 20), generator=torch.Generator().manual_seed(0))
     before = copy.deepcopy(pruned.state_dict())
-    kl, agree = divergence(pruned, ids, 2, torch.device("cpu"), _swap(pruned, dense.state_dict()))
+    kl, agree, _ = divergence(pruned, ids, 2, torch.device("cpu"), _swap(pruned, dense.state_dict()))
     with torch.no_grad():
         p = F.log_softmax(dense(ids).logits[:, :-1].double(), -1)
         q = F.log_softmax(pruned(ids).logits[:, :-1].double(), -1)
@@ -55,7 +55,7 @@ def test_kl_and_agreement_are_the_definitions():
 def test_the_dense_model_against_itself():
     model = make_tiny("opt")
     ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1))
-    kl, agree = divergence(model, ids, 4, torch.device("cpu"), _swap(model, model.state_dict()))
+    kl, agree, _ = divergence(model, ids, 4, torch.device("cpu"), _swap(model, model.state_dict()))
     assert kl == [0.0, 0.0] and agree == [1.0, 1.0]
 
 
@@ -96,3 +96,30 @@ def test_through_a_suite(tmp_path, assets, monkeypatch):
     for r in read(tmp_path / "lb").to_pylist():  # every row carries its windows as items, which give it back
         assert [i["id"] for i in r["items"]] == [0, 1, 2, 3] and {i["weight"] for i in r["items"]} == {15}
         assert aggregate(r["items"], r["item_aggregate"]) == pytest.approx(r["value"], rel=1e-12, abs=1e-15)
+
+
+def test_perplexity_takes_fidelitys_pass_and_gets_the_same_numbers(tmp_path, assets, monkeypatch):
+    """One forward pass per window for both measures when their windows and batches agree,
+    every value the same, bit for bit, as perplexity's own pass."""
+    import json
+
+    from stadebench.results.store import read
+    from stadebench.runner.run import run_suite
+
+    monkeypatch.setenv("STADEBENCH_CACHE", str(tmp_path / "cache"))
+    options = {"dataset": {"name": "text", "options": {"path": str(assets["corpus"])}}, "seqlen": 16,
+               "batch_size": 3, "max_windows": 5}
+    both = [{"name": "perplexity", "options": options}, {"name": "fidelity", "options": options}]
+    rows = {}
+    for name, evaluations in (("both", both), ("alone", both[:1])):
+        (tmp_path / name).mkdir()
+        suite = load_tiny_suite(tmp_path / name, assets, metrics=["wanda"], evaluations=evaluations)
+        assert not run_suite(suite).failed
+        rows[name] = {(r["metric"], r["score"]): r for r in read(tmp_path / name / "lb").to_pylist()}
+    for metric in ("dense", "wanda"):
+        shared, alone = rows["both"][(metric, "ppl")], rows["alone"][(metric, "ppl")]
+        assert shared["value"] == alone["value"] and shared["items"] == alone["items"]
+        assert shared["cell_key"] == alone["cell_key"]
+        assert json.loads(shared["details"])["eval"]["shared_pass"] is True
+        assert json.loads(alone["details"])["eval"]["shared_pass"] is False
+    assert rows["both"][("wanda", "kl")]["value"] > 0

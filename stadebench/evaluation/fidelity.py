@@ -16,7 +16,7 @@ compared with itself: KL 0, agreement 1, computed like any other cell.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,20 +24,28 @@ import torch.nn.functional as F
 from ..base import CellContext, Score
 from ..errors import ConfigError
 from ..hookspecs import hookimpl
-from .perplexity import Perplexity, placed, window_items
+from .perplexity import Perplexity, placed, row_nll, shared_nll_key, window_items
 
 
-def _log_probs(model: torch.nn.Module, batch: torch.Tensor) -> torch.Tensor:
+class Divergence(NamedTuple):
+    """Per window: mean KL(dense ‖ pruned) per predicted token, the share of predicted tokens
+    whose top-1 agrees, and the pruned model's summed NLL (what perplexity computes)."""
+
+    kl: list[float]
+    agree: list[float]
+    nll: list[float]
+
+
+def _log_probs(logits: torch.Tensor) -> torch.Tensor:
     """float32 log-probabilities of the next token at every predicted position ``[b, seqlen - 1, vocab]``."""
-    logits = model(input_ids=batch, use_cache=False).logits[:, :-1]
-    return F.log_softmax(logits.float(), dim=-1)
+    return F.log_softmax(logits[:, :-1].float(), dim=-1)
 
 
 def divergence(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device,
-               dense: Any) -> tuple[list[float], list[float]]:
-    """Per window of ``ids``: mean KL(dense ‖ model) over its predicted tokens, and the share
-    of them whose top-1 token agrees; ``dense()`` swaps the dense weights in."""
-    kl, agree = [], []
+               dense: Any) -> Divergence:
+    """KL to the dense model, top-1 agreement and NLL per window of ``ids``, one pruned forward
+    pass per batch; ``dense()`` swaps the dense weights in."""
+    out = Divergence([], [], [])
     was_training = model.training
     model.eval()
     try:
@@ -45,16 +53,19 @@ def divergence(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, devic
             for batch in ids.split(batch_size):
                 batch = batch.to(device)
                 with dense():
-                    reference = _log_probs(model, batch)
-                pruned = _log_probs(model, batch)
+                    reference = _log_probs(model(input_ids=batch, use_cache=False).logits)
+                logits = model(input_ids=batch, use_cache=False).logits
+                out.nll.extend(row_nll(logits, batch))
+                pruned = _log_probs(logits)
+                del logits
                 per_token = F.kl_div(pruned, reference, reduction="none", log_target=True).sum(-1)
                 same = reference.argmax(-1) == pruned.argmax(-1)
-                kl += per_token.double().mean(-1).tolist()
-                agree += same.double().mean(-1).tolist()
+                out.kl.extend(per_token.double().mean(-1).tolist())
+                out.agree.extend(same.double().mean(-1).tolist())
                 del reference, pruned
     finally:
         model.train(was_training)
-    return kl, agree
+    return out
 
 
 class Fidelity(Perplexity):
@@ -72,7 +83,8 @@ class Fidelity(Perplexity):
                               "cell (or pass a CellContext whose dense() swaps them in)")
         ids, details = self.windows(model, tokenizer)
         with placed(model, device) as dev:
-            kl, agree = divergence(model, ids, self.options.batch_size, dev, cell.dense)
+            kl, agree, nll = divergence(model, ids, self.options.batch_size, dev, cell.dense)
+        cell.shared[shared_nll_key(ids, self.options.batch_size)] = nll  # perplexity on these windows: no pass
         task = self.dataset().name
         windows, predicted = len(kl), ids.shape[1] - 1
         # every window predicts seqlen - 1 tokens: the mean over tokens is the mean over windows
@@ -87,4 +99,4 @@ def register_evaluators(register):
     register(Fidelity)
 
 
-__all__ = ["Fidelity", "divergence"]
+__all__ = ["Divergence", "Fidelity", "divergence"]

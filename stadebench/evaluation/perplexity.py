@@ -10,13 +10,14 @@ of per-window mean losses, as in Wanda/SparseGPT.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ..base import Dataset, Evaluator, Options, Score
+from ..base import CellContext, Dataset, Evaluator, Options, Score
 from ..core.models import check_context
 from ..data.calibration import eval_tokens
 from ..errors import ConfigError
@@ -71,12 +72,19 @@ class Perplexity(Evaluator):
         """The evaluated dataset's fingerprint."""
         return self.dataset().fingerprint()
 
-    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None
-                 ) -> list[Score]:
-        """Perplexity of ``model`` as it is now; ``device`` defaults to the model's."""
+    reuses_cell = True  # fidelity's forward pass over the same windows gives the same sums
+
+    def evaluate(self, model: torch.nn.Module, tokenizer: Any, device: torch.device | str | None = None,
+                 cell: CellContext | None = None) -> list[Score]:
+        """Perplexity of ``model`` as it is now; ``device`` defaults to the model's. The
+        per-window NLL another evaluation of the cell computed on the same windows in the same
+        batches (``cell.shared``) is taken as it is rather than computed again."""
         ids, details = self.windows(model, tokenizer)
-        with placed(model, device) as dev:
-            nll = window_nll(model, ids, self.options.batch_size, dev)
+        nll = None if cell is None else cell.shared.get(shared_nll_key(ids, self.options.batch_size))
+        details["shared_pass"] = nll is not None
+        if nll is None:
+            with placed(model, device) as dev:
+                nll = window_nll(model, ids, self.options.batch_size, dev)
         predicted = ids.shape[1] - 1
         ppl = float(torch.tensor(sum(nll) / details["predicted_tokens"], dtype=torch.float64).exp())  # inf on overflow
         return [Score(task=self.dataset().name, name="ppl", value=ppl, stderr=None, higher_is_better=False,
@@ -112,15 +120,26 @@ def window_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, devic
             for batch in ids.split(batch_size):
                 batch = batch.to(device)
                 logits = model(input_ids=batch, use_cache=False).logits
-                labels = batch.to(logits.device)
-                # One window at a time: float32 logits of a whole batch can take GBs.
-                losses = [F.cross_entropy(logits[row, :-1].float(), labels[row, 1:], reduction="sum")
-                          for row in range(batch.shape[0])]
-                sums += torch.stack(losses).double().tolist()
+                sums += row_nll(logits, batch)
                 del logits
     finally:
         model.train(was_training)
     return sums
+
+
+def row_nll(logits: torch.Tensor, batch: torch.Tensor) -> list[float]:
+    """Summed next-token cross-entropy (nats, float64) of each row of ``batch`` from its ``logits``."""
+    labels = batch.to(logits.device)
+    # One window at a time: float32 logits of a whole batch can take GBs.
+    losses = [F.cross_entropy(logits[row, :-1].float(), labels[row, 1:], reduction="sum")
+              for row in range(batch.shape[0])]
+    return torch.stack(losses).double().tolist()
+
+
+def shared_nll_key(ids: torch.Tensor, batch_size: int) -> tuple[str, str, int]:
+    """The ``CellContext.shared`` key of the per-window NLL of windows ``ids`` in batches of
+    ``batch_size`` (the same windows in the same batches give the same sums, bit for bit)."""
+    return "window_nll", hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest(), batch_size
 
 
 def total_nll(model: torch.nn.Module, ids: torch.Tensor, batch_size: int, device: torch.device) -> float:
@@ -159,4 +178,5 @@ def register_evaluators(register):
     register(Perplexity)
 
 
-__all__ = ["DatasetRef", "Perplexity", "placed", "total_nll", "window_items", "window_nll"]
+__all__ = ["DatasetRef", "Perplexity", "placed", "row_nll", "shared_nll_key", "total_nll", "window_items",
+           "window_nll"]

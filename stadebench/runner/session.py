@@ -373,21 +373,25 @@ class ModelSession:
                            c.batch_size)
 
     def _evaluate(self, cell: PlannedCell, result: CellResult, report: Any = None) -> None:
-        context = None
-        for pending in cell.pending:
-            t0 = time.perf_counter()
-            if pending.evaluator.needs_cell:
-                context = context or self._context(cell, report)
-                scores = pending.evaluator.evaluate(self.model, self.tokenizer, self.device, cell=context)
+        """Every pending evaluation, those that need the cell's context first (what they
+        share, e.g. a forward pass, the others reuse); results in the pending order."""
+        pending = cell.pending
+        context = self._context(cell, report) if any(p.evaluator.needs_cell for p in pending) else None
+        done = {}
+        for i in sorted(range(len(pending)), key=lambda i: not pending[i].evaluator.needs_cell):
+            evaluator, t0 = pending[i].evaluator, time.perf_counter()
+            if evaluator.needs_cell or (evaluator.reuses_cell and context is not None):
+                scores = evaluator.evaluate(self.model, self.tokenizer, self.device, cell=context)
             else:
-                scores = pending.evaluator.evaluate(self.model, self.tokenizer, self.device)
-            scores = _checked(pending.spec.name, scores)
+                scores = evaluator.evaluate(self.model, self.tokenizer, self.device)
+            scores = _checked(pending[i].spec.name, scores)
             elapsed = time.perf_counter() - t0
             for score in scores:
                 if not math.isfinite(score.value):
-                    raise NumericalError(f"{pending.spec.name} gave {score.name}={score.value} on {score.task}")
-            result.evaluations.append(EvaluationResult(pending.key, scores, elapsed))
+                    raise NumericalError(f"{pending[i].spec.name} gave {score.name}={score.value} on {score.task}")
+            done[i] = EvaluationResult(pending[i].key, scores, elapsed)
             result.seconds["eval"] = result.seconds.get("eval", 0.0) + elapsed
+        result.evaluations += [done[i] for i in range(len(pending))]
 
     def run(self, cell: PlannedCell) -> CellResult:
         """Prune (from the dense weights) and evaluate one cell; errors become ``result.error``."""
