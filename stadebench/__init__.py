@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from .base import (AllocationLayer, Allocator, Dataset, Evaluator, LayerInfo, LayerResult, LayerStats, Metric,
-                   Options, Pattern, Score)
+                   Options, Pattern, Reconstruction, Reconstructor, Refiner, Score)
 from .errors import ConfigError, NumericalError, PluginError, StadebenchError, UnknownNameError
 from .hookspecs import hookimpl
 from .plugins import get_plugins
@@ -127,6 +127,7 @@ def collect_statistics(
 
 __all__ = [
     "AllocationLayer", "Allocator", "ConfigError", "Dataset", "Evaluator", "LayerInfo", "LayerResult", "LayerStats",
-    "Metric", "NumericalError", "Options", "Pattern", "PluginError", "Score", "StadebenchError", "UnknownNameError",
+    "Metric", "NumericalError", "Options", "Pattern", "PluginError", "Reconstruction", "Reconstructor", "Refiner",
+    "Score", "StadebenchError", "UnknownNameError",
     "__version__", "collect_statistics", "get_plugins", "hookimpl", "prune",
 ]

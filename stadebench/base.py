@@ -1,4 +1,5 @@
-"""Base classes that plugins subclass: Metric, Pattern, Allocator, Dataset, Evaluator.
+"""Base classes that plugins subclass: Metric, Refiner, Reconstructor, Pattern, Allocator,
+Dataset, Evaluator.
 
 Each has a class-level ``name`` (unique within its kind), a ``version`` that is
 recorded with every result, and an ``Options`` pydantic model (unknown keys rejected).
@@ -273,6 +274,73 @@ class Metric(_Named):
         return LayerResult(mask, None, self.bias_delta(weight, mask, stats))
 
 
+class Refiner(_Named):
+    """A mask refinement stage: changes which weights a metric pruned, never how many.
+
+    ``refine(weight, mask, stats, pattern, sparsity)`` gets the layer's current float32
+    ``[out, in]`` weight (the dense one, or a solver metric's updated weight), the metric's
+    mask (True = pruned) and the layer's input statistics, and returns a new boolean mask
+    that satisfies the pattern exactly as the input did: the same number pruned in every
+    row (in every group of ``pattern.group_size`` columns for N:M). The host checks this.
+    ``statistics`` declares what it reads, as ``Metric.statistics`` (input statistics only);
+    the engine collects the union of what the metric and every stage declare.
+    ``supports(pattern)`` says why a pattern cannot be refined (None: it can); the suite
+    is refused before anything runs. None of the arguments may be modified.
+    """
+
+    kind: ClassVar[str] = "refiner"
+    statistics: ClassVar[frozenset[str]] = frozenset()
+
+    def supports(self, pattern: Pattern) -> str | None:
+        """Why masks of ``pattern`` cannot be refined (a short reason), or None when they can."""
+        return None
+
+    def refine(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats, pattern: Pattern,
+               sparsity: float) -> torch.Tensor:
+        """The refined boolean ``[out, in]`` mask (True = pruned)."""
+        raise NotImplementedError
+
+
+@dataclass
+class Reconstruction:
+    """What a reconstructor decided for one layer: the new weight and optionally a bias delta.
+
+    ``weight``: float32 ``[out, in]``, the kept weights updated (the host zeroes the pruned
+    ones whatever it holds there); None keeps the dense weight. ``bias_delta``: float
+    ``[out]`` added to the bias (a zero bias is created first where there is none), or
+    None. ``details``: recorded with the layer in the report (JSON values only).
+    """
+
+    weight: torch.Tensor | None = None
+    bias_delta: torch.Tensor | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Reconstructor(_Named):
+    """A weight reconstruction stage: new kept weights (and bias) for a fixed mask.
+
+    ``reconstruct(weight, mask, stats)`` gets the layer's dense float32 ``[out, in]``
+    weight, the final mask (True = pruned) and the layer's input statistics, and returns a
+    ``Reconstruction``. It takes over the layer's weights and bias: a solver metric's own
+    update and a metric's bias correction (STADE's) are replaced by what it returns.
+    ``statistics`` declares what it reads (OBS and ADMM: ``gram``). ``memory_bytes(rows,
+    columns)`` estimates the extra memory one layer needs, so that a suite whose largest
+    layer would not fit is refused before anything runs. None of the arguments may be
+    modified.
+    """
+
+    kind: ClassVar[str] = "reconstructor"
+    statistics: ClassVar[frozenset[str]] = frozenset()
+
+    def memory_bytes(self, rows: int, columns: int) -> int:
+        """Extra memory (bytes) reconstructing one ``[rows, columns]`` layer needs."""
+        return 0
+
+    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> Reconstruction:
+        """The layer's new weight and bias delta for ``mask``."""
+        raise NotImplementedError
+
+
 class Pattern(_Named):
     """A sparsity pattern: turns scores into a boolean mask (True = pruned).
 
@@ -531,4 +599,5 @@ class Evaluator(_Named):
 
 
 __all__ = ["INPUT_STATISTICS", "STATISTICS", "AllocationLayer", "Allocator", "CellContext", "Dataset", "Evaluator",
-           "LayerInfo", "LayerResult", "LayerStats", "Metric", "NM_RE", "Options", "Pattern", "Score", "check_finite"]
+           "LayerInfo", "LayerResult", "LayerStats", "Metric", "NM_RE", "Options", "Pattern", "Reconstruction",
+           "Reconstructor", "Refiner", "Score", "check_finite"]

@@ -26,6 +26,25 @@ def register_metrics(register):
 
 
 @hookspec
+def register_refiners(register):
+    """Register mask refiners: call ``register(RefinerSubclass)`` for each one.
+
+    A refiner changes which weights a metric's mask prunes, never how many per row or
+    group (DSnoT regrows and prunes to lower the expected reconstruction error); see
+    ``stadebench.Refiner``.
+    """
+
+
+@hookspec
+def register_reconstructors(register):
+    """Register weight reconstructors: call ``register(ReconstructorSubclass)`` for each one.
+
+    A reconstructor gives the kept weights (and bias) new values for a fixed mask (OBS,
+    ADMM, STADE's mean-bias correction); see ``stadebench.Reconstructor``.
+    """
+
+
+@hookspec
 def register_patterns(register):
     """Register sparsity patterns: call ``register(PatternSubclass)`` for each one.
 
@@ -62,4 +81,4 @@ def register_evaluators(register):
 
 
 __all__ = ["hookimpl", "hookspec", "register_allocators", "register_datasets", "register_evaluators",
-           "register_metrics", "register_patterns"]
+           "register_metrics", "register_patterns", "register_reconstructors", "register_refiners"]

@@ -1,14 +1,18 @@
-"""The conformance kit (stadebench.testing): every built-in metric and pattern passes it,
-and deliberately broken plugins fail it with the broken rule named in the output."""
+"""The conformance kit (stadebench.testing): every built-in metric, pattern and allocator
+and the docs' example refiner and reconstructor pass it, and deliberately broken plugins
+fail it with the broken rule named in the output."""
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import textwrap
+from pathlib import Path
 
 import pytest
 
-from stadebench.testing import RULES, AllocatorConformance, MetricConformance, PatternConformance
+from stadebench.testing import (RULES, AllocatorConformance, MetricConformance, PatternConformance,
+                                ReconstructorConformance, RefinerConformance)
 
 pytest_plugins = ["pytester"]
 
@@ -130,11 +134,54 @@ class TestOWLWide(AllocatorConformance):
     sparsities = (0.3, 0.85)  # 0.85 + 0.2 leaves [0, 1): refused with a ConfigError, not served
 
 
+def _example(name: str):
+    """A docs example module (docs/examples/<name>.py), imported from its file."""
+    spec = importlib.util.spec_from_file_location(f"stadebench_docs_{name}", EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "docs" / "examples"
+_REFINER_EXAMPLE = _example("refiner_plugin")
+_RECONSTRUCTOR_EXAMPLE = _example("reconstructor_plugin")
+
+
+class TestSwapRefiner(RefinerConformance):
+    """docs/examples/refiner_plugin.py: a real refinement (it swaps) passes every rule."""
+
+    refiner = "swap"
+    options = {"swaps": 3}
+    plugin = _REFINER_EXAMPLE
+
+
+class TestRefitReconstructor(ReconstructorConformance):
+    """docs/examples/reconstructor_plugin.py: a least-squares re-fit passes every rule."""
+
+    reconstructor = "refit"
+    plugin = _RECONSTRUCTOR_EXAMPLE
+
+
+SUITES = (MetricConformance, PatternConformance, AllocatorConformance, RefinerConformance, ReconstructorConformance)
+
+
 def test_every_rule_has_a_check():
-    checks = {name[len("test_"):].replace("_", "-")
-              for cls in (MetricConformance, PatternConformance, AllocatorConformance)
-              for name in vars(cls) if name.startswith("test_")}
+    checks = {name[len("test_"):].replace("_", "-") for cls in SUITES for name in dir(cls) if name.startswith("test_")}
     assert checks == set(RULES)
+
+
+def test_the_swap_refiner_refines():
+    """The example refiner under test changes masks (a refiner that returns its input passes trivially)."""
+    import torch
+
+    from stadebench.plugins import resolve_plugin
+    from stadebench.testing import layer_inputs
+
+    weight, stats = layer_inputs(statistics={"sumsq"})
+    pattern = resolve_plugin("pattern", "2:4")
+    mask = pattern.select(weight.abs(), 0.5)
+    refined = _REFINER_EXAMPLE.Swap({"swaps": 3}).refine(weight, mask, stats, pattern, 0.5)
+    assert not torch.equal(refined, mask)
 
 
 # --- broken plugins fail, naming the rule ----------------------------------------
@@ -144,7 +191,8 @@ import pydantic
 import torch
 
 import stadebench
-from stadebench.testing import AllocatorConformance, MetricConformance, PatternConformance
+from stadebench.testing import (AllocatorConformance, MetricConformance, PatternConformance,
+                                ReconstructorConformance, RefinerConformance)
 
 
 class Plugin:
@@ -166,6 +214,16 @@ class Plugin:
     @stadebench.hookimpl
     def register_allocators(self, register):
         if self.kind == "allocator":
+            register(self.cls)
+
+    @stadebench.hookimpl
+    def register_refiners(self, register):
+        if self.kind == "refiner":
+            register(self.cls)
+
+    @stadebench.hookimpl
+    def register_reconstructors(self, register):
+        if self.kind == "reconstructor":
             register(self.cls)
 '''
 
@@ -269,6 +327,81 @@ BROKEN_ALLOCATORS = {
             return [sparsity + (0.05 if i % 2 else -0.05) for i in range(len(layers))]
     ''',
 }
+
+
+BROKEN_REFINERS = {
+    "refine-count": '''
+        def refine(self, weight, mask, stats, pattern, sparsity):   # revives the first pruned weight of each row
+            out = mask.clone()
+            out[torch.arange(out.shape[0]), out.int().argmax(1)] = False
+            return out
+    ''',
+    "refine-pattern": '''
+        def refine(self, weight, mask, stats, pattern, sparsity):   # keeps each row's count, not each group's
+            return mask.roll(1, dims=1)
+    ''',
+    "no-mutation": '''
+        def refine(self, weight, mask, stats, pattern, sparsity):   # in place: the metric's mask changes
+            return mask.copy_(mask.flip(1))
+    ''',
+    "statistics-unrequested": '''
+        def refine(self, weight, mask, stats, pattern, sparsity):   # reads the mean ("sum"), declares only sumsq
+            saliency = weight.abs() * (stats.norm + stats.mean.abs())
+            return mask.clone() if saliency.numel() else mask
+    ''',
+}
+
+BROKEN_RECONSTRUCTORS = {
+    "reconstruct-mask": '''
+        def reconstruct(self, weight, mask, stats):   # the dense weight: every pruned weight revived
+            return stadebench.Reconstruction(weight.clone())
+    ''',
+    "reconstruct-shape": '''
+        def reconstruct(self, weight, mask, stats):   # transposed
+            return stadebench.Reconstruction(weight.masked_fill(mask, 0).t().contiguous())
+    ''',
+    "reconstruct-finite": '''
+        def reconstruct(self, weight, mask, stats):   # scales by 1 / an input's energy: Inf for an input always 0
+            energy = stats.gram.diagonal()
+            return stadebench.Reconstruction((weight * (energy.mean() / energy)).masked_fill(mask, 0))
+    ''',
+    "no-mutation": '''
+        def reconstruct(self, weight, mask, stats):   # in place: the layer's own storage
+            return stadebench.Reconstruction(weight.masked_fill_(mask, 0))
+    ''',
+    "memory-estimate": '''
+        def memory_bytes(self, rows, columns):   # a float
+            return 4.0 * rows * columns
+
+        def reconstruct(self, weight, mask, stats):
+            return stadebench.Reconstruction(weight.masked_fill(mask, 0))
+    ''',
+    "stage-deterministic": '''
+        def reconstruct(self, weight, mask, stats):   # jitter from the global RNG
+            return stadebench.Reconstruction((weight + 1e-6 * torch.randn(weight.shape)).masked_fill(mask, 0))
+    ''',
+}
+
+
+def stage_file(kind: str, name: str, body: str, statistics: str) -> str:
+    """A refiner or reconstructor under test and its suite, as a plugin author writes them."""
+    base, suite = ("Refiner", "RefinerConformance") if kind == "refiner" else ("Reconstructor",
+                                                                             "ReconstructorConformance")
+    return HEADER + f'''
+
+class UnderTest(stadebench.{base}):
+    """A {kind} under test."""
+
+    name = "{name}"
+    statistics = frozenset({{"{statistics}"}})
+
+{_class_body(body)}
+
+
+class TestIt({suite}):
+    {kind} = "{name}"
+    plugin = Plugin("{kind}", UnderTest)
+'''
 
 
 def allocator_file(name: str, body: str) -> str:
@@ -407,6 +540,25 @@ def test_kit_catches_a_broken_allocator(pytester, rule):
     failures = failed_rules(result)
     test = "test_" + rule.replace("-", "_")
     assert test in failures and f"conformance rule '{rule}': " in failures[test], result.stdout.str()
+
+
+@pytest.mark.parametrize("kind,rule", [("refiner", rule) for rule in sorted(BROKEN_REFINERS)]
+                         + [("reconstructor", rule) for rule in sorted(BROKEN_RECONSTRUCTORS)])
+def test_kit_catches_a_broken_stage(pytester, kind, rule):
+    body, statistics = ((BROKEN_REFINERS[rule], "sumsq") if kind == "refiner"
+                        else (BROKEN_RECONSTRUCTORS[rule], "gram"))
+    result = run_kit(pytester, stage_file(kind, f"broken-{rule}", body, statistics))
+    assert result.ret == pytest.ExitCode.TESTS_FAILED, result.stdout.str()
+    failures = failed_rules(result)
+    test = "test_" + rule.replace("-", "_")
+    assert test in failures and f"conformance rule '{rule}': " in failures[test], result.stdout.str()
+    assert f"broken-{rule}" in failures[test]  # the message names the plugin too
+
+
+def test_a_stage_named_none_fails_metadata(pytester):
+    result = run_kit(pytester, stage_file("reconstructor", "none", BROKEN_RECONSTRUCTORS["memory-estimate"], "gram"))
+    assert "test_metadata" in failed_rules(result), result.stdout.str()
+    result.stdout.fnmatch_lines(["*conformance rule 'metadata': *'none', what a suite writes for no reconstructor*"])
 
 
 def test_a_sound_third_party_metric_passes(pytester):

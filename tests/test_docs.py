@@ -77,7 +77,7 @@ def blocks(page: Path):
 
 def test_hookspecs_are_found():
     assert hook_names() == ["register_allocators", "register_datasets", "register_evaluators", "register_metrics",
-                            "register_patterns"]
+                            "register_patterns", "register_reconstructors", "register_refiners"]
 
 
 def test_plugin_hooks_are_documented():
@@ -132,7 +132,9 @@ def test_example_runs(example, isolated_plugins, capsys, single_thread):
 def test_examples_register_through_their_hook(isolated_plugins):
     """Each example is a plugin for the hook its page documents, and registers a valid item."""
     for hook, file in [("register_metrics", "metric_plugin.py"), ("register_patterns", "pattern_plugin.py"),
-                       ("register_datasets", "dataset_plugin.py"), ("register_evaluators", "evaluator_plugin.py")]:
+                       ("register_datasets", "dataset_plugin.py"), ("register_evaluators", "evaluator_plugin.py"),
+                       ("register_allocators", "allocator_plugin.py"), ("register_refiners", "refiner_plugin.py"),
+                       ("register_reconstructors", "reconstructor_plugin.py")]:
         module = runpy.run_path(str(EXAMPLES / file))  # not as __main__: just the plugin
         assert hasattr(module[hook], "stadebench_impl"), f"{file} has no @stadebench.hookimpl {hook}"
         items = []
@@ -226,7 +228,8 @@ def test_the_suite_reference_has_every_field():
     page = suite_reference.markdown()
     sections = dict(suite_reference.sections())
     assert set(sections.values()) == {S.Suite, S.ModelSpec, S.MetricSpec, S.PatternSpec, S.AllocationSpec,
-                                      S.ExcludeRule, S.CalibrationGrid, S.DatasetSpec, S.EvaluationSpec}
+                                      S.ExcludeRule, S.CalibrationGrid, S.DatasetSpec, S.EvaluationSpec,
+                                      S.StageSpec}
     for path, model in sections.items():
         table = page.split(f'<a id="{suite_reference.anchor(path)}"></a>', 1)[1].split("<a id=", 1)[0]
         for name, info in model.model_fields.items():

@@ -79,9 +79,10 @@ def _selected(folder: Path, filters: dict):
     if everything.num_rows == 0:
         raise fail(f"no results in {folder}; run a suite first (stadebench run suites/smoke.yaml)")
     table = lb.query(everything, **filters)
-    if any(filters.get(k) for k in ("metric", "pattern", "sparsity")) and table.num_rows:
+    pruning = ("metric", "pattern", "sparsity", "refine", "reconstruct")
+    if any(filters.get(k) for k in pruning) and table.num_rows:
         # the dense baseline stays: every change is against it
-        cell = {k: v for k, v in filters.items() if k not in ("metric", "pattern", "sparsity")}
+        cell = {k: v for k, v in filters.items() if k not in pruning}
         dense = lb.query(lb.query(everything, **cell), metric=["dense"])
         table = pa.concat_tables([dense, table.filter(pc.invert(pc.fill_null(pc.equal(table["metric"], "dense"),
                                                                              False)))])
@@ -330,6 +331,8 @@ def leaderboard(
     metric: Filter = None,
     pattern: Filter = None,
     sparsity: SparsityFilter = None,
+    refine: Filter = None,
+    reconstruct: Filter = None,
     fmt: FormatOption = Format.table,
     precision: Precision = 4,
     long: Long = False,
@@ -346,7 +349,7 @@ def leaderboard(
     bootstrap over the evaluation items cannot tell from noise is marked ~)."""
     if ctx.invoked_subcommand is None:
         filters = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern,
-                   "sparsity": sparsity}
+                   "sparsity": sparsity, "refine": refine, "reconstruct": reconstruct}
         if history:
             handle_errors(show_history)(folder, suite=suite, model=model, task=task, fmt=fmt)
         else:
@@ -439,13 +442,16 @@ def _show(cell: str, folder: Path, fmt: Format) -> None:
 class By(str, enum.Enum):
     run = "run"
     metric = "metric"
+    refine = "refine"
+    reconstruct = "reconstruct"
 
 
 @app.command()
 def compare(
     a: Annotated[str, typer.Argument(help="First run id or metric.")],
     b: Annotated[str, typer.Argument(help="Second run id or metric.")],
-    by: Annotated[By, typer.Option(help="Compare two runs (same cells) or two metrics (same settings).")] = By.metric,
+    by: Annotated[By, typer.Option(help="Compare two metrics, refiners or reconstructors (none: without the "
+                                        "stage), everything else the same; or two runs (same cells).")] = By.metric,
     folder: DirOption = Path("leaderboard"),
     fmt: FormatOption = Format.table,
     resamples: Annotated[int, typer.Option(min=100, max=1_000_000, help="Bootstrap resamples of the paired "
@@ -460,12 +466,12 @@ def compare(
 @handle_errors
 def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, level: float) -> None:
     from ..results import store as lb
-    from ..results.compare import compare_rows
+    from ..results.compare import BY, compare_rows, side_of
 
     # a run's rows that a later run superseded live in _history/
     table = lb.read(folder, history=True) if by is By.run else lb.current(lb.read(folder))
-    field = "run_id" if by is By.run else "metric"
-    known = {str(v) for v in table[field].to_pylist() if v is not None}
+    field = BY[by.value][0]
+    known = {side for r in table.select(["metric", field]).to_pylist() if (side := side_of(r, by.value))}
     for name in (a, b):
         if name not in known:
             from ..util import did_you_mean
@@ -484,6 +490,8 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, 
 
 def _print_comparison(rows: list[dict], a: str, b: str, by: By, level: float) -> None:
     hidden = {"level", "ci_low", "ci_high", "items"} | ({"metric"} if by is By.metric else set())
+    if by in (By.refine, By.reconstruct):
+        hidden.discard("metric")
     if all(r["calibration"] == "—" for r in rows):
         hidden.add("calibration")
     columns = [c for c in rows[0] if c not in hidden]

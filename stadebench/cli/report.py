@@ -24,6 +24,12 @@ def report(
         help="Keep only these metrics (repeatable); the dense baseline stays.", show_default=False)] = None,
     pattern: Annotated[list[str] | None, typer.Option(
         help="Keep only these patterns (repeatable); the dense baseline stays.", show_default=False)] = None,
+    refine: Annotated[list[str] | None, typer.Option(
+        help="Keep only these refiners (none: without one; repeatable); the dense baseline stays.",
+        show_default=False)] = None,
+    reconstruct: Annotated[list[str] | None, typer.Option(
+        help="Keep only these reconstructors (none: without one; repeatable); the dense baseline stays.",
+        show_default=False)] = None,
     png: Annotated[Path | None, typer.Option(
         "--png", help="Also copy the selection's one score-against-sparsity figure to this PNG file "
                       "(how docs/sweep.png is made).", show_default=False)] = None,
@@ -34,8 +40,8 @@ def report(
 ) -> None:
     """Write a static HTML report: pivot tables against dense, score-against-sparsity figures
     (also as PNG, SVG and PDF), per-cell provenance and per-layer records, diagnostics plots."""
-    _report(leaderboard, out_dir, suite=suite, model=model, task=task, metric=metric, pattern=pattern, png=png,
-            open_page=open_page, published=published)
+    _report(leaderboard, out_dir, suite=suite, model=model, task=task, metric=metric, pattern=pattern, refine=refine,
+            reconstruct=reconstruct, png=png, open_page=open_page, published=published)
 
 
 @handle_errors

@@ -24,13 +24,14 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import nn
 
 from ..base import LayerInfo, LayerResult, LayerStats, Metric, Pattern, check_finite
 from ..errors import ConfigError
+from .stages import Stages
 from .models import (add_bias, enable_bias_flags, find_blocks, module_device, prunable_layers,
                      set_weight, weight_of)
 from .gradients import GradientStatistics, gradient_statistics
@@ -57,6 +58,7 @@ def prune(
     statistics: CalibrationStatistics | None = None,
     sparsities: Mapping[str, float] | None = None,
     gradients: GradientStatistics | None = None,
+    stages: Stages | None = None,
 ) -> PruneReport:
     """Prune every linear layer of ``model``'s decoder blocks in place with ``metric`` and
     ``pattern`` (instances: ``stadebench.prune`` takes registered names and documents
@@ -71,7 +73,9 @@ def prune(
     to its sparsity (an allocator's answer); layers it does not name stay dense. None
     prunes every layer at the target ``sparsity``. A metric that reads ``gradient`` gets
     ``gradients`` (computed once for several metrics with ``gradient_statistics``), else
-    the gradient pass runs here first, over ``windows``.
+    the gradient pass runs here first, over ``windows``. ``stages``: a refiner and a
+    reconstructor applied to each layer after the metric (``core.stages``); the
+    statistics collected are the union of what the metric and the stages declare.
     """
     t_start = time.perf_counter()
     if not isinstance(metric, Metric) or not isinstance(pattern, Pattern):
@@ -80,10 +84,12 @@ def prune(
     sequential, batch_size = calibration.sequential, calibration.batch_size
     run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, sparsities=sparsities,
                          accumulate=calibration.accumulate)
-    shared = statistics if statistics is not None and not metric.data_free() else None
+    run.stages = stages if stages is not None else Stages()
+    run.needs = run.stages.needs(metric)
+    shared = statistics if statistics is not None and run.needs else None
     if shared is not None and shared.accumulate != run.accumulate:
         raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
-    n, seqlen, batch_size = _protocol(metric, windows, shared, sequential, batch_size)
+    n, seqlen, batch_size = _protocol(metric, run.needs, windows, shared, sequential, batch_size)
     run.gradients = _gradients(model, windows, metric, gradients, run)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
@@ -93,29 +99,31 @@ def prune(
         n=n, seqlen=seqlen, batch_size=batch_size, device=str(run.device), seconds=0.0,
         timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
         peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
+        stages=run.stages.describe(),
     )
     _report_gradients(run.report, run.gradients, shared=gradients is not None)
     with eval_mode(model):
-        if shared is not None or metric.data_free():
+        if shared is not None or not run.needs:
             run.without_passes(shared)
         else:
             run.calibrated(windows, batch_size, sequential, reconstruction, offload)
     return run.finish(t_start)
 
 
-def _protocol(metric: Metric, windows: torch.Tensor | None, shared: CalibrationStatistics | None,
-              sequential: bool, batch_size: int) -> tuple[int, int, int]:
+def _protocol(metric: Metric, needs: frozenset[str], windows: torch.Tensor | None,
+              shared: CalibrationStatistics | None, sequential: bool, batch_size: int) -> tuple[int, int, int]:
     """``(n, seqlen, batch_size)`` of a ``prune`` call, checked: shared statistics
-    must be one-shot and cover the metric; a calibrated metric needs token windows."""
+    must be one-shot and cover ``needs`` (the metric's and its stages'); a calibrated metric
+    needs token windows."""
     if shared is not None:
         if sequential:
             raise ConfigError("shared statistics are the dense model's (one-shot): use sequential=False")
-        missing = set(metric.statistics) - shared.needs - {"gradient"}
+        missing = set(needs) - shared.needs - {"gradient"}
         if missing:
             raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
                               f"collected (have {sorted(shared.needs)})")
         return shared.n, shared.seqlen, shared.batch_size
-    if metric.data_free():
+    if not needs:
         return 0, 0, batch_size
     if windows is None or windows.ndim != 2 or windows.dtype != torch.long:
         raise ConfigError(f"metric {metric.name!r} needs calibration windows: a LongTensor [n, seqlen]")
@@ -169,6 +177,9 @@ class _Pruning:
     report: PruneReport | None = None
     accumulate: str = "float64"
     gradients: GradientStatistics | None = None
+    stages: Stages = field(default_factory=Stages)
+    needs: frozenset[str] = frozenset()
+    """The statistics collected: the metric's and its stages'."""
 
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
@@ -215,7 +226,8 @@ class _Pruning:
                 raise ConfigError(f"layer {name} has no gradient statistics: they were computed on another model")
             l1, l2 = self.gradients.layers[name]
             stats = replace(stats, grad_l1=l1.to(dense.device), grad_l2=l2.to(dense.device))
-        result = self.metric.prune_layer(dense, stats, self.pattern, sparsity)
+        result = self.stages.apply(self.metric, dense, self.metric.prune_layer(dense, stats, self.pattern, sparsity),
+                                   stats, self.pattern, sparsity)
         error = _output_mse(dense, result, stats)
         self.apply(layer, name, result)
         pruned = int(result.mask.count_nonzero())
@@ -285,8 +297,8 @@ class _Pruning:
         t0 = time.perf_counter()
         pruned = self.pruned(i)
         dense = [(short, layer) for short, layer in self.layers[i] if (short, layer) not in pruned]
-        collector, dense_out, flow.input_normed = statistics_pass(block, pruned, self.metric.statistics,
-                                                                   flow, self.accumulate, dense)
+        collector, dense_out, flow.input_normed = statistics_pass(block, pruned, self.needs, flow,
+                                                                   self.accumulate, dense)
         self.report.block_passes += 1
         t1 = time.perf_counter()
         timings["stats"] += t1 - t0

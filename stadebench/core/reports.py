@@ -105,6 +105,10 @@ class PruneReport:
     """For a metric that reads ``gradient``: the gradient pass's ``seconds``, whether it was
     ``cached`` (read from disk) or ``shared`` (given to ``prune``, its seconds not counted
     here), its ``scale`` and ``megabytes``; None otherwise."""
+    stages: dict[str, Any] | None = None
+    """The refiner and reconstructor applied after the metric (name, version, options each;
+    ``core.stages.Stages.describe``), and the seconds each took over all layers; None
+    without stages."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -211,7 +211,7 @@ def _publish(stage: Path, out_dir: Path, written: set[str]) -> None:
 
 
 def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite=None, model=None, task=None,
-                 metric=None, pattern=None, png: str | os.PathLike | None = None,
+                 metric=None, pattern=None, refine=None, reconstruct=None, png: str | os.PathLike | None = None,
                  published: str | os.PathLike | None = None) -> Path:
     """Write the report of the leaderboard ``folder`` to ``out_dir``; returns ``out_dir/index.html``.
 
@@ -228,7 +228,8 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     folder, out_dir = Path(folder), Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir} is a file; give -o a folder for the report")
-    filters = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern}
+    filters = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern, "refine": refine,
+               "reconstruct": reconstruct}
     table = select(folder, **filters)
     rows = table.to_pylist()
     ok = [r for r in rows if r["status"] == "ok"]

@@ -64,12 +64,14 @@ def _inventory(table: pa.Table) -> str:
     return "; ".join(parts)
 
 
-def select(folder: str | os.PathLike, *, suite=None, model=None, task=None, metric=None, pattern=None) -> pa.Table:
+def select(folder: str | os.PathLike, *, suite=None, model=None, task=None, metric=None, pattern=None,
+           refine=None, reconstruct=None) -> pa.Table:
     """The current rows of the leaderboard ``folder`` that match every given filter.
 
     Each filter is a value or a list of values. ``suite`` takes suite names (the rows'
     ``suite`` column) or suite YAML files (the rows whose key the suite's cells write).
-    ``metric`` and ``pattern`` apply to pruned rows; the dense rows that are the baseline
+    ``metric``, ``pattern``, ``refine`` and ``reconstruct`` (``none``: without that stage)
+    apply to pruned rows; the dense rows that are the baseline
     of a selected row (same model and evaluation) are always kept, whichever run wrote them.
     EmptySelection when nothing is left.
     """
@@ -89,13 +91,21 @@ def select(folder: str | os.PathLike, *, suite=None, model=None, task=None, metr
         keep = pc.and_(keep, pc.or_(dense, _in(table["metric"], metrics)))
     if patterns:
         keep = pc.and_(keep, pc.or_(dense, _in(table["pattern"], patterns)))
+    stages = {"refine": _listed(refine), "reconstruct": _listed(reconstruct)}
+    for field, values in stages.items():
+        if values:
+            named = _in(table[field], values)
+            if "none" in values:
+                named = pc.or_(named, pc.is_null(table[field]))
+            keep = pc.and_(keep, pc.or_(dense, named))
     picked = table.filter(keep)
     wanted = set(_baseline(picked.filter(pc.invert(_in(picked["metric"], ["dense"])))))
     others = table.filter(pc.and_(dense, pc.invert(keep)))
     extra = [i for i, b in enumerate(_baseline(others)) if b in wanted]
     if extra:
         picked = pa.concat_tables([picked, others.take(extra)])
-    pruned_wanted = bool(patterns) or bool(metrics and set(metrics) - {"dense"})
+    pruned_wanted = bool(patterns or stages["refine"] or stages["reconstruct"]) or bool(metrics and set(metrics)
+                                                                                       - {"dense"})
     if picked.num_rows == 0 or (pruned_wanted and not pc.any(pc.invert(_in(picked["metric"], ["dense"]))).as_py()):
         given = ", ".join(f"{k}={'|'.join(v)}" for k, v in (("suite", suites), ("model", _listed(model)),
                                                              ("task", _listed(task)), ("metric", metrics),

@@ -24,7 +24,14 @@ CALIBRATION = tuple(f for f in KEY_FIELDS if meta(f, "group") == "calibration")
 """The key fields that say how a cell was calibrated (null for a cell that reads no data)."""
 PROTOCOL = tuple(f for f in CALIBRATION if f != "calib_seed")
 """The calibration fields other than the seed: cells that share them are seeds of one protocol."""
-_METRIC = ("metric", "metric_version", "metric_options", "metric_plugin")
+_PLUGIN_FIELDS = ("", "_version", "_options", "_plugin")
+BY = {"metric": ("metric", tuple(f"metric{x}" for x in _PLUGIN_FIELDS)),
+      "refine": ("refine", tuple(f"refine{x}" for x in _PLUGIN_FIELDS)),
+      "reconstruct": ("reconstruct", tuple(f"reconstruct{x}" for x in _PLUGIN_FIELDS)),
+      "run": ("run_id", ("run_id",))}
+"""What a comparison sets side by side: the row field naming each side, and the key fields
+that may differ between the sides (the rest must match)."""
+NONE = "none"
 
 Side = dict[tuple, dict[tuple | None, dict[int | None, dict]]]
 """match key -> calibration protocol (None: reads no data) -> seed (None: one row) -> row."""
@@ -34,15 +41,25 @@ def _protocol(r: Mapping[str, Any]) -> tuple | None:
     return None if r["calib_n"] is None else tuple(str(r[f]) for f in PROTOCOL)
 
 
-def _sides(table: pa.Table, field: str, names: tuple[str, str], match: list[str]) -> dict[str, Side]:
+def side_of(r: Mapping[str, Any], by: str) -> str | None:
+    """Which side row ``r`` can be on in a comparison ``by`` (a stage's absence is ``none``;
+    the dense baseline has no stages)."""
+    field = BY[by][0]
+    if by in ("refine", "reconstruct"):
+        return None if r["metric"] == "dense" else (r[field] or NONE)
+    return None if r[field] is None else str(r[field])
+
+
+def _sides(table: pa.Table, by: str, names: tuple[str, str], match: list[str]) -> dict[str, Side]:
     """Each name's ok rows, grouped by match key, protocol and seed."""
     sides: dict[str, Side] = {name: {} for name in names}
     for r in table.to_pylist():
-        if r[field] in sides and r["status"] == "ok":
-            protocol = _protocol(r) if field == "metric" else None
+        side = side_of(r, by)
+        if side in sides and r["status"] == "ok":
+            protocol = _protocol(r) if by != "run" else None
             seed = r["calib_seed"] if protocol is not None else None
             key = tuple(str(r[f]) for f in match)
-            sides[r[field]].setdefault(key, {}).setdefault(protocol, {})[seed] = r
+            sides[side].setdefault(key, {}).setdefault(protocol, {})[seed] = r
     return sides
 
 
@@ -101,19 +118,20 @@ def _calibration_label(r: Mapping[str, Any]) -> str:
     return label + ("" if r["sequential"] else " one-shot")
 
 
-def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "run"] = "metric", *,
-                 resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
+def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "refine", "reconstruct", "run"] = "metric",
+                 *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
     """One entry per result ``a`` and ``b`` share: their values (means over paired seeds),
     ``delta`` = b − a, its paired bootstrap interval (``ci_low``, ``ci_high``; null for rows
     stored without items), the seeds and items it pairs, and which side is ``better``
-    (``~``: no detectable difference). Empty when the two share nothing; ``PairingError``
-    when results that match share no evaluation items."""
-    field = "metric" if by == "metric" else "run_id"
-    ignore = {*_METRIC, *CALIBRATION} if by == "metric" else {"run_id"}
+    (``~``: no detectable difference). ``by``: two metrics, two refiners or two
+    reconstructors (``none``: without that stage), everything else matched; or two runs
+    (same cells). Empty when the two share nothing; ``PairingError`` when results that match
+    share no evaluation items."""
+    ignore = {*BY[by][1], *CALIBRATION} if by != "run" else {"run_id"}
     match = [f for f in (*KEY_FIELDS, "task", "score") if f not in ignore]
     if by == "run":
         match.insert(0, "cell_key")
-    sides = _sides(table, field, (a, b), match)
+    sides = _sides(table, by, (a, b), match)
     out = []
     for key in sorted(sides[a].keys() & sides[b].keys()):
         for _, rows_a, rows_b in sorted(_pairs(sides[a][key], sides[b][key]), key=lambda p: str(p[0])):
@@ -125,7 +143,7 @@ def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "run"] =
             interval = _interval(rows_a, rows_b, resamples, level)
             va, vb = _mean(rows_a), _mean(rows_b)
             out.append({
-                "model": ra["model"], "metric": ra["metric"] if by == "run" else None, "pattern": ra["pattern"],
+                "model": ra["model"], "metric": ra["metric"] if by != "metric" else None, "pattern": ra["pattern"],
                 "sparsity": ra["sparsity"], "allocation": ra["allocation"],
                 "calibration": _calibration_label(ra if ra["calib_n"] is not None else rb),
                 "evaluation": evaluation_label(ra), "task": ra["task"], "score": ra["score"], a: va, b: vb,
@@ -143,4 +161,4 @@ def evaluation_label(r: Mapping[str, Any]) -> str:
     return f"{r['evaluator']}({', '.join(parts)})" if parts else str(r["evaluator"])
 
 
-__all__ = ["CALIBRATION", "PROTOCOL", "compare_rows", "evaluation_label"]
+__all__ = ["BY", "CALIBRATION", "NONE", "PROTOCOL", "compare_rows", "evaluation_label", "side_of"]

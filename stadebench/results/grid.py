@@ -17,7 +17,8 @@ from .store import current, identity, is_value
 
 _COLUMN_FIELDS = ("pattern", "pattern_version", "pattern_options", "pattern_plugin", "sparsity")
 _ROW_FIELDS = tuple(f for f in KEY_FIELDS if f not in _COLUMN_FIELDS)
-_NAMED = ("model", "metric", "metric_options")  # always in a row's label
+_STAGES = ("refine", "refine_options", "reconstruct", "reconstruct_options")
+_NAMED = ("model", "metric", "metric_options", *_STAGES)  # always in a row's label
 _ALLOCATION = ("allocation", "allocation_options")  # in the label unless uniform
 # Fields shown when they vary, calibration and the like first, then the rest of the key.
 _VARYING = (*LABEL_FIELDS, *(f for f in _ROW_FIELDS if f not in LABEL_FIELDS and f not in (*_NAMED, *_ALLOCATION)))
@@ -252,7 +253,7 @@ def _collect(pruned: pa.Table, evidence: Mapping[str, tuple], seeds: bool = True
     members: dict[tuple[str, str], list[dict]] = {}  # (row, column) -> its results, one per seed
     defaults: dict[str | None, dict[str, Any]] = {}
     for r in pruned.select(["_row", "_column", "_base", "cell_key", "model", "model_source", "metric",
-                            "metric_options", "value", "stderr", "dense", "dense_stderr", "relative", _SEED,
+                            "metric_options", *_STAGES, "value", "stderr", "dense", "dense_stderr", "relative", _SEED,
                             *_ALLOCATION, *_COLUMN_FIELDS, *varying]).to_pylist():
         columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
         if r["metric"] not in defaults:
@@ -260,14 +261,29 @@ def _collect(pruned: pa.Table, evidence: Mapping[str, tuple], seeds: bool = True
         rows.setdefault(r["_row"], {
             "model": r["model"], "model_label": model_label(r["model"], r["model_source"]), "metric": r["metric"],
             "label": " ".join(filter(None, [
-                r["metric"], f"({o})" if (o := _options_label(r["metric_options"], defaults[r["metric"]])) else "",
-                _allocation_label(r["allocation"], r["allocation_options"]),
+                _method_label(r, defaults[r["metric"]]), _allocation_label(r["allocation"], r["allocation_options"]),
                 *(f"{f}={r[f]}" for f in varies[tuple(r[g] for g in group)])])),
             "dense": r["dense"], "dense_stderr": r["dense_stderr"], "values": {}})
         members.setdefault((r["_row"], r["_column"]), []).append(r)
     for (row, column), results in members.items():
         rows[row]["values"][column] = _cell(results, evidence)
     return columns, rows
+
+
+def _method_label(r: Mapping[str, Any], metric_defaults: Mapping[str, Any]) -> str:
+    """``wanda``, ``stade(bias_correction=false)``, ``wanda → dsnot → admm(iterations=10)``:
+    the metric and its stages, each with its options that differ from the defaults."""
+    parts = []
+    for name, options, defaults in ((r["metric"], r["metric_options"], metric_defaults),
+                                    (r["refine"], r["refine_options"], None),
+                                    (r["reconstruct"], r["reconstruct_options"], None)):
+        if name is None:
+            continue
+        if defaults is None:
+            defaults = _defaults("refiner" if name == r["refine"] else "reconstructor", name)
+        text = _options_label(options, defaults)
+        parts.append(f"{name}({text})" if text else name)
+    return " → ".join(parts)
 
 
 def _cell(results: list[dict], evidence: Mapping[str, tuple]) -> GridCell:

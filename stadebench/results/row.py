@@ -28,7 +28,7 @@ import pyarrow as pa
 from ..errors import StadebenchError
 from ..util import canonical_json
 
-SCHEMA_VERSION = "6"
+SCHEMA_VERSION = "7"
 VERSION_KEY = "stadebench.schema_version"
 STATUSES = ("ok", "failed")
 
@@ -181,6 +181,25 @@ class Row:
                                           source="cell.allocation_options", group="pruning", options_of="allocator")
     allocation_plugin: str | None = _col(_str, "Distribution that registered the allocator.", "key",
                                          source="cell.allocation_plugin.distribution", group="pruning", counted=False)
+    refine: str | None = _col(_str, "Refiner applied to the metric's mask (dsnot, ...); null: none.", "key",
+                              source="cell.refine", group="pruning")
+    refine_version: str | None = _col(_str, "Version the refiner plugin declares.", "key",
+                                      source="cell.refine_plugin.version", group="pruning", counted=False)
+    refine_options: str | None = _col(_str, "Refiner options as canonical JSON.", "key", json=True,
+                                      source="cell.refine_options", group="pruning", empty_null=True,
+                                      options_of="refiner")
+    refine_plugin: str | None = _col(_str, "Distribution that registered the refiner.", "key",
+                                     source="cell.refine_plugin.distribution", group="pruning", counted=False)
+    reconstruct: str | None = _col(_str, "Reconstructor that gave the kept weights new values (obs, admm, "
+                                   "mean-bias, ...); null: none.", "key", source="cell.reconstruct", group="pruning")
+    reconstruct_version: str | None = _col(_str, "Version the reconstructor plugin declares.", "key",
+                                           source="cell.reconstruct_plugin.version", group="pruning", counted=False)
+    reconstruct_options: str | None = _col(_str, "Reconstructor options as canonical JSON.", "key", json=True,
+                                           source="cell.reconstruct_options", group="pruning", empty_null=True,
+                                           options_of="reconstructor")
+    reconstruct_plugin: str | None = _col(_str, "Distribution that registered the reconstructor.", "key",
+                                          source="cell.reconstruct_plugin.distribution", group="pruning",
+                                          counted=False)
     layer_targets: str | None = _col(_str, "Regexes (JSON list) selecting the layers to prune; null: all "
                                      "prunable layers.", "key", json=True, label=True,
                                      source="cell.targets", group="pruning", empty_null=True)
@@ -251,6 +270,12 @@ class Row:
     allocation_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
                                                  "allocator.",
                                                  source="cell.allocation_plugin.distribution_version", group="pruning")
+    refine_plugin_version: str | None = _col(_str, "Version of the distribution that registered the refiner.",
+                                             source="cell.refine_plugin.distribution_version", group="pruning")
+    reconstruct_plugin_version: str | None = _col(_str, "Version of the distribution that registered the "
+                                                  "reconstructor.",
+                                                  source="cell.reconstruct_plugin.distribution_version",
+                                                  group="pruning")
     git_commit: str | None = _col(_str, "Git commit of the stadebench checkout, if it is one.")
     device: str | None = _col(_str, "Device name, e.g. 'NVIDIA H200' or 'cpu (x86_64)'.")
     executor: str | None = _col(_str, "Executor that ran the cell, e.g. local.")

@@ -316,10 +316,11 @@ def superseded(folder: str | os.PathLike, **filters: Any) -> pa.Table:
 
 
 def query(table: pa.Table, suite=None, model=None, task=None, metric=None, pattern=None,
-          sparsity=None) -> pa.Table:
-    """Rows of ``table`` whose columns equal the given value (or one of the given values)."""
+          sparsity=None, refine=None, reconstruct=None) -> pa.Table:
+    """Rows of ``table`` whose columns equal the given value (or one of the given values);
+    for the stages ``refine`` and ``reconstruct``, ``none`` matches the rows without one."""
     wanted = {"suite": suite, "model": model, "task": task, "metric": metric, "pattern": pattern,
-              "sparsity": sparsity}
+              "sparsity": sparsity, "refine": refine, "reconstruct": reconstruct}
     for name, values in wanted.items():
         if values is None:
             continue
@@ -327,7 +328,10 @@ def query(table: pa.Table, suite=None, model=None, task=None, metric=None, patte
             values = [values]
         kind = table.schema.field(name).type
         values = [float(v) if pa.types.is_floating(kind) else v for v in values]
-        table = table.filter(pc.is_in(table[name], value_set=pa.array(values, kind)))
+        keep = pc.is_in(table[name], value_set=pa.array(values, kind))
+        if name in ("refine", "reconstruct") and "none" in values:
+            keep = pc.or_(pc.fill_null(keep, False), pc.is_null(table[name]))
+        table = table.filter(keep)
     return table
 
 

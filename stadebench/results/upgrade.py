@@ -77,9 +77,15 @@ def _upgrade_from_5(table: pa.Table) -> pa.Table:
     return conform(table)
 
 
+def _upgrade_from_6(table: pa.Table) -> pa.Table:
+    """Schema 6 -> 7: no row was refined or reconstructed by a stage (``refine`` and
+    ``reconstruct`` null, new key fields); ``cell_key`` is recomputed."""
+    return _rekeyed(conform(table))
+
+
 UPGRADES: dict[str, Callable[[pa.Table], pa.Table]] = {"1": _upgrade_from_1, "2": _upgrade_from_2,
                                                         "3": _upgrade_from_3, "4": _upgrade_from_4,
-                                                        "5": _upgrade_from_5}
+                                                        "5": _upgrade_from_5, "6": _upgrade_from_6}
 """``UPGRADES[v]`` takes a table stored under schema version v and returns it under v + 1,
 with the same rows in the same order (compaction splits files by row position)."""
 

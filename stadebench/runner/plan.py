@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..base import Allocator, Evaluator, Metric, Pattern
+from ..base import Allocator, Evaluator, Metric, Pattern, Reconstructor, Refiner
 from ..data.loading import ModelIdentity, identify
 from ..errors import PluginError, StadebenchError
 from ..results.row import SOURCES, Row, meta
@@ -56,6 +56,7 @@ class PlannedCell:
         pending: the evaluations to run, in suite order.
         group: key of the statistics group it shares (one-shot cells only), else None.
         allocator: the allocator instance; None for the dense baseline.
+        refiner, reconstructor: the stage instances after the metric; None where there is none.
         prune_key: the key of the pruned model itself (model, pruning and calibration
             fields, no evaluation): names its saved folder and goes into its model card.
         cost: relative cost for scheduling: calibration tokens times block passes
@@ -71,10 +72,17 @@ class PlannedCell:
     cost: float = 0.0
     allocator: Allocator | None = None
     prune_key: str | None = None
+    refiner: Refiner | None = None
+    reconstructor: Reconstructor | None = None
 
     @property
     def label(self) -> str:
         return self.cell.label
+
+    @property
+    def statistics(self) -> frozenset[str]:
+        """What pruning reads: the metric's statistics and its stages' (empty for dense)."""
+        return self.cell.statistics
 
     @property
     def save_folder(self) -> Path | None:
@@ -226,7 +234,9 @@ def _planned(cell: Cell, identity: ModelIdentity, fingerprints: Fingerprints, do
     return PlannedCell(cell, None if cell.dense else cell.metric_plugin.instance,
                        None if cell.dense else cell.pattern_plugin.instance,
                        cell.calibration if data else None, pending,
-                       allocator=None if cell.dense else cell.allocation_plugin.instance, prune_key=Row(**base).key())
+                       allocator=None if cell.dense else cell.allocation_plugin.instance, prune_key=Row(**base).key(),
+                       refiner=cell.refine_plugin and cell.refine_plugin.instance,
+                       reconstructor=cell.reconstruct_plugin and cell.reconstruct_plugin.instance)
 
 
 def _share(cells: list[PlannedCell]) -> dict[str, SharingGroup]:
@@ -235,13 +245,13 @@ def _share(cells: list[PlannedCell]) -> dict[str, SharingGroup]:
     for c in cells:
         if c.calibration is not None:
             c.cost = 2.0 * c.calibration.n * c.calibration.seqlen
-            if not c.calibration.sequential and c.metric.statistics:
+            if not c.calibration.sequential and c.statistics:
                 members.setdefault(calibration_key(c.calibration), []).append(c)
     groups = {}
     for key, group in members.items():
         if len(group) < 2:
             continue
-        needs = frozenset().union(*(c.metric.statistics for c in group))
+        needs = frozenset().union(*(c.statistics for c in group))
         groups[key] = SharingGroup(group[0].calibration, needs, len(group))
         for c in group:
             c.group, c.cost = key, c.calibration.n * c.calibration.seqlen / len(group)

@@ -28,6 +28,7 @@ from ..core import engine
 from ..core.engine import CalibrationStatistics
 from ..core.gradients import GradientStatistics, gradient_statistics
 from ..core.models import iter_layers, named_layers, weight_of
+from ..core.stages import Stages
 from ..data import loading
 from ..data.calibration import calibration_windows
 from ..errors import NumericalError, PluginError, StadebenchError
@@ -110,6 +111,8 @@ def _prune_details(report: Any, shared: CalibrationStatistics | None) -> dict[st
         "bias_added": sum(layer.bias_added for layer in report.layers),
         "layers": {layer.name: layer.details for layer in report.layers if layer.details},
     }
+    if report.stages is not None:  # which stages ran after the metric, and their seconds
+        details["stages"] = report.stages
     if shared is not None:  # prune_seconds is this cell's masking alone
         details["shared_statistics"] = {
             "seconds": shared.seconds, "block_passes": shared.block_passes, "needs": sorted(shared.needs),
@@ -146,11 +149,11 @@ class ModelSession:
         gram_fits = gram_bytes < 0.25 * _free_memory()
         members: dict[str, list[PlannedCell]] = {}
         for c in self.plan.cells:
-            if c.group in groups and (gram_fits or "gram" not in c.metric.statistics):
+            if c.group in groups and (gram_fits or "gram" not in c.statistics):
                 members.setdefault(c.group, []).append(c)
         members = {key: cells for key, cells in members.items() if len(cells) >= 2}
         self.sharing = {id(c): key for key, cells in members.items() for c in cells}
-        return {key: SharingGroup(groups[key].calibration, frozenset().union(*(c.metric.statistics for c in cells)),
+        return {key: SharingGroup(groups[key].calibration, frozenset().union(*(c.statistics for c in cells)),
                                   len(cells)) for key, cells in members.items()}
 
     def replan(self, model_plan: ModelPlan) -> None:
@@ -295,14 +298,14 @@ class ModelSession:
         windows = None if cell.calibration is None else self.calibration(cell)
         shared = None if cell.calibration is None else self.statistics(cell)
         sparsities = self.allocation(cell, shared)
-        if cell.metric.data_free():
+        if not cell.statistics:
             windows = shared = None
         gradients = self.gradients_for(cell)
         self.dirty = True
         report = engine.prune(self.model, windows, cell.metric, cell.pattern, cell.cell.sparsity,
                               calibration=cell.calibration or engine.Calibration(), device=self.device,
                               progress=self.progress, statistics=shared, sparsities=sparsities,
-                              gradients=gradients)
+                              gradients=gradients, stages=Stages(cell.refiner, cell.reconstructor))
         result.actual_sparsity, result.prune_seconds = report.sparsity, report.seconds
         result.layers = layer_records(report)
         result.dense_layers = sum(layer.dense for layer in report.layers)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from pathlib import Path
 from typing import Any
@@ -10,8 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from ..errors import ConfigError
 from ..util import suggestion
-from .schema import (DENSE, SELECT_FIELDS, UNIFORM, CalibrationSpec, EvaluationSpec, ExcludeRule, ModelSpec, Resolved,
-                     Suite)
+from .schema import (DENSE, NONE, SELECT_FIELDS, UNIFORM, CalibrationSpec, EvaluationSpec, ExcludeRule, MetricSpec,
+                     ModelSpec, Resolved, StageSpec, Suite)
 
 
 class Cell(BaseModel):
@@ -34,6 +35,13 @@ class Cell(BaseModel):
     allocation_label: str | None = Field(None, description="Allocation label in results.")
     allocation_options: dict[str, Any] = Field(default_factory=dict, description="Allocator options, with "
                                                                                  "defaults.")
+    refine: str | None = Field(None, description="Refiner name; None: no refinement (and for dense).")
+    refine_label: str | None = Field(None, description="Refiner label in results.")
+    refine_options: dict[str, Any] = Field(default_factory=dict, description="Refiner options, with defaults.")
+    reconstruct: str | None = Field(None, description="Reconstructor name; None: no reconstruction (and for dense).")
+    reconstruct_label: str | None = Field(None, description="Reconstructor label in results.")
+    reconstruct_options: dict[str, Any] = Field(default_factory=dict, description="Reconstructor options, with "
+                                                                                  "defaults.")
     targets: tuple[str, ...] = Field((), description="Regexes of the layers to prune (empty: all).")
     ignore: tuple[str, ...] = Field((), description="Regexes of the layers left dense.")
     calibration: CalibrationSpec = Field(description="Calibration protocol (unused by dense cells).")
@@ -46,6 +54,8 @@ class Cell(BaseModel):
     _metric: Resolved | None = PrivateAttr(None)
     _pattern: Resolved | None = PrivateAttr(None)
     _allocation: Resolved | None = PrivateAttr(None)
+    _refine: Resolved | None = PrivateAttr(None)
+    _reconstruct: Resolved | None = PrivateAttr(None)
 
     @property
     def dense(self) -> bool:
@@ -53,9 +63,21 @@ class Cell(BaseModel):
         return self.metric == DENSE
 
     @property
+    def statistics(self) -> frozenset[str]:
+        """What pruning the cell reads: its metric's statistics and its stages'."""
+        stages = [r.instance for r in (self._refine, self._reconstruct) if r is not None]
+        return frozenset() if self.dense else frozenset(self._metric.instance.statistics).union(
+            *(s.statistics for s in stages))
+
+    @property
     def uses_data(self) -> bool:
-        """Whether the cell reads calibration data: its metric or its allocator does."""
-        return not self.dense and not (self._metric.instance.data_free() and self._allocation.instance.data_free())
+        """Whether the cell reads calibration data: its metric, a stage or its allocator does."""
+        return not self.dense and bool(self.statistics or not self._allocation.instance.data_free())
+
+    @property
+    def method(self) -> str:
+        """The metric and its stages, e.g. ``wanda → dsnot → admm``."""
+        return " → ".join(filter(None, (self.metric_label, self.refine_label, self.reconstruct_label)))
 
     @property
     def label(self) -> str:
@@ -63,7 +85,7 @@ class Cell(BaseModel):
         ``· seed=3`` for each calibration knob the suite varies)."""
         if self.dense:
             return DENSE
-        label = f"{self.metric_label} · {self.pattern} · {self.sparsity:g}"
+        label = f"{self.method} · {self.pattern} · {self.sparsity:g}"
         if self.allocation != UNIFORM:
             label += f" · {self.allocation_label}"
         for knob in self.calibration_varied:
@@ -85,6 +107,16 @@ class Cell(BaseModel):
     def allocation_plugin(self) -> Resolved | None:
         """The resolved allocator (None for dense)."""
         return self._allocation
+
+    @property
+    def refine_plugin(self) -> Resolved | None:
+        """The resolved refiner (None: no refinement)."""
+        return self._refine
+
+    @property
+    def reconstruct_plugin(self) -> Resolved | None:
+        """The resolved reconstructor (None: no reconstruction)."""
+        return self._reconstruct
 
 
 def _absolute(folder: str | None) -> str | None:
@@ -111,12 +143,16 @@ def _excluded(rule: ExcludeRule, cell: Cell) -> bool:
             and (rule.metric is None or rule.metric in (cell.metric, cell.metric_label))
             and (rule.pattern is None or rule.pattern == cell.pattern)
             and (rule.sparsity is None or math.isclose(rule.sparsity, cell.sparsity))
-            and (rule.allocation is None or rule.allocation in (cell.allocation, cell.allocation_label)))
+            and (rule.allocation is None or rule.allocation in (cell.allocation, cell.allocation_label))
+            and (rule.refine is None or rule.refine in (cell.refine or NONE, cell.refine_label or NONE))
+            and (rule.reconstruct is None or rule.reconstruct in (cell.reconstruct or NONE,
+                                                                  cell.reconstruct_label or NONE)))
 
 
 def expand(suite: Suite) -> list[Cell]:
-    """The cells of a validated suite, grouped by model: dense first, then metric × pattern ×
-    sparsity × allocation × calibration protocol (one protocol only for a cell that reads no data)."""
+    """The cells of a validated suite, grouped by model: dense first, then metric × refiner ×
+    reconstructor × pattern × sparsity × allocation × calibration protocol (one protocol only
+    for a cell that reads no data)."""
     cells = []
     protocols, varied = suite.calibration.protocols(), suite.calibration.varied
     for model in suite.models:
@@ -124,22 +160,44 @@ def expand(suite: Suite) -> list[Cell]:
         if suite.dense:
             cells.append(Cell(metric=DENSE, metric_label=DENSE, calibration=protocols[0], **common))
         for metric in suite.metrics:
-            for pattern in suite.patterns:
-                for sparsity in pattern.sparsities or suite.sparsities or ():
-                    for allocation in suite.allocations:
-                        save = metric.save or suite.save
-                        cell = Cell(metric=metric.name, metric_label=metric.display, metric_options=metric.options,
-                                    pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
-                                    allocation=allocation.name, allocation_label=allocation.display,
-                                    allocation_options=allocation.options, targets=tuple(suite.targets),
-                                    ignore=tuple(suite.ignore), save=_absolute(save), calibration=protocols[0],
-                                    save_exact=suite._save_exact, **common)
-                        cell._metric, cell._pattern = metric._resolved, pattern._resolved
-                        cell._allocation = allocation._resolved
-                        if any(_excluded(rule, cell) for rule in suite.exclude):
-                            continue
+            for refine, reconstruct in itertools.product(metric.refine or suite.refine,
+                                                         metric.reconstruct or suite.reconstruct):
+                for cell in _pruned(suite, metric, refine, reconstruct, {**common, "calibration": protocols[0]}):
+                    if not any(_excluded(rule, cell) for rule in suite.exclude):
                         cells += _per_protocol(cell, protocols, varied) if cell.uses_data else [cell]
     return cells
+
+
+def _pruned(suite: Suite, metric: MetricSpec, refine: StageSpec, reconstruct: StageSpec, common: dict) -> list[Cell]:
+    """The cells of one metric and stages: pattern × sparsity × allocation."""
+    cells = []
+    stages = {**_stage_fields("refine", refine), **_stage_fields("reconstruct", reconstruct)}
+    for pattern in suite.patterns:
+        for sparsity in pattern.sparsities or suite.sparsities or ():
+            for allocation in suite.allocations:
+                cell = Cell(metric=metric.name, metric_label=metric.display, metric_options=metric.options,
+                            pattern=pattern.name, pattern_options=pattern.options, sparsity=sparsity,
+                            allocation=allocation.name, allocation_label=allocation.display,
+                            allocation_options=allocation.options, targets=tuple(suite.targets),
+                            ignore=tuple(suite.ignore), save=_absolute(metric.save or suite.save),
+                            save_exact=suite._save_exact, **stages, **common)
+                _bind(cell, metric._resolved, pattern._resolved, allocation._resolved,
+                      None if refine.none else refine._resolved, None if reconstruct.none else reconstruct._resolved)
+                cells.append(cell)
+    return cells
+
+
+def _stage_fields(role: str, spec: StageSpec) -> dict[str, Any]:
+    """A cell's fields for one stage entry (``refine``, ``refine_label``, ``refine_options``)."""
+    if spec.none:
+        return {role: None, f"{role}_label": None, f"{role}_options": {}}
+    return {role: spec.name, f"{role}_label": spec.display, f"{role}_options": spec.options}
+
+
+def _bind(cell: Cell, *resolved: Resolved | None) -> Cell:
+    """``cell`` with its plugins: metric, pattern, allocator, refiner, reconstructor."""
+    cell._metric, cell._pattern, cell._allocation, cell._refine, cell._reconstruct = resolved
+    return cell
 
 
 def _per_protocol(cell: Cell, protocols: list[CalibrationSpec], varied: tuple[str, ...]) -> list[Cell]:
@@ -147,8 +205,7 @@ def _per_protocol(cell: Cell, protocols: list[CalibrationSpec], varied: tuple[st
     out = []
     for protocol in protocols:
         copy = cell.model_copy(update={"calibration": protocol, "calibration_varied": varied})
-        copy._metric, copy._pattern, copy._allocation = cell._metric, cell._pattern, cell._allocation
-        out.append(copy)
+        out.append(_bind(copy, cell._metric, cell._pattern, cell._allocation, cell._refine, cell._reconstruct))
     return out
 
 
@@ -156,7 +213,8 @@ def select(cells: list[Cell], only: list[str]) -> list[Cell]:
     """Cells matching ``--only`` items: ``field=value[,value]`` or a bare label substring.
 
     Items naming the same field (bare substrings count as one field) are alternatives;
-    different fields must all match. Fields: model, metric, pattern, sparsity, dtype, allocation, seed.
+    different fields must all match. Fields: model, metric, pattern, sparsity, dtype, allocation, seed,
+    refine, reconstruct.
     """
     wanted: dict[str, list[str]] = {}
     for item in only:
@@ -205,6 +263,8 @@ def _selected(cell: Cell, field: str, value: Any) -> bool:
         return cell.uses_data and value == cell.calibration.seed
     if field == "allocation":
         return value in (cell.allocation, cell.allocation_label)
+    if field in ("refine", "reconstruct"):
+        return not cell.dense and value in (getattr(cell, field) or NONE, getattr(cell, f"{field}_label") or NONE)
     return value == cell.pattern
 
 

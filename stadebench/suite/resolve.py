@@ -13,8 +13,8 @@ from ..plugins import get_plugins
 from ..util import canonical_json, suggestion
 from .cells import Cell, expand, model_names
 from .problems import Loc, Problem, from_validation, loc_text
-from .schema import (DENSE, AllocationSpec, CalibrationGrid, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec,
-                     Resolved, Suite)
+from .schema import (DENSE, NONE, AllocationSpec, CalibrationGrid, DatasetSpec, EvaluationSpec, MetricSpec, PatternSpec,
+                     Resolved, StageSpec, Suite)
 
 def _options(cls: type, options: dict[str, Any], loc: Loc) -> None:
     try:
@@ -85,7 +85,11 @@ def resolve_suite(suite: Suite) -> Suite:
             raise Problem((*loc, "name" if spec.name == DENSE else "label"),
                            "'dense' is the unpruned baseline, not a metric; switch it with the top-level "
                            "`dense: true` or `dense: false`")
-        metrics.append(_labelled(plugins.metrics, spec, loc, "metric", labels))
+        metric = _labelled(plugins.metrics, spec, loc, "metric", labels)
+        metrics.append(metric.model_copy(update={
+            role: None if getattr(spec, role) is None else _stages(plugins, getattr(spec, role), (*loc, role))
+            for role in ("refine", "reconstruct")}))
+        metrics[-1]._resolved = metric._resolved
 
     patterns, specs = [], {}
     for i, spec in enumerate(suite.patterns):
@@ -99,7 +103,8 @@ def resolve_suite(suite: Suite) -> Suite:
         raise Problem(("evaluations",), "needs at least one entry (an empty list only prunes and saves: set "
                                          "`save:` to keep the pruned models)")
 
-    resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns, "allocations": allocations,
+    stages = {role: _stages(plugins, getattr(suite, role), (role,)) for role in ("refine", "reconstruct")}
+    resolved = suite.model_copy(update={"metrics": metrics, "patterns": patterns, "allocations": allocations, **stages,
                                         "calibration": _calibration(plugins, suite.calibration),
                                         "evaluations": _evaluations(plugins, suite.evaluations)})
     _check_exclude(resolved)
@@ -107,7 +112,46 @@ def resolve_suite(suite: Suite) -> Suite:
     if not cells:
         raise Problem(("exclude",), "every cell is excluded and `dense` is false: nothing would run")
     _check_allocations(resolved, cells)
+    _check_refiners(cells)
     return resolved
+
+
+_STAGE_KINDS = {"refine": "refiner", "reconstruct": "reconstructor"}
+
+
+def _stages(plugins: Any, specs: list[StageSpec], loc: Loc) -> list[StageSpec]:
+    """One stage axis (``refine`` or ``reconstruct``) resolved: names, options, distinct labels."""
+    kind = _STAGE_KINDS[loc[-1]]
+    out, labels = [], {}
+    for i, spec in enumerate(specs):
+        where = (*loc, i)
+        if spec.none:
+            if spec.options or spec.label:
+                raise Problem(where, f"`{NONE}` means no {kind}: it takes no options or label")
+            resolved = spec
+        else:
+            reg, options = _plugin(plugins.registries[kind], spec, where)
+            resolved = spec.model_copy(update={"options": options})
+            resolved._resolved = reg
+        if resolved.display in labels:
+            raise Problem((*where, "label" if spec.label else "name"),
+                          f"{kind} {resolved.display!r} is already {loc_text((*loc, labels[resolved.display]))}; "
+                          f"give each variant a label: {{name: {spec.name}, options: {{...}}, label: ...}}")
+        labels[resolved.display] = i
+        out.append(resolved)
+    return out
+
+
+def _check_refiners(cells: list[Cell]) -> None:
+    """A refiner must be able to keep each pattern it is crossed with."""
+    for cell in cells:
+        if cell.refine_plugin is None:
+            continue
+        why = cell.refine_plugin.instance.supports(cell.pattern_plugin.instance)
+        if why:
+            raise Problem(("refine",), f"refiner {cell.refine_label!r} cannot refine pattern {cell.pattern!r}: "
+                                       f"{why}; add `exclude: [{{refine: {cell.refine_label}, pattern: "
+                                       f"'{cell.pattern}'}}]`")
 
 
 def _calibration(plugins: Any, calibration: CalibrationGrid) -> CalibrationGrid:
@@ -211,10 +255,12 @@ def _check_exclude(suite: Suite) -> None:
         "metric": {m.name for m in suite.metrics} | {m.display for m in suite.metrics},
         "pattern": {p.name for p in suite.patterns},
         "allocation": {a.name for a in suite.allocations} | {a.display for a in suite.allocations},
+        **{role: {NONE} | {x for m in suite.metrics for spec in (getattr(m, role) or []) + getattr(suite, role)
+                           for x in (spec.name, spec.display)} for role in ("refine", "reconstruct")},
     }
     sparsities = {s for p in suite.patterns for s in p.sparsities}
     for i, rule in enumerate(suite.exclude):
-        for field in ("model", "metric", "pattern", "allocation"):
+        for field in ("model", "metric", "pattern", "allocation", "refine", "reconstruct"):
             value = getattr(rule, field)
             if value is not None and value not in known[field]:
                 hint = suggestion(value, known[field])

@@ -26,7 +26,7 @@ MAX_WINDOWS = 65_536
 MAX_SEQLEN = 1 << 20
 MAX_SEED = (1 << 63) - 1
 MAX_DEVICE_INDEX = 255
-SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype", "allocation", "seed")
+SELECT_FIELDS = ("model", "metric", "pattern", "sparsity", "dtype", "allocation", "seed", "refine", "reconstruct")
 UNIFORM = "uniform"
 
 @dataclass(frozen=True)
@@ -100,6 +100,33 @@ class ModelSpec(_Spec):
         return value
 
 
+NONE = "none"
+"""The stage entry that means no such stage (``refine: [none, dsnot]``)."""
+
+
+class StageSpec(_Spec):
+    """A pruning stage after the metric's mask: a refiner or a reconstructor, or ``none``."""
+
+    name: str = Field(min_length=1, description="Registered refiner or reconstructor name, or `none`.")
+    options: OptionsDict
+    label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
+
+    @property
+    def display(self) -> str:
+        """The label, or the name when no label is given."""
+        return self.label or self.name
+
+    @property
+    def none(self) -> bool:
+        """Whether this entry is the absence of the stage."""
+        return self.name == NONE
+
+
+def _stages(what: str) -> Any:
+    return Field(default_factory=lambda: [StageSpec(name=NONE)], min_length=1,
+                 description=f"{what} applied after each metric's mask, as a grid axis; `none` for no stage.")
+
+
 class MetricSpec(_Spec):
     """A pruning metric with its options; ``label`` tells variants of one metric apart."""
 
@@ -108,6 +135,10 @@ class MetricSpec(_Spec):
     label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
     save: str | None = Field(None, min_length=1, description="Folder to save this metric's pruned cells under "
                                                              "(default: the suite's `save`).")
+    refine: list[_shorthand(StageSpec)] | None = Field(
+        None, min_length=1, description="Refiners for this metric, instead of the top-level `refine`.")
+    reconstruct: list[_shorthand(StageSpec)] | None = Field(
+        None, min_length=1, description="Reconstructors for this metric, instead of the top-level `reconstruct`.")
 
     @property
     def display(self) -> str:
@@ -249,11 +280,13 @@ class ExcludeRule(_Spec):
     pattern: str | None = Field(None, description="Pattern spec, e.g. 2:4.")
     sparsity: float | None = Field(None, description="Sparsity, e.g. 0.5.")
     allocation: str | None = Field(None, description="Allocation name or label.")
+    refine: str | None = Field(None, description="Refiner name or label (`none`: no refiner).")
+    reconstruct: str | None = Field(None, description="Reconstructor name or label (`none`: no reconstructor).")
 
     @model_validator(mode="after")
     def _not_empty(self) -> ExcludeRule:
-        if not any(v is not None for v in (self.model, self.metric, self.pattern, self.sparsity, self.allocation)):
-            raise ValueError("an exclude rule needs at least one of: model, metric, pattern, sparsity, allocation")
+        if all(getattr(self, f) is None for f in type(self).model_fields):
+            raise ValueError(f"an exclude rule needs at least one of: {', '.join(type(self).model_fields)}")
         return self
 
 
@@ -272,6 +305,8 @@ class Suite(_Spec):
     patterns: list[_shorthand(PatternSpec)] = Field(min_length=1, description="Sparsity patterns.")
     sparsities: list[Sparsity] | None = Field(
         None, min_length=1, description="Sparsities for patterns without their own.")
+    refine: list[_shorthand(StageSpec)] = _stages("Mask refiners (e.g. dsnot)")
+    reconstruct: list[_shorthand(StageSpec)] = _stages("Weight reconstructors (e.g. obs, admm, mean-bias)")
     allocations: list[_shorthand(AllocationSpec)] = Field(
         default_factory=lambda: [AllocationSpec(name=UNIFORM)], min_length=1,
         description="How each sparsity is shared out among layers.")
@@ -296,7 +331,7 @@ class Suite(_Spec):
         if isinstance(data, dict):
             data = dict(data)
             for key in ("models", "metrics", "patterns", "evaluations", "exclude", "allocations", "targets",
-                        "ignore"):
+                        "ignore", "refine", "reconstruct"):
                 if key in data and data[key] is None:
                     data[key] = []
             if "calibration" in data and data["calibration"] is None:
@@ -322,4 +357,4 @@ def suite_json_schema() -> dict[str, Any]:
 
 __all__ = ["AXIS", "AllocationSpec", "CalibrationGrid", "CalibrationSpec", "DENSE", "DatasetSpec", "EvaluationSpec",
            "ExcludeRule", "MAX_DEVICE_INDEX", "MAX_SEED", "MAX_SEQLEN", "MAX_WINDOWS", "MetricSpec", "ModelSpec",
-           "PatternSpec", "Resolved", "SELECT_FIELDS", "Suite", "UNIFORM", "suite_json_schema"]
+           "NONE", "PatternSpec", "Resolved", "SELECT_FIELDS", "StageSpec", "Suite", "UNIFORM", "suite_json_schema"]

@@ -1,8 +1,10 @@
-"""The conformance kit: tests a metric or pattern plugin against stadebench's contract.
+"""The conformance kit: tests a metric, pattern, allocator, refiner or reconstructor plugin
+against stadebench's contract.
 
 Plugin authors subclass a suite in their own tests and name what they registered::
 
-    from stadebench.testing import MetricConformance, PatternConformance
+    from stadebench.testing import (AllocatorConformance, MetricConformance, PatternConformance,
+                                    ReconstructorConformance, RefinerConformance)
 
     class TestRIA(MetricConformance):
         metric = "ria"              # a registered name (or the Metric class itself)
@@ -15,6 +17,12 @@ Plugin authors subclass a suite in their own tests and name what they registered
 
     class TestDepth(AllocatorConformance):
         allocator = "depth"
+
+    class TestSwap(RefinerConformance):
+        refiner = "swap"            # N:M masks are checked group by group
+
+    class TestRefit(ReconstructorConformance):
+        reconstructor = "refit"
 
 Each test checks one rule of ``RULES``; a failure starts with the rule's name, e.g.
 ``conformance rule 'score-shape': ria returned [40, 24] for a weight of [24, 40]``.
@@ -37,6 +45,7 @@ from .kit import (BUILTIN_PATTERNS, RULES, ConformanceError, StrictLayerStats, U
                   expected_count, fail, layer_inputs, make_tiny_model, make_windows)
 from .metrics import MetricConformance
 from .patterns import PatternConformance
+from .stages import ReconstructorConformance, RefinerConformance
 
 
 @pytest.fixture
@@ -75,6 +84,7 @@ def pytest_report_header(config):
 
 __all__ = [
     "AllocatorConformance", "BUILTIN_PATTERNS", "RULES", "ConformanceError", "MetricConformance", "PatternConformance",
-    "StrictLayerStats", "UnrequestedStatistic", "calibration_windows", "documented_count", "expected_count", "fail",
-    "isolated_plugins", "layer_inputs", "make_tiny_model", "make_windows", "tiny_model",
+    "ReconstructorConformance", "RefinerConformance", "StrictLayerStats", "UnrequestedStatistic", "calibration_windows",
+    "documented_count", "expected_count", "fail", "isolated_plugins", "layer_inputs", "make_tiny_model", "make_windows",
+    "tiny_model",
 ]

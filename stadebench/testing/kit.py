@@ -21,8 +21,10 @@ RULES: dict[str, str] = {
                   "stadebench.plugins.resolve builds it",
     "metadata": "name and version are non-empty strings; the class has a docstring (its first line is "
                 "what `stadebench list` shows); a metric implements score or prune_layer, a pattern select, an "
-                "allocator allocate",
-    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram', 'gradient'}",
+                "allocator allocate, a refiner refine, a reconstructor reconstruct (neither named 'none', a suite's "
+                "word for no stage)",
+    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram', 'gradient'} (an "
+                           "allocator, refiner or reconstructor: from {'sum', 'sumsq', 'gram'}, no gradients)",
     "options-unknown-key": "an unknown option key raises stadebench.ConfigError (subclass stadebench.Options)",
     "options-roundtrip": "options survive JSON: the class rebuilt from options.model_dump(mode='json') has "
                          "equal options (results record them, the runner rebuilds from them)",
@@ -33,10 +35,12 @@ RULES: dict[str, str] = {
     "score-finite": "scores are finite, also for a zero weight row or column and an input that is always 0",
     "score-deterministic": "the same inputs give the same scores, whatever the global RNG state (seed a "
                            "torch.Generator from the options and stats.layer.name, as the 'random' metric does)",
-    "statistics-unrequested": "score, bias_delta and prune_layer (an allocator: allocate) read no statistic the "
-                              "plugin did not declare: the engine leaves those None",
-    "no-mutation": "score, bias_delta and prune_layer (a pattern: select; an allocator: allocate) leave their "
-                   "input tensors (weight, statistics, mask; scores) unchanged",
+    "statistics-unrequested": "score, bias_delta and prune_layer (an allocator: allocate; a refiner: refine; a "
+                              "reconstructor: reconstruct) read no statistic the plugin did not declare: the engine "
+                              "leaves those None",
+    "no-mutation": "score, bias_delta and prune_layer (a pattern: select; an allocator: allocate; a refiner: "
+                   "refine; a reconstructor: reconstruct) leave their input tensors (weight, statistics, mask; "
+                   "scores) unchanged",
     "update-shape": "the layer update is well-formed: a bias delta (bias_delta, or prune_layer's) is None or a "
                     "finite float [out] on the weight's device; prune_layer's details is a dict",
     "update-mask": "prune_layer's new weight, when it returns one, is zero wherever its mask prunes: an update "
@@ -65,6 +69,27 @@ RULES: dict[str, str] = {
     "allocation-realised": "stadebench.prune with the allocator prunes each layer at its allocated sparsity; over "
                            "the model the realised sparsity is the target within one weight per layer "
                            "(unstructured-layer)",
+    # refiners and reconstructors (also: registered, metadata, statistics-declared, statistics-unrequested,
+    # options-*, no-mutation)
+    "refine-mask": "refine returns a bool mask of the input mask's shape, on the weight's device, for every pattern "
+                   "supports() accepts (and it accepts one of those tested)",
+    "refine-count": "the refined mask prunes as many weights in every row as the metric's mask (unstructured "
+                    "patterns at several sparsities; dense, solver-updated and degenerate weights; masks of "
+                    "magnitude and of random scores, and with a row pruned entirely)",
+    "refine-pattern": "supports(pattern) returns None or a non-empty reason; for an N:M pattern it supports, the "
+                      "refined mask prunes as many weights in every group of pattern.group_size columns as the "
+                      "metric's: exactly N of every M",
+    "reconstruct-shape": "reconstruct returns a stadebench.Reconstruction: weight None or a float [out, in] tensor, "
+                         "bias_delta None or a float [out] tensor, both on the weight's device; details a "
+                         "JSON-serialisable dict",
+    "reconstruct-finite": "the returned weight and bias delta are finite, also for a zero weight row and column, an "
+                          "input that is always 0, a row pruned entirely and a row not pruned at all",
+    "reconstruct-mask": "the returned weight is exactly 0 wherever the mask prunes: a reconstructor updates kept "
+                        "weights, never revives a pruned one",
+    "memory-estimate": "memory_bytes(rows, columns) returns a non-negative int, for small and model-sized layers "
+                       "(a suite whose largest layer would not fit is refused before anything runs)",
+    "stage-deterministic": "the same inputs give the same mask (a reconstructor: the same weight, bias delta and "
+                           "details), whatever the global RNG state and however often the instance ran before",
 }
 
 # Which declared statistic fills each LayerStats field (m2 comes with the mean).

@@ -15,6 +15,8 @@ which downloads C4) replaced by a stub that hands over stadebench's windows.
 - ``STADEBENCH_REFERENCE_PRUNER_ZERO``: a clone of pprp/Pruner-Zero (``prune_pruner_zero``
   in ``lib/prune.py``, ``GPTree`` in ``lib/gptree.py``, ``GradientComputation`` in
   ``lib/gradient_computation.py``).
+- ``STADEBENCH_REFERENCE_DSNOT``: a clone of zyxxmu/DSnoT (``prune_DSnoT`` in
+  ``lib/prune.py``, ``WrappedGPT`` in ``lib/layerwrapper.py``).
 
 Where a release imports a name this environment no longer has (``transformers.AdamW``,
 gone in transformers 5, which GBLM-Pruner imports and never calls in the code the tests
@@ -39,6 +41,7 @@ WANDA_ENV = "STADEBENCH_REFERENCE_WANDA"
 STADE_ENV = "STADEBENCH_REFERENCE_STADE"
 GBLM_ENV = "STADEBENCH_REFERENCE_GBLM"
 PRUNER_ZERO_ENV = "STADEBENCH_REFERENCE_PRUNER_ZERO"
+DSNOT_ENV = "STADEBENCH_REFERENCE_DSNOT"
 #: The files each release must have; the tests skip when one is missing.
 FILES = {
     WANDA_ENV: ("lib/prune.py", "lib/sparsegpt.py", "lib/layerwrapper.py", "lib/ablate.py"),
@@ -47,12 +50,14 @@ FILES = {
     GBLM_ENV: ("gradient_computation.py", "lib/prune.py", "lib/layerwrapper.py", "lib/sparsegpt.py"),
     PRUNER_ZERO_ENV: ("lib/prune.py", "lib/gptree.py", "lib/gradient_computation.py", "lib/layerwrapper.py",
                       "lib/sparsegpt.py"),
+    DSNOT_ENV: ("lib/prune.py", "lib/layerwrapper.py", "lib/sparsegpt.py", "lib/save_results.py"),
 }
 #: The commits the parity figures in docs/parity.md were measured at.
 MEASURED_AT = {WANDA_ENV: "8e8fc87b4a2f9955baa7e76e64d5fce7fa8724a6",
                STADE_ENV: "596b0b6b42f3a17cea7f9ac713b34fb2e4fdcbce",
                GBLM_ENV: "9e8aea22e37c15f083f4a85fb7498b1aed75f30e",
-               PRUNER_ZERO_ENV: "db70134ed7d4c521a57060fd698f353d04268429"}
+               PRUNER_ZERO_ENV: "db70134ed7d4c521a57060fd698f353d04268429",
+               DSNOT_ENV: "4c029dfa66cae3dba7f4a77c78a524e272fc638c"}
 #: Modules a release imports that its clone lacks: ``{env: {module: names}}``, placeholders.
 MISSING_MODULES = {PRUNER_ZERO_ENV: {"lib.ablate": ("AblateGPT",)}}
 #: Names a release imports from an installed package that this environment lacks.

@@ -11,6 +11,7 @@ import torch
 from ...base import LayerStats, Metric, Options
 from ...errors import ConfigError
 from ...hookspecs import hookimpl
+from ..reconstructors import mean_bias
 
 
 class StadeOptions(Options):
@@ -39,7 +40,7 @@ class Stade(Metric):
         """Σ_j M_ij W_ij μ_j, from the dense weights (None without ``bias_correction``)."""
         if not self.options.bias_correction:
             return None
-        return (dense_weight * mask) @ stats.mean
+        return mean_bias(dense_weight, mask, stats.mean)
 
 
 class StadeW(Stade):

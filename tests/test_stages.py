@@ -1,0 +1,238 @@
+"""Pruning as stages (metric → refiner → reconstructor): the engine applies and checks them,
+suites cross them as grid axes, results key and label them, comparisons set them side by side.
+
+The stages here are small but real: a refiner that swaps, in each row, the largest pruned
+weight with the smallest kept one, and a least-squares reconstructor of each row's kept
+weights from the Gram matrix.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+
+from stadebench import hookimpl
+from stadebench.base import Reconstruction, Reconstructor, Refiner
+from stadebench.core import engine
+from stadebench.core.stages import Stages
+from stadebench.errors import ConfigError, PluginError
+from stadebench.plugins import get_plugins, reset_plugins, resolve_plugin
+from conftest import make_tiny
+
+
+class SwapOne(Refiner):
+    """Swap, in each row, the largest-|w| pruned weight with the smallest-|w| kept one."""
+
+    name = "swap-one"
+
+    def supports(self, pattern):
+        return "it moves weights across a whole row" if pattern.group_size else None
+
+    def refine(self, weight, mask, stats, pattern, sparsity):
+        mask = mask.clone()
+        size = weight.abs()
+        for row in range(mask.shape[0]):
+            pruned, kept = mask[row].nonzero().flatten(), (~mask[row]).nonzero().flatten()
+            if len(pruned) and len(kept):
+                mask[row, pruned[size[row, pruned].argmax()]] = False
+                mask[row, kept[size[row, kept].argmin()]] = True
+        return mask
+
+
+class LeastSquares(Reconstructor):
+    """Each row's kept weights re-fitted to the dense row's outputs on the calibration inputs."""
+
+    name = "least-squares"
+    statistics = frozenset({"gram"})
+
+    def memory_bytes(self, rows, columns):
+        return 4 * columns * columns
+
+    def reconstruct(self, weight, mask, stats):
+        gram = stats.gram.double()
+        gram = gram + 1e-4 * gram.diagonal().mean() * torch.eye(len(gram), dtype=gram.dtype)
+        new = torch.zeros_like(weight, dtype=torch.float64)
+        for row in range(weight.shape[0]):
+            keep = ~mask[row]
+            target = gram[keep] @ weight[row].double()
+            new[row, keep] = torch.linalg.solve(gram[keep][:, keep], target)
+        return Reconstruction(new.float(), details={"fitted": True})
+
+
+class MaskOnly(Reconstructor):
+    """Keeps the dense weights (the engine zeroes the pruned ones); reads the Gram matrix, so
+    the engine measures each layer's output error."""
+
+    name = "mask-only"
+    statistics = frozenset({"gram"})
+
+    def reconstruct(self, weight, mask, stats):
+        return Reconstruction()
+
+
+class CountChanger(Refiner):
+    """Broken: revives every pruned weight of row 0."""
+
+    name = "count-changer"
+
+    def refine(self, weight, mask, stats, pattern, sparsity):
+        mask = mask.clone()
+        mask[0] = False
+        return mask
+
+
+@hookimpl
+def register_refiners(register):
+    register(SwapOne)
+    register(CountChanger)
+
+
+@hookimpl
+def register_reconstructors(register):
+    register(LeastSquares)
+
+
+@pytest.fixture
+def plugins():
+    reset_plugins()
+    get_plugins().register(sys.modules[__name__], name="test-stages")
+    yield get_plugins()
+    reset_plugins()
+
+
+def windows(n=8, seqlen=16, seed=0):
+    return torch.randint(0, 128, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def prune(model, metric, stages=None, sequential=True, **kwargs):
+    return engine.prune(model, windows(), resolve_plugin("metric", metric), resolve_plugin("pattern", "unstructured"),
+                        0.5, calibration=engine.Calibration(batch_size=4, sequential=sequential), stages=stages,
+                        **kwargs)
+
+
+def test_a_refiner_moves_pruned_weights_and_keeps_the_counts(plugins):
+    plain, refined = make_tiny(), make_tiny()
+    prune(plain, "wanda")
+    report = prune(refined, "wanda", Stages(SwapOne()))
+    for (name, a), b in zip(plain.named_parameters(), refined.parameters()):
+        if "layers" in name and a.ndim == 2:
+            assert torch.equal((a == 0).sum(1), (b == 0).sum(1)) and not torch.equal(a == 0, b == 0)
+    assert report.stages["refine"]["name"] == "swap-one" and report.stages["seconds"]["refine"] > 0
+    assert all(layer.details.get("refined") for layer in report.layers if not layer.dense)
+
+
+def test_a_reconstructor_lowers_each_layers_error_and_keeps_the_mask(plugins):
+    plain, rebuilt = make_tiny(), make_tiny()
+    # one-shot: every block sees dense inputs, so wanda picks the same masks in both
+    before = prune(plain, "wanda", Stages(reconstructor=MaskOnly()), sequential=False)
+    after = prune(rebuilt, "wanda", Stages(reconstructor=LeastSquares()), sequential=False)
+    for p, r in zip(plain.parameters(), rebuilt.parameters()):
+        assert p.ndim < 2 or torch.equal(p == 0, r == 0)
+    # every layer's output error on the calibration inputs drops (exact, from the Gram matrix)
+    errors = [(a.output_mse, b.output_mse) for a, b in zip(after.layers, before.layers)]
+    assert all(a < b for a, b in errors) and len(errors) == 14
+    assert sum(b.mse for b in after.blocks) < sum(b.mse for b in before.blocks)
+    # sequential: the next block is pruned on the reconstructed block's outputs
+    sequential = make_tiny()
+    prune(sequential, "wanda", Stages(reconstructor=LeastSquares()))
+    second = [(n, p) for n, p in sequential.named_parameters() if "layers.1." in n and p.ndim == 2]
+    assert any(not torch.equal(p == 0, dict(rebuilt.named_parameters())[n] == 0) for n, p in second)
+
+
+def test_a_data_free_metric_with_a_data_reading_stage_runs_the_calibrated_protocol(plugins):
+    report = prune(make_tiny(), "magnitude", Stages(reconstructor=LeastSquares()))
+    assert report.block_passes == 4 and report.n == 8  # statistics and pruned passes of 2 blocks
+    report = prune(make_tiny(), "magnitude", Stages(SwapOne()))
+    assert report.block_passes == 0  # the refiner reads nothing: no pass
+
+
+def test_the_host_refuses_a_refiner_that_changes_counts(plugins):
+    with pytest.raises(PluginError, match="refiner 'count-changer' changed how many weights are pruned in a row"):
+        prune(make_tiny(), "wanda", Stages(CountChanger()))
+
+
+def test_a_reconstructor_replaces_a_metrics_bias_correction(plugins):
+    def biases(model):
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "layers" in n and n.endswith("bias")
+                and "norm" not in n}
+
+    dense = biases(make_tiny("opt"))  # OPT's linears have biases
+    stade, rebuilt = make_tiny("opt"), make_tiny("opt")
+    prune(stade, "stade")  # bias_correction: its mean-compensating bias deltas
+    report = prune(rebuilt, "stade", Stages(reconstructor=LeastSquares()))
+    assert any(not torch.equal(b, dense[n]) for n, b in biases(stade).items())
+    assert all(torch.equal(b, dense[n]) for n, b in biases(rebuilt).items())  # the reconstructor gave none
+    assert all(layer.details.get("fitted") for layer in report.layers if not layer.dense)
+
+
+# --- suites, keys, labels --------------------------------------------------------------
+
+
+def test_suites_cross_stages_as_axes(plugins, tmp_path):
+    from stadebench import suite as S
+    from stadebench.runner.plan import plan
+    from stadebench.data.loading import ModelIdentity
+
+    s = S.validate_suite({"models": ["m"], "metrics": ["magnitude", {"name": "wanda", "reconstruct": ["none"]}],
+                          "patterns": ["unstructured"], "sparsities": [0.5], "refine": ["none", "swap-one"],
+                          "reconstruct": ["none", {"name": "least-squares", "label": "ls"}],
+                          "exclude": [{"metric": "magnitude", "refine": "swap-one", "reconstruct": "none"}]},
+                         source="t.yaml")
+    labels = [c.label for c in S.expand(s)]
+    assert labels == ["dense", "magnitude · unstructured · 0.5", "magnitude → ls · unstructured · 0.5",
+                      "magnitude → swap-one → ls · unstructured · 0.5", "wanda · unstructured · 0.5",
+                      "wanda → swap-one · unstructured · 0.5"]
+    cells = S.expand(s)
+    assert cells[2].uses_data and not cells[1].uses_data  # least-squares reads the Gram matrix
+    rows = [p.template for c in plan(s, {m: ModelIdentity("hub", "0" * 40, None, None, None) for m in s.models},
+                                     fingerprints=lambda spec: "f").todo for p in c.pending]
+    assert len({r.key() for r in rows}) == len(rows) == 6
+    ls = next(r for r in rows if r.reconstruct == "least-squares")
+    assert (ls.reconstruct_version, ls.reconstruct_plugin, ls.reconstruct_options) == ("1", "test-stages", None)
+    assert ls.calib_n is not None and rows[1].refine is None and rows[1].calib_n is None
+    assert [c.label for c in S.select(cells, ["refine=none", "reconstruct=ls"])] == [
+        "magnitude → ls · unstructured · 0.5"]
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"refine": ["swap-one"], "patterns": ["2:4"]}, "refiner 'swap-one' cannot refine pattern '2:4': it moves"),
+    ({"refine": ["swapone"]}, "did you mean 'swap-one'"),
+    ({"reconstruct": [{"name": "none", "options": {"a": 1}}]}, "`none` means no reconstructor"),
+    ({"reconstruct": ["least-squares", "least-squares"]}, "is already reconstruct[0]"),
+    ({"exclude": [{"refine": "nope"}]}, "'nope' matches no refine of this suite"),
+])
+def test_bad_stage_entries_are_refused(plugins, fields, message):
+    from stadebench import suite as S
+
+    data = {"models": ["m"], "metrics": ["wanda"], "patterns": ["unstructured"], "sparsities": [0.5], **fields}
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        S.validate_suite(data, source="t.yaml")
+
+
+def test_a_suite_runs_stages_and_compares_them(plugins, tmp_path, tmp_path_factory, monkeypatch):
+    from typer.testing import CliRunner
+
+    from stadebench.cli import app
+    from stadebench.results.store import read
+    from stadebench.runner.run import run_suite
+    from tinymodel import load_tiny_suite, shared_assets
+
+    monkeypatch.setenv("STADEBENCH_LOAD_PLUGINS", "")
+    assets = shared_assets(tmp_path_factory)
+    suite = load_tiny_suite(tmp_path, assets, metrics=["wanda"], reconstruct=["none", "least-squares"])
+    assert not run_suite(suite).failed
+    rows = {r["reconstruct"]: r for r in read(tmp_path / "lb").to_pylist() if r["metric"] == "wanda"}
+    assert set(rows) == {None, "least-squares"}
+    details = json.loads(rows["least-squares"]["details"])["prune"]
+    assert details["stages"]["reconstruct"]["name"] == "least-squares"
+    r = CliRunner().invoke(app, ["leaderboard", "compare", "none", "least-squares", "--by", "reconstruct", "--dir",
+                                 str(tmp_path / "lb"), "--format", "json"], catch_exceptions=False)
+    assert r.exit_code == 0, r.output
+    (row,) = json.loads(r.stdout)
+    assert row["metric"] == "wanda" and row["delta"] == rows["least-squares"]["value"] - rows[None]["value"]
+    r = CliRunner().invoke(app, ["leaderboard", "--dir", str(tmp_path / "lb"), "--reconstruct", "least-squares",
+                                 "--format", "markdown"], catch_exceptions=False)
+    assert "wanda → least-squares" in r.stdout and "| wanda |" not in r.stdout
