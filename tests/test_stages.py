@@ -73,6 +73,18 @@ class MaskOnly(Reconstructor):
         return Reconstruction()
 
 
+class Hungry(Reconstructor):
+    """Says it needs a petabyte per layer."""
+
+    name = "hungry"
+
+    def memory_bytes(self, rows, columns):
+        return 1 << 50
+
+    def reconstruct(self, weight, mask, stats):
+        return Reconstruction()
+
+
 class CountChanger(Refiner):
     """Broken: revives every pruned weight of row 0."""
 
@@ -93,6 +105,8 @@ def register_refiners(register):
 @hookimpl
 def register_reconstructors(register):
     register(LeastSquares)
+    register(MaskOnly)
+    register(Hungry)
 
 
 @pytest.fixture
@@ -236,3 +250,16 @@ def test_a_suite_runs_stages_and_compares_them(plugins, tmp_path, tmp_path_facto
     r = CliRunner().invoke(app, ["leaderboard", "--dir", str(tmp_path / "lb"), "--reconstruct", "least-squares",
                                  "--format", "markdown"], catch_exceptions=False)
     assert "wanda → least-squares" in r.stdout and "| wanda |" not in r.stdout
+
+
+def test_validate_refuses_a_reconstructor_too_large_for_memory(plugins, tmp_path, tmp_path_factory):
+    from stadebench.runner.run import check_suite
+    from tinymodel import load_tiny_suite, shared_assets
+
+    suite = load_tiny_suite(tmp_path, shared_assets(tmp_path_factory), metrics=["wanda"],
+                            reconstruct=["none", "least-squares", "hungry"])
+    with pytest.raises(ConfigError, match=r"reconstruct 'hungry' needs about 1048576\.0 GiB for layer .*"
+                                          r"\(exclude: \[\{reconstruct: hungry\}\]\)"):
+        check_suite(suite)
+    check_suite(load_tiny_suite(tmp_path, shared_assets(tmp_path_factory), metrics=["wanda"],
+                                reconstruct=["least-squares"]))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import platform
 import subprocess
 import tempfile
@@ -116,10 +117,11 @@ def check_writable(folder: Path) -> None:
 # --- preflight ------------------------------------------------------------------------
 
 
-def _check_shapes(where: str, config: Any, spec: ModelSpec, cells: list[Cell]) -> None:
-    """Every pattern fits every prunable layer (N:M needs widths divisible by M) and every
-    ``targets`` / ``ignore`` regex finds a layer; the layers come from a weightless copy of
-    the model built on the meta device."""
+def _check_shapes(where: str, config: Any, spec: ModelSpec, cells: list[Cell], device: str = "auto") -> None:
+    """Every pattern fits every prunable layer (N:M needs widths divisible by M), every
+    ``targets`` / ``ignore`` regex finds a layer, and every reconstructor fits the largest
+    layer in the memory of ``device``; the layers come from a weightless copy of the model
+    built on the meta device."""
     from transformers import AutoModelForCausalLM
 
     patterns = {(c.pattern, canonical_json(c.pattern_options)): c.pattern_plugin.instance
@@ -140,6 +142,30 @@ def _check_shapes(where: str, config: Any, spec: ModelSpec, cells: list[Cell]) -
                 pattern.check_shape(shape)
             except ConfigError as exc:
                 raise ConfigError(f"{where}: layer {name} {list(shape)}: {exc}") from None
+    _check_reconstructors(where, cells, shapes, _memory_budget(device))
+
+
+def _memory_budget(device: str) -> int:
+    """Memory a layer's reconstruction may use on the suite's ``device``: the GPU's, or RAM."""
+    if device != "cpu" and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device("cuda" if device == "auto" else device)).total_memory
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 1 << 62
+
+
+def _check_reconstructors(where: str, cells: list[Cell], shapes: dict[tuple, str], budget: int) -> None:
+    """Every reconstructor fits the largest layer it would reconstruct in ``budget`` bytes."""
+    for cell in cells:
+        if cell.reconstruct_plugin is None:
+            continue
+        need, shape = max((cell.reconstruct_plugin.instance.memory_bytes(*shape), shape) for shape in shapes)
+        if need > budget:
+            raise ConfigError(f"{where}: reconstruct {cell.reconstruct_label!r} needs about {need / 2**30:.1f} GiB "
+                              f"for layer {shapes[shape]} {list(shape)}, more than the {budget / 2**30:.1f} GiB "
+                              f"here; drop it for this model (exclude: [{{reconstruct: {cell.reconstruct_label}}}]) "
+                              "or use a machine with more memory")
 
 
 def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windows | None = None) -> None:
@@ -161,7 +187,7 @@ def check_model(suite: Suite, spec: ModelSpec, cells: list[Cell], windows: Windo
     if isinstance(vocab, int) and len(tokenizer) > vocab:
         raise ConfigError(f"{where}: its tokenizer has {len(tokenizer)} tokens but the model embeds only "
                           f"{vocab}; give the matching `tokenizer:`")
-    _check_shapes(where, config, spec, cells)
+    _check_shapes(where, config, spec, cells, suite.device)
     for i, evaluation in enumerate(suite.evaluations):
         try:
             evaluation.resolved.instance.check_model(config)
