@@ -111,7 +111,7 @@ def collect_statistics(
     the model is not changed.
 
     Args:
-        needs: statistic names, a subset of ``{"sum", "sumsq", "gram"}``.
+        needs: statistic names, a subset of ``{"sum", "sumsq", "gram", "window_var"}``.
         metrics: metrics (registered names or instances) whose ``statistics`` are
             collected too; the union with ``needs`` must not be empty.
         batch_size, device, offload, progress, accumulate: as for ``prune``.

@@ -85,7 +85,7 @@ class _Named:
 # --- pruning ---------------------------------------------------------------------
 
 
-INPUT_STATISTICS = frozenset({"sum", "sumsq", "gram"})
+INPUT_STATISTICS = frozenset({"sum", "sumsq", "gram", "window_var"})
 """Statistics of a layer's inputs, gathered by forward hooks in the block-wise passes."""
 STATISTICS = INPUT_STATISTICS | {"gradient"}
 """Every statistic a plugin may declare: the input statistics and ``gradient`` (per-weight
@@ -129,6 +129,8 @@ class LayerStats:
         m2: Σ_t (x_t − μ)², kept with ``sum`` for an accurate variance.
         windows: number of calibration windows seen (the releases average Σ_t x_t² over
             windows: ``sumsq / windows``).
+        window_m2: Σ_w Σ_{t in w} (x_t − μ_w)², each window centred on its own mean (shape
+            ``[in]``), with ``window_var``: the spread within windows, which DSnoT reads.
         grad_l1: Σ_w |s·∂L_w/∂W| over calibration windows w (shape ``[out, in]``, like
             the weight), s the metric's ``gradient_scale()``; with ``gradient``.
         grad_l2: sqrt(Σ_w (s·∂L_w/∂W)²), GBLM-Pruner's gradient; with ``gradient``.
@@ -143,6 +145,7 @@ class LayerStats:
     windows: int = 0
     grad_l1: torch.Tensor | None = None
     grad_l2: torch.Tensor | None = None
+    window_m2: torch.Tensor | None = None
 
     @property
     def mean(self) -> torch.Tensor:
@@ -155,6 +158,12 @@ class LayerStats:
         n = self.count
         m2 = self.m2 if self.m2 is not None else self.sumsq - self.sum * self.sum / n
         return (m2 / (n - 1)).clamp_min(0).float()
+
+    @property
+    def window_var(self) -> torch.Tensor:
+        """Per-input variance within windows, each centred on its own mean, over all tokens
+        (float32; the token-weighted mean of every window's population variance)."""
+        return (self.window_m2 / self.count).float()
 
     @property
     def norm(self) -> torch.Tensor:

@@ -123,7 +123,7 @@ def test_bad_inputs_are_refused():
 # --- a slow model of the algorithm, row by row ------------------------------------------
 
 
-def slow_dsnot(weight, mask, window_sum, var, score, nm=None, max_cycles=50, threshold=0.1, power=1.0,
+def slow_dsnot(weight, mask, window_sum, var, score, *, nm=None, max_cycles=50, threshold=0.1, power=1.0,
                same_sign=None):
     """DSnoT as the paper and the release describe it, one row at a time, with lists."""
     same_sign = nm is not None if same_sign is None else same_sign
@@ -163,7 +163,7 @@ def test_the_vectorised_loop_is_the_row_by_row_algorithm(nm, power, same_sign):
     for threshold in (0.1, 5.0):
         got = dsnot(weight, mask, window_sum, var, score, nm=nm, pow_of_var_regrowing=power, same_sign=same_sign,
                     update_threshold=threshold)
-        want = slow_dsnot(weight, mask, window_sum, var, score, nm, threshold=threshold, power=power,
+        want = slow_dsnot(weight, mask, window_sum, var, score, nm=nm, threshold=threshold, power=power,
                           same_sign=same_sign)
         assert torch.equal(got, want), (threshold, (got != want).sum().item())
 

@@ -263,3 +263,30 @@ def test_validate_refuses_a_reconstructor_too_large_for_memory(plugins, tmp_path
         check_suite(suite)
     check_suite(load_tiny_suite(tmp_path, shared_assets(tmp_path_factory), metrics=["wanda"],
                                 reconstruct=["least-squares"]))
+
+
+@pytest.mark.parametrize("accumulate", ["float64", "released"])
+def test_the_within_window_variance_statistic(accumulate):
+    from stadebench.base import LayerInfo
+    from stadebench.core.statistics import ACCUMULATORS
+
+    x = torch.randn(6, 10, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 2.0, 0.5, 3.0])
+    x = x + torch.arange(6.0).reshape(6, 1, 1)  # windows with different means: within-window < overall spread
+    acc = ACCUMULATORS[accumulate](frozenset({"window_var"}))
+    for batch in x.split(4):  # batches of windows, as the engine feeds them
+        acc.add(batch)
+    stats = acc.stats(LayerInfo("l", 0, "l"))
+    expected = torch.stack([w.var(0, unbiased=False) * len(w) for w in x.double()]).sum(0)
+    torch.testing.assert_close(stats.window_m2, expected)
+    torch.testing.assert_close(stats.window_var, (expected / 60).float())
+    assert (stats.window_var < x.reshape(-1, 4).var(0)).all()
+
+
+# --- the built-in stages pass the conformance kit ------------------------------------
+
+from stadebench.testing import RefinerConformance  # noqa: E402
+
+
+class TestDSnoTConformance(RefinerConformance):
+    refiner = "dsnot"
+    options = {"skip_layer": "no_skip", "max_cycles": 8}

@@ -66,7 +66,7 @@ def peak_memory(device: torch.device) -> int:
 
 
 def check_stats(stats: LayerStats, metric: str | None) -> None:
-    for key in ("sum", "sumsq", "gram"):
+    for key in ("sum", "sumsq", "gram", "window_m2"):
         value = getattr(stats, key)
         if value is not None:
             check_finite(value, f"input statistics ({key})", stats.layer.name, metric)
@@ -77,7 +77,7 @@ def moved(stats: LayerStats, device: torch.device, done: dict[int, torch.Tensor]
     so layers that share statistics (q/k/v) share one copy there too."""
     done = {} if done is None else done
     moved = {}
-    for key in ("sum", "sumsq", "gram", "m2"):
+    for key in ("sum", "sumsq", "gram", "m2", "window_m2"):
         t = getattr(stats, key)
         if t is not None and id(t) not in done:
             done[id(t)] = t.to(device)

@@ -26,6 +26,19 @@ flip the sign of e_i from its initial sign), and the whole layer after ``max_cyc
 cycles. Each row walks the two candidate lists from their ends: nothing is re-sorted
 between cycles.
 
+The release's options (``main.py``) and where they are here: ``--max_cycle_time`` 50
+(``max_cycles``), ``--update_threshold`` 0.1, ``--pow_of_var_regrowing`` 1 (0 skips the
+division), ``--without_same_sign`` (``same_sign``, below). The rest choose what is refined
+and from what, and are the caller's: ``--initial_method`` wanda / magnitude / sparsegpt
+(the initial mask; for N:M also ``score``), ``--skip_layer`` (default ``mlp``: the MLP
+linears keep their initial mask, only attention's are refined; ``self_attn``; ``no_skip``),
+``--skip_sub_layer`` (default ``no_skip``; or one linear's name, e.g. ``o_proj``),
+``--without_DSnoT`` (refine nothing, unstructured only). ``--pow_of_var_pruning`` is
+parsed and never read. The release's ``sparsegpt`` initial method is broken:
+``WrappedGPT`` creates its Hessian as zeros and never adds to it, so the SparseGPT score
+is 0 everywhere and the initial mask is the first half of each row's columns (N:M: the
+sort's order of ties); it never uses SparseGPT's weight updates either.
+
 What the release does and ``dsnot`` reproduces (all of it changes masks):
 
 - ``same_sign`` is off for unstructured, on for N:M: the release's ``--without_same_sign``
@@ -75,11 +88,14 @@ the tokens per window (the release's default 0.1 was set at 2048 tokens a window
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import Tensor
 
-from ..base import LayerStats
+from ..base import LayerStats, Options, Pattern, Refiner
+from ..hookspecs import hookimpl
 
 
 class _Cursors:
@@ -235,12 +251,16 @@ def dsnot(weight: Tensor, mask: Tensor, window_sum: Tensor, var: Tensor, score: 
 
 def dsnot_statistics(stats: LayerStats) -> tuple[Tensor, Tensor, Tensor]:
     """(window_sum, var, sq_window_sum): the release's ``sum_metric_row`` (Σx / windows),
-    ``var`` and ``scaler_row`` (Σx² / windows), float32, from stadebench's sums; the
-    variance is over all tokens (``m2 / count``; see the module docstring)."""
+    ``var`` and ``scaler_row`` (Σx² / windows), float32, from stadebench's sums. The
+    variance is the release's, within windows (``window_var``), when it was collected, else
+    over all tokens (``m2 / count``; see the module docstring)."""
     if stats.sum is None or stats.sumsq is None or not stats.count or not stats.windows:
         raise ValueError(f"DSnoT needs the sum and sumsq statistics of {stats.layer}")
-    m2 = stats.m2 if stats.m2 is not None else stats.sumsq - stats.sum * stats.sum / stats.count
-    var = (m2 / stats.count).clamp_min(0)
+    if stats.window_m2 is not None:
+        var = stats.window_m2 / stats.count
+    else:
+        m2 = stats.m2 if stats.m2 is not None else stats.sumsq - stats.sum * stats.sum / stats.count
+        var = (m2 / stats.count).clamp_min(0)
     return (stats.sum / stats.windows).float(), var.float(), (stats.sumsq / stats.windows).float()
 
 
@@ -259,9 +279,10 @@ def refine_dsnot(weight: Tensor, mask: Tensor, stats: LayerStats, *, initial_met
                  same_sign: bool | None = None, keep_counts: bool = False) -> Tensor:
     """``dsnot`` fed from a layer's ``LayerStats`` (``sum``, ``sumsq``, ``m2``, ``windows``).
 
-    The score is the release's: Wanda's per row whatever ``initial_method``; for N:M the
-    ``initial_method``'s (``wanda``, ``magnitude``) unless ``score`` is given. ``var``
-    replaces the variance over all tokens, e.g. by the release's within-window one.
+    ``score`` (lower pruned first) defaults to the release's: per row Wanda's, whatever
+    ``initial_method``; for N:M the ``initial_method``'s (``wanda``, ``magnitude``; pass
+    ``score`` for any other). ``var`` replaces the variance over all tokens, e.g. by the
+    release's within-window one.
     """
     window_sum, all_tokens_var, sq_window_sum = dsnot_statistics(stats)
     var = all_tokens_var if var is None else var
@@ -273,4 +294,52 @@ def refine_dsnot(weight: Tensor, mask: Tensor, stats: LayerStats, *, initial_met
                  keep_counts=keep_counts)
 
 
-__all__ = ["dsnot", "dsnot_score", "dsnot_statistics", "refine_dsnot"]
+class DSnoT(Refiner):
+    """DSnoT (Zhang et al., ICLR 2024): prune-and-regrow swaps that lower each row's expected
+    reconstruction error, no training; exact against zyxxmu/DSnoT @ 4c029df."""
+
+    name = "dsnot"
+    version = "1"
+    statistics = frozenset({"sum", "sumsq", "window_var"})
+
+    class Options(Options):
+        max_cycles: int = Field(50, ge=0, le=100_000, description="swap cycles per layer (--max_cycle_time)")
+        update_threshold: float = Field(0.1, ge=0, description="a row stops once its expected error is this "
+                                                               "small (--update_threshold; in a window's summed "
+                                                               "output, tuned at 2048 tokens a window)")
+        pow_of_var_regrowing: float = Field(1.0, ge=0, description="regrow by W·s / var^p (--pow_of_var_regrowing; "
+                                                                   "0: no division)")
+        initial_method: Literal["wanda", "magnitude"] = Field(
+            "wanda", description="the score that picks the weight pruned in an N:M group (per row DSnoT uses "
+                                 "Wanda's, as released)")
+        skip_layer: Literal["mlp", "self_attn", "no_skip"] = Field(
+            "mlp", description="layers whose path contains this keep the metric's mask (--skip_layer; the release's "
+                               "default leaves the MLP unrefined)")
+        same_sign: bool | None = Field(None, description="stop a row whose error would change sign (default as "
+                                                         "released: off per row, on for N:M)")
+        keep_counts: bool = Field(True, description="stop a row rather than let a cursor leave its candidates "
+                                                    "(the release would change the row's count, or fail)")
+
+    def supports(self, pattern: Pattern) -> str | None:
+        """Per-row patterns, and N:M within its groups."""
+        if pattern.group_size is not None and getattr(pattern, "n", None) is None:
+            return f"it swaps within a row or within N:M groups, not within {pattern.spec!r} groups"
+        return None
+
+    def refine(self, weight: Tensor, mask: Tensor, stats: LayerStats, pattern: Pattern, sparsity: float) -> Tensor:
+        """The layer's mask after DSnoT's swaps (its own mask on a skipped layer)."""
+        o = self.options
+        if o.skip_layer != "no_skip" and o.skip_layer in stats.layer.short_name:
+            return mask.clone()
+        nm = (pattern.n, pattern.group_size) if pattern.group_size is not None else None
+        return refine_dsnot(weight, mask, stats, initial_method=o.initial_method, nm=nm, max_cycles=o.max_cycles,
+                            update_threshold=o.update_threshold, pow_of_var_regrowing=o.pow_of_var_regrowing,
+                            same_sign=o.same_sign, keep_counts=o.keep_counts)
+
+
+@hookimpl
+def register_refiners(register):
+    register(DSnoT)
+
+
+__all__ = ["DSnoT", "dsnot", "dsnot_score", "dsnot_statistics", "refine_dsnot"]

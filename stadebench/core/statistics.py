@@ -28,9 +28,17 @@ class Accumulator:
     def __init__(self, needs: frozenset[str]):
         self.needs = needs
         self.count = self.windows = 0
-        self.mean = self.m2 = self.sumsq = self.gram = None
+        self.mean = self.m2 = self.sumsq = self.gram = self.window_m2 = None
+
+    def add_within(self, x: torch.Tensor) -> None:
+        """Σ_w Σ_t (x − μ_w)² of the windows in ``x`` (``[windows, tokens, in]`` or one window)."""
+        if "window_var" in self.needs:
+            windows = x.reshape(-1, x.shape[-2], x.shape[-1]).float()
+            m2 = (windows - windows.mean(1, keepdim=True)).square().sum((0, 1)).double()
+            self.window_m2 = m2 if self.window_m2 is None else self.window_m2.add_(m2)
 
     def add(self, x: torch.Tensor) -> None:
+        self.add_within(x)
         self.windows += x.shape[0] if x.ndim > 2 else 1
         x = x.reshape(-1, x.shape[-1]).float()
         n, nb = self.count, x.shape[0]
@@ -58,7 +66,8 @@ class Accumulator:
 
     def stats(self, layer: LayerInfo) -> LayerStats:
         total = None if self.mean is None else self.mean * self.count
-        return LayerStats(layer, self.count, total, self.sumsq, self.gram, self.m2, self.windows)
+        return LayerStats(layer, self.count, total, self.sumsq, self.gram, self.m2, self.windows,
+                          window_m2=self.window_m2)
 
 
 class ReleasedAccumulator(Accumulator):
@@ -78,6 +87,7 @@ class ReleasedAccumulator(Accumulator):
         self.var = None
 
     def add(self, x: torch.Tensor) -> None:
+        self.add_within(x)
         for window in x.reshape(-1, *x.shape[-2:]) if x.ndim > 2 else [x]:
             self._add_window(window.reshape(-1, x.shape[-1]).t().float())
 
@@ -113,7 +123,7 @@ class ReleasedAccumulator(Accumulator):
         total = m2 = None
         if self.mean is not None:
             total, m2 = self.mean.double() * self.count, self.var.double() * (self.count - 1)
-        return LayerStats(layer, self.count, total, sumsq, gram, m2, self.windows)
+        return LayerStats(layer, self.count, total, sumsq, gram, m2, self.windows, window_m2=self.window_m2)
 
 
 ACCUMULATORS = {"float64": Accumulator, "released": ReleasedAccumulator}

@@ -23,8 +23,9 @@ RULES: dict[str, str] = {
                 "what `stadebench list` shows); a metric implements score or prune_layer, a pattern select, an "
                 "allocator allocate, a refiner refine, a reconstructor reconstruct (neither named 'none', a suite's "
                 "word for no stage)",
-    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram', 'gradient'} (an "
-                           "allocator, refiner or reconstructor: from {'sum', 'sumsq', 'gram'}, no gradients)",
+    "statistics-declared": "statistics is a set of names drawn from {'sum', 'sumsq', 'gram', 'window_var', "
+                           "'gradient'} (an allocator, refiner or reconstructor: the input statistics only, no "
+                           "gradients)",
     "options-unknown-key": "an unknown option key raises stadebench.ConfigError (subclass stadebench.Options)",
     "options-roundtrip": "options survive JSON: the class rebuilt from options.model_dump(mode='json') has "
                          "equal options (results record them, the runner rebuilds from them)",
@@ -94,7 +95,7 @@ RULES: dict[str, str] = {
 
 # Which declared statistic fills each LayerStats field (m2 comes with the mean).
 FIELD_STATISTIC = {"sum": "sum", "sumsq": "sumsq", "gram": "gram", "m2": "sum", "grad_l1": "gradient",
-                   "grad_l2": "gradient"}
+                   "grad_l2": "gradient", "window_m2": "window_var"}
 BUILTIN_PATTERNS = ("unstructured", "unstructured-layer", "2:4", "4:8")
 VOCAB = 128
 
@@ -202,6 +203,11 @@ class StrictLayerStats(LayerStats):
         return f"StrictLayerStats({object.__getattribute__(self, 'layer').name}, allowed={self._allowed})"
 
 
+def _within(windows):
+    """Σ_w Σ_t (x − μ_w)² of ``[windows, tokens, in]`` inputs."""
+    return (windows - windows.mean(1, keepdim=True)).square().sum((0, 1))
+
+
 def layer_inputs(shape: tuple[int, int] = (24, 40), *, statistics=STATISTICS, role: str | None = "internal",
                  tokens: int = 64, seed: int = 0, degenerate: bool = False, strict: bool = False,
                  device: str = "cpu"):
@@ -228,6 +234,7 @@ def layer_inputs(shape: tuple[int, int] = (24, 40), *, statistics=STATISTICS, ro
     grads = torch.randn(4, out, inp, generator=g) * 1e-2 * x.abs().mean(0).float()
     values: dict[str, Any] = {"sum": x.sum(0), "sumsq": x.square().sum(0), "gram": (x.t() @ x).float(),
                               "m2": (x - x.mean(0)).square().sum(0), "grad_l1": grads.abs().sum(0) * 100,
+                              "window_m2": _within(x.reshape(4, -1, inp)),
                               "grad_l2": grads.square().sum(0).sqrt() * 100}
     names = {f.name for f in dataclasses.fields(LayerStats)}
     kwargs = {k: v.to(device) for k, v in values.items() if k in names and FIELD_STATISTIC[k] in statistics}

@@ -15,19 +15,22 @@ to feed the very same inputs to stadebench's float64 ``Accumulator``.
 - The release's corner cases (kept weights of W·s = 0, NaN ratios of a dead input, rows
   that stop while others go on, cursors past their candidates, which change row counts):
   bit for bit on small synthetic layers run by the release's own loop.
-- With stadebench's float64 statistics (``refine_dsnot``, the initial mask by stadebench's
-  own patterns) and the release's variance (each window's own, averaged; accumulated here
-  in float64, as ``LayerStats`` has no such field) the masks agree ≥ 99% per layer
-  (measured: every layer bit for bit): rounding moves nothing.
-- With ``LayerStats`` alone, whose variance is over all tokens (``m2 / count``), the
-  variance is another statistic: the windows' means vary on attention outputs, and o_proj
-  of block 1 agrees 97.8% (every other layer ≥ 99.7%, measured); asserted ≥ 97% per layer
-  and ≥ 99.5% on average. The figures are printed with ``-s``.
+- With stadebench's float64 statistics as the engine collects them for the ``dsnot``
+  refiner (``sum``, ``sumsq`` and ``window_var``: the release's variance, each window
+  centred on its own mean; the initial mask by stadebench's own patterns) the masks agree
+  ≥ 99% per layer (measured: every layer bit for bit): rounding moves nothing. The
+  ``window_m2`` the accumulator sums equals the release's variance recomputed here in
+  float64.
+- Without ``window_var`` (the variance over all tokens, ``m2 / count``) the variance is
+  another statistic: the windows' means vary on attention outputs, and o_proj of block 1
+  agrees 97.8% (every other layer ≥ 99.7%, measured); asserted ≥ 97% per layer and ≥ 99.5%
+  on average: why the refiner declares ``window_var``. The figures are printed with ``-s``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import copy
 import io
 import statistics
@@ -73,7 +76,7 @@ def _recording(base: type, records: list) -> type:
         def __init__(self, layer, *args, **kwargs):
             super().__init__(layer, *args, **kwargs)
             self.dense = layer.weight.detach().clone()
-            self.ours = Accumulator(frozenset({"sum", "sumsq"}))
+            self.ours = Accumulator(frozenset({"sum", "sumsq", "window_var"}))
             records.append(self)
 
         def add_batch(self, inp, out):
@@ -172,7 +175,7 @@ def test_with_the_released_statistics_the_mask_is_the_release(setting, pattern, 
     assert max(changed) > 0, "the refinement changed nothing: the comparison would be vacuous"
 
 
-#: variance -> (per-layer floor, mean floor): the release's within-window one, or LayerStats' over all tokens
+#: variance -> (per-layer floor, mean floor): the release's within-window one (``window_var``), or over all tokens
 VARIANCES = {"within-window": (0.99, 0.99), "all-tokens": (0.97, 0.995)}
 
 
@@ -185,8 +188,10 @@ def test_with_float64_statistics_the_masks_agree(setting, pattern, pow_of_var, v
     for layer in released(setting, pattern, pow_of_var):
         weight, stats = layer["weight"], layer["stats"]
         initial = select.select(dsnot_score(weight, dsnot_statistics(stats)[2]), 0.5)
-        var = layer["within_var"] if variance == "within-window" else None
-        ours = refine_dsnot(weight, initial, stats, var=var, nm=nm, pow_of_var_regrowing=pow_of_var)
+        torch.testing.assert_close(stats.window_var, layer["within_var"], rtol=1e-6, atol=0)
+        if variance == "all-tokens":
+            stats = dataclasses.replace(stats, window_m2=None)
+        ours = refine_dsnot(weight, initial, stats, nm=nm, pow_of_var_regrowing=pow_of_var)
         agreement[layer["name"]] = ((ours | (weight == 0)) == layer["released"]).double().mean().item()
     values = list(agreement.values())
     _report(test="dsnot", pattern=pattern, pow_of_var_regrowing=pow_of_var, variance=variance,
