@@ -41,6 +41,8 @@ DEFAULT_PLUGINS = (
     "stadebench.core.metrics.stade",
     "stadebench.core.metrics.sparsegpt",
     "stadebench.core.metrics.gradient",
+    "stadebench.core.refiners",
+    "stadebench.core.reconstructors",
     "stadebench.core.patterns",
     "stadebench.core.allocation",
     "stadebench.data.datasets",
