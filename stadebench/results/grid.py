@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..util import canonical_json
-from .row import BASELINE_FIELDS, KEY_FIELDS, LABEL_FIELDS, SCHEMA
+from .row import BASELINE_FIELDS, KEY_FIELDS, LABEL_FIELDS, SCHEMA, meta
 from .store import current, identity, is_value
 
 _COLUMN_FIELDS = ("pattern", "pattern_version", "pattern_options", "pattern_plugin", "sparsity")
@@ -244,7 +244,7 @@ def _collect(pruned: pa.Table, evidence: Mapping[str, tuple], seeds: bool = True
     distinct = pruned.group_by(group).aggregate(
         [(f, "count_distinct", pc.CountOptions(mode="all")) for f in varying_fields]).to_pylist()
     # a field names a row only where it varies among the rows of its model, metric and allocation
-    varies = {tuple(d[g] for g in group): [f for f in varying_fields if d[f"{f}_count_distinct"] > 1]
+    varies = {tuple(d[g] for g in group): _naming([f for f in varying_fields if d[f"{f}_count_distinct"] > 1])
               for d in distinct}
     varying = sorted({f for fields in varies.values() for f in fields}, key=_VARYING.index)
 
@@ -270,8 +270,15 @@ def _collect(pruned: pa.Table, evidence: Mapping[str, tuple], seeds: bool = True
     return columns, rows
 
 
+def _naming(fields: list[str]) -> list[str]:
+    """The varying fields a label names: a field that does not change the protocol (a
+    fingerprint, a version) only when no field that does varies with it."""
+    counted = [f for f in fields if meta(f, "counted")]
+    return counted or fields
+
+
 def _method_label(r: Mapping[str, Any], metric_defaults: Mapping[str, Any]) -> str:
-    """``wanda``, ``stade(bias_correction=false)``, ``wanda → dsnot → admm(iterations=10)``:
+    """``wanda``, ``stade (bias_correction=false)``, ``wanda → dsnot → admm (iterations=10)``:
     the metric and its stages, each with its options that differ from the defaults."""
     parts = []
     for name, options, defaults in ((r["metric"], r["metric_options"], metric_defaults),
@@ -282,7 +289,7 @@ def _method_label(r: Mapping[str, Any], metric_defaults: Mapping[str, Any]) -> s
         if defaults is None:
             defaults = _defaults("refiner" if name == r["refine"] else "reconstructor", name)
         text = _options_label(options, defaults)
-        parts.append(f"{name}({text})" if text else name)
+        parts.append(f"{name} ({text})" if text else name)
     return " → ".join(parts)
 
 
