@@ -158,3 +158,28 @@ def test_the_table_averages_seeds_and_keeps_calibrations_apart(board):
     r = CliRunner().invoke(app, ["leaderboard", "--dir", str(board), "--seeds", "--format", "markdown"],
                            catch_exceptions=False)
     assert r.exit_code == ExitCode.OK and "(n=5)" not in r.stdout and "calib_seed=4" in r.stdout
+
+
+def test_a_leaderboard_written_before_items_and_stages_reads_and_compares_without_intervals(tmp_path):
+    """A schema 5 file (no items, no stage columns, its own keys) reads under the keys a new
+    run computes, so a run resumes it, and compares without an interval."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pandas
+
+    from stadebench.results.row import cell_key
+
+    new = [_row("wanda", None, seed=0, value=20.0), _row("stade", None, seed=0, value=19.0)]
+    added = {"items", "item_aggregate", "refine", "refine_version", "refine_options", "refine_plugin",
+             "refine_plugin_version", "reconstruct", "reconstruct_version", "reconstruct_options",
+             "reconstruct_plugin", "reconstruct_plugin_version"}
+    v5 = pa.schema([f for f in store.SCHEMA if f.name not in added], metadata={store.VERSION_KEY: "5"})
+    rows = [{n: r[n] for n in v5.names} | {"cell_key": "c" * 64} for r in store._to_table(new).to_pylist()]
+    pq.write_table(pa.Table.from_pylist(rows, schema=v5), tmp_path / "v5.parquet")
+    table = store.read(tmp_path)
+    assert sorted(table["cell_key"].to_pylist()) == sorted(cell_key(r.__dict__) for r in new)
+    assert store.finished_cells(tmp_path) == {r.key() for r in new}  # a run resumes: nothing to redo
+    (row,) = json.loads(compare(tmp_path, "wanda", "stade").stdout)
+    assert row["ci_low"] is None and row["better"] == "stade"
+    store.compact(tmp_path, upgrade=True)
+    assert len(pandas.read_parquet(tmp_path)) == 2
