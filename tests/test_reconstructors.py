@@ -14,6 +14,8 @@ from stadebench.plugins import get_plugins
 
 ROWS, COLS, TOKENS = 24, 160, 400
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _problem(seed: int = 0, rows: int = ROWS, cols: int = COLS, tokens: int = TOKENS):
     """(weight, inputs X [tokens, in]) with correlated, non-zero-mean inputs of unequal scales."""

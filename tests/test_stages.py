@@ -290,3 +290,38 @@ from stadebench.testing import RefinerConformance  # noqa: E402
 class TestDSnoTConformance(RefinerConformance):
     refiner = "dsnot"
     options = {"skip_layer": "no_skip", "max_cycles": 8}
+
+
+from stadebench.testing import ReconstructorConformance  # noqa: E402
+
+
+class TestMeanBiasConformance(ReconstructorConformance):
+    reconstructor = "mean-bias"
+
+
+class TestOBSConformance(ReconstructorConformance):
+    reconstructor = "obs"
+    options = {"blocksize": 16}
+
+
+class TestADMMConformance(ReconstructorConformance):
+    reconstructor = "admm"
+    options = {"iterations": 5}
+
+
+def test_built_in_stages_through_the_engine(plugins):
+    """stade → mean-bias is stade with its bias correction; wanda → obs has wanda's mask and
+    sparsegpt's update for it; admm lowers every layer's error; each on the tiny Llama."""
+    stade = make_tiny("opt")
+    prune(stade, "stade", sequential=False)
+    staged = make_tiny("opt")
+    prune(staged, "stade", Stages(reconstructor=resolve_plugin("reconstructor", "mean-bias")), sequential=False)
+    for a, b in zip(stade.parameters(), staged.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    plain, obs, admm = make_tiny(), make_tiny(), make_tiny()
+    base = prune(plain, "wanda", Stages(reconstructor=MaskOnly()), sequential=False)
+    for model, name in ((obs, "obs"), (admm, "admm")):
+        report = prune(model, "wanda", Stages(reconstructor=resolve_plugin("reconstructor", name)), sequential=False)
+        for p, q in zip(plain.parameters(), model.parameters()):
+            assert p.ndim < 2 or torch.equal(p == 0, (q == 0) | (p == 0))
+        assert all(a.output_mse < b.output_mse for a, b in zip(report.layers, base.layers)), name

@@ -20,8 +20,11 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
+from pydantic import Field
 
+from ..base import LayerStats, Options, Reconstruction, Reconstructor
 from ..errors import ConfigError, NumericalError
+from ..hookspecs import hookimpl
 
 #: ``pick(w, d, start)``: the mask (True = pruned) of the columns ``start ...`` whose current
 #: weights ``w`` (``[rows, k]``) and Hessian-factor diagonal ``d`` (``[k]``) the sweep reached.
@@ -152,9 +155,10 @@ def admm_update(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, *,
     Minimises ‖(W − Ŵ)X‖² + λ‖(W − Ŵ)D‖² over Ŵ with the mask's zeros, in the release's
     preconditioned variables: each input j scaled by dⱼ = ‖X_j‖ + ``eps``
     (sqrt(diag gram) + eps), so the scaled Gram has a unit diagonal, then damped by
-    λ = ``percdamp``·mean of its diagonal (0.1 in the release's ``prune_admm``). Scaled ADMM
-    with penalty ``rho``: V = (G + ρI)⁻¹(G·W + ρ(Z − U)), Z = mask(V + U), U += V − Z, from
-    V = W and U = 0, ``iterations`` times; the result is the last Z (kept entries V + U).
+    λ = ``percdamp``·mean of its diagonal (0.1 in the release's ``prune_admm``; G below is
+    the damped one). Scaled ADMM with penalty ``rho``, from V = W and U = 0, ``iterations``
+    times: Z = mask(V + U), U += V − Z, V = (G + ρI)⁻¹(G·W + ρ(Z − U)); the result is the
+    last mask(V + U), not V.
     ``rho_growth`` multiplies ρ after every iteration (U rescaled to match); 1, the
     release's constant ρ, inverts G + ρI once, any other value eigendecomposes G once.
     The scaling makes the result independent of the Gram's scale but for ``eps``: pass the
@@ -170,11 +174,13 @@ def admm_update(weight: torch.Tensor, mask: torch.Tensor, gram: torch.Tensor, *,
     v = (weight.float() * scale).t()
     target = g @ v
     solve = _admm_solver(g, rho, rho_growth)
+    del g
     dual = torch.zeros_like(v)
     for step in range(iterations):
-        z = (v + dual).mul_(keep_t)
+        z = torch.add(v, dual).mul_(keep_t)
         dual += v - z
-        v = solve(target + rho * (z - dual), step)
+        # G·W + ρ(Z − U) built in z's buffer: the same roundings, fewer [in, out] temporaries
+        v = solve(z.sub_(dual).mul_(rho).add_(target), step)
         if rho_growth != 1.0:
             dual /= rho_growth
             rho *= rho_growth
@@ -192,11 +198,10 @@ def _admm_normalise(gram: torch.Tensor, percdamp: float, eps: float) -> tuple[to
 
 
 def _admm_solver(g: torch.Tensor, rho: float, growth: float) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """``solve(r, step)`` = (G + ρ_step·I)⁻¹ r, ρ_step = rho·growth^step."""
+    """``solve(r, step)`` = (G + ρ_step·I)⁻¹ r, ρ_step = rho·growth^step; may overwrite ``g``."""
     if growth == 1.0:
-        shifted = g.clone()
-        shifted.diagonal().add_(rho)
-        inverse = torch.inverse(shifted)
+        g.diagonal().add_(rho)
+        inverse = torch.inverse(g)
         return lambda r, step: inverse @ r
     values, vectors = torch.linalg.eigh(g)
     return lambda r, step: vectors @ ((vectors.t() @ r) / (values + rho * growth ** step).unsqueeze(1))
@@ -213,4 +218,83 @@ def mean_bias(weight: torch.Tensor, mask: torch.Tensor, mean: torch.Tensor, *,
     return (weight - updated.masked_fill(mask, 0.0)) @ mean
 
 
-__all__ = ["Pick", "admm_update", "hessian_inverse_factor", "mean_bias", "obs_sweep", "obs_update"]
+class MeanBias(Reconstructor):
+    """STADE's bias correction as a stage: the pruned weights' mean contribution moved into
+    the bias, (W − Ŵ)·μ, the kept weights as they were."""
+
+    name = "mean-bias"
+    version = "1"
+    statistics = frozenset({"sum"})
+
+    def memory_bytes(self, rows: int, columns: int) -> int:
+        """One ``[out, in]`` product."""
+        return 4 * rows * columns
+
+    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> Reconstruction:
+        """The dense weight (the host zeroes the pruned ones) and the bias delta that keeps the mean output."""
+        return Reconstruction(None, mean_bias(weight, mask, stats.mean.to(weight.device)))
+
+
+class OBS(Reconstructor):
+    """SparseGPT's OBS weight update for a mask chosen by any metric (Frantar & Alistarh,
+    2023): each pruned weight's error spread over the row's later columns through the
+    damped inverse Hessian, column block by block."""
+
+    name = "obs"
+    version = "1"
+    statistics = frozenset({"gram"})
+
+    class Options(Options):
+        blocksize: int = Field(128, ge=1, le=1 << 20, description="columns per block of the sweep")
+        percdamp: float = Field(0.01, gt=0, le=10, description="damping: this share of the mean Hessian diagonal")
+        order: Literal["fused", "released"] = Field(
+            "fused", description="float order of the sweep: fused, or released (SparseGPT's, bit for bit)")
+
+    def memory_bytes(self, rows: int, columns: int) -> int:
+        """The Hessian, its factor and the sweep's copies: about 4·in² + 4·out·in floats."""
+        return 4 * (4 * columns * columns + 4 * rows * columns)
+
+    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> Reconstruction:
+        """The OBS-updated weight for ``mask`` (a raised damping is recorded in the details)."""
+        details: dict = {}
+        o = self.options
+        new = obs_update(weight, mask, stats.gram, stats.count, blocksize=o.blocksize, percdamp=o.percdamp,
+                         order=o.order, details=details)
+        return Reconstruction(new, None, details)
+
+
+class ADMM(Reconstructor):
+    """The ADMM weight update of Boža (2024), "Fast and Effective Weight Update for Pruned
+    Large Language Models", for a fixed mask; exact against fmfi-compbio/admm-pruning @ 8039208."""
+
+    name = "admm"
+    version = "1"
+    statistics = frozenset({"gram"})
+
+    class Options(Options):
+        iterations: int = Field(20, ge=0, le=100_000, description="ADMM iterations (the release's iters)")
+        rho: float = Field(1.0, gt=0, description="the penalty ρ (the release's, constant)")
+        percdamp: float = Field(0.1, ge=0, le=10, description="damping of the scaled Gram (prune_admm's 0.1)")
+        rho_growth: float = Field(1.0, gt=0, description="multiply ρ after every iteration (1: the release's "
+                                                         "constant ρ; not in the release)")
+
+    def memory_bytes(self, rows: int, columns: int) -> int:
+        """The scaled Gram, its inverse and the iterates: about 4·in² + 8·out·in floats."""
+        return 4 * (4 * columns * columns + 8 * rows * columns)
+
+    def reconstruct(self, weight: torch.Tensor, mask: torch.Tensor, stats: LayerStats) -> Reconstruction:
+        """The ADMM-updated weight for ``mask``."""
+        o = self.options
+        return Reconstruction(admm_update(weight, mask, stats.gram, iterations=o.iterations, rho=o.rho,
+                                          percdamp=o.percdamp, rho_growth=o.rho_growth))
+
+
+@hookimpl
+def register_reconstructors(register):
+    register(MeanBias)
+    register(OBS)
+    register(ADMM)
+
+
+__all__ = ["ADMM", "MeanBias", "OBS", "Pick", "admm_update", "hessian_inverse_factor", "mean_bias", "obs_sweep",
+           "obs_update"]
