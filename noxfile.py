@@ -74,8 +74,9 @@ def parity(session: nox.Session) -> None:
     """Reference parity (tests/reference): the released code, from local clones, against stadebench.
 
     The clones' paths come from $STADEBENCH_REFERENCE_WANDA, $STADEBENCH_REFERENCE_STADE,
-    $STADEBENCH_REFERENCE_GBLM and $STADEBENCH_REFERENCE_PRUNER_ZERO (the tests skip, naming
-    the variable, when one is unset); nothing of theirs is installed.
+    $STADEBENCH_REFERENCE_GBLM, $STADEBENCH_REFERENCE_PRUNER_ZERO, $STADEBENCH_REFERENCE_DSNOT
+    and $STADEBENCH_REFERENCE_ADMM (the tests skip, naming the variable, when one is unset);
+    nothing of theirs is installed.
     """
     session.install(TORCH)
     session.install("-e", ".[test]")
