@@ -64,6 +64,15 @@ class _Spec(BaseModel):
         return self._resolved
 
 
+class _Labelled:
+    """An entry with a ``name`` and an optional ``label`` that results show instead."""
+
+    @property
+    def display(self) -> str:
+        """The label, or the name when no label is given."""
+        return self.label or self.name
+
+
 def _shorthand(model: type[BaseModel], key: str = "name") -> Any:
     """``model`` that may also be written as a bare string, meaning ``{key: string}``."""
     def expand_string(value: Any) -> Any:
@@ -104,17 +113,12 @@ NONE = "none"
 """The stage entry that means no such stage (``refine: [none, dsnot]``)."""
 
 
-class StageSpec(_Spec):
+class StageSpec(_Labelled, _Spec):
     """A pruning stage after the metric's mask: a refiner or a reconstructor, or ``none``."""
 
     name: str = Field(min_length=1, description="Registered refiner or reconstructor name, or `none`.")
     options: OptionsDict
     label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
-
-    @property
-    def display(self) -> str:
-        """The label, or the name when no label is given."""
-        return self.label or self.name
 
     @property
     def none(self) -> bool:
@@ -127,7 +131,7 @@ def _stages(what: str) -> Any:
                  description=f"{what} applied after each metric's mask, as a grid axis; `none` for no stage.")
 
 
-class MetricSpec(_Spec):
+class MetricSpec(_Labelled, _Spec):
     """A pruning metric with its options; ``label`` tells variants of one metric apart."""
 
     name: str = Field(min_length=1, description="Registered metric name, e.g. wanda.")
@@ -140,11 +144,6 @@ class MetricSpec(_Spec):
     reconstruct: list[_shorthand(StageSpec)] | None = Field(
         None, min_length=1, description="Reconstructors for this metric, instead of the top-level `reconstruct`.")
 
-    @property
-    def display(self) -> str:
-        """The label, or the name when no label is given."""
-        return self.label or self.name
-
 
 class PatternSpec(_Spec):
     """A sparsity pattern, optionally with sparsities of its own."""
@@ -155,17 +154,12 @@ class PatternSpec(_Spec):
     options: OptionsDict
 
 
-class AllocationSpec(_Spec):
+class AllocationSpec(_Labelled, _Spec):
     """A layer-wise allocator with its options; ``label`` tells variants apart."""
 
     name: str = Field(min_length=1, description="Registered allocator name, e.g. owl.")
     options: OptionsDict
     label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
-
-    @property
-    def display(self) -> str:
-        """The label, or the name when no label is given."""
-        return self.label or self.name
 
 
 REGEX_LIMIT = 1000
