@@ -555,6 +555,9 @@ class CellContext:
         layers: the engine's ``LayerReport`` of every prunable layer (allocated sparsity,
             left dense or not).
         batch_size: calibration windows per forward pass.
+        shared: what one evaluation of the cell computed that another can reuse as it is
+            (the pruned model's per-window NLL from fidelity's forward pass), keyed by what
+            it is (``evaluation.perplexity.shared_nll_key``).
     """
 
     dense: Any
@@ -564,8 +567,6 @@ class CellContext:
     layers: list[Any] = field(default_factory=list)
     batch_size: int = 8
     shared: dict[Any, Any] = field(default_factory=dict)
-    """What one evaluation of the cell computed that another can reuse as it is (e.g. the
-    pruned model's per-window NLL from fidelity's forward pass), keyed by what it is."""
 
 
 class Evaluator(_Named):
