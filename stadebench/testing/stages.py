@@ -17,10 +17,11 @@ from ..base import INPUT_STATISTICS, Pattern, Reconstruction, Reconstructor, Ref
 from ..errors import ConfigError
 from ..kinds import KINDS
 from ..plugins import get_plugins, resolve_plugin
+from ..suite.schema import NONE
 from .kit import (Conformance, UnrequestedStatistic, check_metadata, check_unknown_key, fail, layer_inputs,
                   registered, rule_checks, same_tensor, shape_text, stat_tensors)
 
-NO_STAGE = "none"
+NO_STAGE = NONE
 """What a suite writes for no stage (``refine: [none, dsnot]``): no plugin may take the name."""
 
 
