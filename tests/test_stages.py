@@ -325,3 +325,11 @@ def test_built_in_stages_through_the_engine(plugins):
         for p, q in zip(plain.parameters(), model.parameters()):
             assert p.ndim < 2 or torch.equal(p == 0, (q == 0) | (p == 0))
         assert all(a.output_mse < b.output_mse for a, b in zip(report.layers, base.layers)), name
+
+
+def test_a_single_stage_may_be_written_bare(plugins):
+    from stadebench import suite as S
+
+    s = S.validate_suite({"models": ["m"], "metrics": [{"name": "wanda", "reconstruct": "least-squares"}],
+                          "patterns": ["unstructured"], "sparsities": [0.5], "refine": "swap-one"}, source="t.yaml")
+    assert [c.label for c in S.expand(s)] == ["dense", "wanda → swap-one → least-squares · unstructured · 0.5"]

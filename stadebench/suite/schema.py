@@ -73,6 +73,10 @@ class _Labelled:
         return self.label or self.name
 
 
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
 def _shorthand(model: type[BaseModel], key: str = "name") -> Any:
     """``model`` that may also be written as a bare string, meaning ``{key: string}``."""
     def expand_string(value: Any) -> Any:
@@ -126,6 +130,11 @@ class StageSpec(_Labelled, _Spec):
         return self.name == NONE
 
 
+def _stage_list() -> Any:
+    """A list of stage entries; a single entry may be written bare (``refine: dsnot``)."""
+    return Annotated[list[_shorthand(StageSpec)], BeforeValidator(_as_list)]
+
+
 def _stages(what: str) -> Any:
     return Field(default_factory=lambda: [StageSpec(name=NONE)], min_length=1,
                  description=f"{what} applied after each metric's mask, as a grid axis; `none` for no stage.")
@@ -139,9 +148,9 @@ class MetricSpec(_Labelled, _Spec):
     label: str | None = Field(None, min_length=1, description="Name in results (default: `name`).")
     save: str | None = Field(None, min_length=1, description="Folder to save this metric's pruned cells under "
                                                              "(default: the suite's `save`).")
-    refine: list[_shorthand(StageSpec)] | None = Field(
+    refine: _stage_list() | None = Field(
         None, min_length=1, description="Refiners for this metric, instead of the top-level `refine`.")
-    reconstruct: list[_shorthand(StageSpec)] | None = Field(
+    reconstruct: _stage_list() | None = Field(
         None, min_length=1, description="Reconstructors for this metric, instead of the top-level `reconstruct`.")
 
 
@@ -215,10 +224,6 @@ class CalibrationSpec(_Spec):
 
 AXIS = "axis"
 """Metadata marking a calibration knob that a list varies (docs render it as "X, or a list")."""
-
-
-def _as_list(value: Any) -> Any:
-    return value if isinstance(value, list) else [value]
 
 
 def _distinct(values: list) -> list:
@@ -299,8 +304,8 @@ class Suite(_Spec):
     patterns: list[_shorthand(PatternSpec)] = Field(min_length=1, description="Sparsity patterns.")
     sparsities: list[Sparsity] | None = Field(
         None, min_length=1, description="Sparsities for patterns without their own.")
-    refine: list[_shorthand(StageSpec)] = _stages("Mask refiners (e.g. dsnot)")
-    reconstruct: list[_shorthand(StageSpec)] = _stages("Weight reconstructors (e.g. obs, admm, mean-bias)")
+    refine: _stage_list() = _stages("Mask refiners (e.g. dsnot)")
+    reconstruct: _stage_list() = _stages("Weight reconstructors (e.g. obs, admm, mean-bias)")
     allocations: list[_shorthand(AllocationSpec)] = Field(
         default_factory=lambda: [AllocationSpec(name=UNIFORM)], min_length=1,
         description="How each sparsity is shared out among layers.")
