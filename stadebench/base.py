@@ -161,8 +161,7 @@ class LayerStats:
 
     @property
     def window_var(self) -> torch.Tensor:
-        """Per-input variance within windows, each centred on its own mean, over all tokens
-        (float32; the token-weighted mean of every window's population variance)."""
+        """Per-input variance within windows (each centred on its own mean), float32."""
         return (self.window_m2 / self.count).float()
 
     @property
@@ -286,15 +285,12 @@ class Metric(_Named):
 class Refiner(_Named):
     """A mask refinement stage: changes which weights a metric pruned, never how many.
 
-    ``refine(weight, mask, stats, pattern, sparsity)`` gets the layer's current float32
-    ``[out, in]`` weight (the dense one, or a solver metric's updated weight), the metric's
-    mask (True = pruned) and the layer's input statistics, and returns a new boolean mask
-    that satisfies the pattern exactly as the input did: the same number pruned in every
-    row (in every group of ``pattern.group_size`` columns for N:M). The host checks this.
-    ``statistics`` declares what it reads, as ``Metric.statistics`` (input statistics only);
-    the engine collects the union of what the metric and every stage declare.
-    ``supports(pattern)`` says why a pattern cannot be refined (None: it can); the suite
-    is refused before anything runs. None of the arguments may be modified.
+    ``refine`` gets the layer's current float32 ``[out, in]`` weight (a solver metric's
+    update, else the dense one), the metric's mask (True = pruned) and the input statistics,
+    and returns a bool mask pruning as many in every row (every ``pattern.group_size``
+    group for N:M); the host checks it. ``statistics`` as ``Metric.statistics`` (input
+    statistics only); ``supports(pattern)`` says why a pattern cannot be refined, and the
+    suite is refused. No argument may be modified.
     """
 
     kind: ClassVar[str] = "refiner"
@@ -312,12 +308,9 @@ class Refiner(_Named):
 
 @dataclass
 class Reconstruction:
-    """What a reconstructor decided for one layer: the new weight and optionally a bias delta.
-
-    ``weight``: float32 ``[out, in]``, the kept weights updated (the host zeroes the pruned
-    ones whatever it holds there); None keeps the dense weight. ``bias_delta``: float
-    ``[out]`` added to the bias (a zero bias is created first where there is none), or
-    None. ``details``: recorded with the layer in the report (JSON values only).
+    """What a reconstructor decided for one layer: ``weight`` (float32 ``[out, in]``, kept
+    weights updated, pruned ones zeroed by the host; None: the dense weight), ``bias_delta``
+    (float ``[out]`` added to the bias, or None) and ``details`` (JSON, with the layer's report).
     """
 
     weight: torch.Tensor | None = None
@@ -328,14 +321,11 @@ class Reconstruction:
 class Reconstructor(_Named):
     """A weight reconstruction stage: new kept weights (and bias) for a fixed mask.
 
-    ``reconstruct(weight, mask, stats)`` gets the layer's dense float32 ``[out, in]``
-    weight, the final mask (True = pruned) and the layer's input statistics, and returns a
-    ``Reconstruction``. It takes over the layer's weights and bias: a solver metric's own
-    update and a metric's bias correction (STADE's) are replaced by what it returns.
-    ``statistics`` declares what it reads (OBS and ADMM: ``gram``). ``memory_bytes(rows,
-    columns)`` estimates the extra memory one layer needs, so that a suite whose largest
-    layer would not fit is refused before anything runs. None of the arguments may be
-    modified.
+    ``reconstruct`` gets the dense float32 ``[out, in]`` weight, the final mask and the
+    input statistics, and returns a ``Reconstruction`` that replaces a solver's update and a
+    metric's bias correction. ``statistics`` says what it reads (OBS, ADMM: ``gram``);
+    ``memory_bytes`` what one layer needs, so that a suite that cannot fit is refused. No
+    argument may be modified.
     """
 
     kind: ClassVar[str] = "reconstructor"
@@ -521,13 +511,11 @@ class Score:
         details: extra provenance (number of windows/docs, split, seqlen, …).
         layers: per-layer records behind the score, stored as typed Arrow data with its
             row (``record.DIAGNOSTIC_TYPE``); None for most scores.
-        items: what the score is an average of, one ``{"id", "value", "weight"}`` per
-            evaluation item (a perplexity window, a document), ``id`` an integer naming
-            the same item in every cell of the same evaluation; paired comparisons
-            resample them. None when the evaluator does not say.
-        aggregate: how ``value`` follows from ``items``: ``mean`` (Σ weight·value /
-            Σ weight) or ``exp_mean`` (its exponential: a perplexity from per-window mean
-            NLLs weighted by predicted tokens). Required with ``items``.
+        items: what the score averages, one ``{"id", "value", "weight"}`` per window or
+            document (an integer ``id`` naming the same item in every cell of the same
+            evaluation), for paired comparisons; None when the evaluator does not say.
+        aggregate: with ``items``, how ``value`` follows from them: ``mean`` (Σ weight·value
+            / Σ weight) or ``exp_mean`` (its exponential: a perplexity).
     """
 
     task: str
@@ -572,11 +560,10 @@ class CellContext:
 class Evaluator(_Named):
     """Measures an in-memory model (never saved and reloaded) and returns scores.
 
-    An evaluator that needs more than the pruned model (its dense weights, the calibration
-    windows, what the engine did per layer) sets ``needs_cell = True`` and receives a
-    ``CellContext`` as ``cell``; the runner evaluates those first. One that can reuse what
-    they computed (``CellContext.shared``) sets ``reuses_cell = True`` and receives the
-    cell's context when there is one.
+    One that needs more than the pruned model (dense weights, calibration windows, what the
+    engine did per layer) sets ``needs_cell = True`` and gets a ``CellContext`` as ``cell``,
+    evaluated first; one that can reuse what those computed (``CellContext.shared``) sets
+    ``reuses_cell = True`` and gets the context when there is one.
     """
 
     kind: ClassVar[str] = "evaluator"

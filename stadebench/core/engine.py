@@ -83,9 +83,7 @@ def prune(
                         f"registered names (got {type(metric).__name__}, {type(pattern).__name__})")
     sequential, batch_size = calibration.sequential, calibration.batch_size
     run = _Pruning.begin(model, metric, pattern, sparsity, device, progress, sparsities=sparsities,
-                         accumulate=calibration.accumulate)
-    run.stages = stages if stages is not None else Stages()
-    run.needs = run.stages.needs(metric)
+                         accumulate=calibration.accumulate, stages=stages)
     shared = statistics if statistics is not None and run.needs else None
     if shared is not None and shared.accumulate != run.accumulate:
         raise ConfigError(f"shared statistics were accumulated {shared.accumulate!r}, not {run.accumulate!r}")
@@ -93,14 +91,7 @@ def prune(
     run.gradients = _gradients(model, windows, metric, gradients, run)
     if run.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(run.device)
-    run.report = PruneReport(
-        metric=metric.name, metric_version=metric.version, metric_options=metric.options.model_dump(),
-        pattern=pattern.spec, target_sparsity=run.sparsity, sparsity=0.0, sequential=sequential,
-        n=n, seqlen=seqlen, batch_size=batch_size, device=str(run.device), seconds=0.0,
-        timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
-        peak_memory_bytes=0, shared_statistics=shared is not None, accumulate=run.accumulate,
-        stages=run.stages.describe(),
-    )
+    run.open_report(sequential, n, seqlen, batch_size, shared=shared is not None)
     _report_gradients(run.report, run.gradients, shared=gradients is not None)
     with eval_mode(model):
         if shared is not None or not run.needs:
@@ -184,9 +175,11 @@ class _Pruning:
     @classmethod
     def begin(cls, model: nn.Module, metric: Metric, pattern: Pattern, sparsity: float | None,
               device: str | torch.device | None, progress: Callable[[int, int], None] | None, *,
-              sparsities: Mapping[str, float] | None = None, accumulate: str = "float64") -> _Pruning:
+              sparsities: Mapping[str, float] | None = None, accumulate: str = "float64",
+              stages: Stages | None = None) -> _Pruning:
         """Check the sparsity, the allocation, the accumulation and every pruned layer's
-        shape against the pattern before anything runs."""
+        shape against the pattern before anything runs; ``needs`` is what the metric and
+        the ``stages`` read."""
         target = pattern.resolve_sparsity(sparsity)
         accumulate = checked_accumulate(accumulate)
         dev = target_device(device, model)
@@ -198,8 +191,20 @@ class _Pruning:
                                                                                       target)
         for name in sparsities:
             pattern.check_shape(tuple(weight_of(names[name]).shape))
+        stages = stages if stages is not None else Stages()
         return cls(model, prefix, blocks, layers, metric, pattern, target, dev, sparsities, progress,
-                   accumulate=accumulate)
+                   accumulate=accumulate, stages=stages, needs=stages.needs(metric))
+
+    def open_report(self, sequential: bool, n: int, seqlen: int, batch_size: int, *, shared: bool) -> None:
+        """The empty report this pruning fills in."""
+        metric = self.metric
+        self.report = PruneReport(
+            metric=metric.name, metric_version=metric.version, metric_options=metric.options.model_dump(),
+            pattern=self.pattern.spec, target_sparsity=self.sparsity, sparsity=0.0, sequential=sequential,
+            n=n, seqlen=seqlen, batch_size=batch_size, device=str(self.device), seconds=0.0,
+            timings={"capture": 0.0, "stats": 0.0, "prune": 0.0, "forward": 0.0}, block_passes=0,
+            peak_memory_bytes=0, shared_statistics=shared, accumulate=self.accumulate, stages=self.stages.describe(),
+        )
 
     def pruned(self, i: int) -> list[tuple[str, nn.Module]]:
         """The layers of block ``i`` to prune."""

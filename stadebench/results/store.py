@@ -315,7 +315,7 @@ def superseded(folder: str | os.PathLike, **filters: Any) -> pa.Table:
     return query(old.filter(pc.invert(copies)), **filters)
 
 
-def query(table: pa.Table, suite=None, model=None, task=None, metric=None, pattern=None,
+def query(table: pa.Table, *, suite=None, model=None, task=None, metric=None, pattern=None,
           sparsity=None, refine=None, reconstruct=None) -> pa.Table:
     """Rows of ``table`` whose columns equal the given value (or one of the given values);
     for the stages ``refine`` and ``reconstruct``, ``none`` matches the rows without one."""
