@@ -494,6 +494,7 @@ def _print_comparison(rows: list[dict], a: str, b: str, by: By, level: float) ->
         hidden.discard("metric")
     if all(r["calibration"] == "—" for r in rows):
         hidden.add("calibration")
+    hidden |= {c for c in ("refine", "reconstruct") if all(r.get(c) is None for r in rows)}
     columns = [c for c in rows[0] if c not in hidden]
     ci = f"{level:.0%} CI"
     columns.insert(columns.index("delta") + 1, ci)

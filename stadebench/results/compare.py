@@ -145,6 +145,7 @@ def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "refine"
             out.append({
                 "model": ra["model"], "metric": ra["metric"] if by != "metric" else None, "pattern": ra["pattern"],
                 "sparsity": ra["sparsity"], "allocation": ra["allocation"],
+                **{stage: ra[stage] for stage in ("refine", "reconstruct") if by != stage},
                 "calibration": _calibration_label(ra if ra["calib_n"] is not None else rb),
                 "evaluation": evaluation_label(ra), "task": ra["task"], "score": ra["score"], a: va, b: vb,
                 "delta": None if None in (va, vb) else vb - va, "ci_low": interval and interval.low,
