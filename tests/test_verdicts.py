@@ -183,3 +183,10 @@ def test_a_leaderboard_written_before_items_and_stages_reads_and_compares_withou
     assert row["ci_low"] is None and row["better"] == "stade"
     store.compact(tmp_path, upgrade=True)
     assert len(pandas.read_parquet(tmp_path)) == 2
+
+
+def test_the_report_shows_seed_means_with_their_spread(board, tmp_path):
+    from stadebench.report import build_report
+
+    page = build_report(board, tmp_path / "report").read_text(encoding="utf-8")
+    assert "(n=5)" in page and "± 0" in page

@@ -93,14 +93,16 @@ def fmt_value(value: Any) -> str:
     return str(v)
 
 
-def _relative(rel: float | None, higher: bool | None) -> str:
+def _relative(rel: float | None, higher: bool | None, significant: bool | None = None) -> str:
+    """The change against dense, coloured by direction; ``~`` and muted when it cannot be told
+    from noise (``GridCell.significant``: a paired bootstrap, or the standard errors)."""
     rel = finite(rel)
     if rel is None:
         return ""
     worse = rel < 0 if higher else rel > 0
-    kind = "muted" if higher is None else "worse" if worse else "better"
+    kind = "muted" if higher is None or significant is False else "worse" if worse else "better"
     text = f"{rel:+.1%}" if abs(rel) < 0.1 else f"{rel:+.0%}"  # small changes keep a digit: no "-0%"
-    return f' <span class="{kind}">({text})</span>'
+    return f' <span class="{kind}">({"~" if significant is False else ""}{text})</span>'
 
 
 def _short(name: str) -> str:
@@ -191,9 +193,10 @@ def pivot_table(grid: Grid, matched: dict, dense_rows: dict) -> tuple[str, list[
             if r is not None:
                 text = f'<a href="#{detail_id(r)}">{text}</a>'
                 blocks.append(details(r, f"{prow.model} · {prow.label} · {column}"))
-            err = finite(cell.stderr)
-            stderr = f' <span class="stderr">± {fmt_value(err)}</span>' if err is not None else ""
-            cells.append(f"<td>{text}{stderr}{_relative(cell.relative, grid.higher_is_better)}</td>")
+            err = finite(cell.sd if cell.n > 1 else cell.stderr)
+            spread = f" (n={cell.n})" if cell.n > 1 else ""
+            stderr = f' <span class="stderr">± {fmt_value(err)}{spread}</span>' if err is not None else ""
+            cells.append(f"<td>{text}{stderr}{_relative(cell.relative, grid.higher_is_better, cell.significant)}</td>")
         body.append(f"<tr><td class=label>{escape(str(prow.model))}</td><td class=label>{escape(prow.label)}"
                     f"</td><td>{dense_text}</td>{''.join(cells)}</tr>")
     table = (f"<table><thead><tr><th class=label>model</th><th class=label>metric</th><th>dense</th>{head}</tr>"
