@@ -190,3 +190,14 @@ def test_the_report_shows_seed_means_with_their_spread(board, tmp_path):
 
     page = build_report(board, tmp_path / "report").read_text(encoding="utf-8")
     assert "(n=5)" in page and "± 0" in page
+
+
+def test_without_items_the_verdict_is_on_the_seed_means(tmp_path):
+    """Old rows, several seeds: the better side is the one with the better mean, not the one
+    that wins on the first seed."""
+    rows = [_row("wanda", None, seed=0, value=10.0), _row("wanda", None, seed=1, value=30.0),
+            _row("stade", None, seed=0, value=12.0), _row("stade", None, seed=1, value=14.0)]
+    store.write_rows(tmp_path, rows)
+    (row,) = json.loads(compare(tmp_path, "wanda", "stade").stdout)
+    assert (row["wanda"], row["stade"], row["seeds"], row["ci_low"]) == (20.0, 13.0, 2, None)
+    assert row["better"] == "stade"  # lower perplexity on average, though wanda wins seed 0

@@ -89,18 +89,20 @@ def _interval(a: dict, b: dict, resamples: int, level: float) -> Interval | None
                             rules.pop(), resamples=resamples, level=level)
 
 
-def _better(ra: dict, rb: dict, a: str, b: str, interval: Interval | None, seeds: int) -> str:
+def _better(rows_a: dict, rows_b: dict, names: tuple[str, str], interval: Interval | None) -> str:
     """Which side scores better; ``~`` when the difference is not detectable (the interval
-    holds 0, or, without items, the values are inside their combined standard error)."""
-    va, vb = ra["value"], rb["value"]
+    holds 0, or, without items, single values inside their combined standard error)."""
+    va, vb = _mean(rows_a), _mean(rows_b)
     if va is None or vb is None:
         return "="
-    higher = bool(ra["higher_is_better"])
+    ra, rb = next(iter(rows_a.values())), next(iter(rows_b.values()))
+    higher, (a, b) = bool(ra["higher_is_better"]), names
     if interval is not None:
         return "~" if not interval.detectable() else (b if (interval.difference > 0) == higher else a)
     if va == vb:
         return "="
-    if seeds == 1 and (ra["stderr"] is not None or rb["stderr"] is not None):
+    single = len(rows_a) == len(rows_b) == 1
+    if single and (ra["stderr"] is not None or rb["stderr"] is not None):
         if abs(va - vb) <= ((ra["stderr"] or 0.0) ** 2 + (rb["stderr"] or 0.0) ** 2) ** 0.5:
             return "~"
     return b if (vb > va) == higher else a
@@ -150,7 +152,7 @@ def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "refine"
                 "evaluation": evaluation_label(ra), "task": ra["task"], "score": ra["score"], a: va, b: vb,
                 "delta": None if None in (va, vb) else vb - va, "ci_low": interval and interval.low,
                 "ci_high": interval and interval.high, "level": interval and interval.level, "seeds": seeds,
-                "items": interval and interval.items, "better": _better(ra, rb, a, b, interval, seeds)})
+                "items": interval and interval.items, "better": _better(rows_a, rows_b, (a, b), interval)})
     return out
 
 
