@@ -92,6 +92,12 @@ class Stages:
         return LayerResult(result.mask, weight, bias, {**result.details, **out.details})
 
 
+def pruned_counts(mask: torch.Tensor, group: int | None = None) -> torch.Tensor:
+    """Pruned weights per row, ``[rows, 1]``, or per group of ``group`` columns, ``[rows, in / group]``:
+    what a refiner must keep."""
+    return mask.reshape(mask.shape[0], -1, group or mask.shape[1]).sum(-1)
+
+
 def check_refined(refiner: str, layer: str, before: torch.Tensor, after: torch.Tensor, group: int | None) -> None:
     """PluginError unless ``after`` is a bool mask of ``before``'s shape pruning the same
     count in every row (in every group of ``group`` columns when given)."""
@@ -99,8 +105,7 @@ def check_refined(refiner: str, layer: str, before: torch.Tensor, after: torch.T
         got = f"{tuple(after.shape)} {after.dtype}" if isinstance(after, torch.Tensor) else type(after).__name__
         raise PluginError(f"refiner {refiner!r} returned {got} for layer {layer}; expected a bool mask of "
                           f"{tuple(before.shape)}")
-    width = group if group else before.shape[1]
-    counts = [m.reshape(m.shape[0], -1, width).sum(-1) for m in (before, after)]
+    counts = [pruned_counts(m, group) for m in (before, after)]
     if not torch.equal(*counts):
         rows = (counts[0] != counts[1]).any(-1).nonzero().flatten()[:3].tolist()
         unit = f"group of {group} columns" if group else "row"
@@ -108,4 +113,4 @@ def check_refined(refiner: str, layer: str, before: torch.Tensor, after: torch.T
                           f"{layer} (rows {rows}): a refiner may move pruned weights, not add or remove them")
 
 
-__all__ = ["Stages", "check_refined"]
+__all__ = ["Stages", "check_refined", "pruned_counts"]
