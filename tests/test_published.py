@@ -291,6 +291,23 @@ def test_the_same_protocol_shows_the_paper_value_and_the_difference(tiny, tmp_pa
     assert only["not compared: protocol differs in"] is None
 
 
+def test_a_published_stage_is_a_number_of_its_stage_cells_only(tiny, tmp_path):
+    """A paper's "Wanda + DSnoT" is set beside the leaderboard's wanda → dsnot cell, never
+    beside plain wanda (where it would read "protocol differs in refine")."""
+    folder, (row, _) = tiny
+    refined = {**row, "refine": "dsnot", "refine_options": json.dumps({"max_cycle_time": 50}), "value": 7.0}
+    _write(tmp_path, _paper_of(refined, refine_options={"max_cycle_time": 50}), "hand.yaml")
+    (paper,) = pub.load_published(tmp_path)
+    assert paper.refine == "dsnot"
+    (only,) = pub.compare([row], [paper]) or [None]
+    assert only is None  # plain wanda is not its subject
+    (only,) = pub.compare([row, refined], [paper])
+    assert only.compared and only.ours["refine"] == "dsnot" and only.ours["value"] == 7.0
+    other = {**refined, "refine_options": json.dumps({"max_cycle_time": 5})}
+    (only,) = pub.compare([row, other], [paper])
+    assert only.differs == [("refine_options.max_cycle_time", 5, 50)]
+
+
 def test_without_published_the_table_is_unchanged(tiny, tmp_path):
     folder, _ = tiny
     _write(tmp_path, _paper_of(tiny[1][0]), "hand.yaml")
@@ -417,3 +434,8 @@ def test_the_protocol_is_built_from_the_rows_counted_fields():
     assert pub.Protocol.model_validate(knobs).calib_n == knobs["calib_n"]
     with pytest.raises(Exception, match="greater than or equal to 1"):
         pub.Protocol.model_validate({**knobs, "calib_n": 0})
+
+
+def test_the_reproducing_page_names_every_knob():
+    page = (REPO / "docs" / "reproducing.md").read_text(encoding="utf-8")
+    assert [k for k in pub.PROTOCOL_KNOBS if f"`{k}`" not in page] == []

@@ -434,9 +434,11 @@ def show_value(value: Any) -> str:
     return canonical_json(value)
 
 
-SUBJECT = ("model", "metric", "pattern", "sparsity", "allocation", "task", "score")
+SUBJECT = ("model", "metric", "pattern", "sparsity", "allocation", "refine", "reconstruct", "task", "score")
 """What a published row is a number of: the leaderboard rows with these fields equal are
-compared to it when their protocol matches, and named as differing when it does not."""
+compared to it when their protocol matches, and named as differing when it does not. The
+stages are part of it: a paper's "Wanda + DSnoT" is a number of ``wanda → dsnot`` cells, and
+is never set beside a plain ``wanda`` cell as "protocol differs in refine"."""
 
 
 def subject(fields: Mapping[str, Any]) -> tuple:
