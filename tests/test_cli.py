@@ -221,6 +221,12 @@ def test_missing_suite_file_and_unknown_only_field_exit_2(board, tmp_path):
     assert "Traceback" not in r.output and parquet_count(tmp_path / "lb") == 0
 
 
+def test_run_help_names_every_only_field():
+    from stadebench.suite.schema import SELECT_FIELDS
+    text = " ".join(invoke("run", "--help").stdout.replace("│", " ").split())
+    assert [f for f in SELECT_FIELDS if f not in text] == []
+
+
 def test_unwritable_leaderboard_exits_2_before_running(board, tmp_path):
     blocker = tmp_path / "file.txt"
     blocker.write_text("x\n")

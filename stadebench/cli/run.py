@@ -165,8 +165,8 @@ class Reporter:
 def run(
     suite: SuiteArg,
     only: Annotated[list[str] | None, typer.Option(
-        "--only", help="Run only matching cells: field=value (model, metric, pattern, sparsity, dtype) "
-                       "or a label substring; repeatable.")] = None,
+        "--only", help="Run only matching cells: field=value[,value] (model, metric, pattern, sparsity, dtype, "
+                       "allocation, seed, refine, reconstruct) or a label substring; repeatable.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Redo cells already in the leaderboard.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="List the cells that would run; run nothing.")] = False,
     leaderboard: Annotated[Path | None, typer.Option(help="Results folder (default: the suite's).")] = None,
