@@ -40,6 +40,10 @@ def prune(
     targets: Iterable[str] = (),
     ignore: Iterable[str] = (),
     accumulate: str = "float64",
+    refine: str | Refiner | None = None,
+    refine_options: dict[str, Any] | None = None,
+    reconstruct: str | Reconstructor | None = None,
+    reconstruct_options: dict[str, Any] | None = None,
 ) -> PruneReport:
     """Prune the linear layers of ``model``'s decoder blocks in place; returns a ``PruneReport``.
 
@@ -78,20 +82,29 @@ def prune(
         accumulate: how input statistics are summed: ``float64`` (accurate), or
             ``released``, the reference releases' float32 running updates window by
             window (to reproduce their numbers; the suite's ``calibration.accumulate``).
+        refine, reconstruct: stages after the metric (the suite's ``refine:`` and
+            ``reconstruct:``): a registered refiner (``dsnot``) that changes each layer's
+            mask within the pattern, then a registered reconstructor (``obs``, ``admm``,
+            ``mean-bias``) that recomputes the kept weights for the final mask; names or
+            instances. Their statistics are collected with the metric's, so a data-free
+            metric with a data-reading stage needs ``calibration``.
+        refine_options, reconstruct_options: options of a refiner / reconstructor name.
     """
     from .core import allocation as allocating
     from .core import engine
+    from .core.stages import Stages
     from .plugins import resolve, resolve_plugin
 
     metric, pattern = resolve(metric, pattern, metric_options, pattern_options)
     allocator = resolve_plugin("allocator", allocation, allocation_options)
+    stages = Stages.resolve(pattern, refine, refine_options, reconstruct, reconstruct_options)
     settings = engine.Calibration(sequential=sequential, batch_size=batch_size, accumulate=accumulate)
     sparsities = allocating.layer_sparsities(model, allocator, pattern, sparsity, targets=list(targets),
                                              ignore=list(ignore), windows=calibration, statistics=statistics,
                                              calibration=settings, device=device)
     return engine.prune(model, calibration, metric, pattern, sparsity, calibration=settings, device=device,
                         reconstruction=reconstruction, offload=offload, progress=progress, statistics=statistics,
-                        sparsities=sparsities)
+                        sparsities=sparsities, stages=stages)
 
 
 def collect_statistics(

@@ -333,3 +333,32 @@ def test_a_single_stage_may_be_written_bare(plugins):
     s = S.validate_suite({"models": ["m"], "metrics": [{"name": "wanda", "reconstruct": "least-squares"}],
                           "patterns": ["unstructured"], "sparsities": [0.5], "refine": "swap-one"}, source="t.yaml")
     assert [c.label for c in S.expand(s)] == ["dense", "wanda → swap-one → least-squares · unstructured · 0.5"]
+
+
+def test_the_public_prune_takes_stages_by_name(plugins):
+    """`stadebench.prune(refine=..., reconstruct=...)` is the engine with those stages: the
+    same weights, the stages in the report, a data-free metric then needing windows, and a
+    pattern the refiner cannot keep refused before anything changes."""
+    import stadebench
+
+    by_engine, by_api = make_tiny(), make_tiny()
+    prune(by_engine, "magnitude", Stages(resolve_plugin("refiner", "swap-one"),
+                                         resolve_plugin("reconstructor", "least-squares")))
+    report = stadebench.prune(by_api, windows(), "magnitude", "unstructured", 0.5, batch_size=4, refine="swap-one",
+                              reconstruct="least-squares")
+    for a, b in zip(by_engine.parameters(), by_api.parameters()):
+        assert torch.equal(a, b)
+    assert report.to_dict()["stages"]["refine"]["name"] == "swap-one"
+    assert report.to_dict()["stages"]["reconstruct"]["name"] == "least-squares"
+    with pytest.raises(ConfigError, match="needs calibration windows"):
+        stadebench.prune(make_tiny(), None, "magnitude", reconstruct="least-squares")
+    untouched = make_tiny()
+    before = [p.clone() for p in untouched.parameters()]
+    with pytest.raises(ConfigError, match="refiner 'swap-one' cannot refine pattern '2:4': it moves weights"):
+        stadebench.prune(untouched, windows(), "wanda", "2:4", refine="swap-one")
+    assert all(torch.equal(a, b) for a, b in zip(before, untouched.parameters()))
+    with pytest.raises(ConfigError, match="refine options go with a refiner name"):
+        stadebench.prune(make_tiny(), windows(), "wanda", refine=SwapOne(), refine_options={"x": 1})
+    shared = stadebench.collect_statistics(make_tiny(), windows(), metrics=["wanda"], batch_size=4)
+    with pytest.raises(ConfigError, match=r"metric 'wanda' with its stages needs statistics \['gram'\]"):
+        stadebench.prune(make_tiny(), None, "wanda", sequential=False, statistics=shared, reconstruct="least-squares")

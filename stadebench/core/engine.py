@@ -111,7 +111,8 @@ def _protocol(metric: Metric, needs: frozenset[str], windows: torch.Tensor | Non
             raise ConfigError("shared statistics are the dense model's (one-shot): use sequential=False")
         missing = set(needs) - shared.needs - {"gradient"}
         if missing:
-            raise ConfigError(f"metric {metric.name!r} needs statistics {sorted(missing)}, which were not "
+            who = f"metric {metric.name!r}" + ("" if missing <= set(metric.statistics) else " with its stages")
+            raise ConfigError(f"{who} needs statistics {sorted(missing)}, which were not "
                               f"collected (have {sorted(shared.needs)})")
         return shared.n, shared.seqlen, shared.batch_size
     if not needs:

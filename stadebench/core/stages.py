@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from ..base import LayerResult, LayerStats, Metric, Pattern, Reconstructor, Refiner, check_finite
-from ..errors import PluginError
+from ..errors import ConfigError, PluginError
 
 
 @dataclass
@@ -33,6 +33,21 @@ class Stages:
     refiner: Refiner | None = None
     reconstructor: Reconstructor | None = None
     seconds: dict[str, float] = field(default_factory=lambda: {"refine": 0.0, "reconstruct": 0.0})
+
+    @classmethod
+    def resolve(cls, pattern: Pattern, refine: str | Refiner | None = None,
+                refine_options: dict[str, Any] | None = None, reconstruct: str | Reconstructor | None = None,
+                reconstruct_options: dict[str, Any] | None = None) -> Stages:
+        """The stages that registered names (or instances) name, for ``pattern``; a refiner
+        that cannot keep ``pattern`` is a ConfigError saying why."""
+        from ..plugins import resolve_plugin
+
+        refiner = None if refine is None else resolve_plugin("refiner", refine, refine_options)
+        if refiner is not None and (why := refiner.supports(pattern)):
+            raise ConfigError(f"refiner {refiner.name!r} cannot refine pattern {pattern.spec!r}: {why}")
+        reconstructor = None if reconstruct is None else resolve_plugin("reconstructor", reconstruct,
+                                                                         reconstruct_options)
+        return cls(refiner, reconstructor)
 
     def __bool__(self) -> bool:
         return self.refiner is not None or self.reconstructor is not None
