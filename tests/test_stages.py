@@ -250,6 +250,28 @@ def test_a_suite_runs_stages_and_compares_them(plugins, tmp_path, tmp_path_facto
     r = CliRunner().invoke(app, ["leaderboard", "--dir", str(tmp_path / "lb"), "--reconstruct", "least-squares",
                                  "--format", "markdown"], catch_exceptions=False)
     assert "wanda → least-squares" in r.stdout and "| wanda |" not in r.stdout
+    _check_the_report_draws_stages(tmp_path, list(rows.values()))
+
+
+def _check_the_report_draws_stages(tmp_path, rows):
+    """The report's by-stage figure: a bar per cell at its leaderboard value, grouped by
+    metric, and `--png` copies it (not the sweep)."""
+    from stadebench.report import build_report, figures
+    from test_report import page_data
+
+    index = build_report(tmp_path / "lb", tmp_path / "report", png=tmp_path / "stages.png")
+    (spec,) = [f for f in page_data(index.read_text(encoding="utf-8"))["figures"] if f["kind"] == "stages"]
+    assert spec["metrics"] == ["wanda"] and spec["reconstructors"] == ["none", "least-squares"]
+    (panel,) = spec["panels"]
+    assert panel["title"] == "unstructured 0.5"
+    by_cell = {r["cell_key"]: r for r in rows}
+    assert {b["cell_key"]: b["y"] for b in panel["bars"]} == {k: r["value"] for k, r in by_cell.items()}
+    assert [(b["reconstruct"], b["x"]) for b in panel["bars"]] == [("none", -0.2), ("least-squares", 0.2)]
+    fig = figures.draw(spec)
+    heights = sorted(p.get_height() for p in fig.axes[0].patches)
+    assert heights == sorted(r["value"] for r in rows)
+    assert (tmp_path / "stages.png").read_bytes() == (tmp_path / "report" / "figures" /
+                                                      f"{spec['slug']}.png").read_bytes()
 
 
 def test_validate_refuses_a_reconstructor_too_large_for_memory(plugins, tmp_path, tmp_path_factory):

@@ -31,8 +31,8 @@ def report(
         help="Keep only these reconstructors (none: without one; repeatable); the dense baseline stays.",
         show_default=False)] = None,
     png: Annotated[Path | None, typer.Option(
-        "--png", help="Also copy the selection's one score-against-sparsity figure to this PNG file "
-                      "(how docs/sweep.png is made).", show_default=False)] = None,
+        "--png", help="Also copy the selection's one main figure to this PNG file: by stage where cells ran "
+                      "stages, else score against sparsity (how docs/sweep.png is made).", show_default=False)] = None,
     open_page: Annotated[bool, typer.Option("--open", help="Open the page in a web browser.")] = False,
     published: Annotated[Path | None, typer.Option(
         "--published", help="A folder of published results (e.g. published/) to set beside the cells.",

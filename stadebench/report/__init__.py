@@ -54,7 +54,7 @@ def _sections(table, ok: list[dict]) -> list[dict]:
         if series.is_diagnostics(rows):
             section["diagnostics"] = True
         else:
-            section["specs"] += series.sweep_specs(grid, matched, rows)
+            section["specs"] += series.sweep_specs(grid, matched, rows) + series.stage_specs(grid, matched, rows)
         dense = {(r["model"], r["value"]): r for r in rows if r["metric"] == "dense"}
         section["tables"].append((grid, matched, dense))
     diagnosed = [r for r in ok if r["layer_diagnostics"]]
@@ -218,8 +218,9 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     Filters as in ``select`` (a value or a list each; ``suite`` also takes suite files).
     Figures go to ``out_dir/figures/<slug>.{png,svg,pdf}``; the figures an earlier report
     wrote there and this one does not are removed (listed in ``figures/.written``; other
-    files are left alone). With ``png``, the selection's one score-against-sparsity
-    figure is also copied to that file (a ConfigError when there is not exactly one).
+    files are left alone). With ``png``, the selection's one main figure is also copied to
+    that file (a ConfigError when there is not exactly one): its by-stage figure where cells
+    ran stages, else its score-against-sparsity figure.
     EmptySelection (a ConfigError) when the filters leave nothing. ``published``: a folder
     of published results to set beside the shown cells (``bench.published``). Built in a
     hidden folder and moved into place (see the module docstring): an error or a stop
@@ -236,11 +237,13 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     failed = [r for r in rows if r["status"] != "ok"]
     sections = _sections(table, ok)
     specs = series.unique_slugs([s for section in sections for s in section["specs"]])
-    sweeps = [s for s in specs if s["kind"] == "sweep"]
-    if png is not None and len(sweeps) != 1:
-        listed = ", ".join(s["slug"] for s in sweeps) or "none"
-        raise ConfigError(f"--png needs exactly one score-against-sparsity figure; this selection has "
-                          f"{len(sweeps)} ({listed}): narrow it with --model and --task")
+    kind = "stages" if any(s["kind"] == "stages" for s in specs) else "sweep"
+    mains = [s for s in specs if s["kind"] == kind]
+    if png is not None and len(mains) != 1:
+        listed = ", ".join(s["slug"] for s in mains) or "none"
+        what = "by-stage" if kind == "stages" else "score-against-sparsity"
+        raise ConfigError(f"--png needs exactly one {what} figure; this selection has "
+                          f"{len(mains)} ({listed}): narrow it with --model and --task")
     stage, made = _stage(out_dir)
     try:
         _build(stage, folder, filters, table, sections=sections, specs=specs, published=published, ok=ok,
@@ -258,7 +261,7 @@ def build_report(folder: str | os.PathLike, out_dir: str | os.PathLike, *, suite
     index = out_dir / "index.html"
     if png is not None:
         Path(png).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(Path(png), (out_dir / "figures" / f"{sweeps[0]['slug']}.png").read_bytes())
+        atomic_write(Path(png), (out_dir / "figures" / f"{mains[0]['slug']}.png").read_bytes())
     return index
 
 

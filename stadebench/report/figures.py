@@ -212,7 +212,64 @@ def _depth(fig, spec: dict, drawn: list) -> None:
     _literal(fig.suptitle(_short_label(spec["title"], 120)))
 
 
-_DRAW = {"sweep": _sweep, "diagnostics-scatter": _scatter, "diagnostics-depth": _depth}
+class _Bars:
+    """A bar container's (centre, height) points, as ``_check`` reads them; the centre is
+    rounded (matplotlib stores the left edge, so centre - width / 2 + width / 2 may differ
+    in the last bit), the height is exact."""
+
+    def __init__(self, container):
+        self.container = container
+
+    def get_xydata(self):
+        return [(round(r.get_x() + r.get_width() / 2, 9), r.get_height()) for r in self.container.patches]
+
+    def __str__(self) -> str:
+        return f"bars {self.container.get_label()!r}"
+
+
+_HATCHES = ["", "////", "xxx", "...", "\\\\"]
+
+
+def _stages(fig, spec: dict, drawn: list) -> None:
+    import matplotlib as mpl
+
+    panels = spec["panels"]
+    fig.set_size_inches(7.5, 2.3 * len(panels) + 0.9)
+    colours = mpl.colormaps["tab10"].colors
+    fill = {name: "0.6" if name == "none" else colours[k % len(colours)]
+            for k, name in enumerate(n for n in spec["reconstructors"] if n != "none")} | {"none": "0.6"}
+    hatch = {name: _HATCHES[k % len(_HATCHES)] for k, name in enumerate(spec["refiners"])}
+    axes = fig.subplots(len(panels), 1, squeeze=False, sharex=True)[:, 0]
+    for ax, panel in zip(axes, panels):
+        for k, bar in enumerate(panel["bars"]):
+            container = ax.bar([bar["x"]], [bar["y"]], width=spec["width"] * 0.92, color=fill[bar["reconstruct"]],
+                               hatch=hatch[bar["refine"]], edgecolor="0.15", linewidth=0.5, label=f"bar-{k}")
+            container.patches[0].set_gid(f"bar-{k}")
+            drawn.append((_Bars(container), [round(bar["x"], 9)], [bar["y"]]))
+        for i, d in enumerate(spec["dense"]):
+            h = ax.axhline(d["value"], color="0.2", linestyle=(0, (5, 3)), linewidth=1, gid=f"dense-{i}")
+            drawn.append((h, [0.0, 1.0], [d["value"], d["value"]]))
+        if spec["log_y"]:
+            ax.set_yscale("log")
+            _plain_log(ax.yaxis)
+        _literal(ax.set_title(_short_label(panel["title"]), fontsize=9, loc="left"))
+    axes[-1].set_xticks(range(len(spec["metrics"])), [_short_label(m, 24) for m in spec["metrics"]])
+    _literal(*axes[-1].get_xticklabels())
+    arrow = {True: " ↑", False: " ↓"}.get(spec["higher_is_better"], "")
+    _literal(fig.supylabel(f"{_short_label(spec['score'], 60)}{' (log)' if spec['log_y'] else ''}{arrow}"),
+             fig.suptitle(_short_label(spec["title"], 120)))
+    patch = mpl.patches.Patch
+    handles = [patch(facecolor=fill[n], edgecolor="0.15", label=n) for n in spec["reconstructors"]]
+    labels = [f"reconstruct: {_short_label(n, 30)}" for n in spec["reconstructors"]]
+    handles += [patch(facecolor="white", edgecolor="0.15", hatch=hatch[n]) for n in spec["refiners"]]
+    labels += [f"refine: {_short_label(n, 30)}" for n in spec["refiners"]]
+    for d in spec["dense"]:
+        handles.append(mpl.lines.Line2D([], [], color="0.2", linestyle=(0, (5, 3)), linewidth=1))
+        labels.append(f"dense ({d['value']:.4g})")
+    _legend(fig, handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+
+
+_DRAW = {"sweep": _sweep, "stages": _stages, "diagnostics-scatter": _scatter, "diagnostics-depth": _depth}
 
 
 def draw(spec: dict):

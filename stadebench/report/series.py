@@ -15,8 +15,9 @@ from ..results import store as lb
 if TYPE_CHECKING:
     from ..results.grid import Grid
 
-__all__ = ["APPLIED", "DIAGNOSTICS", "diagnostic_specs", "finite", "is_diagnostics", "is_points", "log_scale",
-           "match_cells", "short_model", "slug", "split_column", "sweep_specs", "unique_slugs"]
+__all__ = ["APPLIED", "DIAGNOSTICS", "NO_STAGE", "diagnostic_specs", "finite", "is_diagnostics", "is_points",
+           "log_scale", "match_cells", "short_model", "slug", "split_column", "stage_specs", "sweep_specs",
+           "unique_slugs"]
 
 DIAGNOSTICS = "diagnostics"
 APPLIED = "applied"
@@ -169,6 +170,70 @@ def sweep_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dic
             "slug": slug(model, task, score), "kind": "sweep", "model": model, "task": task, "score": score,
             "higher_is_better": grid.higher_is_better, "log_y": log_scale(score, values),
             "title": f"{short_model(model)} · {task} · {score}", "lines": out,
+            "dense": [{"value": v, "cell_key": k} for v, k in dense.items()]})
+    return specs
+
+
+NO_STAGE = "none"
+
+
+def _stage_bars(grid: Grid, matched: dict[tuple[int, str], dict], model: str | None) -> dict[str, list[dict]]:
+    """One model's bars by pivot column (pattern and sparsity): a bar per pivot row, with its
+    metric, refiner and reconstructor (NO_STAGE where it ran none)."""
+    columns: dict[str, list[dict]] = {}
+    for i, prow in enumerate(grid.rows):
+        if prow.model != model:
+            continue
+        for column, cell in grid.cells(prow):
+            y, r = finite(cell and cell.value), matched.get((i, column))
+            if y is None or r is None:
+                continue
+            columns.setdefault(column, []).append({
+                "metric": prow.metric, "refine": r.get("refine") or NO_STAGE,
+                "reconstruct": r.get("reconstruct") or NO_STAGE, "label": prow.label, "y": y,
+                "stderr": finite(cell.stderr), "cell_key": r["cell_key"]})
+    return columns
+
+
+def _first_none(values) -> list[str]:
+    values = list(dict.fromkeys(values))
+    return [NO_STAGE] * (NO_STAGE in values) + [v for v in values if v != NO_STAGE]
+
+
+def stage_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dict]) -> list[dict]:
+    """One spec per model whose cells ran a refiner or a reconstructor: a panel per pattern
+    and sparsity, in it a group of bars per metric, a bar per refine × reconstruct, and the
+    dense value. Bar positions are in the spec, so the drawing is checked against them.
+    ``grid``, ``matched`` and ``rows`` as for ``sweep_specs``."""
+    if not any(r.get("refine") or r.get("reconstruct") for r in rows if r["metric"] != "dense"):
+        return []
+    specs = []
+    for model in grid.models():
+        columns = _stage_bars(grid, matched, model)
+        bars = [b for column in columns.values() for b in column]
+        if not bars:
+            continue
+        metrics = list(dict.fromkeys(b["metric"] for b in bars))
+        refiners, reconstructors = _first_none(b["refine"] for b in bars), _first_none(b["reconstruct"] for b in bars)
+        widest = max(sum(1 for b in column if b["metric"] == m) for column in columns.values() for m in metrics)
+        width = 0.8 / widest
+        panels = []
+        for column in sorted(columns, key=lambda c: (is_points(split_column(c)[0]), split_column(c))):
+            shown = []
+            for g, metric in enumerate(metrics):
+                group = sorted((b for b in columns[column] if b["metric"] == metric),
+                               key=lambda b: (refiners.index(b["refine"]), reconstructors.index(b["reconstruct"])))
+                for k, bar in enumerate(group):
+                    shown.append({**bar, "x": g + (k - (len(group) - 1) / 2) * width})
+            panels.append({"title": column, "bars": shown})
+        dense = _dense_lines(grid, [r for r in rows if r["metric"] == "dense"], model)
+        values = [b["y"] for b in bars] + list(dense)
+        specs.append({
+            "slug": slug(model, grid.task, grid.score, "stages"), "kind": "stages", "model": model,
+            "task": grid.task, "score": grid.score, "higher_is_better": grid.higher_is_better,
+            "log_y": log_scale(grid.score, values), "metrics": metrics, "refiners": refiners,
+            "reconstructors": reconstructors, "width": width, "panels": panels,
+            "title": f"{short_model(model)} · {grid.task} · {grid.score} by stage",
             "dense": [{"value": v, "cell_key": k} for v, k in dense.items()]})
     return specs
 
