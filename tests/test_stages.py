@@ -247,6 +247,14 @@ def test_a_suite_runs_stages_and_compares_them(plugins, tmp_path, tmp_path_facto
     assert r.exit_code == 0, r.output
     (row,) = json.loads(r.stdout)
     assert row["metric"] == "wanda" and row["delta"] == rows["least-squares"]["value"] - rows[None]["value"]
+    compare = ["leaderboard", "compare", "none", "least-squares", "--by", "reconstruct", "--dir", str(tmp_path / "lb")]
+    r = CliRunner().invoke(app, [*compare, "--metric", "wanda", "--sparsity", "0.5", "--refine", "none", "--format",
+                                 "json"], catch_exceptions=False)
+    assert r.exit_code == 0 and [x["metric"] for x in json.loads(r.stdout)] == ["wanda"], r.output
+    r = CliRunner().invoke(app, [*compare, "--sparsity", "0.7"], catch_exceptions=False)
+    assert r.exit_code == 2 and "share no cells to compare" in r.stderr and "--sparsity 0.7" in r.stderr
+    r = CliRunner().invoke(app, [*compare, "--reconstruct", "none"], catch_exceptions=False)
+    assert r.exit_code == 2 and "--reconstruct filters what --by reconstruct compares" in r.stderr
     r = CliRunner().invoke(app, ["leaderboard", "--dir", str(tmp_path / "lb"), "--reconstruct", "least-squares",
                                  "--format", "markdown"], catch_exceptions=False)
     assert "wanda → least-squares" in r.stdout and "| wanda |" not in r.stdout

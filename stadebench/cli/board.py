@@ -457,20 +457,36 @@ def compare(
     resamples: Annotated[int, typer.Option(min=100, max=1_000_000, help="Bootstrap resamples of the paired "
                                            "interval.")] = DEFAULT_RESAMPLES,
     level: Annotated[float, typer.Option(min=0.5, max=0.999, help="Level of the paired interval.")] = DEFAULT_LEVEL,
+    model: Filter = None,
+    task: Filter = None,
+    metric: Filter = None,
+    pattern: Filter = None,
+    sparsity: SparsityFilter = None,
+    refine: Annotated[list[str] | None, typer.Option(help="Keep only these refiners (none: without one; "
+                                                          "repeatable).")] = None,
+    reconstruct: Annotated[list[str] | None, typer.Option(help="Keep only these reconstructors (none: without "
+                                                               "one; repeatable).")] = None,
 ) -> None:
     """Put two runs or two metrics side by side, matched on everything else; each difference
-    (b − a) judged by a paired bootstrap over shared windows/documents and calibration seeds."""
-    _compare(a, b, by, folder, fmt, resamples, level)
+    (b − a) judged by a paired bootstrap over shared windows/documents and calibration seeds.
+    The filters keep only the matching cells (not the field compared)."""
+    filters = {"model": model, "task": task, "metric": metric, "pattern": pattern, "sparsity": sparsity,
+               "refine": refine, "reconstruct": reconstruct}
+    _compare(a, b, by, folder, fmt, resamples, level, filters)
 
 
 @handle_errors
-def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, level: float) -> None:
+def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, level: float,
+             filters: dict | None = None) -> None:
     from ..results import store as lb
     from ..results.compare import BY, compare_rows, side_of
 
     # a run's rows that a later run superseded live in _history/
     table = lb.read(folder, history=True) if by is By.run else lb.current(lb.read(folder))
     field = BY[by.value][0]
+    if (filters or {}).get(by.value):
+        raise fail(f"--{by.value} filters what --by {by.value} compares: name the two sides instead "
+                   f"(stadebench leaderboard compare A B --by {by.value})")
     known = {side for r in table.select(["metric", field]).to_pylist() if (side := side_of(r, by.value))}
     for name in (a, b):
         if name not in known:
@@ -479,9 +495,11 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, 
             listed = sorted(known)
             raise fail(f"no results with {field} = {cut(name)!r} in {folder}{did_you_mean(name, listed)} "
                        f"({field}s: {', '.join(listed[:12])}{' …' if len(listed) > 12 else ''})")
-    rows = compare_rows(table, a, b, by.value, resamples=resamples, level=level)
+    rows = compare_rows(lb.query(table, **(filters or {})), a, b, by.value, resamples=resamples, level=level)
     if not rows:
-        raise fail(f"{cut(a)!r} and {cut(b)!r} share no cells to compare in {folder}")
+        given = " ".join(f"--{k} {v}" for k, vs in (filters or {}).items() for v in vs or ())
+        raise fail(f"{cut(a)!r} and {cut(b)!r} share no cells to compare in {folder}"
+                   f"{' with ' + given if given else ''}")
     if fmt is not Format.table:
         write_rows(rows, fmt)
         return
@@ -501,6 +519,6 @@ def _print_comparison(rows: list[dict], a: str, b: str, by: By, level: float) ->
     view = Table(*columns, title=f"{a} vs {b} (delta = {b} − {a}; ~: no detectable difference)")
     for r in rows:
         interval = "—" if r["ci_low"] is None else f"{_fmt(r['ci_low'])} … {_fmt(r['ci_high'])}"
-        cells = {**r, ci: interval}
+        cells = {**r, ci: interval} | {c: r[c] or "none" for c in ("refine", "reconstruct") if c in r}
         view.add_row(*[_fmt(cells[c]) if isinstance(cells[c], float) else str(cells[c]) for c in columns])
     out.print(view)
