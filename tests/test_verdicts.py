@@ -201,3 +201,28 @@ def test_without_items_the_verdict_is_on_the_seed_means(tmp_path):
     (row,) = json.loads(compare(tmp_path, "wanda", "stade").stdout)
     assert (row["wanda"], row["stade"], row["seeds"], row["ci_low"]) == (20.0, 13.0, 2, None)
     assert row["better"] == "stade"  # lower perplexity on average, though wanda wins seed 0
+
+
+def test_a_side_run_with_two_option_sets_gives_an_entry_each_named(tmp_path):
+    """`stade` with and without its bias correction are two sides' worth of results under one
+    name: each is compared with wanda and named by its options, neither silently dropped."""
+    rows = [_row("wanda", [2.2] * WINDOWS, seed=0),
+            _row("stade", [2.1] * WINDOWS, seed=0).replace(metric_options='{"bias_correction": true}'),
+            _row("stade", [2.3] * WINDOWS, seed=0).replace(metric_options='{"bias_correction": false}')]
+    store.write_rows(tmp_path, rows)
+    entries = json.loads(compare(tmp_path, "wanda", "stade").stdout)
+    assert sorted((e["side_b"], round(e["delta"], 6)) for e in entries) == [
+        ("stade", round(math.exp(2.1) - math.exp(2.2), 6)),
+        ("stade (bias_correction=false)", round(math.exp(2.3) - math.exp(2.2), 6))]
+    assert {e["side_a"] for e in entries} == {"wanda"}
+    table = CliRunner().invoke(app, ["leaderboard", "compare", "wanda", "stade", "--dir", str(tmp_path)],
+                               env={"COLUMNS": "300"}, catch_exceptions=False).stdout
+    assert "stade (bias_correction=false)" in table and "side_b" in table
+
+
+def test_two_versions_with_the_same_options_are_told_apart(tmp_path):
+    rows = [_row("wanda", [2.2] * WINDOWS, seed=0), _row("stade", [2.1] * WINDOWS, seed=0, metric_version="1"),
+            _row("stade", [2.0] * WINDOWS, seed=0, metric_version="2")]
+    store.write_rows(tmp_path, rows)
+    sides = sorted(e["side_b"] for e in json.loads(compare(tmp_path, "wanda", "stade").stdout))
+    assert len(sides) == 2 and sides[0].startswith("stade [v1,") and sides[1].startswith("stade [v2,")

@@ -508,6 +508,8 @@ def _compare(a: str, b: str, by: By, folder: Path, fmt: Format, resamples: int, 
 
 def _print_comparison(rows: list[dict], a: str, b: str, by: By, level: float) -> None:
     hidden = {"level", "ci_low", "ci_high", "items"} | ({"metric"} if by is By.metric else set())
+    if all(r["side_a"] == a and r["side_b"] == b for r in rows):
+        hidden |= {"side_a", "side_b"}  # each side ran with one option set: its name says it
     if by in (By.refine, By.reconstruct):
         hidden.discard("metric")
     if all(r["calibration"] == "—" for r in rows):

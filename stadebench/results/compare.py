@@ -33,8 +33,9 @@ BY = {"metric": ("metric", tuple(f"metric{x}" for x in _PLUGIN_FIELDS)),
 that may differ between the sides (the rest must match)."""
 NONE = "none"
 
-Side = dict[tuple, dict[tuple | None, dict[int | None, dict]]]
-"""match key -> calibration protocol (None: reads no data) -> seed (None: one row) -> row."""
+Side = dict[tuple, dict[tuple, dict[tuple | None, dict[int | None, dict]]]]
+"""match key -> variant (the compared plugin's version, options and distribution) ->
+calibration protocol (None: reads no data) -> seed (None: one row) -> row."""
 
 
 def _protocol(r: Mapping[str, Any]) -> tuple | None:
@@ -59,8 +60,27 @@ def _sides(table: pa.Table, by: str, names: tuple[str, str], match: list[str]) -
             protocol = _protocol(r) if by != "run" else None
             seed = r["calib_seed"] if protocol is not None else None
             key = tuple(str(r[f]) for f in match)
-            sides[side].setdefault(key, {}).setdefault(protocol, {})[seed] = r
+            variant = tuple(str(r[f]) for f in BY[by][1][1:])
+            sides[side].setdefault(key, {}).setdefault(variant, {}).setdefault(protocol, {})[seed] = r
     return sides
+
+
+def side_label(r: Mapping[str, Any], by: str, detailed: bool = False) -> str:
+    """A side as the entry names it: ``dsnot``, ``dsnot (update_threshold=0.0125)``, ``stade
+    (bias_correction=false)`` (options that differ from the plugin's defaults); ``detailed``
+    adds the version and distribution (when options alone do not tell two variants apart)."""
+    from .grid import options_label, plugin_defaults
+
+    name = side_of(r, by)
+    if by == "run" or name == NONE:
+        return str(name)
+    field = BY[by][0]
+    kind = {"metric": "metric", "refine": "refiner", "reconstruct": "reconstructor"}[by]
+    options = options_label(r[f"{field}_options"], plugin_defaults(kind, name))
+    label = f"{name} ({options})" if options else str(name)
+    if detailed:
+        label += f" [v{r[f'{field}_version']}, {r[f'{field}_plugin']}]"
+    return label
 
 
 def _pairs(a: dict, b: dict) -> list[tuple[tuple | None, dict, dict]]:
@@ -122,7 +142,9 @@ def _calibration_label(r: Mapping[str, Any]) -> str:
 
 def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "refine", "reconstruct", "run"] = "metric",
                  *, resamples: int = DEFAULT_RESAMPLES, level: float = DEFAULT_LEVEL) -> list[dict[str, Any]]:
-    """One entry per result ``a`` and ``b`` share: their values (means over paired seeds),
+    """One entry per result ``a`` and ``b`` share: the two sides as named (``side_a``,
+    ``side_b``: the name with its non-default options; a side run with several option sets
+    gives an entry per set, never one of them silently), their values (means over paired seeds),
     ``delta`` = b − a, its paired bootstrap interval (``ci_low``, ``ci_high``; null for rows
     stored without items), the seeds and items it pairs, and which side is ``better``
     (``~``: no detectable difference). ``by``: two metrics, two refiners or two
@@ -136,24 +158,43 @@ def compare_rows(table: pa.Table, a: str, b: str, by: Literal["metric", "refine"
     sides = _sides(table, by, (a, b), match)
     out = []
     for key in sorted(sides[a].keys() & sides[b].keys()):
-        for _, rows_a, rows_b in sorted(_pairs(sides[a][key], sides[b][key]), key=lambda p: str(p[0])):
-            rows_a, rows_b = _paired_seeds(rows_a, rows_b)
-            if not rows_a or not rows_b:
-                continue
-            ra, rb = next(iter(rows_a.values())), next(iter(rows_b.values()))
-            seeds = max(len(rows_a), len(rows_b))
-            interval = _interval(rows_a, rows_b, resamples, level)
-            va, vb = _mean(rows_a), _mean(rows_b)
-            out.append({
-                "model": ra["model"], "metric": ra["metric"] if by != "metric" else None, "pattern": ra["pattern"],
-                "sparsity": ra["sparsity"], "allocation": ra["allocation"],
-                **{stage: ra[stage] for stage in ("refine", "reconstruct") if by != stage},
-                "calibration": _calibration_label(ra if ra["calib_n"] is not None else rb),
-                "evaluation": evaluation_label(ra), "task": ra["task"], "score": ra["score"], a: va, b: vb,
-                "delta": None if None in (va, vb) else vb - va, "ci_low": interval and interval.low,
-                "ci_high": interval and interval.high, "level": interval and interval.level, "seeds": seeds,
-                "items": interval and interval.items, "better": _better(rows_a, rows_b, (a, b), interval)})
+        detailed = (_ambiguous(sides[a][key], by), _ambiguous(sides[b][key], by))
+        for va, vb in [(va, vb) for va in sorted(sides[a][key]) for vb in sorted(sides[b][key])]:
+            for _, rows_a, rows_b in sorted(_pairs(sides[a][key][va], sides[b][key][vb]), key=lambda p: str(p[0])):
+                rows_a, rows_b = _paired_seeds(rows_a, rows_b)
+                if rows_a and rows_b:
+                    out.append(_entry(rows_a, rows_b, (a, b), by, resamples, level, detailed))
     return out
+
+
+def _ambiguous(variants: dict[tuple, dict], by: str) -> bool:
+    """Whether two variants of a side have one plain label (other versions, same options)."""
+    labels = [side_label(_first(protocols), by) for protocols in variants.values()]
+    return len(set(labels)) < len(labels)
+
+
+def _first(protocols: dict) -> dict:
+    return next(iter(next(iter(protocols.values())).values()))
+
+
+def _entry(rows_a: dict, rows_b: dict, names: tuple[str, str], by: str, resamples: int, level: float,
+           detailed: tuple[bool, bool]) -> dict[str, Any]:
+    """One comparison: the paired seeds' rows of each side, judged."""
+    a, b = names
+    ra, rb = next(iter(rows_a.values())), next(iter(rows_b.values()))
+    interval = _interval(rows_a, rows_b, resamples, level)
+    va, vb = _mean(rows_a), _mean(rows_b)
+    return {
+        "model": ra["model"], "metric": ra["metric"] if by != "metric" else None, "pattern": ra["pattern"],
+        "sparsity": ra["sparsity"], "allocation": ra["allocation"],
+        **{stage: ra[stage] for stage in ("refine", "reconstruct") if by != stage},
+        "calibration": _calibration_label(ra if ra["calib_n"] is not None else rb),
+        "evaluation": evaluation_label(ra), "task": ra["task"], "score": ra["score"],
+        "side_a": side_label(ra, by, detailed[0]), "side_b": side_label(rb, by, detailed[1]), a: va, b: vb,
+        "delta": None if None in (va, vb) else vb - va, "ci_low": interval and interval.low,
+        "ci_high": interval and interval.high, "level": interval and interval.level,
+        "seeds": max(len(rows_a), len(rows_b)), "items": interval and interval.items,
+        "better": _better(rows_a, rows_b, names, interval)}
 
 
 def evaluation_label(r: Mapping[str, Any]) -> str:
@@ -164,4 +205,4 @@ def evaluation_label(r: Mapping[str, Any]) -> str:
     return f"{r['evaluator']}({', '.join(parts)})" if parts else str(r["evaluator"])
 
 
-__all__ = ["BY", "CALIBRATION", "NONE", "PROTOCOL", "compare_rows", "evaluation_label", "side_of"]
+__all__ = ["BY", "CALIBRATION", "NONE", "PROTOCOL", "compare_rows", "evaluation_label", "side_label", "side_of"]

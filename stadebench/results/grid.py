@@ -26,7 +26,7 @@ _SEED = "calib_seed"
 _UNSEEDED = tuple(f for f in _ROW_FIELDS if f != _SEED)  # a row's fields when seeds are averaged
 
 
-def _defaults(kind: str, name: str | None) -> dict[str, Any]:
+def plugin_defaults(kind: str, name: str | None) -> dict[str, Any]:
     """The default options of a registered plugin (canonical JSON values); {} when unknown."""
     import json
 
@@ -43,7 +43,7 @@ def _defaults(kind: str, name: str | None) -> dict[str, Any]:
         return {}
 
 
-def _options_label(options: str | None, defaults: Mapping[str, Any] | None = None) -> str:
+def options_label(options: str | None, defaults: Mapping[str, Any] | None = None) -> str:
     """``k=v, ...`` of the options that differ from ``defaults`` (all of them without)."""
     import json
 
@@ -59,7 +59,7 @@ def _allocation_label(name: str | None, options: str | None) -> str:
     """``· owl`` or ``· owl(lambda=0.1)`` (non-default options only); nothing for uniform."""
     if name is None or name == "uniform":
         return ""
-    text = _options_label(options, _defaults("allocator", name))
+    text = options_label(options, plugin_defaults("allocator", name))
     return f"· {name}({text})" if text else f"· {name}"
 
 
@@ -257,7 +257,7 @@ def _collect(pruned: pa.Table, evidence: Mapping[str, tuple], seeds: bool = True
                             *_ALLOCATION, *_COLUMN_FIELDS, *varying]).to_pylist():
         columns.setdefault(r["_column"], {f: r[f] for f in _COLUMN_FIELDS})
         if r["metric"] not in defaults:
-            defaults[r["metric"]] = _defaults("metric", r["metric"])
+            defaults[r["metric"]] = plugin_defaults("metric", r["metric"])
         rows.setdefault(r["_row"], {
             "model": r["model"], "model_label": model_label(r["model"], r["model_source"]), "metric": r["metric"],
             "label": " ".join(filter(None, [
@@ -287,8 +287,8 @@ def _method_label(r: Mapping[str, Any], metric_defaults: Mapping[str, Any]) -> s
         if name is None:
             continue
         if defaults is None:
-            defaults = _defaults("refiner" if name == r["refine"] else "reconstructor", name)
-        text = _options_label(options, defaults)
+            defaults = plugin_defaults("refiner" if name == r["refine"] else "reconstructor", name)
+        text = options_label(options, defaults)
         parts.append(f"{name} ({text})" if text else name)
     return " → ".join(parts)
 
@@ -334,7 +334,7 @@ def _significant(r: Mapping[str, Any]) -> bool | None:
 def _column_names(columns: dict[str, dict]) -> dict[str, str]:
     """'pattern(options) sparsity' per column, plus version and plugin where those alone differ."""
     def name(c: dict, extra: bool) -> str:
-        options = _options_label(c["pattern_options"], _defaults("pattern", c["pattern"]))
+        options = options_label(c["pattern_options"], plugin_defaults("pattern", c["pattern"]))
         text = f"{c['pattern'] or '-'}{f'({options})' if options else ''} {c['sparsity'] or 0.0:g}"
         return f"{text} [{c['pattern_plugin']} {c['pattern_version']}]" if extra else text
 
@@ -343,4 +343,4 @@ def _column_names(columns: dict[str, dict]) -> dict[str, str]:
     return {k: name(c, short[k] in clash) for k, c in columns.items()}
 
 
-__all__ = ["Grid", "GridCell", "GridRow", "model_label", "pivot"]
+__all__ = ["Grid", "GridCell", "GridRow", "model_label", "options_label", "pivot", "plugin_defaults"]
