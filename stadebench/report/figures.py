@@ -253,7 +253,7 @@ def _stages(fig, spec: dict, drawn: list) -> None:
             ax.set_yscale("log")
             _plain_log(ax.yaxis)
         _literal(ax.set_title(_short_label(panel["title"]), fontsize=9, loc="left"))
-    axes[-1].set_xticks(range(len(spec["metrics"])), [_short_label(m, 24) for m in spec["metrics"]])
+    axes[-1].set_xticks(spec["ticks"], [_short_label(m, 40).replace(" (", "\n(", 1) for m in spec["metrics"]])
     _literal(*axes[-1].get_xticklabels())
     arrow = {True: " ↑", False: " ↓"}.get(spec["higher_is_better"], "")
     _literal(fig.supylabel(f"{_short_label(spec['score'], 60)}{' (log)' if spec['log_y'] else ''}{arrow}"),

@@ -175,11 +175,12 @@ def sweep_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dic
 
 
 NO_STAGE = "none"
+_BAR, _GAP = 0.1, 0.35  # a bar's width and the space between two metrics' groups, in x units
 
 
 def _stage_bars(grid: Grid, matched: dict[tuple[int, str], dict], model: str | None) -> dict[str, list[dict]]:
     """One model's bars by pivot column (pattern and sparsity): a bar per pivot row, with its
-    metric, refiner and reconstructor (NO_STAGE where it ran none)."""
+    metric (its label without the stages), refiner and reconstructor (NO_STAGE: none)."""
     columns: dict[str, list[dict]] = {}
     for i, prow in enumerate(grid.rows):
         if prow.model != model:
@@ -189,10 +190,18 @@ def _stage_bars(grid: Grid, matched: dict[tuple[int, str], dict], model: str | N
             if y is None or r is None:
                 continue
             columns.setdefault(column, []).append({
-                "metric": prow.metric, "refine": r.get("refine") or NO_STAGE,
+                "metric": _without_stages(prow.label), "refine": r.get("refine") or NO_STAGE,
                 "reconstruct": r.get("reconstruct") or NO_STAGE, "label": prow.label, "y": y,
                 "stderr": finite(cell.stderr), "cell_key": r["cell_key"]})
     return columns
+
+
+def _without_stages(label: str) -> str:
+    """A pivot row label without its stages: ``stade (bias_correction=false) · seed=1`` for
+    ``stade (bias_correction=false) → admm · seed=1``; the bars of one group differ only in
+    their stages."""
+    method, dot, rest = label.partition(" · ")
+    return method.split(" → ")[0] + dot + rest
 
 
 def _first_none(values) -> list[str]:
@@ -215,8 +224,9 @@ def stage_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dic
             continue
         metrics = list(dict.fromkeys(b["metric"] for b in bars))
         refiners, reconstructors = _first_none(b["refine"] for b in bars), _first_none(b["reconstruct"] for b in bars)
-        widest = max(sum(1 for b in column if b["metric"] == m) for column in columns.values() for m in metrics)
-        width = 0.8 / widest
+        # a group is as wide as its most bars in any panel, so a lone bar (sparsegpt) is narrow
+        sizes = [max(sum(1 for b in column if b["metric"] == m) for column in columns.values()) for m in metrics]
+        ticks = [sum(sizes[:g]) * _BAR + g * _GAP + sizes[g] * _BAR / 2 for g in range(len(metrics))]
         panels = []
         for column in sorted(columns, key=lambda c: (is_points(split_column(c)[0]), split_column(c))):
             shown = []
@@ -224,7 +234,7 @@ def stage_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dic
                 group = sorted((b for b in columns[column] if b["metric"] == metric),
                                key=lambda b: (refiners.index(b["refine"]), reconstructors.index(b["reconstruct"])))
                 for k, bar in enumerate(group):
-                    shown.append({**bar, "x": g + (k - (len(group) - 1) / 2) * width})
+                    shown.append({**bar, "x": ticks[g] + (k - (len(group) - 1) / 2) * _BAR})
             panels.append({"title": column, "bars": shown})
         dense = _dense_lines(grid, [r for r in rows if r["metric"] == "dense"], model)
         values = [b["y"] for b in bars] + list(dense)
@@ -232,7 +242,7 @@ def stage_specs(grid: Grid, matched: dict[tuple[int, str], dict], rows: list[dic
             "slug": slug(model, grid.task, grid.score, "stages"), "kind": "stages", "model": model,
             "task": grid.task, "score": grid.score, "higher_is_better": grid.higher_is_better,
             "log_y": log_scale(grid.score, values), "metrics": metrics, "refiners": refiners,
-            "reconstructors": reconstructors, "width": width, "panels": panels,
+            "reconstructors": reconstructors, "width": _BAR, "ticks": ticks, "panels": panels,
             "title": f"{short_model(model)} · {grid.task} · {grid.score} by stage",
             "dense": [{"value": v, "cell_key": k} for v, k in dense.items()]})
     return specs
