@@ -392,3 +392,22 @@ def test_the_public_prune_takes_stages_by_name(plugins):
     shared = stadebench.collect_statistics(make_tiny(), windows(), metrics=["wanda"], batch_size=4)
     with pytest.raises(ConfigError, match=r"metric 'wanda' with its stages needs statistics \['gram'\]"):
         stadebench.prune(make_tiny(), None, "wanda", sequential=False, statistics=shared, reconstruct="least-squares")
+
+
+def test_the_stage_figure_tells_option_sets_of_a_stage_apart():
+    from stadebench.report import figures, series
+
+    row = {"refine": "dsnot", "reconstruct": "admm"}
+    assert series._split_stages("stade (bias_correction=false) → dsnot (skip_layer=no_skip) → admm · seed=1", row) \
+        == ("stade (bias_correction=false) · seed=1", "dsnot (skip_layer=no_skip)", "admm")
+    assert series._split_stages("wanda → admm", {"refine": None, "reconstruct": "admm"}) == ("wanda", "none", "admm")
+    assert series._split_stages("wanda → dsnot", {"refine": "dsnot", "reconstruct": None}) == ("wanda", "dsnot",
+                                                                                               "none")
+    bars = [{"metric": "wanda", "refine": r, "reconstruct": "none", "x": x, "y": y}
+            for r, x, y in (("none", 0.05, 30.0), ("dsnot", 0.15, 33.0), ("dsnot (skip_layer=no_skip)", 0.25, 36.0))]
+    spec = {"kind": "stages", "title": "t", "score": "ppl", "higher_is_better": False, "log_y": False,
+            "metrics": ["wanda"], "ticks": [0.15], "width": 0.1, "refiners": [b["refine"] for b in bars],
+            "reconstructors": ["none"], "panels": [{"title": "unstructured 0.5", "bars": bars}], "dense": []}
+    fig = figures.draw(spec)
+    hatches = [p.get_hatch() or "" for p in fig.axes[0].patches]
+    assert len(set(hatches)) == 3 and [p.get_height() for p in fig.axes[0].patches] == [30.0, 33.0, 36.0]

@@ -180,7 +180,7 @@ _BAR, _GAP = 0.1, 0.35  # a bar's width and the space between two metrics' group
 
 def _stage_bars(grid: Grid, matched: dict[tuple[int, str], dict], model: str | None) -> dict[str, list[dict]]:
     """One model's bars by pivot column (pattern and sparsity): a bar per pivot row, with its
-    metric (its label without the stages), refiner and reconstructor (NO_STAGE: none)."""
+    metric, refiner and reconstructor as its label names them (``_split_stages``)."""
     columns: dict[str, list[dict]] = {}
     for i, prow in enumerate(grid.rows):
         if prow.model != model:
@@ -189,19 +189,23 @@ def _stage_bars(grid: Grid, matched: dict[tuple[int, str], dict], model: str | N
             y, r = finite(cell and cell.value), matched.get((i, column))
             if y is None or r is None:
                 continue
+            metric, refine, reconstruct = _split_stages(prow.label, r)
             columns.setdefault(column, []).append({
-                "metric": _without_stages(prow.label), "refine": r.get("refine") or NO_STAGE,
-                "reconstruct": r.get("reconstruct") or NO_STAGE, "label": prow.label, "y": y,
+                "metric": metric, "refine": refine, "reconstruct": reconstruct, "label": prow.label, "y": y,
                 "stderr": finite(cell.stderr), "cell_key": r["cell_key"]})
     return columns
 
 
-def _without_stages(label: str) -> str:
-    """A pivot row label without its stages: ``stade (bias_correction=false) · seed=1`` for
-    ``stade (bias_correction=false) → admm · seed=1``; the bars of one group differ only in
-    their stages."""
+def _split_stages(label: str, row: dict) -> tuple[str, str, str]:
+    """A pivot row label as (metric, refiner, reconstructor), each with the options the label
+    names, NO_STAGE for a stage the row did not run: ``stade (bias_correction=false) ·
+    seed=1``, ``dsnot (skip_layer=no_skip)``, ``admm`` for ``stade (bias_correction=false) →
+    dsnot (skip_layer=no_skip) → admm · seed=1``. Bars of one group differ only in stages."""
     method, dot, rest = label.partition(" · ")
-    return method.split(" → ")[0] + dot + rest
+    parts = method.split(" → ")
+    refine = parts[1] if row.get("refine") and len(parts) > 1 else NO_STAGE
+    reconstruct = parts[-1] if row.get("reconstruct") and len(parts) > 1 else NO_STAGE
+    return parts[0] + dot + rest, refine, reconstruct
 
 
 def _first_none(values) -> list[str]:
