@@ -12,6 +12,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -567,3 +568,18 @@ def test_smoke_suite_on_smollm2_wanda_beats_magnitude(tmp_path):
     assert "2 cell(s) already in the leaderboard: skipped" in again.stderr
     assert "0 cell(s) ran, 2 skipped, 0 failed" in again.stderr
     assert len(list(folder.glob("*.parquet"))) == 2
+
+
+SHIPPED = sorted((REPO / "suites").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)
+def test_every_shipped_suite_validates_with_the_cells_it_states(path):
+    """`stadebench validate` passes every suite in suites/ (names and options only, no model
+    is fetched), and a header that says "N cells" says what the suite expands to."""
+    r = invoke("validate", path)
+    assert r.exit_code == ExitCode.OK, r.output
+    cells = int(re.search(r"ok — (\d+) cell", r.stdout).group(1))
+    header = path.read_text(encoding="utf-8").split("\nname:")[0]
+    for stated in re.findall(r"(?<![\w-])(\d+) cells\b", header):  # not "seed-0 cells"
+        assert int(stated) == cells, f"{path.name} says {stated} cells, validates to {cells}"
