@@ -545,4 +545,3 @@ def test_json_schema():
             assert prop.get("description"), f"{obj.get('title')}.{name} has no description"
     shorthand = schema["properties"]["metrics"]["items"]["anyOf"]
     assert {"type": "string"} in shorthand
-
