@@ -84,6 +84,39 @@ def test_prune_saves_a_folder_plain_transformers_reloads_with_equal_logits(asset
     assert f"| weights sha256 | {sha} |" in card and "| text | ppl |" in card
 
 
+def test_prune_runs_stages_as_the_library_does(assets, tmp_path):
+    """`--refine dsnot --reconstruct admm` (with options) saves the model the library's
+    `stadebench.prune(refine=, reconstruct=)` makes, and the row names both stages."""
+    out, lb_dir = tmp_path / "staged", tmp_path / "lb"
+    r = invoke(*prune_args(assets, out, lb_dir, "--metric", "wanda", "--refine", "dsnot", "--refine-option",
+                           "skip_layer=no_skip", "--reconstruct", "admm", "--reconstruct-option", "iterations=5"),
+               cache=tmp_path / "cache")
+    assert r.exit_code == ExitCode.OK, r.output
+    tokenizer = AutoTokenizer.from_pretrained(assets["model"])
+    windows = calibration_windows(TextFiles({"path": str(assets["corpus"])}), tokenizer, 16, 4, 0)
+    reference = reload(assets["model"])
+    stadebench.prune(reference, windows, "wanda", "unstructured", 0.5, device="cpu", refine="dsnot",
+                     refine_options={"skip_layer": "no_skip"}, reconstruct="admm",
+                     reconstruct_options={"iterations": 5})
+    again = reload(out)
+    for (name, a), b in zip(again.named_parameters(), reference.parameters()):
+        assert torch.equal(a, b), name
+    (row,) = lb.read(lb_dir).to_pylist()
+    assert (row["refine"], row["reconstruct"]) == ("dsnot", "admm")
+    assert '"skip_layer":"no_skip"' in row["refine_options"] and '"iterations":5' in row["reconstruct_options"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (("--reconstruct-option", "iterations=5"), "--reconstruct-option needs --reconstruct NAME"),
+    (("--refine", "dsnott"), "unknown refiner 'dsnott'"),
+    (("--refine", "dsnot", "--pattern", "4:8", "--refine-option", "initial_method=nope"), "initial_method"),
+])
+def test_bad_stage_arguments_exit_2(assets, tmp_path, extra, message):
+    r = invoke(*prune_args(assets, tmp_path / "out", tmp_path / "lb", "--metric", "wanda", *extra))
+    assert r.exit_code == ExitCode.USAGE and message in r.stderr, r.output
+    assert not (tmp_path / "out").exists() and not (tmp_path / "lb").exists()
+
+
 def test_force_replaces_a_folder_stadebench_saved_and_nothing_else(assets, tmp_path):
     out = tmp_path / "out"
     out.mkdir()

@@ -65,11 +65,12 @@ def parse_calibration(text: str) -> dict[str, Any]:
 def suite_data(model: str, metric: str, out_dir: Path, *, options: dict[str, Any], pattern: str,
                sparsity: float | None, allocation: str, allocation_options: dict[str, Any], targets: list[str],
                ignore: list[str], calibration: dict[str, Any], evaluation: str, eval_options: dict[str, Any],
-               dtype: str, device: str, leaderboard: Path, model_options: dict[str, Any] | None = None
-               ) -> dict[str, Any]:
+               dtype: str, device: str, leaderboard: Path, model_options: dict[str, Any] | None = None,
+               stages: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
     """The one-cell suite `stadebench prune` runs, as a suite file would give it.
     ``model_options``: the model entry's other fields (revision, trust_remote_code,
-    gguf_file, tokenizer), those left None taking the suite's defaults."""
+    gguf_file, tokenizer), those left None taking the suite's defaults. ``stages``: the
+    metric entry's ``refine`` / ``reconstruct`` entries (``{name, options}``), if any."""
     pattern_entry: dict[str, Any] = {"name": pattern}
     if sparsity is not None:
         pattern_entry["sparsities"] = [sparsity]
@@ -82,7 +83,8 @@ def suite_data(model: str, metric: str, out_dir: Path, *, options: dict[str, Any
             "save": str(out_dir),
             "models": [{"id": model, "dtype": dtype,
                         **{k: v for k, v in (model_options or {}).items() if v is not None}}],
-            "metrics": [{"name": metric, "options": options}], "patterns": [pattern_entry],
+            "metrics": [{"name": metric, "options": options, **{k: [v] for k, v in (stages or {}).items()}}],
+            "patterns": [pattern_entry],
             "allocations": [{"name": allocation, "options": allocation_options}], "targets": targets,
             "ignore": ignore, "calibration": calibration, "evaluations": evaluations}
 
@@ -95,6 +97,13 @@ def prune(
                                                              "exist, or be empty, unless --force).",
                                           show_default=False)],
     option: _options("Metric") = None,
+    refine: Annotated[str | None, typer.Option(help="Mask refiner after the metric, e.g. dsnot (default: "
+                                                    "none).", show_default=False)] = None,
+    refine_option: _options("Refiner") = None,
+    reconstruct: Annotated[str | None, typer.Option(help="Weight reconstructor for the final mask, e.g. admm, "
+                                                         "obs, mean-bias (default: none).",
+                                                    show_default=False)] = None,
+    reconstruct_option: _options("Reconstructor") = None,
     pattern: Annotated[str, typer.Option(help="Sparsity pattern: unstructured, 2:4, ...")] = "unstructured",
     sparsity: Annotated[float | None, typer.Option(help="Target sparsity (default: the pattern's own; "
                                                         "0.5 unstructured, N/M for N:M).")] = None,
@@ -132,8 +141,10 @@ def prune(
 ) -> None:
     """Prune one model with one metric, pattern and sparsity, evaluate it, and save it as a
     plain Hugging Face folder (--out) that transformers loads with no stadebench installed.
-    Metric, allocation and evaluator options are KEY=VALUE, e.g. --option bias_correction=false."""
-    _prune(model, metric, out_dir, force, leaderboard, options=option, pattern=pattern, sparsity=sparsity,
+    Metric, stage, allocation and evaluator options are KEY=VALUE, e.g. --option bias_correction=false."""
+    stages = {"refine": (refine, refine_option), "reconstruct": (reconstruct, reconstruct_option)}
+    _prune(model, metric, out_dir, force, leaderboard, options=option, stages=stages, pattern=pattern,
+           sparsity=sparsity,
            calibration=calibration, seed=seed, one_shot=one_shot, allocation=allocation,
            allocation_options=allocation_option, targets=target, ignore=ignore, evaluation=evaluation,
            eval_options=eval_option, dtype=dtype, device=device,
@@ -142,11 +153,14 @@ def prune(
 
 
 @handle_errors
-def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Path, *, options, pattern, sparsity,
-           calibration, seed, one_shot, allocation, allocation_options, targets, ignore, evaluation, eval_options,
-           dtype, device, model_options) -> None:
+def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Path, *, options, stages, pattern,
+           sparsity, calibration, seed, one_shot, allocation, allocation_options, targets, ignore, evaluation,
+           eval_options, dtype, device, model_options) -> None:
     from ..runner.save import check_out_dir
 
+    for role, (name, items) in stages.items():
+        if items and name is None:
+            raise ConfigError(f"--{role}-option needs --{role} NAME, the stage it configures")
     # before anything is loaded: a folder the model cannot go to costs nothing
     calib = {**parse_calibration(calibration), "seed": seed, "sequential": not one_shot}
     target = check_out_dir(out_dir, force, keep=_kept(model, model_options.get("tokenizer"), calib, leaderboard))
@@ -155,7 +169,9 @@ def _prune(model: str, metric: str, out_dir: Path, force: bool, leaderboard: Pat
                       allocation_options=parse_options(allocation_options, "--allocation-option"),
                       targets=targets or [], ignore=ignore or [], calibration=calib, evaluation=evaluation,
                       eval_options=parse_options(eval_options, "--eval-option"), dtype=dtype, device=device,
-                      leaderboard=leaderboard, model_options=model_options)
+                      leaderboard=leaderboard, model_options=model_options,
+                      stages={role: {"name": name, "options": parse_options(items, f"--{role}-option")}
+                              for role, (name, items) in stages.items() if name is not None})
     from ..suite import exact_save, validate_suite
 
     with quiet_libraries():
