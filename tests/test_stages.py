@@ -397,12 +397,17 @@ def test_the_public_prune_takes_stages_by_name(plugins):
 def test_the_stage_figure_tells_option_sets_of_a_stage_apart():
     from stadebench.report import figures, series
 
-    row = {"refine": "dsnot", "reconstruct": "admm"}
-    assert series._split_stages("stade (bias_correction=false) → dsnot (skip_layer=no_skip) → admm · seed=1", row) \
-        == ("stade (bias_correction=false) · seed=1", "dsnot (skip_layer=no_skip)", "admm")
-    assert series._split_stages("wanda → admm", {"refine": None, "reconstruct": "admm"}) == ("wanda", "none", "admm")
-    assert series._split_stages("wanda → dsnot", {"refine": "dsnot", "reconstruct": None}) == ("wanda", "dsnot",
-                                                                                               "none")
+    def row(refine=None, reconstruct=None, refine_options=None):
+        return {"refine": refine, "refine_options": refine_options, "reconstruct": reconstruct,
+                "reconstruct_options": None if reconstruct is None else "{}"}
+
+    # labels as grid.pivot writes them: method, then allocation and varied knobs, space-joined
+    both = row("dsnot", "admm", '{"skip_layer": "no_skip"}')
+    assert series._split_stages("stade (bias_correction=false) → dsnot (skip_layer=no_skip) → admm seed=1", both) \
+        == ("stade (bias_correction=false) seed=1", "dsnot (skip_layer=no_skip)", "admm")
+    assert series._split_stages("wanda → admm · owl", row(reconstruct="admm")) == ("wanda · owl", "none", "admm")
+    assert series._split_stages("wanda → dsnot", row(refine="dsnot", refine_options="{}")) == ("wanda", "dsnot",
+                                                                                              "none")
     bars = [{"metric": "wanda", "refine": r, "reconstruct": "none", "x": x, "y": y}
             for r, x, y in (("none", 0.05, 30.0), ("dsnot", 0.15, 33.0), ("dsnot (skip_layer=no_skip)", 0.25, 36.0))]
     spec = {"kind": "stages", "title": "t", "score": "ppl", "higher_is_better": False, "log_y": False,

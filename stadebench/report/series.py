@@ -197,15 +197,19 @@ def _stage_bars(grid: Grid, matched: dict[tuple[int, str], dict], model: str | N
 
 
 def _split_stages(label: str, row: dict) -> tuple[str, str, str]:
-    """A pivot row label as (metric, refiner, reconstructor), each with the options the label
-    names, NO_STAGE for a stage the row did not run: ``stade (bias_correction=false) ·
-    seed=1``, ``dsnot (skip_layer=no_skip)``, ``admm`` for ``stade (bias_correction=false) →
-    dsnot (skip_layer=no_skip) → admm · seed=1``. Bars of one group differ only in stages."""
-    method, dot, rest = label.partition(" · ")
-    parts = method.split(" → ")
-    refine = parts[1] if row.get("refine") and len(parts) > 1 else NO_STAGE
-    reconstruct = parts[-1] if row.get("reconstruct") and len(parts) > 1 else NO_STAGE
-    return parts[0] + dot + rest, refine, reconstruct
+    """A pivot row's label as (metric part, refiner, reconstructor): the stages as labels name
+    them (``grid.stage_labels``, NO_STAGE for a stage the row did not run), and the label
+    without them, which keeps the metric's options, the allocation and the varied knobs:
+    ``stade (bias_correction=false) seed=1`` for ``stade (bias_correction=false) → dsnot
+    (skip_layer=no_skip) → admm seed=1``. The bars of one group differ only in their stages."""
+    from ..results.grid import stage_labels
+
+    stages = stage_labels(row)
+    for stage in stages:
+        if stage is not None:
+            label = label.replace(f" → {stage}", "", 1)
+    refine, reconstruct = (NO_STAGE if stage is None else stage for stage in stages)
+    return label, refine, reconstruct
 
 
 def _first_none(values) -> list[str]:

@@ -69,15 +69,14 @@ def side_label(r: Mapping[str, Any], by: str, detailed: bool = False) -> str:
     """A side as the entry names it: ``dsnot``, ``dsnot (update_threshold=0.0125)``, ``stade
     (bias_correction=false)`` (options that differ from the plugin's defaults); ``detailed``
     adds the version and distribution (when options alone do not tell two variants apart)."""
-    from .grid import options_label, plugin_defaults
+    from .grid import plugin_label
 
     name = side_of(r, by)
     if by == "run" or name == NONE:
         return str(name)
     field = BY[by][0]
     kind = {"metric": "metric", "refine": "refiner", "reconstruct": "reconstructor"}[by]
-    options = options_label(r[f"{field}_options"], plugin_defaults(kind, name))
-    label = f"{name} ({options})" if options else str(name)
+    label = plugin_label(kind, name, r[f"{field}_options"])
     if detailed:
         label += f" [v{r[f'{field}_version']}, {r[f'{field}_plugin']}]"
     return label

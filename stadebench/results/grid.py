@@ -277,20 +277,24 @@ def _naming(fields: list[str]) -> list[str]:
     return counted or fields
 
 
+def plugin_label(kind: str, name: str, options: str | None, defaults: Mapping[str, Any] | None = None) -> str:
+    """``dsnot`` or ``dsnot (skip_layer=no_skip)``: a plugin's name with the options that
+    differ from its defaults (``defaults``, else the registered plugin's)."""
+    text = options_label(options, plugin_defaults(kind, name) if defaults is None else defaults)
+    return f"{name} ({text})" if text else name
+
+
+def stage_labels(r: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The refiner and the reconstructor of row ``r`` as labels name them (None: no such stage)."""
+    return tuple(None if r[f] is None else plugin_label(kind, r[f], r[f"{f}_options"])
+                 for f, kind in (("refine", "refiner"), ("reconstruct", "reconstructor")))
+
+
 def _method_label(r: Mapping[str, Any], metric_defaults: Mapping[str, Any]) -> str:
     """``wanda``, ``stade (bias_correction=false)``, ``wanda → dsnot → admm (iterations=10)``:
     the metric and its stages, each with its options that differ from the defaults."""
-    parts = []
-    for name, options, defaults in ((r["metric"], r["metric_options"], metric_defaults),
-                                    (r["refine"], r["refine_options"], None),
-                                    (r["reconstruct"], r["reconstruct_options"], None)):
-        if name is None:
-            continue
-        if defaults is None:
-            defaults = plugin_defaults("refiner" if name == r["refine"] else "reconstructor", name)
-        text = options_label(options, defaults)
-        parts.append(f"{name} ({text})" if text else name)
-    return " → ".join(parts)
+    metric = plugin_label("metric", r["metric"], r["metric_options"], metric_defaults)
+    return " → ".join([metric, *filter(None, stage_labels(r))])
 
 
 def _cell(results: list[dict], evidence: Mapping[str, tuple]) -> GridCell:
@@ -343,4 +347,5 @@ def _column_names(columns: dict[str, dict]) -> dict[str, str]:
     return {k: name(c, short[k] in clash) for k, c in columns.items()}
 
 
-__all__ = ["Grid", "GridCell", "GridRow", "model_label", "options_label", "pivot", "plugin_defaults"]
+__all__ = ["Grid", "GridCell", "GridRow", "model_label", "options_label", "pivot", "plugin_defaults", "plugin_label",
+           "stage_labels"]
