@@ -20,6 +20,7 @@ from stadebench.core import engine
 from stadebench.core.stages import Stages
 from stadebench.errors import ConfigError, PluginError
 from stadebench.plugins import get_plugins, reset_plugins, resolve_plugin
+from stadebench.testing import ReconstructorConformance, RefinerConformance
 from conftest import make_tiny
 
 
@@ -314,15 +315,10 @@ def test_the_within_window_variance_statistic(accumulate):
 
 # --- the built-in stages pass the conformance kit ------------------------------------
 
-from stadebench.testing import RefinerConformance  # noqa: E402
-
 
 class TestDSnoTConformance(RefinerConformance):
     refiner = "dsnot"
     options = {"skip_layer": "no_skip", "max_cycles": 8}
-
-
-from stadebench.testing import ReconstructorConformance  # noqa: E402
 
 
 class TestMeanBiasConformance(ReconstructorConformance):

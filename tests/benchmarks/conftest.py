@@ -75,6 +75,19 @@ def random_ids(n: int, seqlen: int, seed: int, vocab: int = 49152) -> torch.Tens
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(scope="module")
+def one_block():
+    """The engine and stage benchmarks' model: a 1-block SmolLM2-shaped Llama (copy it
+    before pruning)."""
+    return smollm2_shaped(layers=1)
+
+
+@pytest.fixture(scope="module")
+def block_windows() -> torch.Tensor:
+    """The engine and stage benchmarks' calibration: 16 windows x 512 random tokens."""
+    return random_ids(16, 512, seed=0)
+
+
 def resolve(metric: str, pattern: str):
     """A metric and a pattern with default options, from registered names (the public registry)."""
     plugins = stadebench.get_plugins()

@@ -14,27 +14,17 @@ import torch
 
 from stadebench import prune
 
-from .conftest import capture_inputs, find_blocks, random_ids, record, smollm2_shaped
+from .conftest import capture_inputs, find_blocks, record
 
 BATCH = 8
 
 
-@pytest.fixture(scope="module")
-def dense():
-    return smollm2_shaped(layers=1)
-
-
-@pytest.fixture(scope="module")
-def windows() -> torch.Tensor:
-    return random_ids(16, 512, seed=0)
-
-
-def test_engine_block_reference(benchmark, minima, dense, windows):
+def test_engine_block_reference(benchmark, minima, one_block, block_windows):
     """Two plain forward passes of the block over the captured block inputs."""
     benchmark.group = "engine block"
-    _, blocks = find_blocks(dense)
+    _, blocks = find_blocks(one_block)
     with torch.no_grad():
-        captured = capture_inputs(dense, blocks, list(windows.split(BATCH)), torch.device("cpu"))
+        captured = capture_inputs(one_block, blocks, list(block_windows.split(BATCH)), torch.device("cpu"))
 
     def two_passes():
         with torch.no_grad():
@@ -51,11 +41,11 @@ def test_engine_block_reference(benchmark, minima, dense, windows):
 
 # wanda first: magnitude's ratio_to_wanda needs its time.
 @pytest.mark.parametrize("metric", ["wanda", "stade", "magnitude", "sparsegpt"])
-def test_engine_block(benchmark, minima, dense, windows, metric):
+def test_engine_block(benchmark, minima, one_block, block_windows, metric):
     benchmark.group = "engine block"
     report = benchmark.pedantic(
-        lambda model: prune(model, windows, metric=metric, batch_size=BATCH, device="cpu"),
-        setup=lambda: ((copy.deepcopy(dense),), {}), rounds=3, warmup_rounds=1)
+        lambda model: prune(model, block_windows, metric=metric, batch_size=BATCH, device="cpu"),
+        setup=lambda: ((copy.deepcopy(one_block),), {}), rounds=3, warmup_rounds=1)
     assert report.sparsity == 0.5
     assert report.block_passes == (0 if metric == "magnitude" else 2)
     benchmark.extra_info["timings"] = {k: round(v, 4) for k, v in report.timings.items()}

@@ -12,9 +12,8 @@ from __future__ import annotations
 import copy
 
 import pytest
-import torch
 
-from .conftest import random_ids, record, smollm2_shaped
+from .conftest import record
 
 stages = pytest.importorskip("stadebench.core.stages")  # absent before the stages
 engine = pytest.importorskip("stadebench.core.engine")
@@ -22,16 +21,6 @@ engine = pytest.importorskip("stadebench.core.engine")
 BATCH = 8
 SMOLLM2_MLP = (576, 1536)  # down_proj: [out, in]
 LLAMA_7B_MLP = (4096, 11008)
-
-
-@pytest.fixture(scope="module")
-def dense():
-    return smollm2_shaped(layers=1)
-
-
-@pytest.fixture(scope="module")
-def windows() -> torch.Tensor:
-    return random_ids(16, 512, seed=0)
 
 
 def _prune(model, windows, stage: tuple[str, str, dict] | None):
@@ -55,11 +44,11 @@ STAGES = {"wanda": None,
 
 
 @pytest.mark.parametrize("name", list(STAGES))
-def test_stage(benchmark, minima, dense, windows, name):
+def test_stage(benchmark, minima, one_block, block_windows, name):
     benchmark.group = "stages"
     stage = STAGES[name]
-    report = benchmark.pedantic(lambda model: _prune(model, windows, stage),
-                                setup=lambda: ((copy.deepcopy(dense),), {}), rounds=3, warmup_rounds=1)
+    report = benchmark.pedantic(lambda model: _prune(model, block_windows, stage),
+                                setup=lambda: ((copy.deepcopy(one_block),), {}), rounds=3, warmup_rounds=1)
     assert report.sparsity == 0.5 and report.block_passes == 2
     if stage is not None:
         role = "refine" if stage[0] == "refiner" else "reconstruct"
