@@ -82,13 +82,10 @@ def prune(
         accumulate: how input statistics are summed: ``float64`` (accurate), or
             ``released``, the reference releases' float32 running updates window by
             window (to reproduce their numbers; the suite's ``calibration.accumulate``).
-        refine, reconstruct: stages after the metric (the suite's ``refine:`` and
-            ``reconstruct:``): a registered refiner (``dsnot``) that changes each layer's
-            mask within the pattern, then a registered reconstructor (``obs``, ``admm``,
-            ``mean-bias``) that recomputes the kept weights for the final mask; names or
-            instances. Their statistics are collected with the metric's, so a data-free
+        refine, reconstruct: a refiner (``dsnot``) that moves each layer's mask within the
+            pattern, then a reconstructor (``obs``, ``admm``, ``mean-bias``) of its kept
+            weights; names or instances, ``*_options`` as for ``metric``. A data-free
             metric with a data-reading stage needs ``calibration``.
-        refine_options, reconstruct_options: options of a refiner / reconstructor name.
     """
     from .core import allocation as allocating
     from .core import engine

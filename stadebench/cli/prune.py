@@ -32,6 +32,10 @@ def _options(what: str) -> Any:
                                                                               "the value is read as YAML.")]
 
 
+def _stage(what: str) -> Any:
+    return Annotated[str | None, typer.Option(help=f"{what} (default: none).", show_default=False)]
+
+
 def parse_options(items: list[str] | None, flag: str) -> dict[str, Any]:
     """``KEY=VALUE`` items as a dict, each value read as YAML (``true``, ``0.5``, ``128``)."""
     from ..suite import parse_value
@@ -96,13 +100,11 @@ def prune(
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder to save the pruned model to (it must not "
                                                              "exist, or be empty, unless --force).",
                                           show_default=False)],
+    *,
     option: _options("Metric") = None,
-    refine: Annotated[str | None, typer.Option(help="Mask refiner after the metric, e.g. dsnot (default: "
-                                                    "none).", show_default=False)] = None,
+    refine: _stage("Mask refiner after the metric, e.g. dsnot") = None,
     refine_option: _options("Refiner") = None,
-    reconstruct: Annotated[str | None, typer.Option(help="Weight reconstructor for the final mask, e.g. admm, "
-                                                         "obs, mean-bias (default: none).",
-                                                    show_default=False)] = None,
+    reconstruct: _stage("Weight reconstructor for the final mask, e.g. admm, obs, mean-bias") = None,
     reconstruct_option: _options("Reconstructor") = None,
     pattern: Annotated[str, typer.Option(help="Sparsity pattern: unstructured, 2:4, ...")] = "unstructured",
     sparsity: Annotated[float | None, typer.Option(help="Target sparsity (default: the pattern's own; "
